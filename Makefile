@@ -1,0 +1,46 @@
+# Two commands set everything up: `make demo` and `make test`. A second run skips what is done.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEPS_STAMP  := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+NATIVE_SRC  := $(shell find csrc tools -type f 2>/dev/null) CMakeLists.txt setup.py pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: all setup build demo test bench bench-smoke clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch and torchvision come from local disk here (pip); the rest from the package index.
+$(DEPS_STAMP): requirements.txt | $(PY)
+	$(PIP) install --quiet -r requirements.txt
+	touch $@
+
+# The package, editable, with its native extension built by CMake (rebuilt when csrc changes).
+$(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "import liftplus_fast, json; print(json.dumps(liftplus_fast.backend_info()['native'], indent=1))"
+	touch $@
+
+setup: $(BUILD_STAMP)
+build: $(BUILD_STAMP)
+
+demo: $(BUILD_STAMP)
+	$(VENV)/bin/liftplus-fast demo
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(BUILD_STAMP)
+	$(PY) benchmarks/run.py
+
+bench-smoke: $(BUILD_STAMP)
+	$(PY) benchmarks/run.py --smoke
+
+clean:
+	rm -rf build *.egg-info liftplus_fast/_C*.so liftplus_fast/_build_info.json $(BUILD_STAMP)

@@ -1,0 +1,129 @@
+// Test-time-ensembling aggregation on CPU: one pass over [C, B, K] crop logits per image row.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "liftplus_fast/math.h"
+
+namespace liftplus_fast {
+namespace {
+
+using liftplus_fast::math::argmax_push;
+using liftplus_fast::math::inv_norm;
+
+void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+                  t.scalar_type() == at::kHalf,
+              name, " must be float32, bfloat16 or float16; got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tte_aggregate_cpu(
+    const at::Tensor& crop_logits_in, const std::optional<at::Tensor>& labels_in) {
+  TORCH_CHECK(crop_logits_in.dim() == 3, "crop_logits must be [C, B, K]; got shape ",
+              crop_logits_in.sizes());
+  check_floating(crop_logits_in, "crop_logits");
+  const int64_t C = crop_logits_in.size(0), B = crop_logits_in.size(1), K = crop_logits_in.size(2);
+  TORCH_CHECK(C > 0 && K > 0, "crop_logits needs at least one crop and one class; got shape ",
+              crop_logits_in.sizes());
+  const at::Tensor x = crop_logits_in.contiguous();
+  at::Tensor mean = at::empty({B, K}, x.options());
+  at::Tensor pred = at::empty({B}, x.options().dtype(at::kLong));
+  int64_t* pred_p = pred.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tte_aggregate_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* mp = mean.data_ptr<scalar_t>();
+    const float inv_c = 1.f / static_cast<float>(C);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(K);
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* row0 = xp + b * K;
+        for (int64_t k = 0; k < K; ++k) acc[k] = static_cast<float>(row0[k]);
+        for (int64_t c = 1; c < C; ++c) {
+          const scalar_t* row = xp + (c * B + b) * K;
+          for (int64_t k = 0; k < K; ++k) acc[k] += static_cast<float>(row[k]);
+        }
+        float best = -INFINITY;
+        long long best_idx = 0;
+        scalar_t* out = mp + b * K;
+        for (int64_t k = 0; k < K; ++k) {
+          // The argmax runs on the stored (rounded) mean, as the reference does.
+          const scalar_t v = static_cast<scalar_t>(acc[k] * inv_c);
+          out[k] = v;
+          argmax_push(static_cast<float>(v), k, best, best_idx);
+        }
+        pred_p[b] = best_idx;
+      }
+    });
+  });
+
+  if (!labels_in.has_value()) {
+    auto none = at::empty({0}, x.options().dtype(at::kLong));
+    return {mean, pred, none, none.clone()};
+  }
+  const at::Tensor& labels_t = *labels_in;
+  TORCH_CHECK(labels_t.scalar_type() == at::kLong, "labels must be int64; got ", labels_t.scalar_type());
+  TORCH_CHECK(labels_t.dim() == 1 && labels_t.size(0) == B, "labels must have shape [", B,
+              "] to match crop_logits; got ", labels_t.sizes());
+  TORCH_CHECK(labels_t.device() == crop_logits_in.device(), "labels must be on ",
+              crop_logits_in.device(), "; got ", labels_t.device());
+  const at::Tensor labels = labels_t.contiguous();
+  at::Tensor correct = at::zeros({K}, labels.options());
+  at::Tensor total = at::zeros({K}, labels.options());
+  const int64_t* lp = labels.const_data_ptr<int64_t>();
+  int64_t* cp = correct.data_ptr<int64_t>();
+  int64_t* tp = total.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t y = lp[b];
+    TORCH_CHECK(y >= 0 && y < K, "labels[", b, "] = ", y, " is out of range [0, ", K, ")");
+    tp[y] += 1;
+    cp[y] += (pred_p[b] == y);
+  }
+  return {mean, pred, correct, total};
+}
+
+at::Tensor tte_mean_unit_features_cpu(const at::Tensor& feats_in) {
+  TORCH_CHECK(feats_in.dim() == 3, "crop_feats must be [C, B, D]; got shape ", feats_in.sizes());
+  check_floating(feats_in, "crop_feats");
+  const int64_t C = feats_in.size(0), B = feats_in.size(1), D = feats_in.size(2);
+  TORCH_CHECK(C > 0, "crop_feats needs at least one crop; got shape ", feats_in.sizes());
+  const at::Tensor x = feats_in.contiguous();
+  at::Tensor out = at::empty({B, D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tte_mean_unit_features_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const float inv_c = 1.f / static_cast<float>(C);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(D);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* row = xp + (c * B + b) * D;
+          float ss = 0.f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float v = static_cast<float>(row[d]);
+            ss += v * v;
+          }
+          const float inv = inv_norm(ss);
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(row[d]) * inv;
+        }
+        for (int64_t d = 0; d < D; ++d) op[b * D + d] = static_cast<scalar_t>(acc[d] * inv_c);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(liftplus_fast, CPU, m) {
+  m.impl("tte_aggregate", &tte_aggregate_cpu);
+  m.impl("tte_mean_unit_features", &tte_mean_unit_features_cpu);
+}
+
+}  // namespace liftplus_fast

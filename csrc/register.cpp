@@ -1,0 +1,33 @@
+// The schemas of every liftplus_fast op, defined once. Kernels for each dispatch key live in
+// ops/cpu/*.cpp and ops/cuda/*.cu (TORCH_LIBRARY_IMPL); autograd and fake (meta) kernels are
+// registered from Python (liftplus_fast/ops/*.py) so torch.compile can trace every op.
+#include <torch/library.h>
+
+TORCH_LIBRARY(liftplus_fast, m) {
+  // AdaptFormer: y = a + (m + s * up(relu(down(LN(a))))). Saves row mean/rstd (fp32, [N]) and
+  // the pre-ReLU bottleneck z (fp32, [N, r]) for the backward.
+  m.def(
+      "adaptformer_fwd(Tensor a, Tensor mlp_out, Tensor ln_w, Tensor ln_b, Tensor down_w, "
+      "Tensor down_b, Tensor up_w, Tensor up_b, Tensor scale, float eps) "
+      "-> (Tensor y, Tensor mean, Tensor rstd, Tensor z)");
+  m.def(
+      "adaptformer_bwd(Tensor grad_y, Tensor a, Tensor ln_w, Tensor ln_b, Tensor down_w, "
+      "Tensor down_b, Tensor up_w, Tensor up_b, Tensor scale, Tensor mean, Tensor rstd, Tensor z) "
+      "-> (Tensor grad_a, Tensor grad_ln_w, Tensor grad_ln_b, Tensor grad_down_w, "
+      "Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
+  // Logit-adjusted cosine cross-entropy: loss (fp32 scalar), unadjusted logits [B, K] when
+  // return_logits (else an empty tensor), per-row logsumexp of the adjusted logits (fp32 [B]).
+  m.def(
+      "la_cosine_ce_fwd(Tensor feat, Tensor weight, Tensor labels, Tensor log_prior, "
+      "float scale, float tau, bool return_logits) -> (Tensor loss, Tensor logits, Tensor lse)");
+  m.def(
+      "la_cosine_ce_bwd(Tensor grad_loss, Tensor feat, Tensor weight, Tensor labels, "
+      "Tensor log_prior, Tensor lse, float scale, float tau) "
+      "-> (Tensor grad_feat, Tensor grad_weight)");
+  // Test-time ensembling: mean over crops, argmax, per-class correct/total counts (empty
+  // tensors when labels is None).
+  m.def(
+      "tte_aggregate(Tensor crop_logits, Tensor? labels) "
+      "-> (Tensor logits, Tensor pred, Tensor correct, Tensor total)");
+  m.def("tte_mean_unit_features(Tensor crop_feats) -> Tensor");
+}

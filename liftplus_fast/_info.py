@@ -1,0 +1,30 @@
+"""What was built and which backend each op dispatches to."""
+from __future__ import annotations
+
+import torch
+
+from .ops._dispatch import describe, requested_backend, triton_usable
+from .ops._native import native_status
+
+
+def backend_info() -> dict:
+    """Describe the native build and the dispatch of every op.
+
+    Returns a dict with ``requested`` (``LIFTPLUS_FAST_BACKEND``), ``native`` (loaded, reason,
+    path and build facts of the extension), ``triton`` (whether Triton kernels can run on CUDA
+    and on CPU tensors here), ``cuda_available`` and ``ops``: for each op the backend used for
+    CPU and for CUDA tensors.
+    """
+    status = native_status()
+    from .ops import _dispatch
+
+    _dispatch._load_triton()
+    return {
+        "torch": torch.__version__,
+        "requested": requested_backend(),
+        "cuda_available": torch.cuda.is_available(),
+        "native": {"loaded": status.loaded, "reason": status.reason, "path": status.path,
+                   **status.build_info},
+        "triton": {dev: triton_usable(dev)[0] for dev in ("cuda", "cpu")},
+        "ops": describe(),
+    }

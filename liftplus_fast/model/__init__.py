@@ -1,0 +1,1 @@
+"""open_clip surgery for LIFT+: tuners, classifiers, initialisation and losses."""

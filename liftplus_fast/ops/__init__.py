@@ -1,0 +1,24 @@
+"""Fused ops of liftplus_fast with a pure-PyTorch reference path.
+
+Every op validates its arguments, then dispatches (see :mod:`liftplus_fast.ops._dispatch`) to
+the native CPU/CUDA kernels, the Triton kernels or :mod:`liftplus_fast.ops.reference`.
+"""
+from . import reference
+from ._dispatch import BACKENDS, choose, requested_backend
+from .adaptformer import adaptformer
+from .la_cosine_ce import la_cosine_cross_entropy
+from .reference import TTEResult, cosine_logits
+from .tte import tte_aggregate, tte_mean_unit_features
+
+__all__ = [
+    "BACKENDS",
+    "TTEResult",
+    "adaptformer",
+    "choose",
+    "cosine_logits",
+    "la_cosine_cross_entropy",
+    "reference",
+    "requested_backend",
+    "tte_aggregate",
+    "tte_mean_unit_features",
+]

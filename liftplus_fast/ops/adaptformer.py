@@ -1,0 +1,104 @@
+"""Public AdaptFormer op: ``Y = A + M + s * up(relu(down(LN(A))))`` with fused backends.
+
+The native op pair ``liftplus_fast::adaptformer_fwd`` / ``adaptformer_bwd`` saves only the
+row statistics and the pre-ReLU bottleneck ``Z``; autograd and the fake (meta) kernel are
+registered here so ``torch.compile(fullgraph=True)`` traces through the op.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._dispatch import dispatch, register
+from ._native import native_op, native_status
+
+OP = "adaptformer"
+
+
+def check_adaptformer_args(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale) -> None:
+    """Validate shapes, dtypes and devices of the AdaptFormer arguments."""
+    check_tensor("a", a, dtypes=FLOAT_DTYPES)
+    if a.dim() < 1 or a.shape[-1] == 0:
+        raise ValueError(f"a must have a non-empty last (feature) dimension; got shape {tuple(a.shape)}")
+    d = a.shape[-1]
+    check_tensor("mlp_out", mlp_out, dtypes=(a.dtype,), shape=a.shape)
+    check_tensor("down_w", down_w, dtypes=FLOAT_DTYPES, dim=2)
+    r = down_w.shape[0]
+    if down_w.shape[1] != d or r == 0:
+        raise ValueError(f"down_w must have shape (r, {d}) with r >= 1; got {tuple(down_w.shape)}")
+    check_tensor("ln_w", ln_w, dtypes=FLOAT_DTYPES, shape=(d,))
+    check_tensor("ln_b", ln_b, dtypes=FLOAT_DTYPES, shape=(d,))
+    check_tensor("down_b", down_b, dtypes=FLOAT_DTYPES, shape=(r,))
+    check_tensor("up_w", up_w, dtypes=FLOAT_DTYPES, shape=(d, r))
+    check_tensor("up_b", up_b, dtypes=FLOAT_DTYPES, shape=(d,))
+    check_tensor("scale", scale, dtypes=FLOAT_DTYPES)
+    if scale.numel() != 1:
+        raise ValueError(f"scale must hold one value; got shape {tuple(scale.shape)}")
+    check_same_device(a=a, mlp_out=mlp_out, ln_w=ln_w, ln_b=ln_b, down_w=down_w, down_b=down_b,
+                      up_w=up_w, up_b=up_b, scale=scale)
+
+
+def adaptformer(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps: float = 1e-5):
+    """Block output with the AdaptFormer branch: ``a + (mlp_out + scale * up(relu(down(LN(a)))))``.
+
+    Args:
+        a: residual stream before ``ln_2``, shape ``[..., D]`` (fp32, bf16 or fp16).
+        mlp_out: the block's MLP output, same shape and dtype as ``a``.
+        ln_w, ln_b: adapter LayerNorm affine parameters ``[D]``.
+        down_w, down_b: ``Linear(D, r)`` parameters ``[r, D]``, ``[r]``.
+        up_w, up_b: ``Linear(r, D)`` parameters ``[D, r]``, ``[D]``.
+        scale: the trainable scalar ``s`` (a one-element tensor).
+        eps: LayerNorm epsilon.
+
+    Returns:
+        Tensor of the shape and dtype of ``a``. Differentiable in every tensor argument.
+    """
+    check_adaptformer_args(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale)
+    impl = dispatch(OP, a.device)
+    return impl(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale.reshape(()), float(eps))
+
+
+register(OP, "reference", reference.adaptformer)
+
+
+def _native_adaptformer(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps):
+    return native_op("adaptformer_fwd")(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps)[0]
+
+
+def _register_native() -> None:
+    fwd = "liftplus_fast::adaptformer_fwd"
+    bwd = "liftplus_fast::adaptformer_bwd"
+
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps):
+        rows = a.numel() // a.shape[-1]
+        stats = a.new_empty((rows,), dtype=torch.float32)
+        z = a.new_empty((rows, down_w.shape[0]), dtype=torch.float32)
+        return torch.empty_like(a), stats, torch.empty_like(stats), z
+
+    @torch.library.register_fake(bwd)
+    def _bwd_fake(grad_y, a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z):
+        return (torch.empty_like(a), torch.empty_like(ln_w), torch.empty_like(ln_b),
+                torch.empty_like(down_w), torch.empty_like(down_b), torch.empty_like(up_w),
+                torch.empty_like(up_b), torch.empty_like(scale))
+
+    def setup_context(ctx, inputs, output):
+        a, _m, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, _eps = inputs
+        _y, mean, rstd, z = output
+        ctx.save_for_backward(a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z)
+
+    def backward(ctx, grad_y, _g_mean, _g_rstd, _g_z):
+        a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z = ctx.saved_tensors
+        grads = native_op("adaptformer_bwd")(grad_y.contiguous(), a, ln_w, ln_b, down_w, down_b,
+                                             up_w, up_b, scale, mean, rstd, z)
+        g_a, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s = grads
+        return g_a, grad_y, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+if native_status().loaded:
+    _register_native()
+    register(OP, "cpu", _native_adaptformer, native_name="adaptformer_fwd")
+    register(OP, "cuda", _native_adaptformer, native_name="adaptformer_fwd")

@@ -1,0 +1,82 @@
+"""Public test-time-ensembling ops: crop-logit aggregation and the feature-space shortcut."""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._dispatch import dispatch, register
+from ._native import native_op, native_status
+from .reference import TTEResult
+
+OP = "tte_aggregate"
+OP_FEATURES = "tte_mean_unit_features"
+
+
+def tte_aggregate(crop_logits, labels=None) -> TTEResult:
+    """Mean over crops, argmax (first maximum wins) and per-class hit counts in one pass.
+
+    Args:
+        crop_logits: ``[C, B, K]`` logits of C crops of B images (fp32, bf16 or fp16).
+        labels: optional ``int64`` ``[B]`` targets in ``[0, K)``.
+
+    Returns:
+        :class:`TTEResult` ``(logits [B, K] in the input dtype, pred int64 [B],
+        correct int64 [K] or None, total int64 [K] or None)``.
+    """
+    check_tensor("crop_logits", crop_logits, dtypes=FLOAT_DTYPES, dim=3)
+    c, b, k = crop_logits.shape
+    if c == 0 or k == 0:
+        raise ValueError(f"crop_logits needs at least one crop and one class; got shape {(c, b, k)}")
+    if labels is not None:
+        check_tensor("labels", labels, dtypes=(torch.int64,), shape=(b,))
+        check_same_device(crop_logits=crop_logits, labels=labels)
+    return dispatch(OP, crop_logits.device)(crop_logits, labels)
+
+
+def tte_mean_unit_features(crop_feats):
+    """Mean over crops of the L2-normalised features: ``[C, B, D] -> [B, D]``.
+
+    With a cosine classifier, ``scale * tte_mean_unit_features(f) @ normalize(W).T`` equals the
+    mean of the crops' logits up to rounding, at the cost of one classifier GEMM instead of C.
+    """
+    check_tensor("crop_feats", crop_feats, dtypes=FLOAT_DTYPES, dim=3)
+    if crop_feats.shape[0] == 0:
+        raise ValueError(f"crop_feats needs at least one crop; got shape {tuple(crop_feats.shape)}")
+    return dispatch(OP_FEATURES, crop_feats.device)(crop_feats)
+
+
+register(OP, "reference", reference.tte_aggregate)
+register(OP_FEATURES, "reference", reference.tte_mean_unit_features)
+
+
+def _native_tte(crop_logits, labels):
+    mean, pred, correct, total = native_op("tte_aggregate")(crop_logits, labels)
+    if labels is None:
+        return TTEResult(mean, pred, None, None)
+    return TTEResult(mean, pred, correct, total)
+
+
+def _native_unit_mean(crop_feats):
+    return native_op("tte_mean_unit_features")(crop_feats)
+
+
+def _register_native() -> None:
+    @torch.library.register_fake("liftplus_fast::tte_aggregate")
+    def _tte_fake(crop_logits, labels):
+        _c, b, k = crop_logits.shape
+        counts = (k,) if labels is not None else (0,)
+        return (crop_logits.new_empty((b, k)), crop_logits.new_empty((b,), dtype=torch.int64),
+                crop_logits.new_empty(counts, dtype=torch.int64),
+                crop_logits.new_empty(counts, dtype=torch.int64))
+
+    @torch.library.register_fake("liftplus_fast::tte_mean_unit_features")
+    def _unit_mean_fake(crop_feats):
+        return crop_feats.new_empty(crop_feats.shape[1:])
+
+
+if native_status().loaded:
+    _register_native()
+    for _backend in ("cpu", "cuda"):
+        register(OP, _backend, _native_tte, native_name="tte_aggregate")
+        register(OP_FEATURES, _backend, _native_unit_mean, native_name="tte_mean_unit_features")

@@ -1,0 +1,79 @@
+"""Build driver: setuptools hands the native extension to CMake (CMakeLists.txt) with Ninja.
+
+`pip install --no-build-isolation .` builds liftplus_fast/_C*.so against the installed torch
+and writes liftplus_fast/_build_info.json (torch version, CUDA on/off, arch list) beside it.
+Environment: LIFTPLUS_FAST_CUDA=0/1, TORCH_CUDA_ARCH_LIST, LIFTPLUS_FAST_BUILD_TYPE,
+LIFTPLUS_FAST_NO_EXTENSION=1 (pure-Python install), MAX_JOBS.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+def _tool(name):
+    """A tool from this Python's environment first (pip's cmake/ninja), then PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    return local if os.path.exists(local) else shutil.which(name)
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import torch
+
+        output = os.path.abspath(self.get_ext_fullpath(ext.name))
+        # A fixed build folder keeps CMake's incremental builds across (editable) reinstalls.
+        build_dir = os.environ.get("LIFTPLUS_FAST_BUILD_DIR", os.path.join(ROOT, "build", "cmake"))
+        os.makedirs(build_dir, exist_ok=True)
+        cmake = _tool("cmake")
+        ninja = _tool("ninja")
+        if cmake is None:
+            raise RuntimeError("cmake is required to build liftplus_fast: pip install cmake ninja")
+        args = [cmake, "-S", ROOT, "-B", build_dir,
+                f"-DPython_EXECUTABLE={sys.executable}",
+                f"-DLIFTPLUS_FAST_OUTPUT={output}",
+                f"-DCMAKE_BUILD_TYPE={os.environ.get('LIFTPLUS_FAST_BUILD_TYPE', 'Release')}"]
+        if ninja is not None:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        subprocess.check_call(args)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.check_call([cmake, "--build", build_dir, "--parallel", jobs])
+        out_dirs = {os.path.dirname(output)}
+        if getattr(self, "editable_mode", False) or self.inplace:
+            # Editable installs copy only the library into the source tree; the info goes too.
+            out_dirs.add(os.path.join(ROOT, "liftplus_fast"))
+        for out_dir in out_dirs:
+            self._write_build_info(build_dir, out_dir, torch)
+
+    @staticmethod
+    def _write_build_info(build_dir, out_dir, torch):
+        cache = open(os.path.join(build_dir, "CMakeCache.txt")).read()
+        cuda = bool(re.search(r"^CMAKE_CUDA_COMPILER:\w+=.+$", cache, re.M)) and \
+            os.environ.get("LIFTPLUS_FAST_CUDA", "") != "0"
+        info = {
+            "torch_version": torch.__version__,
+            "cuda": cuda,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0") if cuda else "",
+        }
+        path = os.path.join(out_dir, "_build_info.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=2)
+        os.replace(tmp, path)
+
+
+ext_modules = [] if os.environ.get("LIFTPLUS_FAST_NO_EXTENSION") == "1" else [CMakeExtension("liftplus_fast._C")]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})

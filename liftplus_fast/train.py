@@ -246,6 +246,10 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
     if state is not None and "optimizer" in state:
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if "torch_rng" in state:
+            # The augmentation draws from the global generator: restore it so a resumed run
+            # sees the crops an uninterrupted run would.
+            torch.set_rng_state(state["torch_rng"])
     micro = cfg.batch_size // cfg.accum_step
     loader = _loader(train_set, micro, cfg, True, seed=(cfg.seed or 0))
     num_batches = len(loader)
@@ -297,5 +301,6 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
                     epoch + 1, cfg.num_epochs, record["loss"], record["acc"], lr_used, epoch_time, eta)
         if ckpt_path:
             save_checkpoint(ckpt_path, model.official_tuner_state_dict(), epoch=epoch + 1,
-                            optimizer=optim.state_dict(), scheduler=sched.state_dict(), config=cfg.to_dict())
+                            optimizer=optim.state_dict(), scheduler=sched.state_dict(), config=cfg.to_dict(),
+                            torch_rng=torch.get_rng_state())
     return history

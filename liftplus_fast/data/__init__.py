@@ -1,0 +1,1 @@
+"""Long-tailed data sets, minimalist data augmentation and test-time crops."""

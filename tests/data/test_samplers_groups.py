@@ -52,3 +52,20 @@ def test_group_accuracies():
     assert acc["many"] == pytest.approx(0.6) and math.isnan(acc["med"]) and math.isnan(acc["few"])
     with pytest.raises(ValueError, match="per_class_acc"):
         group_accuracies([0.1], [1, 2])
+
+
+def test_downsampler_matches_published_call_sequence():
+    """Per class in first-appearance order: randperm, keep n_max; then one randperm of all."""
+    labels = [2, 0, 2, 1, 0, 2, 2, 1, 0, 0, 2]
+    torch.manual_seed(11)
+    got = list(DownSampler(labels, n_max=3))
+    torch.manual_seed(11)
+    by_class = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    picked = []
+    for idx in by_class.values():
+        t = torch.tensor(idx)
+        picked.extend(t[torch.randperm(len(t))].tolist()[:3])
+    t = torch.tensor(picked)
+    assert got == t[torch.randperm(len(t))].tolist()

@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -167,3 +168,11 @@ def test_tte_normalizes_and_pickles():
     mean, std = torch.tensor(LiftConfig().mean), torch.tensor(LiftConfig().std)
     torch.testing.assert_close(out[:, :, 5, 5], ((1 - mean) / std).expand(5, 3))
     assert pickle.loads(pickle.dumps(tf))(Image.new("RGB", (40, 40))).shape == (5, 3, 32, 32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 300), w=st.integers(1, 300), lo=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_square_crop_always_fits(h, w, lo, seed):
+    torch.manual_seed(seed)
+    i, j, sh, sw = MinimalistRandomResizedCrop.sample_square(torch.zeros(3, h, w), lo, 1.0)
+    assert sh == sw and 1 <= sh <= min(h, w) and 0 <= i <= h - sh and 0 <= j <= w - sw

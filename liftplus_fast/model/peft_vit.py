@@ -41,7 +41,7 @@ class PEFTBlock(nn.Module):
     def _linear(self, site: str, x, weight, bias):
         t = self.tuner
         if t.has("aft") and site in t.aft:
-            weight, bias = t.aft[site].weight_and_bias()
+            weight, bias = (w.to(x.dtype) for w in t.aft[site].weight_and_bias())
         return F.linear(x, weight, bias)
 
     def _ssf(self, site: str, x):

@@ -105,15 +105,16 @@ class MaskedParameter(nn.Module):
 
     def __init__(self, base: torch.Tensor, mask: torch.Tensor):
         super().__init__()
-        base = base.detach()
-        self.optimized_params = nn.Parameter(torch.masked_select(base, mask).clone())
+        self.optimized_params = nn.Parameter(torch.masked_select(base.detach(), mask).clone().float())
         self.register_buffer("mask", mask, persistent=True)
-        # The frozen base is the backbone's own tensor; it is not part of the checkpoint.
-        self.register_buffer("input", base, persistent=False)
+        # Keep a plain reference to the backbone's own (frozen) parameter rather than a buffer
+        # copy: it follows the backbone through .to()/.half() and stays out of the checkpoint.
+        self.__dict__["_base"] = base
 
     def forward(self):
         """The full tensor with the trained entries scattered in."""
-        return torch.masked_scatter(self.input, self.mask, self.optimized_params.to(self.input.dtype))
+        base = self._base.detach()
+        return torch.masked_scatter(base, self.mask, self.optimized_params.to(base.dtype))
 
 
 class MaskedLinear(nn.Module):

@@ -113,3 +113,16 @@ def test_layer_selection_last_k(fresh_clip, tokenizer):
                              COUNTS, CLASSNAMES, tokenizer)
     keys = model.official_tuner_state_dict().keys()
     assert {k.split(".")[2] for k in keys if k.startswith("image_encoder")} == {"2"}
+
+
+@pytest.mark.parametrize("method", ["lift+", "lora", "aft", "vpt"])
+def test_low_precision_backbone_keeps_fp32_tuner(method, fresh_clip, tokenizer, images):
+    model = build_lift_model(fresh_clip, cfg_for(method), COUNTS, CLASSNAMES, tokenizer)
+    model.image_encoder.visual.to(torch.bfloat16)
+    feats = model.encode_image(images)
+    assert feats.dtype == torch.bfloat16
+    loss, _ = model.training_loss(images, torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.tuner.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None, name

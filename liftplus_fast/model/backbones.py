@@ -12,7 +12,6 @@ import os
 import tempfile
 from typing import Optional, Tuple
 
-import torch
 
 __all__ = ["BackboneLoadError", "PUBLISHED_BACKBONES", "TINY_VIT", "load_clip", "known_backbones"]
 

@@ -6,7 +6,7 @@ are registered as buffers so ``.to(device)`` moves them.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+
 
 import torch
 import torch.nn as nn

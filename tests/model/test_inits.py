@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from liftplus_fast.model import LinearClassifier, build_lift_model
 
-from .conftest import CLASSNAMES, COUNTS, K, cfg_for, plain_preproj_feature
+from .conftest import CLASSNAMES, COUNTS, K, cfg_for
 
 
 def test_semantic_init_matches_the_formula(fresh_clip, tokenizer):

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from liftplus_fast.model import build_lift_model, build_loss
 

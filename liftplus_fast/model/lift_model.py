@@ -110,6 +110,22 @@ class LiftModel(nn.Module):
         scale = self.clip.logit_scale.exp().float()
         return scale * F.normalize(img.float(), dim=-1) @ self.text_features.T
 
+    @property
+    def supports_feature_tte(self) -> bool:
+        """Whether crop features can be averaged before the classifier (cosine heads only)."""
+        return isinstance(self.classifier, CosineClassifier)
+
+    def classifier_logits_from_unit(self, unit: torch.Tensor) -> torch.Tensor:
+        """Cosine logits from an average of unit-norm features (see ``ops.tte_mean_unit_features``).
+
+        The cosine head is linear in the normalised feature, so ``scale * mean_c(F̂_c) Ŵᵀ``
+        equals the mean of the crops' logits; the average is not re-normalised.
+        """
+        if not self.supports_feature_tte:
+            raise ValueError("feature-space TTE needs a CosineClassifier head")
+        w = F.normalize(self.classifier.weight, dim=-1)
+        return F.linear(self.classifier.scale * unit, w.to(unit.dtype))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Unadjusted logits ``[B, K]``."""
         return self.logits_from_features(self.encode_image(images))

@@ -24,7 +24,7 @@ def plot_per_class_accuracy(path: str, cls_num_list: Sequence[int], runs: Dict[s
     import matplotlib.pyplot as plt
 
     counts = list(cls_num_list)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     lo, hi = max(min(counts) * 0.8, 0.5), max(counts) * 1.25
     bands = [(lo, FEW_MAX, "few (<20)", "#fde0dd"), (FEW_MAX, MANY_MIN + 0.5, "medium (20-100)", "#fff7bc"),
              (MANY_MIN + 0.5, hi, "many (>100)", "#e5f5e0")]
@@ -50,7 +50,8 @@ def plot_per_class_accuracy(path: str, cls_num_list: Sequence[int], runs: Dict[s
     ax.set_xlabel("training images in the class")
     ax.set_ylabel("test accuracy of the class (%)")
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    # Below the axes so no point is hidden behind it.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png"))

@@ -38,7 +38,8 @@ TINY_VIT = "tiny_vit"
 _TINY_VIT_CFG = {
     "embed_dim": 64,
     "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8},
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8,
+                   "no_ln_pre": True},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 

@@ -27,7 +27,8 @@ def published_logits(clip, tuner, images, heads=4, scale=25.0):
     x = F.conv2d(images, sd["conv1.weight"], stride=p).flatten(2).permute(2, 0, 1)  # [N, B, D]
     b = x.shape[1]
     x = torch.cat([sd["class_embedding"].expand(1, b, -1), x]) + sd["positional_embedding"][:, None]
-    x = _ln(x, sd["ln_pre.weight"], sd["ln_pre.bias"])
+    if "ln_pre.weight" in sd:  # open_clip configs may drop ln_pre (no_ln_pre)
+        x = _ln(x, sd["ln_pre.weight"], sd["ln_pre.bias"])
     raw = x.shape[0]
     for i in range(L):
         pre = f"transformer.resblocks.{i}."

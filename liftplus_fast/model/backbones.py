@@ -35,6 +35,9 @@ _PUBLISHED_ALIASES = {
 }
 
 TINY_VIT = "tiny_vit"
+# No ln_pre: at random init ln_pre rescales the constant class embedding to the size of the
+# patch tokens, so the CLS output barely depends on the image (mean cosine similarity 0.99
+# between digits); without it the CLS token is mostly attention output and LIFT+ can learn.
 _TINY_VIT_CFG = {
     "embed_dim": 64,
     "quick_gelu": True,

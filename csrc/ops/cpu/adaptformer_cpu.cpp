@@ -67,12 +67,19 @@ template <typename T>
 inline __attribute__((always_inline)) VecOf<T> vbcast(T s) {
   return VecOf<T>{} + s;
 }
-template <typename T>
-inline __attribute__((always_inline)) T hsum(VecOf<T> v) {
-  T s = 0;
-#pragma GCC unroll 16
-  for (int i = 0; i < Simd<T>::W; ++i) s += v[i];
-  return s;
+// Tree reduction: the serial lane-by-lane sum costs as much as a short dot product.
+inline __attribute__((always_inline)) float hsum(VecOf<float> v) {
+  typedef float V8 __attribute__((vector_size(32)));
+  typedef float V4 __attribute__((vector_size(16)));
+  const V8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+inline __attribute__((always_inline)) double hsum(VecOf<double> v) {
+  typedef double V4 __attribute__((vector_size(32)));
+  const V4 h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (h[0] + h[2]) + (h[1] + h[3]);
 }
 
 // 64-byte aligned, zero-initialised scratch (zeros are the padding the kernels rely on).
@@ -117,7 +124,7 @@ inline void dots_block(const T* X, int64_t ldx, const T* Wm, int64_t ldw, int64_
 #pragma GCC unroll 4
   for (int i = 0; i < RT; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < RJ; ++j) out[i * ldo + j] = hsum<T>(acc[i][j]) + (bias ? bias[j] : T(0));
+    for (int j = 0; j < RJ; ++j) out[i * ldo + j] = hsum(acc[i][j]) + (bias ? bias[j] : T(0));
 }
 
 template <typename T, int RT>
@@ -273,11 +280,11 @@ void gemm_rank(const T* C, int64_t ldc, const T* X, int64_t ldx, int64_t nt, int
 template <typename T>
 inline RowStats<T> row_stats(const T* x, int64_t D, T eps) {
   T sum = 0;
-  _Pragma("omp simd reduction(+ : sum)")
+  #pragma omp simd reduction(+ : sum)
   for (int64_t d = 0; d < D; ++d) sum += x[d];
   const T mean = sum / static_cast<T>(D);
   T sq = 0;
-  _Pragma("omp simd reduction(+ : sq)")
+  #pragma omp simd reduction(+ : sq)
   for (int64_t d = 0; d < D; ++d) {
     const T c = x[d] - mean;
     sq += c * c;
@@ -291,7 +298,7 @@ inline const acc_t* row_as_acc(const scalar_t* src, int64_t D, acc_t* tmp) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else {
-    _Pragma("omp simd")
+    #pragma omp simd
     for (int64_t d = 0; d < D; ++d) tmp[d] = static_cast<acc_t>(src[d]);
     return tmp;
   }
@@ -303,7 +310,7 @@ inline void fwd_epilogue(const scalar_t* a, const scalar_t* m, const acc_t* u, a
                          scalar_t* out, acc_t* tmp_a, acc_t* tmp_m) {
   const acc_t* x = row_as_acc<scalar_t, acc_t>(a, D, tmp_a);
   const acc_t* mm = row_as_acc<scalar_t, acc_t>(m, D, tmp_m);
-  _Pragma("omp simd")
+  #pragma omp simd
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(x[d] + (mm[d] + s * u[d]));
 }
 
@@ -418,6 +425,58 @@ std::pair<int64_t, int64_t> check_params(const at::Tensor& a, const at::Tensor& 
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+template <typename scalar_t>
+void fwd_impl(const at::Tensor& a, const at::Tensor& m, const at::Tensor& ln_w, const at::Tensor& ln_b,
+              const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
+              const at::Tensor& scale, double eps, int64_t N, int64_t D, int64_t r, at::Tensor& y,
+              at::Tensor& mean, at::Tensor& rstd, at::Tensor& z) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Params<acc_t> p = make_params<acc_t>(ln_w, ln_b, down_w, down_b, up_w, up_b, scale, D, r);
+  const int64_t Dp = p.Dp;
+  const acc_t eps_t = static_cast<acc_t>(eps);
+  const acc_t s = p.s;
+  const scalar_t* ap = a.const_data_ptr<scalar_t>();
+  const scalar_t* mp = m.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  acc_t* meanp = mean.data_ptr<acc_t>();
+  acc_t* rstdp = rstd.data_ptr<acc_t>();
+  acc_t* zp = z.data_ptr<acc_t>();
+  const int64_t T = tile_rows(r);
+  const int64_t chunks = num_chunks(N, T);
+
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    Buf<acc_t> hbuf(T * Dp), ubuf(T * Dp), pbuf(T * r), row(Dp), row2(Dp);
+    acc_t* H = hbuf.get();
+    acc_t* U = ubuf.get();
+    acc_t* P = pbuf.get();
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t rb = N * c / chunks, re = N * (c + 1) / chunks;
+      for (int64_t t0 = rb; t0 < re; t0 += T) {
+        const int64_t nt = std::min(T, re - t0);
+        for (int64_t t = 0; t < nt; ++t) {
+          const acc_t* x = row_as_acc<scalar_t, acc_t>(ap + (t0 + t) * D, D, row.get());
+          const RowStats<acc_t> st = row_stats<acc_t>(x, D, eps_t);
+          meanp[t0 + t] = st.mean;
+          rstdp[t0 + t] = st.rstd;
+          acc_t* h = H + t * Dp;
+          const acc_t* g = p.gamma.get();
+          const acc_t* b = p.beta.get();
+          #pragma omp simd
+          for (int64_t d = 0; d < D; ++d) h[d] = (x[d] - st.mean) * st.rstd * g[d] + b[d];
+        }
+        acc_t* Z = zp + t0 * r;
+        gemm_dots<acc_t>(H, Dp, nt, p.wd.get(), Dp, Dp, r, Z, r, p.bd.get());
+        for (int64_t i = 0; i < nt * r; ++i) P[i] = Z[i] > 0 ? Z[i] : acc_t(0);
+        gemm_expand<acc_t>(P, r, nt, p.wut.get(), Dp, r, Dp, U, Dp, p.bu.get());
+        for (int64_t t = 0; t < nt; ++t) {
+          const int64_t off = (t0 + t) * D;
+          fwd_epilogue<scalar_t, acc_t>(ap + off, mp + off, U + t * Dp, s, D, yp + off, row.get(), row2.get());
+        }
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaptformer_fwd_cpu(
     const at::Tensor& a_in, const at::Tensor& m_in, const at::Tensor& ln_w, const at::Tensor& ln_b,
     const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
@@ -439,51 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaptformer_fwd_cpu(
   if (N == 0) return {y, mean, rstd, z};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "adaptformer_fwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Params<acc_t> p = make_params<acc_t>(ln_w, ln_b, down_w, down_b, up_w, up_b, scale, D, r);
-    const int64_t Dp = p.Dp;
-    const acc_t eps_t = static_cast<acc_t>(eps);
-    const acc_t s = p.s;
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    const scalar_t* mp = m.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    acc_t* meanp = mean.data_ptr<acc_t>();
-    acc_t* rstdp = rstd.data_ptr<acc_t>();
-    acc_t* zp = z.data_ptr<acc_t>();
-    const int64_t T = tile_rows(r);
-    const int64_t chunks = num_chunks(N, T);
-
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      Buf<acc_t> hbuf(T * Dp), ubuf(T * Dp), pbuf(T * r), row(Dp), row2(Dp);
-      acc_t* H = hbuf.get();
-      acc_t* U = ubuf.get();
-      acc_t* P = pbuf.get();
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t rb = N * c / chunks, re = N * (c + 1) / chunks;
-        for (int64_t t0 = rb; t0 < re; t0 += T) {
-          const int64_t nt = std::min(T, re - t0);
-          for (int64_t t = 0; t < nt; ++t) {
-            const acc_t* x = row_as_acc<scalar_t, acc_t>(ap + (t0 + t) * D, D, row.get());
-            const RowStats<acc_t> st = row_stats<acc_t>(x, D, eps_t);
-            meanp[t0 + t] = st.mean;
-            rstdp[t0 + t] = st.rstd;
-            acc_t* h = H + t * Dp;
-            const acc_t* g = p.gamma.get();
-            const acc_t* b = p.beta.get();
-            _Pragma("omp simd")
-            for (int64_t d = 0; d < D; ++d) h[d] = (x[d] - st.mean) * st.rstd * g[d] + b[d];
-          }
-          acc_t* Z = zp + t0 * r;
-          gemm_dots<acc_t>(H, Dp, nt, p.wd.get(), Dp, Dp, r, Z, r, p.bd.get());
-          for (int64_t i = 0; i < nt * r; ++i) P[i] = Z[i] > 0 ? Z[i] : acc_t(0);
-          gemm_expand<acc_t>(P, r, nt, p.wut.get(), Dp, r, Dp, U, Dp, p.bu.get());
-          for (int64_t t = 0; t < nt; ++t) {
-            const int64_t off = (t0 + t) * D;
-            fwd_epilogue<scalar_t, acc_t>(ap + off, mp + off, U + t * Dp, s, D, yp + off, row.get(), row2.get());
-          }
-        }
-      }
-    });
+    fwd_impl<scalar_t>(a, m, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps, N, D, r, y, mean, rstd, z);
   });
   return {y, mean, rstd, z};
 }
@@ -499,6 +514,146 @@ struct Partials {
   Partials(int64_t r, int64_t Dp)
       : dwut(r * Dp), dwd(r * Dp), colg(Dp), dgamma(Dp), dbeta(Dp), dbd(r) {}
 };
+
+template <typename scalar_t>
+void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w, const at::Tensor& ln_b,
+              const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
+              const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& z,
+              int64_t N, int64_t D, int64_t r, at::Tensor& ga, at::Tensor& g_lnw, at::Tensor& g_lnb,
+              at::Tensor& g_dw, at::Tensor& g_db, at::Tensor& g_uw, at::Tensor& g_ub, at::Tensor& g_s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Params<acc_t> p = make_params<acc_t>(ln_w, ln_b, down_w, down_b, up_w, up_b, scale, D, r);
+  const int64_t Dp = p.Dp;
+  const acc_t s = p.s;
+  const scalar_t* ap = a.const_data_ptr<scalar_t>();
+  const scalar_t* gp = gy.const_data_ptr<scalar_t>();
+  const acc_t* meanp = mean.const_data_ptr<acc_t>();
+  const acc_t* rstdp = rstd.const_data_ptr<acc_t>();
+  const acc_t* zp = z.const_data_ptr<acc_t>();
+  scalar_t* gap = ga.data_ptr<scalar_t>();
+  const int64_t T = tile_rows(r);
+  const int64_t chunks = num_chunks(N, T);
+  std::vector<Partials<acc_t>> parts(chunks);
+  const acc_t inv_d = acc_t(1) / static_cast<acc_t>(D);
+
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    Buf<acc_t> xhb(T * Dp), hb(T * Dp), gb(T * Dp), dhb(T * Dp), gwb(T * r), pb(T * r), dzb(T * r), row(Dp);
+    acc_t *Xh = xhb.get(), *H = hb.get(), *G = gb.get(), *dH = dhb.get();
+    acc_t *GW = gwb.get(), *P = pb.get(), *dZ = dzb.get();
+    for (int64_t c = c0; c < c1; ++c) {
+      Partials<acc_t>& pt = parts[c] = Partials<acc_t>(r, Dp);
+      acc_t* colg = pt.colg.get();
+      acc_t* dgam = pt.dgamma.get();
+      acc_t* dbet = pt.dbeta.get();
+      acc_t* dbd = pt.dbd.get();
+      const acc_t* gam = p.gamma.get();
+      const acc_t* bet = p.beta.get();
+      const int64_t rb = N * c / chunks, re = N * (c + 1) / chunks;
+      for (int64_t t0 = rb; t0 < re; t0 += T) {
+        const int64_t nt = std::min(T, re - t0);
+        for (int64_t t = 0; t < nt; ++t) {
+          const int64_t off = (t0 + t) * D;
+          const acc_t* x = row_as_acc<scalar_t, acc_t>(ap + off, D, row.get());
+          const acc_t mu = meanp[t0 + t], rs = rstdp[t0 + t];
+          acc_t* xh = Xh + t * Dp;
+          acc_t* h = H + t * Dp;
+          #pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            const acc_t v = (x[d] - mu) * rs;
+            xh[d] = v;
+            h[d] = v * gam[d] + bet[d];
+          }
+          acc_t* g = G + t * Dp;
+          const scalar_t* gsrc = gp + off;
+          #pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            const acc_t v = static_cast<acc_t>(gsrc[d]);
+            g[d] = v;
+            colg[d] += v;
+          }
+        }
+        // GW = G·Wu (dP before the scale), then dZ, dbd and the ⟨G·Wu, P⟩ part of ds.
+        gemm_dots<acc_t>(G, Dp, nt, p.wut.get(), Dp, Dp, r, GW, r, nullptr);
+        const acc_t* Z = zp + t0 * r;
+        acc_t ds1 = 0;
+        for (int64_t t = 0; t < nt; ++t) {
+          for (int64_t j = 0; j < r; ++j) {
+            const int64_t i = t * r + j;
+            const bool on = Z[i] > 0;
+            const acc_t pv = on ? Z[i] : acc_t(0);
+            P[i] = pv;
+            ds1 += GW[i] * pv;
+            const acc_t dz = on ? s * GW[i] : acc_t(0);
+            dZ[i] = dz;
+            dbd[j] += dz;
+          }
+        }
+        pt.ds1 += ds1;
+        gemm_rank<acc_t>(P, r, G, Dp, nt, r, Dp, pt.dwut.get(), Dp);
+        gemm_rank<acc_t>(dZ, r, H, Dp, nt, r, Dp, pt.dwd.get(), Dp);
+        gemm_expand<acc_t>(dZ, r, nt, p.wd.get(), Dp, r, Dp, dH, Dp, nullptr);
+        for (int64_t t = 0; t < nt; ++t) {
+          const acc_t* dh = dH + t * Dp;
+          const acc_t* xh = Xh + t * Dp;
+          acc_t sum1 = 0, sum2 = 0;
+          #pragma omp simd reduction(+ : sum1, sum2)
+          for (int64_t d = 0; d < D; ++d) {
+            dgam[d] += dh[d] * xh[d];
+            dbet[d] += dh[d];
+            const acc_t dxh = dh[d] * gam[d];
+            sum1 += dxh;
+            sum2 += dxh * xh[d];
+          }
+          const acc_t c1m = sum1 * inv_d, c2m = sum2 * inv_d, rs = rstdp[t0 + t];
+          const acc_t* g = G + t * Dp;
+          scalar_t* out = gap + (t0 + t) * D;
+          #pragma omp simd
+          for (int64_t d = 0; d < D; ++d)
+            out[d] = static_cast<scalar_t>(g[d] + math::ln_grad_input<acc_t>(dh[d] * gam[d], xh[d], rs, c1m, c2m));
+        }
+      }
+    }
+  });
+
+  // Deterministic reduction of the per-chunk partial sums, in chunk order.
+  Partials<acc_t> tot(r, Dp);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const Partials<acc_t>& pt = parts[c];
+    auto add = [](acc_t* dst, const acc_t* src, int64_t n) {
+      #pragma omp simd
+      for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+    };
+    add(tot.dwut.get(), pt.dwut.get(), r * Dp);
+    add(tot.dwd.get(), pt.dwd.get(), r * Dp);
+    add(tot.colg.get(), pt.colg.get(), Dp);
+    add(tot.dgamma.get(), pt.dgamma.get(), Dp);
+    add(tot.dbeta.get(), pt.dbeta.get(), Dp);
+    add(tot.dbd.get(), pt.dbd.get(), r);
+    tot.ds1 += pt.ds1;
+  }
+  const auto acc_opts = a.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor dlnw = at::empty({D}, acc_opts), dlnb = at::empty({D}, acc_opts), dub = at::empty({D}, acc_opts);
+  at::Tensor ddw = at::empty({r, D}, acc_opts), ddb = at::empty({r}, acc_opts), duw = at::empty({D, r}, acc_opts);
+  acc_t ds = tot.ds1;
+  for (int64_t d = 0; d < D; ++d) {
+    dlnw.data_ptr<acc_t>()[d] = tot.dgamma.get()[d];
+    dlnb.data_ptr<acc_t>()[d] = tot.dbeta.get()[d];
+    dub.data_ptr<acc_t>()[d] = s * tot.colg.get()[d];
+    ds += tot.colg.get()[d] * p.bu.get()[d];
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    ddb.data_ptr<acc_t>()[j] = tot.dbd.get()[j];
+    std::memcpy(ddw.data_ptr<acc_t>() + j * D, tot.dwd.get() + j * Dp, sizeof(acc_t) * D);
+    for (int64_t d = 0; d < D; ++d) duw.data_ptr<acc_t>()[d * r + j] = s * tot.dwut.get()[j * Dp + d];
+  }
+  g_lnw = dlnw.to(ln_w.scalar_type());
+  g_lnb = dlnb.to(ln_b.scalar_type());
+  g_dw = ddw.to(down_w.scalar_type());
+  g_db = ddb.to(down_b.scalar_type());
+  g_uw = duw.to(up_w.scalar_type());
+  g_ub = dub.to(up_b.scalar_type());
+  g_s = at::full(scale.sizes(), static_cast<double>(ds), scale.options());
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 adaptformer_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, const at::Tensor& ln_w, const at::Tensor& ln_b,
@@ -533,138 +688,8 @@ adaptformer_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, const at::T
   at::Tensor g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "adaptformer_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Params<acc_t> p = make_params<acc_t>(ln_w, ln_b, down_w, down_b, up_w, up_b, scale, D, r);
-    const int64_t Dp = p.Dp;
-    const acc_t s = p.s;
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gy.const_data_ptr<scalar_t>();
-    const acc_t* meanp = mean.const_data_ptr<acc_t>();
-    const acc_t* rstdp = rstd.const_data_ptr<acc_t>();
-    const acc_t* zp = z.const_data_ptr<acc_t>();
-    scalar_t* gap = ga.data_ptr<scalar_t>();
-    const int64_t T = tile_rows(r);
-    const int64_t chunks = num_chunks(N, T);
-    std::vector<Partials<acc_t>> parts(chunks);
-    const acc_t inv_d = acc_t(1) / static_cast<acc_t>(D);
-
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      Buf<acc_t> xhb(T * Dp), hb(T * Dp), gb(T * Dp), dhb(T * Dp), gwb(T * r), pb(T * r), dzb(T * r), row(Dp);
-      acc_t *Xh = xhb.get(), *H = hb.get(), *G = gb.get(), *dH = dhb.get();
-      acc_t *GW = gwb.get(), *P = pb.get(), *dZ = dzb.get();
-      for (int64_t c = c0; c < c1; ++c) {
-        Partials<acc_t>& pt = parts[c] = Partials<acc_t>(r, Dp);
-        acc_t* colg = pt.colg.get();
-        acc_t* dgam = pt.dgamma.get();
-        acc_t* dbet = pt.dbeta.get();
-        acc_t* dbd = pt.dbd.get();
-        const acc_t* gam = p.gamma.get();
-        const acc_t* bet = p.beta.get();
-        const int64_t rb = N * c / chunks, re = N * (c + 1) / chunks;
-        for (int64_t t0 = rb; t0 < re; t0 += T) {
-          const int64_t nt = std::min(T, re - t0);
-          for (int64_t t = 0; t < nt; ++t) {
-            const int64_t off = (t0 + t) * D;
-            const acc_t* x = row_as_acc<scalar_t, acc_t>(ap + off, D, row.get());
-            const acc_t mu = meanp[t0 + t], rs = rstdp[t0 + t];
-            acc_t* xh = Xh + t * Dp;
-            acc_t* h = H + t * Dp;
-            _Pragma("omp simd")
-            for (int64_t d = 0; d < D; ++d) {
-              const acc_t v = (x[d] - mu) * rs;
-              xh[d] = v;
-              h[d] = v * gam[d] + bet[d];
-            }
-            acc_t* g = G + t * Dp;
-            const scalar_t* gsrc = gp + off;
-            _Pragma("omp simd")
-            for (int64_t d = 0; d < D; ++d) {
-              const acc_t v = static_cast<acc_t>(gsrc[d]);
-              g[d] = v;
-              colg[d] += v;
-            }
-          }
-          // GW = G·Wu (dP before the scale), then dZ, dbd and the ⟨G·Wu, P⟩ part of ds.
-          gemm_dots<acc_t>(G, Dp, nt, p.wut.get(), Dp, Dp, r, GW, r, nullptr);
-          const acc_t* Z = zp + t0 * r;
-          acc_t ds1 = 0;
-          for (int64_t t = 0; t < nt; ++t) {
-            for (int64_t j = 0; j < r; ++j) {
-              const int64_t i = t * r + j;
-              const bool on = Z[i] > 0;
-              const acc_t pv = on ? Z[i] : acc_t(0);
-              P[i] = pv;
-              ds1 += GW[i] * pv;
-              const acc_t dz = on ? s * GW[i] : acc_t(0);
-              dZ[i] = dz;
-              dbd[j] += dz;
-            }
-          }
-          pt.ds1 += ds1;
-          gemm_rank<acc_t>(P, r, G, Dp, nt, r, Dp, pt.dwut.get(), Dp);
-          gemm_rank<acc_t>(dZ, r, H, Dp, nt, r, Dp, pt.dwd.get(), Dp);
-          gemm_expand<acc_t>(dZ, r, nt, p.wd.get(), Dp, r, Dp, dH, Dp, nullptr);
-          for (int64_t t = 0; t < nt; ++t) {
-            const acc_t* dh = dH + t * Dp;
-            const acc_t* xh = Xh + t * Dp;
-            acc_t sum1 = 0, sum2 = 0;
-            _Pragma("omp simd reduction(+ : sum1, sum2)")
-            for (int64_t d = 0; d < D; ++d) {
-              dgam[d] += dh[d] * xh[d];
-              dbet[d] += dh[d];
-              const acc_t dxh = dh[d] * gam[d];
-              sum1 += dxh;
-              sum2 += dxh * xh[d];
-            }
-            const acc_t c1m = sum1 * inv_d, c2m = sum2 * inv_d, rs = rstdp[t0 + t];
-            const acc_t* g = G + t * Dp;
-            scalar_t* out = gap + (t0 + t) * D;
-            _Pragma("omp simd")
-            for (int64_t d = 0; d < D; ++d)
-              out[d] = static_cast<scalar_t>(g[d] + math::ln_grad_input<acc_t>(dh[d] * gam[d], xh[d], rs, c1m, c2m));
-          }
-        }
-      }
-    });
-
-    // Deterministic reduction of the per-chunk partial sums, in chunk order.
-    Partials<acc_t> tot(r, Dp);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const Partials<acc_t>& pt = parts[c];
-      auto add = [](acc_t* dst, const acc_t* src, int64_t n) {
-        _Pragma("omp simd")
-        for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-      };
-      add(tot.dwut.get(), pt.dwut.get(), r * Dp);
-      add(tot.dwd.get(), pt.dwd.get(), r * Dp);
-      add(tot.colg.get(), pt.colg.get(), Dp);
-      add(tot.dgamma.get(), pt.dgamma.get(), Dp);
-      add(tot.dbeta.get(), pt.dbeta.get(), Dp);
-      add(tot.dbd.get(), pt.dbd.get(), r);
-      tot.ds1 += pt.ds1;
-    }
-    const auto acc_opts = a.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor dlnw = at::empty({D}, acc_opts), dlnb = at::empty({D}, acc_opts), dub = at::empty({D}, acc_opts);
-    at::Tensor ddw = at::empty({r, D}, acc_opts), ddb = at::empty({r}, acc_opts), duw = at::empty({D, r}, acc_opts);
-    acc_t ds = tot.ds1;
-    for (int64_t d = 0; d < D; ++d) {
-      dlnw.data_ptr<acc_t>()[d] = tot.dgamma.get()[d];
-      dlnb.data_ptr<acc_t>()[d] = tot.dbeta.get()[d];
-      dub.data_ptr<acc_t>()[d] = s * tot.colg.get()[d];
-      ds += tot.colg.get()[d] * p.bu.get()[d];
-    }
-    for (int64_t j = 0; j < r; ++j) {
-      ddb.data_ptr<acc_t>()[j] = tot.dbd.get()[j];
-      std::memcpy(ddw.data_ptr<acc_t>() + j * D, tot.dwd.get() + j * Dp, sizeof(acc_t) * D);
-      for (int64_t d = 0; d < D; ++d) duw.data_ptr<acc_t>()[d * r + j] = s * tot.dwut.get()[j * Dp + d];
-    }
-    g_lnw = dlnw.to(ln_w.scalar_type());
-    g_lnb = dlnb.to(ln_b.scalar_type());
-    g_dw = ddw.to(down_w.scalar_type());
-    g_db = ddb.to(down_b.scalar_type());
-    g_uw = duw.to(up_w.scalar_type());
-    g_ub = dub.to(up_b.scalar_type());
-    g_s = at::full(scale.sizes(), static_cast<double>(ds), scale.options());
+    bwd_impl<scalar_t>(gy, a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z, N, D, r, ga, g_lnw,
+                       g_lnb, g_dw, g_db, g_uw, g_ub, g_s);
   });
   return {ga, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s};
 }

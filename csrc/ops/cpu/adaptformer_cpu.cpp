@@ -537,8 +537,11 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
   const acc_t inv_d = acc_t(1) / static_cast<acc_t>(D);
 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    Buf<acc_t> xhb(T * Dp), hb(T * Dp), gb(T * Dp), dhb(T * Dp), gwb(T * r), pb(T * r), dzb(T * r), row(Dp);
-    acc_t *Xh = xhb.get(), *H = hb.get(), *G = gb.get(), *dH = dhb.get();
+    // fp32 G rows are used in place when no padding is needed; otherwise converted into gb.
+    constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
+    const bool g_in_place = same_type && D == Dp;
+    Buf<acc_t> xhb(T * Dp), gb(g_in_place ? 0 : T * Dp), dhb(T * Dp), gwb(T * r), pb(T * r), dzb(T * r), row(Dp);
+    acc_t *Xh = xhb.get(), *dH = dhb.get();
     acc_t *GW = gwb.get(), *P = pb.get(), *dZ = dzb.get();
     for (int64_t c = c0; c < c1; ++c) {
       Partials<acc_t>& pt = parts[c] = Partials<acc_t>(r, Dp);
@@ -547,7 +550,6 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
       acc_t* dbet = pt.dbeta.get();
       acc_t* dbd = pt.dbd.get();
       const acc_t* gam = p.gamma.get();
-      const acc_t* bet = p.beta.get();
       const int64_t rb = N * c / chunks, re = N * (c + 1) / chunks;
       for (int64_t t0 = rb; t0 < re; t0 += T) {
         const int64_t nt = std::min(T, re - t0);
@@ -556,24 +558,25 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
           const acc_t* x = row_as_acc<scalar_t, acc_t>(ap + off, D, row.get());
           const acc_t mu = meanp[t0 + t], rs = rstdp[t0 + t];
           acc_t* xh = Xh + t * Dp;
-          acc_t* h = H + t * Dp;
           #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            const acc_t v = (x[d] - mu) * rs;
-            xh[d] = v;
-            h[d] = v * gam[d] + bet[d];
-          }
-          acc_t* g = G + t * Dp;
-          const scalar_t* gsrc = gp + off;
-          #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            const acc_t v = static_cast<acc_t>(gsrc[d]);
-            g[d] = v;
-            colg[d] += v;
+          for (int64_t d = 0; d < D; ++d) xh[d] = (x[d] - mu) * rs;
+          if (!g_in_place) {
+            acc_t* g = gb.get() + t * Dp;
+            const scalar_t* gsrc = gp + off;
+            #pragma omp simd
+            for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(gsrc[d]);
           }
         }
+        const acc_t* G;
+        int64_t ldg;
+        if constexpr (same_type) {
+          G = g_in_place ? gp + t0 * D : gb.get();
+        } else {
+          G = gb.get();
+        }
+        ldg = g_in_place ? D : Dp;
         // GW = G·Wu (dP before the scale), then dZ, dbd and the ⟨G·Wu, P⟩ part of ds.
-        gemm_dots<acc_t>(G, Dp, nt, p.wut.get(), Dp, Dp, r, GW, r, nullptr);
+        gemm_dots<acc_t>(G, ldg, nt, p.wut.get(), Dp, Dp, r, GW, r, nullptr);
         const acc_t* Z = zp + t0 * r;
         acc_t ds1 = 0;
         for (int64_t t = 0; t < nt; ++t) {
@@ -589,8 +592,9 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
           }
         }
         pt.ds1 += ds1;
-        gemm_rank<acc_t>(P, r, G, Dp, nt, r, Dp, pt.dwut.get(), Dp);
-        gemm_rank<acc_t>(dZ, r, H, Dp, nt, r, Dp, pt.dwd.get(), Dp);
+        gemm_rank<acc_t>(P, r, G, ldg, nt, r, Dp, pt.dwut.get(), Dp);
+        // dWd = dZᵀ·H = γ ⊙ (dZᵀ·Â) + β ⊗ dbd: accumulate against Â, apply γ and β once at the end.
+        gemm_rank<acc_t>(dZ, r, Xh, Dp, nt, r, Dp, pt.dwd.get(), Dp);
         gemm_expand<acc_t>(dZ, r, nt, p.wd.get(), Dp, r, Dp, dH, Dp, nullptr);
         for (int64_t t = 0; t < nt; ++t) {
           const acc_t* dh = dH + t * Dp;
@@ -605,7 +609,9 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
             sum2 += dxh * xh[d];
           }
           const acc_t c1m = sum1 * inv_d, c2m = sum2 * inv_d, rs = rstdp[t0 + t];
-          const acc_t* g = G + t * Dp;
+          const acc_t* g = G + t * ldg;
+          #pragma omp simd
+          for (int64_t d = 0; d < D; ++d) colg[d] += g[d];
           scalar_t* out = gap + (t0 + t) * D;
           #pragma omp simd
           for (int64_t d = 0; d < D; ++d)
@@ -643,7 +649,9 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
   }
   for (int64_t j = 0; j < r; ++j) {
     ddb.data_ptr<acc_t>()[j] = tot.dbd.get()[j];
-    std::memcpy(ddw.data_ptr<acc_t>() + j * D, tot.dwd.get() + j * Dp, sizeof(acc_t) * D);
+    const acc_t* acc = tot.dwd.get() + j * Dp;
+    acc_t* dst = ddw.data_ptr<acc_t>() + j * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = p.gamma.get()[d] * acc[d] + p.beta.get()[d] * tot.dbd.get()[j];
     for (int64_t d = 0; d < D; ++d) duw.data_ptr<acc_t>()[d * r + j] = s * tot.dwut.get()[j * Dp + d];
   }
   g_lnw = dlnw.to(ln_w.scalar_type());

@@ -314,6 +314,16 @@ inline void fwd_epilogue(const scalar_t* a, const scalar_t* m, const acc_t* u, a
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(x[d] + (mm[d] + s * u[d]));
 }
 
+// Streams of the next tile are fetched into L2 while this tile computes: without it the
+// tile's compute and its DRAM reads alternate instead of overlapping (measured: ~3x slower
+// per row once the activations no longer fit in L3).
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
+}
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Tile height: the fp32 tiles (4 × tile × D in the backward) stay in L2; bigger bottlenecks
@@ -454,6 +464,10 @@ void fwd_impl(const at::Tensor& a, const at::Tensor& m, const at::Tensor& ln_w, 
       for (int64_t t0 = rb; t0 < re; t0 += T) {
         const int64_t nt = std::min(T, re - t0);
         for (int64_t t = 0; t < nt; ++t) {
+          if (t0 + T + t < re) {
+            prefetch_row(ap + (t0 + T + t) * D, D);
+            prefetch_row(mp + (t0 + T + t) * D, D);
+          }
           const acc_t* x = row_as_acc<scalar_t, acc_t>(ap + (t0 + t) * D, D, row.get());
           const RowStats<acc_t> st = row_stats<acc_t>(x, D, eps_t);
           meanp[t0 + t] = st.mean;
@@ -555,6 +569,10 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
         const int64_t nt = std::min(T, re - t0);
         for (int64_t t = 0; t < nt; ++t) {
           const int64_t off = (t0 + t) * D;
+          if (t0 + T + t < re) {
+            prefetch_row(ap + off + T * D, D);
+            prefetch_row(gp + off + T * D, D);
+          }
           const acc_t* x = row_as_acc<scalar_t, acc_t>(ap + off, D, row.get());
           const acc_t mu = meanp[t0 + t], rs = rstdp[t0 + t];
           acc_t* xh = Xh + t * Dp;

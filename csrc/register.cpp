@@ -5,7 +5,9 @@
 
 TORCH_LIBRARY(liftplus_fast, m) {
   // AdaptFormer: y = a + (m + s * up(relu(down(LN(a))))). Saves row mean/rstd (fp32, [N]) and
-  // the pre-ReLU bottleneck z (fp32, [N, r]) for the backward.
+  // the pre-ReLU bottleneck z (fp32, [N, r]) for the backward (float64 for float64 inputs, which
+  // the CPU kernel accepts for gradcheck). Parameters may have any float dtype; their gradients
+  // come back in that dtype.
   m.def(
       "adaptformer_fwd(Tensor a, Tensor mlp_out, Tensor ln_w, Tensor ln_b, Tensor down_w, "
       "Tensor down_b, Tensor up_w, Tensor up_b, Tensor scale, float eps) "

@@ -73,8 +73,10 @@ def _register_native() -> None:
     @torch.library.register_fake(fwd)
     def _fwd_fake(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps):
         rows = a.numel() // a.shape[-1]
-        stats = a.new_empty((rows,), dtype=torch.float32)
-        z = a.new_empty((rows, down_w.shape[0]), dtype=torch.float32)
+        # Saved statistics are fp32, or float64 for float64 inputs (used by gradcheck).
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        stats = a.new_empty((rows,), dtype=acc)
+        z = a.new_empty((rows, down_w.shape[0]), dtype=acc)
         return torch.empty_like(a), stats, torch.empty_like(stats), z
 
     @torch.library.register_fake(bwd)

@@ -1,0 +1,109 @@
+"""Helpers shared by the Triton ops: lazy kernel construction, configs, checks.
+
+``@triton.jit`` decides at decoration time whether a kernel is compiled for the GPU or run by
+the CPU interpreter (``TRITON_INTERPRET=1``). The package may be imported before a test sets
+that variable (``lf.backend_info()`` probes the Triton backend), so kernels are not decorated
+at import: :class:`LazyKernel` builds the jitted (and autotuned) kernel on first launch for the
+interpreter state in force at that moment and caches one build per state.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import triton
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class LazyKernel:
+    """A Triton kernel source plus its GPU autotune configs, jitted on first use.
+
+    Under the interpreter only ``interp_config`` is used: autotuning there would only multiply
+    the (slow, numpy-backed) runs without telling anything about GPU speed.
+    """
+
+    def __init__(self, fn: Callable, gpu_configs: Sequence[triton.Config], interp_config: triton.Config,
+                 key: List[str]):
+        self.fn = fn
+        self.gpu_configs = list(gpu_configs)
+        self.interp_config = interp_config
+        self.key = key
+        self._built: Dict[bool, object] = {}
+
+    def get(self):
+        flag = interpreting()
+        kernel = self._built.get(flag)
+        if kernel is None:
+            configs = [self.interp_config] if flag else self.gpu_configs
+            # A fresh copy of the function object per build: triton caches state on it.
+            kernel = triton.autotune(configs=configs, key=self.key)(triton.jit(self.fn))
+            self._built[flag] = kernel
+        return kernel
+
+
+def cfg(num_warps: int = 4, num_stages: int = 2, **meta) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    """Next power of two ≥ n and ≥ ``floor`` (``tl.dot`` needs every tile side ≥ 16)."""
+    return max(floor, triton.next_power_of_2(int(n)))
+
+
+_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dot_meta(dtype: torch.dtype) -> dict:
+    """Element type, ``tl.dot`` operand type and precision for inputs of ``dtype``.
+
+    * fp32 inputs use ``ieee``: TF32 (10-bit mantissa) would miss the 1e-5 tolerance.
+    * Operands are first rounded to the input dtype (as the reference's GEMMs see them); on the
+      GPU the dot then runs on tensor cores in that dtype with fp32 accumulation.
+    * Triton 3.8's interpreter computes bf16 ``tl.dot`` wrongly (garbage of order 1e10), so
+      there the rounded operands are widened to fp32 first. A product of two bf16/fp16 values is
+      exact in fp32, so this equals a tensor-core dot with fp32 accumulation up to summation
+      order.
+    """
+    import triton.language as tl
+
+    elem = getattr(tl, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[_TL[dtype]])
+    if interpreting() or dtype == torch.float32:
+        return {"ELEM_T": elem, "DOT_T": tl.float32, "PREC": "ieee"}
+    return {"ELEM_T": elem, "DOT_T": elem, "PREC": "tf32"}
+
+
+def check_triton_inputs(op: str, **tensors) -> torch.device:
+    """One device for all tensors, a device Triton can run on, supported float dtypes."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{op} (triton): all tensors must be on one device; got {listing}")
+    device = next(iter(devices.values()))
+    if device.type == "cpu" and not interpreting():
+        raise RuntimeError(f"{op} (triton): CPU tensors need TRITON_INTERPRET=1; got tensors on cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"{op} (triton): tensors must be on a CUDA device; got {device}")
+    return device
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op} (triton): {name} must be float32, bfloat16 or float16; got shape "
+                        f"{tuple(t.shape)}, dtype {t.dtype}, device {t.device}")
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (a small fixed number under the interpreter)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))

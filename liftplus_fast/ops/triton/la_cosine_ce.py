@@ -1,0 +1,303 @@
+"""Triton logit-adjusted cosine cross-entropy, chunked over classes with an online logsumexp.
+
+``C = s·F̂Ŵᵀ`` is never materialised beyond one ``BLOCK_M × BLOCK_K`` tile: the row and
+class norms are accumulated in the same D loop as the dot product and applied to the tile
+(``C = s·(F·Wᵀ)·(1/‖F‖)·(1/‖W‖)``), so normalisation costs no extra pass over F or W.
+
+* ``_fwd``: grid (row blocks, class splits); each program streams its classes in chunks and
+  keeps a running (max, sum-exp) per row; the splits' partial (max, sum) pairs and the target
+  logit are combined on the host (B × splits values).
+* ``_bwd_feat``: grid (row blocks, class splits). Recomputes the tile, ``dC`` from the saved
+  logsumexp, accumulates ``Σ_k dC·s/‖W_k‖·W_k`` and ``t_b = Σ_k dC·C`` (which equals
+  ``⟨F̂, dF̂⟩``, so the normalisation backward needs no second pass):
+  ``dF = (acc − F̂·t)/‖F‖``.
+* ``_bwd_weight``: grid (class tiles, row splits), symmetric for ``dW``.
+
+Splits write fp32 partials that are summed in a fixed order (deterministic, no atomics); with
+one split the kernel stores the final gradient directly.
+
+Limit: D ≤ ``MAX_D`` (2048) because the backward keeps full-width feature/weight rows of a tile
+in SRAM/registers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from ._common import (LazyKernel, cdiv, cfg, check_float, check_triton_inputs, dot_meta, num_sms,
+                      pow2_at_least)
+
+MAX_D = 2048
+NAMESPACE = "liftplus_fast_triton"
+_EPS = 1e-12
+
+
+def _fwd(F, W, LAB, LP, LOGITS, PM, PL, TGT, B, K, D, K_PER_SPLIT, scale, tau,
+         WRITE_LOGITS: tl.constexpr, ELEM_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    roff = rows.to(tl.int64) * D
+    lab = tl.load(LAB + rows, mask=rmask, other=-1)
+    k0 = split * K_PER_SPLIT
+    k1 = tl.minimum(k0 + K_PER_SPLIT, K)
+    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for kc in range(k0, k1, BLOCK_K):
+        ks = kc + tl.arange(0, BLOCK_K)
+        kmask = ks < k1
+        koff = ks.to(tl.int64) * D
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        fsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        wsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            f = tl.load(F + roff[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0)
+            w = tl.load(W + koff[:, None] + cols[None, :], mask=kmask[:, None] & cmask[None, :],
+                        other=0.0)
+            acc += tl.dot(f.to(ELEM_T).to(DOT_T), tl.trans(w.to(ELEM_T).to(DOT_T)),
+                          input_precision=PREC)
+            f32 = f.to(tl.float32)
+            w32 = w.to(tl.float32)
+            fsq += tl.sum(f32 * f32, axis=1)
+            wsq += tl.sum(w32 * w32, axis=1)
+        inv_f = 1.0 / tl.maximum(tl.sqrt(fsq), 1e-12)
+        inv_w = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)
+        c = acc * (scale * inv_f)[:, None] * inv_w[None, :]
+        tmask = rmask[:, None] & kmask[None, :]
+        if WRITE_LOGITS:
+            tl.store(LOGITS + rows.to(tl.int64)[:, None] * K + ks[None, :],
+                     c.to(LOGITS.dtype.element_ty), mask=tmask)
+        lp = tl.load(LP + ks, mask=kmask, other=0.0).to(tl.float32)
+        zz = tl.where(kmask[None, :], c + tau * lp[None, :], float("-inf"))
+        hit = (ks[None, :] == lab[:, None]) & tmask
+        # Exactly one chunk of one split holds a row's label: a plain store, no race.
+        tl.store(TGT + rows, tl.sum(tl.where(hit, zz, 0.0), axis=1),
+                 mask=rmask & (tl.sum(hit.to(tl.int32), axis=1) > 0))
+        m_new = tl.maximum(m_run, tl.max(zz, axis=1))
+        l_run = l_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(zz - m_new[:, None]), axis=1)
+        m_run = m_new
+    tl.store(PM + split * B + rows, m_run, mask=rmask)
+    tl.store(PL + split * B + rows, l_run, mask=rmask)
+
+
+def _bwd_feat(F, W, LAB, LP, LSE, GL, OUT, B, K, D, K_PER_SPLIT, scale, tau, inv_b,
+              ELEM_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DF: tl.constexpr):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    cols = tl.arange(0, BLOCK_DF)
+    cmask = cols < D
+    fmask = rmask[:, None] & cmask[None, :]
+    f = tl.load(F + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=fmask, other=0.0)
+    f32 = f.to(tl.float32)
+    inv_f = 1.0 / tl.maximum(tl.sqrt(tl.sum(f32 * f32, axis=1)), 1e-12)
+    fd = f.to(ELEM_T).to(DOT_T)
+    lab = tl.load(LAB + rows, mask=rmask, other=-1)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    gscale = tl.load(GL).to(tl.float32) * inv_b
+    acc = tl.zeros([BLOCK_M, BLOCK_DF], dtype=tl.float32)
+    t = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k0 = split * K_PER_SPLIT
+    k1 = tl.minimum(k0 + K_PER_SPLIT, K)
+    for kc in range(k0, k1, BLOCK_K):
+        ks = kc + tl.arange(0, BLOCK_K)
+        kmask = ks < k1
+        w = tl.load(W + ks.to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        w32 = w.to(tl.float32)
+        inv_w = 1.0 / tl.maximum(tl.sqrt(tl.sum(w32 * w32, axis=1)), 1e-12)
+        wd = w.to(ELEM_T).to(DOT_T)
+        c = tl.dot(fd, tl.trans(wd), input_precision=PREC) * (scale * inv_f)[:, None] * inv_w[None, :]
+        lp = tl.load(LP + ks, mask=kmask, other=0.0).to(tl.float32)
+        tmask = rmask[:, None] & kmask[None, :]
+        prob = tl.exp(c + tau * lp[None, :] - lse[:, None])
+        onehot = (ks[None, :] == lab[:, None]).to(tl.float32)
+        dc = tl.where(tmask, (prob - onehot) * gscale, 0.0)
+        t += tl.sum(dc * c, axis=1)
+        coeff = (dc * scale * inv_w[None, :]).to(ELEM_T).to(DOT_T)
+        acc += tl.dot(coeff, wd, input_precision=PREC)
+    out = inv_f[:, None] * acc - f32 * (inv_f * inv_f * t)[:, None]
+    tl.store(OUT + (split * B + rows).to(tl.int64)[:, None] * D + cols[None, :],
+             out.to(OUT.dtype.element_ty), mask=fmask)
+
+
+def _bwd_weight(F, W, LAB, LP, LSE, GL, OUT, B, K, D, B_PER_SPLIT, scale, tau, inv_b,
+                ELEM_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DF: tl.constexpr):
+    pid_k = tl.program_id(0)
+    split = tl.program_id(1)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    cols = tl.arange(0, BLOCK_DF)
+    cmask = cols < D
+    wmask = kmask[:, None] & cmask[None, :]
+    w = tl.load(W + ks.to(tl.int64)[:, None] * D + cols[None, :], mask=wmask, other=0.0)
+    w32 = w.to(tl.float32)
+    inv_w = 1.0 / tl.maximum(tl.sqrt(tl.sum(w32 * w32, axis=1)), 1e-12)
+    wd = w.to(ELEM_T).to(DOT_T)
+    lp = tl.load(LP + ks, mask=kmask, other=0.0).to(tl.float32)
+    gscale = tl.load(GL).to(tl.float32) * inv_b
+    acc = tl.zeros([BLOCK_K, BLOCK_DF], dtype=tl.float32)
+    t = tl.zeros([BLOCK_K], dtype=tl.float32)
+    b0 = split * B_PER_SPLIT
+    b1 = tl.minimum(b0 + B_PER_SPLIT, B)
+    for bc in range(b0, b1, BLOCK_M):
+        rows = bc + tl.arange(0, BLOCK_M)
+        rmask = rows < b1
+        f = tl.load(F + rows.to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=rmask[:, None] & cmask[None, :], other=0.0)
+        f32 = f.to(tl.float32)
+        inv_f = 1.0 / tl.maximum(tl.sqrt(tl.sum(f32 * f32, axis=1)), 1e-12)
+        fd = f.to(ELEM_T).to(DOT_T)
+        c = tl.dot(fd, tl.trans(wd), input_precision=PREC) * (scale * inv_f)[:, None] * inv_w[None, :]
+        lab = tl.load(LAB + rows, mask=rmask, other=-1)
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        tmask = rmask[:, None] & kmask[None, :]
+        prob = tl.exp(c + tau * lp[None, :] - lse[:, None])
+        onehot = (ks[None, :] == lab[:, None]).to(tl.float32)
+        dc = tl.where(tmask, (prob - onehot) * gscale, 0.0)
+        t += tl.sum(dc * c, axis=0)
+        coeff = (dc * (scale * inv_f)[:, None]).to(ELEM_T).to(DOT_T)
+        acc += tl.dot(tl.trans(coeff), fd, input_precision=PREC)
+    out = inv_w[:, None] * acc - w32 * (inv_w * inv_w * t)[:, None]
+    tl.store(OUT + (split * K + ks).to(tl.int64)[:, None] * D + cols[None, :],
+             out.to(OUT.dtype.element_ty), mask=wmask)
+
+
+# Forward: class chunks of 64-128 with D streamed in 64-128 columns (tensor-core tiles on
+# Ampere/Hopper). Backward: full-width rows (≤ 2048) of a 16-32 tile plus the same-size fp32
+# accumulator stay on chip.
+_FWD = LazyKernel(_fwd, [cfg(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64),
+                         cfg(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_D=64),
+                         cfg(8, 3, BLOCK_M=128, BLOCK_K=64, BLOCK_D=64),
+                         cfg(4, 4, BLOCK_M=32, BLOCK_K=128, BLOCK_D=128)],
+                  cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_D=32), key=["D", "K", "WRITE_LOGITS"])
+_BWD_CFGS = [cfg(4, 2, BLOCK_M=16, BLOCK_K=16), cfg(8, 2, BLOCK_M=16, BLOCK_K=32),
+             cfg(8, 2, BLOCK_M=32, BLOCK_K=16), cfg(8, 1, BLOCK_M=32, BLOCK_K=32)]
+_BWD_FEAT = LazyKernel(_bwd_feat, _BWD_CFGS, cfg(1, 1, BLOCK_M=16, BLOCK_K=16), key=["BLOCK_DF", "K"])
+_BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, cfg(1, 1, BLOCK_M=16, BLOCK_K=16),
+                         key=["BLOCK_DF", "B"])
+
+
+def _class_splits(b: int, k: int, device) -> int:
+    # Row blocks alone give too few programs for B ≤ 512; split the classes until ~2 waves.
+    return max(1, min(cdiv(k, 64), cdiv(2 * num_sms(device), cdiv(b, 32))))
+
+
+def _row_splits(b: int, k: int, device) -> int:
+    return max(1, min(cdiv(b, 32), cdiv(2 * num_sms(device), cdiv(k, 32))))
+
+
+@triton_op(f"{NAMESPACE}::la_cosine_ce_fwd", mutates_args=())
+def la_cosine_ce_fwd(feat: Tensor, weight: Tensor, labels: Tensor, log_prior: Tensor, scale: float,
+                     tau: float, return_logits: bool) -> tuple[Tensor, Tensor, Tensor]:
+    b, d = feat.shape
+    k = weight.shape[0]
+    dev = feat.device
+    feat, weight, labels, log_prior = (feat.contiguous(), weight.contiguous(), labels.contiguous(),
+                                       log_prior.contiguous())
+    splits = _class_splits(b, k, dev)
+    k_per = cdiv(k, splits)
+    splits = cdiv(k, k_per)
+    logits = torch.empty((b, k) if return_logits else (0,), device=dev, dtype=feat.dtype)
+    pm = torch.empty((splits, b), device=dev, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    tgt = torch.empty((b,), device=dev, dtype=torch.float32)
+    wrap_triton(_FWD.get())[lambda m: (cdiv(b, m["BLOCK_M"]), splits)](
+        feat, weight, labels, log_prior, logits, pm, pl, tgt, b, k, d, k_per, scale, tau,
+        WRITE_LOGITS=return_logits, **dot_meta(feat.dtype))
+    mx = pm.max(0).values
+    lse = mx + torch.log((pl * torch.exp(pm - mx)).sum(0))
+    loss = (lse - tgt).mean()
+    return loss, logits, lse
+
+
+@triton_op(f"{NAMESPACE}::la_cosine_ce_bwd", mutates_args=())
+def la_cosine_ce_bwd(grad_loss: Tensor, feat: Tensor, weight: Tensor, labels: Tensor,
+                     log_prior: Tensor, lse: Tensor, scale: float, tau: float) -> tuple[Tensor, Tensor]:
+    b, d = feat.shape
+    k = weight.shape[0]
+    dev = feat.device
+    feat, weight, labels, log_prior = (feat.contiguous(), weight.contiguous(), labels.contiguous(),
+                                       log_prior.contiguous())
+    grad_loss = grad_loss.reshape(()).float().contiguous()
+    meta = dot_meta(feat.dtype)
+    block_df = pow2_at_least(d)
+
+    ks = _class_splits(b, k, dev)
+    k_per = cdiv(k, ks)
+    ks = cdiv(k, k_per)
+    # One split stores the final gradient in the output dtype; several store fp32 partials.
+    g_feat = torch.empty_like(feat) if ks == 1 else torch.empty((ks, b, d), device=dev,
+                                                                   dtype=torch.float32)
+    wrap_triton(_BWD_FEAT.get())[lambda m: (cdiv(b, m["BLOCK_M"]), ks)](
+        feat, weight, labels, log_prior, lse, grad_loss, g_feat, b, k, d, k_per, scale, tau,
+        1.0 / b, BLOCK_DF=block_df, **meta)
+    if ks > 1:
+        g_feat = g_feat.sum(0).to(feat.dtype)
+
+    bs = _row_splits(b, k, dev)
+    b_per = cdiv(b, bs)
+    bs = cdiv(b, b_per)
+    g_weight = torch.empty_like(weight) if bs == 1 else torch.empty((bs, k, d), device=dev,
+                                                                       dtype=torch.float32)
+    wrap_triton(_BWD_WEIGHT.get())[lambda m: (cdiv(k, m["BLOCK_K"]), bs)](
+        feat, weight, labels, log_prior, lse, grad_loss, g_weight, b, k, d, b_per, scale, tau,
+        1.0 / b, BLOCK_DF=block_df, **meta)
+    if bs > 1:
+        g_weight = g_weight.sum(0).to(weight.dtype)
+    return g_feat, g_weight
+
+
+def _setup_context(ctx, inputs, output):
+    feat, weight, labels, log_prior, scale, tau, _ret = inputs
+    _loss, logits, lse = output
+    ctx.save_for_backward(feat, weight, labels, log_prior, lse)
+    ctx.scale, ctx.tau = scale, tau
+    ctx.mark_non_differentiable(logits, lse)
+
+
+def _backward(ctx, grad_loss, _g_logits, _g_lse):
+    feat, weight, labels, log_prior, lse = ctx.saved_tensors
+    g_feat, g_weight = torch.ops.liftplus_fast_triton.la_cosine_ce_bwd(
+        grad_loss, feat, weight, labels, log_prior, lse, ctx.scale, ctx.tau)
+    return g_feat, g_weight, None, None, None, None, None
+
+
+la_cosine_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_args(feat, weight, labels, log_prior) -> None:
+    op = "la_cosine_cross_entropy"
+    check_triton_inputs(op, feat=feat, weight=weight, labels=labels, log_prior=log_prior)
+    for name, t in dict(feat=feat, weight=weight, log_prior=log_prior).items():
+        check_float(op, name, t)
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{op} (triton): labels must be int64; got dtype {labels.dtype}")
+    d = feat.shape[-1]
+    if d > MAX_D:
+        raise ValueError(f"{op} (triton): feature width D = {d} (feat shape {tuple(feat.shape)}) "
+                         f"exceeds the kernel limit D <= {MAX_D}: the backward keeps full rows "
+                         "on chip; use the reference or native backend")
+
+
+def la_cosine_cross_entropy(feat, weight, labels, log_prior, scale, tau, return_logits):
+    """Backend entry for :func:`liftplus_fast.ops.la_cosine_cross_entropy`."""
+    check_args(feat, weight, labels, log_prior)
+    k = weight.shape[0]
+    # Device-side check: no host sync on CUDA, still traceable by torch.compile.
+    torch._assert_async(((labels >= 0) & (labels < k)).all(),
+                        f"la_cosine_cross_entropy (triton): labels out of range [0, {k})")
+    loss, logits, _lse = torch.ops.liftplus_fast_triton.la_cosine_ce_fwd(
+        feat, weight, labels, log_prior, float(scale), float(tau), bool(return_logits))
+    return (loss, logits) if return_logits else loss

@@ -1,0 +1,194 @@
+"""Triton AdaptFormer kernels against the reference, on CPU through Triton's interpreter.
+
+Running them needs ``TRITON_INTERPRET=1`` *before* ``triton.language`` is imported: Triton's
+own ``tl.sum``/``tl.zeros`` are ``@triton.jit`` functions decorated at import, and in a full
+pytest session torch or another test has usually imported them already in compiled mode. So
+unless this process is already an interpreter process, the CPU tests skip here and
+``test_cpu_tests_under_interpreter`` runs this file in a fresh ``pytest`` subprocess with the
+variable set (leaving the parent process's environment untouched).
+
+Tolerances (DESIGN §6): fp32 — max|K−R| ≤ 1e-5·max|R| per tensor. The interpreter runs the
+kernel with numpy fp32 arithmetic in another summation order than PyTorch; measured errors
+are ≤ 1e-6 of the tensor's scale, and an elementwise relative test is meaningless for entries
+that are sums cancelling to ~0. Low precision — flash-attention style against the fp32
+reference R and the reference run in the same precision P:
+max|K−R| ≤ 2·max|P−R| + eps(dtype)·max|R| (atol = one rounding of the output dtype at the
+tensor's scale: K rounds its output once, so near-exact P could otherwise fail it).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from liftplus_fast.ops import reference
+
+triton = pytest.importorskip("triton")
+T = pytest.importorskip("liftplus_fast.ops.triton.adaptformer")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _in_interpreter_process() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl
+
+    return os.environ.get("TRITON_INTERPRET") == "1" and isinstance(tl.sum, InterpretedFunction)
+
+
+IN_INTERP = _in_interpreter_process()
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def _cpu_tests_need_interpreter(request):
+    if request.node.get_closest_marker("gpu") is None and request.node.name != \
+            "test_cpu_tests_under_interpreter" and not IN_INTERP:
+        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_cpu_tests_under_interpreter")
+
+
+@pytest.mark.skipif(IN_INTERP, reason="already in an interpreter process")
+def test_cpu_tests_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("LIFTPLUS_FAST_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+                           os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def _params(d, r, g, device="cpu"):
+    ps = [1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
+          torch.randn(r, d, generator=g) / d ** 0.5, 0.1 * torch.randn(r, generator=g),
+          torch.randn(d, r, generator=g) / r ** 0.5, 0.1 * torch.randn(d, generator=g),
+          torch.tensor(0.7)]
+    return [p.to(device).requires_grad_() for p in ps]
+
+
+def _run(fn, a, m, ps, gy):
+    a = a.detach().requires_grad_()
+    m = m.detach().requires_grad_()
+    y = fn(a, m, *ps, 1e-5)
+    grads = torch.autograd.grad(y, [a, m, *ps], gy)
+    return [y.detach()] + list(grads)
+
+
+NAMES = ["y", "a", "mlp_out", "ln_w", "ln_b", "down_w", "down_b", "up_w", "up_b", "scale"]
+
+
+def _check(kern, ref32, lowp=None, dtype=None):
+    for name, k, r, *p in zip(NAMES, kern, ref32, *([lowp] if lowp else [])):
+        k, r = k.float(), r.float()
+        scale = r.abs().max().item() + 1e-12
+        err = (k - r).abs().max().item()
+        if lowp is None:
+            assert err <= 1e-5 * scale, f"{name}: max|K-R| = {err:.3g} vs scale {scale:.3g}"
+        else:
+            # atol: one rounding of the low-precision dtype at the tensor's scale.
+            bound = 2 * (p[0].float() - r).abs().max().item() + torch.finfo(dtype).eps * scale
+            assert err <= bound, f"{name}: max|K-R| = {err:.3g} > 2 max|P-R| + atol = {bound:.3g}"
+
+
+# Ragged everywhere: rows not a multiple of BLOCK_N (16 under the interpreter), D not a
+# multiple of BLOCK_D (32), r below, at and above one 16-wide tile.
+@pytest.mark.parametrize("shape,r", [((37, 45), 5), ((3, 7, 40), 16), ((19, 33), 20)])
+def test_fp32_matches_reference(shape, r):
+    g = torch.Generator().manual_seed(r)
+    a = torch.randn(shape, generator=g) + 0.5
+    m = torch.randn(shape, generator=g)
+    gy = torch.randn(shape, generator=g)
+    ps = _params(shape[-1], r, g)
+    _check(_run(T.adaptformer, a, m, ps, gy), _run(reference.adaptformer, a, m, ps, gy))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matches_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    shape, r = (37, 45), 6
+    a = (torch.randn(shape, generator=g) + 0.5).to(dtype)
+    m = torch.randn(shape, generator=g).to(dtype)
+    gy = torch.randn(shape, generator=g).to(dtype)
+    ps = _params(shape[-1], r, g)
+    kern = _run(T.adaptformer, a, m, ps, gy)
+    assert kern[0].dtype == dtype and kern[1].dtype == dtype
+    assert all(k.dtype == torch.float32 for k in kern[3:])
+    ref32 = _run(reference.adaptformer, a.float(), m.float(), ps, gy.float())
+    lowp = _run(reference.adaptformer, a, m, ps, gy)
+    _check(kern, ref32, lowp, dtype)
+
+
+def test_saved_tensors_and_deterministic_backward():
+    g = torch.Generator().manual_seed(5)
+    a, m = torch.randn(21, 40, generator=g), torch.randn(21, 40, generator=g)
+    ps = _params(40, 4, g)
+    y, mean, rstd, z = torch.ops.liftplus_fast_triton.adaptformer_fwd(a, m, *ps, 1e-5)
+    assert mean.shape == (21,) and rstd.shape == (21,) and z.shape == (21, 4)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(mean, a.mean(-1), rtol=1e-5, atol=1e-6)
+    gy = torch.randn(21, 40, generator=g)
+    first = _run(T.adaptformer, a, m, ps, gy)
+    second = _run(T.adaptformer, a, m, ps, gy)
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+
+
+def test_public_op_dispatches_to_triton(monkeypatch):
+    import liftplus_fast as lf
+
+    monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", "triton")
+    assert lf.ops.choose("adaptformer", torch.device("cpu")) == "triton"
+    g = torch.Generator().manual_seed(6)
+    a, m = torch.randn(2, 9, 24, generator=g), torch.randn(2, 9, 24, generator=g)
+    ps = _params(24, 3, g)
+    out = lf.ops.adaptformer(a, m, *ps[:-1], ps[-1].reshape(1))
+    torch.testing.assert_close(out, reference.adaptformer(a, m, *ps), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_is_rejected_before_launch(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    a, m = torch.randn(4, 24, generator=g), torch.randn(4, 24, generator=g)
+    ps = _params(24, 3, g)
+    with pytest.raises(ValueError, match=r"r <= 256"):
+        big = _params(24, 300, g)
+        T.adaptformer(a, m, *big, 1e-5)
+    with pytest.raises(TypeError, match="a must be float32, bfloat16 or float16"):
+        T.adaptformer(a.double(), m.double(), *ps, 1e-5)
+    with pytest.raises(ValueError, match="one device"):
+        T.adaptformer(a, m.to("meta"), *ps, 1e-5)
+    with pytest.raises(ValueError, match="mlp_out must match"):
+        T.adaptformer(a, m.bfloat16(), *ps, 1e-5)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        T.adaptformer(a, m, *ps, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (full-size Triton kernels)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [4, 32, 256])
+def test_gpu_full_size(dtype, r):
+    g = torch.Generator().manual_seed(0)
+    shape = (32, 197, 768)
+    a = (torch.randn(shape, generator=g) + 0.5).to(dtype).cuda()
+    m = torch.randn(shape, generator=g).to(dtype).cuda()
+    gy = torch.randn(shape, generator=g).to(dtype).cuda()
+    ps = _params(768, r, g, "cuda")
+    kern = _run(T.adaptformer, a, m, ps, gy)
+    ref32 = _run(reference.adaptformer, a.float(), m.float(), ps, gy.float())
+    if dtype == torch.float32:
+        # Reductions over N = 6304 rows and D = 768 in other orders than cuBLAS: 1e-4 (§6).
+        for name, k, r_ in zip(NAMES, kern, ref32):
+            assert (k - r_).abs().max() <= 1e-4 * r_.abs().max(), name
+    else:
+        _check(kern, ref32, _run(reference.adaptformer, a, m, ps, gy), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (torch.compile of Triton kernels)")
+def test_gpu_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 197, 768, generator=g).cuda()
+    m = torch.randn(4, 197, 768, generator=g).cuda()
+    ps = _params(768, 8, g, "cuda")
+    fn = torch.compile(lambda *args: T.adaptformer(*args, 1e-5), fullgraph=True)
+    torch.testing.assert_close(fn(a, m, *ps), reference.adaptformer(a, m, *ps), rtol=1e-5, atol=1e-5)

@@ -1,9 +1,10 @@
 // Fused logit-adjusted cosine cross-entropy on CPU (forward, and the gradients in the same call).
 //
 // Work plan (B rows, K classes, D features; GEMMs on MKL through at::mm, the rest fused here):
-//   * F and W are normalised row by row; only the inverse norms are kept. When W already has
-//     the feature dtype the GEMMs run on the raw W and the inverse norms scale the logit
-//     columns (Ŵᵀ = Wᵀ·diag(rw)), so the [K, D] normalised weight is never materialised.
+//   * F and W are normalised row by row; only the inverse norms are kept. In fp32/fp64 the
+//     GEMMs run on the raw W and the inverse norms scale the logit columns
+//     (Ŵᵀ = Wᵀ·diag(rw)), so the [K, D] normalised weight is never materialised; in bf16/fp16
+//     a normalised copy of each class chunk is the GEMM operand.
 //   * Classes go in chunks. Per chunk: L = (s·F̂)·W_cᵀ, then one sweep per row gives the
 //     adjusted logits, an online logsumexp and (if asked) the unadjusted logits output.
 //   * With compute_grad the gradients are produced in the same call (as Liger-Kernel's fused
@@ -101,7 +102,9 @@ void run(const at::Tensor& feat_in, const at::Tensor& weight_in, const at::Tenso
   const at::Tensor W = weight_in.contiguous();
   const int64_t B = F.size(0), D = F.size(1), K = W.size(0);
   const auto opts = F.options();
-  const bool raw = W.scalar_type() == F.scalar_type();
+  // Raw-weight GEMMs only in fp32/fp64: in bf16/fp16 the reference rounds Ŵ (not W) to the
+  // feature dtype and so does the normalised copy, keeping the low-precision error pattern.
+  const bool raw = W.scalar_type() == F.scalar_type() && std::is_same_v<T, A>;
 
   // Labels: checked before any work so a bad index never leaves half-written outputs.
   const at::Tensor labels = labels_in.contiguous();

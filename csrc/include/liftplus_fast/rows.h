@@ -177,5 +177,51 @@ inline void project_row(const X* x, const V* v, A rv, A a, bool proj, O* out, in
     out[i] = static_cast<O>(a * (static_cast<A>(x[i]) - static_cast<A>(v[i]) * c));
 }
 
+// First index of the maximum of a row (torch.argmax semantics: the first maximum wins, a NaN
+// counts as the maximum and the first NaN wins). Lane j scans indices ≡ j (mod kLanes) in
+// increasing order with a strict comparison, so it keeps its first maximum; the lanes are then
+// combined by value and, on ties, by the smaller index.
+template <typename T>
+inline int64_t argmax_row(const T* v, int64_t n) {
+  float best[kLanes];
+  int64_t idx[kLanes];
+  std::fill(best, best + kLanes, -std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < kLanes; ++j) idx[j] = j < n ? j : n;
+  bool any_nan = false;
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float x = static_cast<float>(v[k + j]);
+      const bool take = x > best[j];
+      best[j] = take ? x : best[j];
+      idx[j] = take ? k + j : idx[j];
+      any_nan |= x != x;
+    }
+  for (; k < n; ++k) {
+    const float x = static_cast<float>(v[k]);
+    const int64_t j = k % kLanes;
+    if (x > best[j]) {
+      best[j] = x;
+      idx[j] = k;
+    }
+    any_nan |= x != x;
+  }
+  if (any_nan) {
+    for (int64_t i = 0; i < n; ++i)
+      if (static_cast<float>(v[i]) != static_cast<float>(v[i])) return i;
+  }
+  // A lane that never beat -inf (all -inf) keeps its first index, the first maximum of -infs.
+  float b = best[0];
+  int64_t bi = idx[0];
+  for (int64_t j = 1; j < kLanes; ++j) {
+    if (idx[j] >= n) continue;
+    if (best[j] > b || (best[j] == b && idx[j] < bi)) {
+      b = best[j];
+      bi = idx[j];
+    }
+  }
+  return bi;
+}
+
 }  // namespace rows
 }  // namespace liftplus_fast

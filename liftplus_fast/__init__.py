@@ -1,7 +1,37 @@
-"""liftplus_fast: fast LIFT+ fine-tuning of frozen CLIP models for long-tailed classification."""
+"""liftplus_fast: fast LIFT+ fine-tuning of frozen CLIP models for long-tailed classification.
+
+    import liftplus_fast as lf
+    result = lf.fast_train(dataset="cifar100_ir100", root="./data", backbone="clip_vit_b16",
+                           pretrained="openai", method="lift+", output_dir="out")
+    result.metrics   # overall, mean, many, med, few, per_class
+
+Heavy modules (open_clip, torchvision) load on first use of the names that need them.
+"""
+from importlib import import_module
+
 from . import ops
 from ._info import backend_info
+from .config import LiftConfig, TunerConfig, make_config
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "backend_info", "ops"]
+_LAZY = {
+    "fast_train": ".train",
+    "TrainResult": ".train",
+    "evaluate": ".evaluate",
+    "build_lift_model": ".model",
+    "load_clip": ".model",
+    "LiftModel": ".model",
+    "build_dataset": ".data",
+    "run_demo": ".demo",
+}
+
+__all__ = ["__version__", "backend_info", "ops", "LiftConfig", "TunerConfig", "make_config", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'liftplus_fast' has no attribute {name!r}")

@@ -1,1 +1,13 @@
-"""open_clip surgery for LIFT+: tuners, classifiers, initialisation and losses."""
+"""open_clip surgery for LIFT+: tuners, classifier, initialisation, losses and checkpoints."""
+from .backbones import BackboneLoadError, known_backbones, load_clip
+from .classifiers import (CLASSIFIERS, CosineClassifier, L2NormClassifier, LayerNormClassifier,
+                          LinearClassifier, build_classifier)
+from .lift_model import LiftModel, build_lift_model
+from .losses import build_loss
+from .tuners import TUNERS
+
+__all__ = [
+    "BackboneLoadError", "CLASSIFIERS", "CosineClassifier", "L2NormClassifier",
+    "LayerNormClassifier", "LiftModel", "LinearClassifier", "TUNERS", "build_classifier",
+    "build_lift_model", "build_loss", "known_backbones", "load_clip",
+]

@@ -100,8 +100,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tte_aggregate_cuda(
   return {mean, pred, correct, total};
 }
 
+
+// Mean over crops of L2-normalised features: one block per image, fp32 accumulation in
+// registers (each thread owns the same feature columns for every crop).
+template <typename scalar_t>
+__global__ void tte_mean_unit_features_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                                              int64_t C, int64_t B, int64_t D) {
+  constexpr int kMaxPerThread = 16;  // D <= kThreads * kMaxPerThread (4096)
+  const int64_t b = blockIdx.x;
+  float acc[kMaxPerThread];
+#pragma unroll
+  for (int i = 0; i < kMaxPerThread; ++i) acc[i] = 0.f;
+  __shared__ float s_red[kThreads];
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* row = x + (c * B + b) * D;
+    float ss = 0.f;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      const float v = static_cast<float>(row[d]);
+      ss += v * v;
+    }
+    s_red[threadIdx.x] = ss;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+      if (threadIdx.x < stride) s_red[threadIdx.x] += s_red[threadIdx.x + stride];
+      __syncthreads();
+    }
+    const float inv = math::inv_norm(s_red[0]);
+    __syncthreads();
+    int i = 0;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x, ++i) acc[i] += static_cast<float>(row[d]) * inv;
+  }
+  const float inv_c = 1.f / static_cast<float>(C);
+  int i = 0;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x, ++i) out[b * D + d] = static_cast<scalar_t>(acc[i] * inv_c);
+}
+
+at::Tensor tte_mean_unit_features_cuda(const at::Tensor& feats_in) {
+  TORCH_CHECK(feats_in.dim() == 3, "crop_feats must be [C, B, D]; got shape ", feats_in.sizes());
+  const int64_t C = feats_in.size(0), B = feats_in.size(1), D = feats_in.size(2);
+  TORCH_CHECK(C > 0, "crop_feats needs at least one crop; got shape ", feats_in.sizes());
+  TORCH_CHECK(D <= kThreads * 16, "crop_feats feature size must be <= ", kThreads * 16, "; got ", D);
+  c10::cuda::CUDAGuard guard(feats_in.device());
+  const at::Tensor x = feats_in.contiguous();
+  at::Tensor out = at::empty({B, D}, x.options());
+  if (B == 0 || D == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tte_mean_unit_features_cuda", [&] {
+    tte_mean_unit_features_kernel<scalar_t><<<B, kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), C, B, D);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(liftplus_fast, CUDA, m) { m.impl("tte_aggregate", &tte_aggregate_cuda); }
+TORCH_LIBRARY_IMPL(liftplus_fast, CUDA, m) {
+  m.impl("tte_aggregate", &tte_aggregate_cuda);
+  m.impl("tte_mean_unit_features", &tte_mean_unit_features_cuda);
+}
 
 }  // namespace liftplus_fast

@@ -1,0 +1,143 @@
+"""Shared benchmark machinery: cases, interleaved timing, peak memory and hardware floors.
+
+Speed is claimed only as ratios of candidates measured in one process, interleaved, median of
+repeats, with the thread count fixed (DESIGN.md §5). Each ``bench_<op>.py`` module defines
+``NAME`` and ``cases(smoke) -> list[Case]``; ``run.py`` measures them.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+REFERENCE = "reference"
+COMPILE = "compile"
+
+
+@dataclass
+class Case:
+    """One benchmark shape: candidates doing the same work, plus its bytes and flops."""
+
+    name: str
+    params: dict
+    candidates: Dict[str, Callable[[], object]]
+    bytes_moved: Optional[int] = None
+    flops: Optional[int] = None
+    device: str = "cpu"
+    notes: List[str] = field(default_factory=list)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_interleaved(candidates: Dict[str, Callable[[], object]], repeats: int = 15,
+                     warmup: int = 3, device: str = "cpu") -> Dict[str, List[float]]:
+    """Seconds per call of each candidate; candidates alternate within every repeat.
+
+    The order rotates each repeat so that no candidate always follows the same neighbour
+    (cache state and clock boosts then spread evenly).
+    """
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    synchronize(device)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            t0 = time.perf_counter()
+            candidates[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes allocated by ``fn`` above what was allocated when it started.
+
+    CUDA: the caching allocator's peak. CPU: the running sum of the allocation events recorded
+    by the profiler (allocations minus frees, in time order).
+    """
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+_FLOORS: Dict[str, float] = {}
+
+
+def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
+    """Measured copy bandwidth in bytes/s (read + write counted), cached per device."""
+    key = f"bw:{device}"
+    if key not in _FLOORS:
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+        dst = torch.empty_like(src)
+        times = time_interleaved({"copy": lambda: dst.copy_(src)}, repeats=9, warmup=2, device=device)
+        _FLOORS[key] = 2 * nbytes / median(times["copy"])
+    return _FLOORS[key]
+
+
+def gemm_throughput(device: str = "cpu", dtype: torch.dtype = torch.float32,
+                    m: int = 6304, k: int = 768, n: int = 768) -> float:
+    """Measured GEMM throughput in flop/s at a ViT-B/16-like shape, cached."""
+    key = f"gemm:{device}:{dtype}"
+    if key not in _FLOORS:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        times = time_interleaved({"mm": lambda: a @ b}, repeats=7, warmup=2, device=device)
+        _FLOORS[key] = 2 * m * k * n / median(times["mm"])
+    return _FLOORS[key]
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the given tensors (for bytes-moved accounting)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile`` of a reference function (the peer every fused op is compared with)."""
+    return torch.compile(fn, dynamic=False)
+
+
+def summarize(case: Case, times: Dict[str, List[float]], memory: Dict[str, int]) -> dict:
+    """Row of the results table for one case."""
+    med = {name: median(ts) for name, ts in times.items()}
+    row = {"case": case.name, "params": case.params, "ms": {n: 1e3 * t for n, t in med.items()},
+           "peak_mem_mb": {n: m / 2**20 for n, m in memory.items()}, "notes": case.notes}
+    for peer in (REFERENCE, COMPILE):
+        if peer in med:
+            row[f"speedup_vs_{peer}"] = {n: med[peer] / t for n, t in med.items() if n != peer}
+    if case.bytes_moved:
+        floor = case.bytes_moved / copy_bandwidth(case.device)
+        row["bandwidth_floor_ms"] = 1e3 * floor
+        row["floor_fraction"] = {n: floor / t for n, t in med.items()}
+    if case.flops:
+        row["gflops"] = {n: case.flops / t / 1e9 for n, t in med.items()}
+    return row

@@ -1,0 +1,66 @@
+"""Tuner-only checkpoints in the published format, written atomically.
+
+``checkpoint.pth.tar`` is a dict whose ``"tuner"`` entry is the published code's tuner state
+dict (so the published ``load_model`` reads it). liftplus_fast adds the training state needed to
+resume (``epoch``, ``optimizer``, ``scheduler``, ``config``) under other keys, which the
+published loader ignores. Nothing of the frozen backbone is stored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+FORMAT = "liftplus_fast/1"
+
+
+def atomic_write_bytes(path: str, write) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, payload: Any) -> None:
+    """Write ``payload`` as JSON atomically."""
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(payload, indent=2, default=str).encode()))
+
+
+def save_checkpoint(path: str, tuner_state: Dict[str, torch.Tensor], **extra: Any) -> None:
+    """Save ``{"tuner": tuner_state, **extra}`` atomically to ``path``."""
+    payload = {"tuner": {k: v.detach().cpu() for k, v in tuner_state.items()}, "format": FORMAT}
+    payload.update(extra)
+    atomic_write_bytes(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Load a checkpoint written by this package or by the published LIFT+ code.
+
+    A folder is accepted too (its ``checkpoint.pth.tar``). Raises ``FileNotFoundError`` or
+    ``ValueError`` with the path when the file is missing, unreadable or has no ``"tuner"``.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found at {path!r}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"could not read checkpoint {path!r}: {exc}") from None
+    if not isinstance(payload, dict) or "tuner" not in payload:
+        raise ValueError(f"{path!r} is not a LIFT+ tuner checkpoint (no 'tuner' entry)")
+    return payload

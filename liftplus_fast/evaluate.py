@@ -1,0 +1,122 @@
+"""Evaluation: overall, mean-class and many/medium/few-shot accuracy, with test-time ensembling.
+
+With TTE each test image arrives as ``[C, 3, H, W]`` crops. All crops of a batch go through the
+encoder in one forward; with a cosine classifier the crops' normalised features are averaged
+first (one classifier GEMM instead of C, exact up to rounding), otherwise the crops' logits are
+averaged by the fused ``tte_aggregate`` op. Per-class hits are counted by the same op.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+from . import ops
+from .data import group_accuracies
+
+__all__ = ["evaluate", "metrics_from_counts", "autocast_context"]
+
+
+def autocast_context(device: torch.device, precision: str):
+    """Autocast for ``precision`` ("fp32", "fp16", "amp"); fp16 only runs on CUDA."""
+    if precision in ("fp16", "amp") and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def metrics_from_counts(correct: torch.Tensor, total: torch.Tensor, cls_num_list: Sequence[int]) -> dict:
+    """Accuracy metrics (in %) from per-class correct and total test counts.
+
+    ``mean`` averages the classes that have test images (as the published evaluator);
+    ``many``/``med``/``few`` group the classes by their training-set size (>100, 20-100, <20).
+    """
+    correct = correct.double().cpu()
+    total = total.double().cpu()
+    if len(cls_num_list) != correct.numel():
+        raise ValueError(f"cls_num_list has {len(cls_num_list)} classes but the counts have {correct.numel()}")
+    n = float(total.sum())
+    if n == 0:
+        raise ValueError("no test samples were evaluated")
+    per_class = torch.where(total > 0, 100.0 * correct / total.clamp_min(1), torch.full_like(total, math.nan))
+    present = total > 0
+    metrics = {
+        "overall": float(100.0 * correct.sum() / n),
+        "mean": float(per_class[present].mean()),
+        "num_samples": int(n),
+    }
+    metrics.update(group_accuracies(per_class.tolist(), list(cls_num_list)))
+    metrics["per_class"] = [None if math.isnan(v) else float(v) for v in per_class.tolist()]
+    return metrics
+
+
+def _batch_logits(model, images: torch.Tensor, use_feature_tte: bool) -> torch.Tensor:
+    if images.dim() == 4:
+        return model(images)
+    if images.dim() != 5:
+        raise ValueError(f"test images must be [B, 3, H, W] or [B, C, 3, H, W] (TTE crops); "
+                         f"got shape {tuple(images.shape)}")
+    b, c = images.shape[:2]
+    flat = images.flatten(0, 1)  # every crop in one forward
+    if use_feature_tte:
+        feats = model.encode_image(flat).reshape(b, c, -1).transpose(0, 1)
+        unit = ops.tte_mean_unit_features(feats)
+        return model.classifier_logits_from_unit(unit)
+    logits = model(flat).reshape(b, c, -1).transpose(0, 1)
+    return ops.tte_aggregate(logits.contiguous()).logits
+
+
+def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional[bool] = None,
+             device=None, precision: str = "fp32", progress: bool = True,
+             feature_tte: bool = True) -> dict:
+    """Evaluate ``model`` on ``loader`` and return the metrics dict.
+
+    Args:
+        model: a :class:`~liftplus_fast.model.LiftModel` (or any module mapping images to logits;
+            the feature-space TTE shortcut needs ``encode_image`` and
+            ``classifier_logits_from_unit``).
+        loader: yields ``(images, labels)``; images ``[B, 3, H, W]`` or, with TTE,
+            ``[B, C, 3, H, W]``.
+        cls_num_list: training-set class sizes (for the many/med/few groups).
+        tte: force (True) or forbid (False) TTE; ``None`` follows the shape of the images.
+        device: where to run; default the model's device.
+        precision: "fp32", or "fp16" (autocast on CUDA; CPU runs fp32).
+        progress: show a tqdm bar.
+        feature_tte: average normalised crop features (exact for cosine classifiers).
+
+    Returns:
+        ``{"overall", "mean", "many", "med", "few", "per_class", "num_samples"}``, accuracies
+        in percent.
+    """
+    from tqdm.auto import tqdm
+
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    k = len(cls_num_list)
+    correct = torch.zeros(k, dtype=torch.int64)
+    total = torch.zeros(k, dtype=torch.int64)
+    use_feature_tte = feature_tte and hasattr(model, "classifier_logits_from_unit") and \
+        getattr(model, "supports_feature_tte", False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast_context(device, precision):
+            for images, labels in tqdm(loader, desc="Testing", disable=not progress, leave=False):
+                if tte is True and images.dim() != 5:
+                    raise ValueError("tte=True needs [B, C, 3, H, W] crops from the test transform "
+                                     f"(build it with tte=True); got shape {tuple(images.shape)}")
+                if tte is False and images.dim() == 5:
+                    images = images[:, -1]  # the centre crop (FiveCrop's last)
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device=device, dtype=torch.int64)
+                logits = _batch_logits(model, images, use_feature_tte)
+                if logits.shape[-1] != k:
+                    raise ValueError(f"the model predicts {logits.shape[-1]} classes but cls_num_list has {k}")
+                hits = ops.tte_aggregate(logits.float().unsqueeze(0), labels)
+                correct += hits.correct.cpu()
+                total += hits.total.cpu()
+    finally:
+        model.train(was_training)
+    return metrics_from_counts(correct, total, cls_num_list)

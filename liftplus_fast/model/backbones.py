@@ -1,0 +1,153 @@
+"""Loading CLIP backbones through open_clip, by published config name or open_clip name.
+
+Published LIFT+ configs name backbones ``clip_vit_b16`` etc.; they all mean OpenAI weights,
+which need QuickGELU. ``tiny_vit`` is a tiny randomly initialised CLIP for tests and demos.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from typing import Optional, Tuple
+
+
+__all__ = ["BackboneLoadError", "PUBLISHED_BACKBONES", "TINY_VIT", "load_clip", "known_backbones"]
+
+# Published config name -> open_clip architecture. All are OpenAI CLIP models (QuickGELU).
+PUBLISHED_BACKBONES = {
+    "clip_vit_b16": "ViT-B-16",
+    "clip_vit_b32": "ViT-B-32",
+    "clip_vit_l14": "ViT-L-14",
+    "clip_vit_l14@336px": "ViT-L-14-336",
+    "clip_rn50": "RN50",
+    "clip_rn101": "RN101",
+}
+# The published command line spells them "CLIP-ViT-B/16"; accept that too.
+_PUBLISHED_ALIASES = {
+    "clip-vit-b/16": "clip_vit_b16",
+    "clip-vit-b/32": "clip_vit_b32",
+    "clip-vit-l/14": "clip_vit_l14",
+    "clip-vit-l/14@336px": "clip_vit_l14@336px",
+    "clip-rn50": "clip_rn50",
+    "clip-rn101": "clip_rn101",
+}
+
+TINY_VIT = "tiny_vit"
+_TINY_VIT_CFG = {
+    "embed_dim": 64,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+class BackboneLoadError(RuntimeError):
+    """The backbone's weights could not be obtained (download failed, or no such file)."""
+
+
+def _register_tiny_vit() -> None:
+    import open_clip
+
+    if TINY_VIT in open_clip.list_models():
+        return
+    # add_model_config reads JSON files from a folder; a private temp folder keeps the package
+    # free of data files that would need packaging rules.
+    folder = tempfile.mkdtemp(prefix="liftplus_fast_cfg_")
+    with open(os.path.join(folder, TINY_VIT + ".json"), "w") as f:
+        json.dump(_TINY_VIT_CFG, f)
+    open_clip.add_model_config(folder)
+
+
+def known_backbones() -> list:
+    """The published config names plus ``tiny_vit`` (any open_clip model name is also accepted)."""
+    return list(PUBLISHED_BACKBONES) + [TINY_VIT]
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    # open_clip logs its own error (and hf_hub its trace) before raising; we raise one clear
+    # sentence instead, so silence the duplicate noise while loading.
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _resolve(backbone: str) -> Tuple[str, bool]:
+    """open_clip architecture name and whether QuickGELU must be forced."""
+    import open_clip
+
+    _register_tiny_vit()
+    key = _PUBLISHED_ALIASES.get(backbone.lower(), backbone)
+    if key in PUBLISHED_BACKBONES:
+        return PUBLISHED_BACKBONES[key], True
+    if key in open_clip.list_models():
+        return key, False
+    raise ValueError(
+        f"unknown backbone {backbone!r}; known names: {', '.join(known_backbones())}, "
+        f"or any open_clip model name (open_clip.list_models(), {len(open_clip.list_models())} names)")
+
+
+def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
+    """Build an open_clip CLIP model and its tokenizer.
+
+    Args:
+        backbone: a published config name (``clip_vit_b16``, ``clip_vit_b32``, ``clip_vit_l14``,
+            ``clip_vit_l14@336px``, ``clip_rn50``, ``clip_rn101``; OpenAI weights, so QuickGELU
+            is forced), any open_clip model name, or ``"tiny_vit"``.
+        pretrained: an open_clip pretrained tag (``"openai"``), a path to a local checkpoint, or
+            ``None`` for random initialisation.
+        device: where to put the model.
+
+    Returns:
+        ``(clip_model, tokenizer)``, the model in eval mode and fp32.
+
+    Raises:
+        ValueError: unknown backbone name.
+        BackboneLoadError: the weights could not be downloaded or the file does not exist.
+    """
+    import open_clip
+
+    name, quick_gelu = _resolve(backbone)
+    path = None
+    if pretrained is not None:
+        tag_cfg = open_clip.pretrained.get_pretrained_cfg(name, pretrained)
+        if tag_cfg:
+            quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
+            try:
+                with _quiet_logging():
+                    path = open_clip.pretrained.download_pretrained(tag_cfg)
+            except Exception as exc:  # any transport/hub failure means the same to the user
+                raise BackboneLoadError(
+                    f"Could not download the {pretrained!r} weights of {name} ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); download the "
+                    f"checkpoint elsewhere and pass its local path, e.g. "
+                    f"load_clip({backbone!r}, pretrained='/path/to/{name}.pt').") from None
+            if not path:
+                raise BackboneLoadError(
+                    f"Could not download the {pretrained!r} weights of {name}; download the "
+                    f"checkpoint elsewhere and pass its local path as pretrained=.")
+        elif os.path.isfile(pretrained):
+            path = pretrained
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise BackboneLoadError(
+                f"pretrained={pretrained!r} is neither an existing file nor a known open_clip tag "
+                f"for {name} (tags: {', '.join(tags) if tags else 'none'}).")
+    try:
+        with _quiet_logging():
+            model = open_clip.create_model(name, pretrained=path, force_quick_gelu=quick_gelu,
+                                           device=device)
+    except Exception as exc:  # a corrupt or mismatched file: one sentence, not a hub traceback
+        if path is None:
+            raise
+        raise BackboneLoadError(
+            f"Could not load the weights file {path!r} into {name}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, tokenizer

@@ -1,0 +1,287 @@
+"""Parameter-efficient tuner modules and the registry that installs them into ViT blocks.
+
+Each tuner module acts on the last (feature) dimension only, so it does not care whether the
+backbone runs batch-first or sequence-first. Parameter names follow the published LIFT+ code so
+that the tuner's ``state_dict()`` is the official checkpoint layout.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import bottleneck_dim, parse_layers
+
+__all__ = [
+    "AdaptFormer", "Adapter", "BlockTuner", "LoRA", "MaskedLinear", "MaskedParameter", "SSF",
+    "TUNERS", "fp32_layer_norm", "install_tuners",
+]
+
+
+def fp32_layer_norm(x, weight, bias, eps):
+    """LayerNorm computed in fp32 and cast back, as the published code does for stability."""
+    return F.layer_norm(x.float(), (x.shape[-1],),
+                        None if weight is None else weight.float(),
+                        None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+class Adapter(nn.Module):
+    """Bottleneck ``up(relu(down(LN(x))))``; LN weight 1/bias 0, down kaiming, up zero."""
+
+    def __init__(self, dim: int, bottle_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, bottle_dim)
+        self.up = nn.Linear(bottle_dim, dim)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        """The bottleneck output (without the residual), in the dtype of ``x``."""
+        dt = x.dtype
+        h = fp32_layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+        h = F.relu(F.linear(h, self.down.weight.to(dt), self.down.bias.to(dt)))
+        return F.linear(h, self.up.weight.to(dt), self.up.bias.to(dt))
+
+
+class AdaptFormer(Adapter):
+    """Adapter parallel to the MLP with a trainable scalar ``scale`` (init 1)."""
+
+    def __init__(self, dim: int, bottle_dim: int):
+        super().__init__(dim, bottle_dim)
+        self.scale = nn.Parameter(torch.ones([]))
+
+    def forward(self, x):
+        """The scaled branch ``scale * up(relu(down(LN(x))))`` alone."""
+        return super().forward(x) * self.scale.to(x.dtype)
+
+    def block_output(self, a, mlp_out):
+        """``a + (mlp_out + branch(a))`` through the fused op (kernel or reference)."""
+        return ops.adaptformer(a, mlp_out, self.norm.weight, self.norm.bias, self.down.weight,
+                               self.down.bias, self.up.weight, self.up.bias, self.scale,
+                               self.norm.eps)
+
+
+class LoRA(nn.Module):
+    """Low-rank update ``x @ down @ up / r`` with ``down`` [D, r] kaiming and ``up`` zero."""
+
+    def __init__(self, dim: int, bottle_dim: int, out_dim: int = None):
+        super().__init__()
+        out_dim = dim if out_dim is None else out_dim
+        self.down = nn.Parameter(torch.empty(dim, bottle_dim))
+        self.up = nn.Parameter(torch.zeros(bottle_dim, out_dim))
+        # Same call on the same [D, r] layout as the published code, so the same init bounds.
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        self.scale = 1.0 / bottle_dim
+
+    def forward(self, x):
+        """The low-rank delta for input ``x``."""
+        return (x @ self.down.to(x.dtype)) @ self.up.to(x.dtype) * self.scale
+
+
+class SSF(nn.Module):
+    """Per-feature affine ``x * scale + shift`` (scale ~ N(1, .02), shift ~ N(0, .02))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(dim))
+        self.shift = nn.Parameter(torch.empty(dim))
+        nn.init.normal_(self.scale, mean=1.0, std=0.02)
+        nn.init.normal_(self.shift, std=0.02)
+
+    def forward(self, x):
+        """Scale and shift the last dimension of ``x``."""
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+class MaskedParameter(nn.Module):
+    """A frozen tensor whose masked entries are replaced by trainable values."""
+
+    def __init__(self, base: torch.Tensor, mask: torch.Tensor):
+        super().__init__()
+        self.optimized_params = nn.Parameter(torch.masked_select(base.detach(), mask).clone().float())
+        self.register_buffer("mask", mask, persistent=True)
+        # Keep a plain reference to the backbone's own (frozen) parameter rather than a buffer
+        # copy: it follows the backbone through .to()/.half() and stays out of the checkpoint.
+        self.__dict__["_base"] = base
+
+    def forward(self):
+        """The full tensor with the trained entries scattered in."""
+        base = self._base.detach()
+        return torch.masked_scatter(base, self.mask, self.optimized_params.to(base.dtype))
+
+
+class MaskedLinear(nn.Module):
+    """A Linear whose weight and bias are :class:`MaskedParameter` s."""
+
+    def __init__(self, weight, bias, weight_mask, bias_mask):
+        super().__init__()
+        self.masked_weight = MaskedParameter(weight, weight_mask)
+        self.masked_bias = MaskedParameter(bias, bias_mask)
+
+    def weight_and_bias(self):
+        """The effective ``(weight, bias)``."""
+        return self.masked_weight(), self.masked_bias()
+
+
+class BlockTuner(nn.Module):
+    """Per-block container of trained things, named as in the published ``PEFT_Block.tuner``.
+
+    Attributes appear only when a tuner is installed: ``prompt``, ``lora`` (``q``, ``v``),
+    ``adapter``, ``adaptformer``, ``ssf`` (``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``),
+    ``aft`` (masked linears) and backbone parameters under ``<site>_<weight|bias>`` names.
+    """
+
+    def has(self, name: str) -> bool:
+        """Whether a tuner called ``name`` is installed."""
+        return name in self._modules or name in self._parameters
+
+
+# Published PEFT_Block parameter names of the open_clip ResidualAttentionBlock tensors.
+def block_sites(block) -> Dict[str, nn.Parameter]:
+    """``{published name: parameter}`` of a ResidualAttentionBlock, in published order."""
+    return {
+        "norm1_weight": block.ln_1.weight, "norm1_bias": block.ln_1.bias,
+        "attn_in_weight": block.attn.in_proj_weight, "attn_in_bias": block.attn.in_proj_bias,
+        "attn_out_weight": block.attn.out_proj.weight, "attn_out_bias": block.attn.out_proj.bias,
+        "norm2_weight": block.ln_2.weight, "norm2_bias": block.ln_2.bias,
+        "mlp_in_weight": block.mlp.c_fc.weight, "mlp_in_bias": block.mlp.c_fc.bias,
+        "mlp_out_weight": block.mlp.c_proj.weight, "mlp_out_bias": block.mlp.c_proj.bias,
+    }
+
+
+def _linear_sites(block):
+    return {
+        "attn_in": (block.attn.in_proj_weight, block.attn.in_proj_bias),
+        "attn_out": (block.attn.out_proj.weight, block.attn.out_proj.bias),
+        "mlp_in": (block.mlp.c_fc.weight, block.mlp.c_fc.bias),
+        "mlp_out": (block.mlp.c_proj.weight, block.mlp.c_proj.bias),
+    }
+
+
+def _width(block) -> int:
+    return block.attn.in_proj_weight.shape[1]
+
+
+# --- installers: (peft_blocks, layers, v, num_classes) -> description string ------------------
+
+def _install_fft(blocks, layers, v, k):
+    for i in layers:
+        for name, p in block_sites(blocks[i].block).items():
+            if p is not None and not blocks[i].tuner.has(name):
+                blocks[i].tuner.register_parameter(name, p)
+    return f"full fine-tuning of blocks {layers}"
+
+
+def _install_bitfit(blocks, layers, v, k):
+    for i in layers:
+        for name, p in block_sites(blocks[i].block).items():
+            if p is not None and name.endswith("bias") and not blocks[i].tuner.has(name):
+                blocks[i].tuner.register_parameter(name, p)
+    return f"BitFit on blocks {layers}"
+
+
+def _install_pt(blocks, layers, v, k):
+    length = v.pt_len or bottleneck_dim(k, len(layers), 1)
+    for i in layers:
+        prompt = nn.Parameter(torch.empty(length, _width(blocks[i].block)))
+        nn.init.normal_(prompt, std=0.02)
+        blocks[i].tuner.prompt = prompt
+    return f"VPT-deep, prompt length {length}, blocks {layers}"
+
+
+def _install_lora(blocks, layers, v, k):
+    r = v.lora_dim or bottleneck_dim(k, len(layers), 4)
+    for i in layers:
+        d = _width(blocks[i].block)
+        blocks[i].tuner.lora = nn.ModuleDict({"q": LoRA(d, r), "v": LoRA(d, r)})
+    return f"LoRA r={r} on blocks {layers}"
+
+
+def _install_adapter(blocks, layers, v, k):
+    r = v.adapter_dim or bottleneck_dim(k, len(layers), 2)
+    for i in layers:
+        blocks[i].tuner.adapter = Adapter(_width(blocks[i].block), r)
+    return f"Adapter r={r} on blocks {layers}"
+
+
+def _install_adaptformer(blocks, layers, v, k):
+    r = v.adaptformer_dim or bottleneck_dim(k, len(layers), 2)
+    for i in layers:
+        blocks[i].tuner.adaptformer = AdaptFormer(_width(blocks[i].block), r)
+    return f"AdaptFormer r={r} on blocks {layers}"
+
+
+def _install_ssf(blocks, layers, v, k):
+    for i in layers:
+        sites = _linear_sites(blocks[i].block)
+        blocks[i].tuner.ssf = nn.ModuleDict({s: SSF(w.shape[0]) for s, (w, _) in sites.items()})
+    return f"SSF on blocks {layers}"
+
+
+def aft_ratio(num_classes: int, n_layers: int, width: int, loc: str) -> float:
+    """Published default mask ratio: about K trained weights per selected block."""
+    per = {"attn": width * 4 + 4, "mlp": width * 8 + 5, "all": width * 12 + 9}
+    if loc not in per:
+        raise ValueError(f"v.aft_loc must be 'attn', 'mlp' or 'all'; got {loc!r}")
+    return num_classes / (n_layers * per[loc])
+
+
+def _install_aft(blocks, layers, v, k):
+    loc = v.aft_loc
+    ratio = float(v.aft_ratio) if v.aft_ratio is not None else aft_ratio(
+        k, len(layers), _width(blocks[layers[0]].block), loc)
+    for i in layers:
+        # A fresh generator per block with the same seed, as the published code does, so masks
+        # are reproducible from (seed, shapes) alone.
+        gen = torch.Generator().manual_seed(int(v.aft_seed))
+
+        def mask_like(t):
+            n = t.numel()
+            idx = torch.randperm(n, generator=gen, dtype=torch.int64)[:int(n * ratio)]
+            m = torch.zeros(n, dtype=torch.bool).scatter_(0, idx, True).view(t.shape)
+            return m.to(t.device)
+
+        sites = _linear_sites(blocks[i].block)
+        chosen = {"attn": ("attn_in", "attn_out"), "mlp": ("mlp_in", "mlp_out"),
+                  "all": ("attn_in", "attn_out", "mlp_in", "mlp_out")}[loc]
+        aft = nn.ModuleDict()
+        for s in chosen:
+            w, b = sites[s]
+            wm = mask_like(w)
+            bm = mask_like(b)
+            aft[s] = MaskedLinear(w, b, wm, bm)
+        blocks[i].tuner.aft = aft
+    return f"arbitrary fine-tuning ({loc}, ratio {ratio:.3g}) on blocks {layers}"
+
+
+# name -> installer, applied in the published order (fft, bitfit, pt, lora, adapter, adaptformer,
+# ssf, aft) so layer selections and names match the published checkpoints.
+TUNERS: Dict[str, Callable] = {
+    "fft": _install_fft,
+    "bitfit": _install_bitfit,
+    "pt": _install_pt,
+    "lora": _install_lora,
+    "adapter": _install_adapter,
+    "adaptformer": _install_adaptformer,
+    "ssf": _install_ssf,
+    "aft": _install_aft,
+}
+
+
+def install_tuners(blocks, v, num_classes: int) -> List[str]:
+    """Install every tuner enabled in ``v`` (a TunerConfig) into ``blocks`` (PEFT blocks)."""
+    done = []
+    for name, install in TUNERS.items():
+        if getattr(v, name):
+            layers = parse_layers(getattr(v, f"{name}_layers"), len(blocks))
+            if not layers:
+                raise ValueError(f"v.{name}_layers selects no block")
+            done.append(install(blocks, layers, v, num_classes))
+    return done

@@ -1,0 +1,58 @@
+"""Per-class test accuracy against training-set class size, with many/medium/few bands."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Sequence
+
+from .checkpoint import atomic_write_bytes
+
+# Shot thresholds of the published evaluation: few < 20 <= medium <= 100 < many.
+FEW_MAX, MANY_MIN = 20, 100
+
+
+def plot_per_class_accuracy(path: str, cls_num_list: Sequence[int], runs: Dict[str, dict],
+                            title: str = "Per-class test accuracy") -> str:
+    """Write a PNG of per-class accuracy (y) against training images per class (x, log scale).
+
+    ``runs`` maps a label (e.g. "LIFT+") to a metrics dict with ``per_class`` and the group
+    accuracies; each run is one series, its many/med/few accuracies in the legend. Returns
+    ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = list(cls_num_list)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    lo, hi = max(min(counts) * 0.8, 0.5), max(counts) * 1.25
+    bands = [(lo, FEW_MAX, "few (<20)", "#fde0dd"), (FEW_MAX, MANY_MIN + 0.5, "medium (20-100)", "#fff7bc"),
+             (MANY_MIN + 0.5, hi, "many (>100)", "#e5f5e0")]
+    for start, end, label, colour in bands:
+        if end > lo and start < hi:
+            ax.axvspan(max(start, lo), min(end, hi), color=colour, alpha=0.8, lw=0)
+            ax.text((max(start, lo) * min(end, hi)) ** 0.5, 103, label, ha="center", va="bottom", fontsize=8)
+    markers = "os^Dv<>"
+    for i, (name, metrics) in enumerate(runs.items()):
+        pts = [(c, a) for c, a in zip(counts, metrics["per_class"]) if a is not None]
+        xs, ys = zip(*pts) if pts else ((), ())
+
+        def fmt(key):
+            v = metrics.get(key)
+            return "n/a" if v is None or v != v else f"{v:.1f}"
+
+        label = (f"{name}: overall {fmt('overall')}, many {fmt('many')}, "
+                 f"med {fmt('med')}, few {fmt('few')}")
+        ax.scatter(xs, ys, s=18, marker=markers[i % len(markers)], alpha=0.75, label=label)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(-3, 112)
+    ax.set_xlabel("training images in the class")
+    ax.set_ylabel("test accuracy of the class (%)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return path

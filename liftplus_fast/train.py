@@ -1,0 +1,306 @@
+"""``fast_train``: the LIFT+ training and evaluation loop with the published optimiser recipe.
+
+SGD (momentum 0.9, weight decay 5e-4) over exactly the tuner's parameters, cosine annealing
+stepped once per epoch, gradient accumulation, minimalist data augmentation stepped per epoch,
+fp16 autocast with a gradient scaler on CUDA (``prec_train="amp"``), then evaluation with
+optional test-time ensembling. The output folder gets the resolved config, a log, the metrics,
+a tuner-only checkpoint (written atomically after every epoch, resumable) and a plot.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
+from .config import LiftConfig, make_config, validate
+from .data import (DownSampler, build_dataset, build_plain_transform, build_test_transform,
+                   build_train_transform, set_transform_epoch)
+from .evaluate import autocast_context, evaluate
+from .model import build_lift_model, load_clip
+from .plotting import plot_per_class_accuracy
+
+__all__ = ["TrainResult", "fast_train", "resolve_device", "seed_everything"]
+
+logger = logging.getLogger("liftplus_fast")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fast_train` returns."""
+
+    metrics: Dict[str, Any]
+    config: LiftConfig
+    output_dir: Optional[str]
+    timings: Dict[str, float]
+    tuner: torch.nn.Module
+    model: torch.nn.Module = field(repr=False)
+    history: List[Dict[str, float]] = field(default_factory=list)
+    cls_num_list: List[int] = field(default_factory=list)
+
+
+def seed_everything(seed: Optional[int]) -> None:
+    """Seed Python, NumPy and torch (the published code's seeding)."""
+    if seed is None:
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise the named device (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was requested but no CUDA device is available")
+    return device
+
+
+def _setup_logging(output_dir: Optional[str]) -> Optional[logging.Handler]:
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in logger.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+        logger.propagate = False
+    if output_dir is None:
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(output_dir, "log.txt"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    return handler
+
+
+def _loader(dataset, batch_size: int, cfg: LiftConfig, shuffle: bool, sampler=None, seed: int = 0):
+    workers = max(0, min(cfg.num_workers, os.cpu_count() or 1))
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+                      sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      generator=generator, persistent_workers=False)
+
+
+@torch.no_grad()
+def _features(model, loader, device, progress: bool):
+    from tqdm.auto import tqdm
+
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc="Features for classifier init", disable=not progress, leave=False):
+        feats.append(model.encode_image(images.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _train_precision(cfg: LiftConfig, device: torch.device) -> str:
+    if device.type != "cuda" and cfg.prec_train != "fp32":
+        logger.info("prec_train=%s needs CUDA; training in fp32 on %s", cfg.prec_train, device)
+        return "fp32"
+    return cfg.prec_train
+
+
+def _test_precision(cfg: LiftConfig, device: torch.device) -> str:
+    return cfg.prec_test if device.type == "cuda" else "fp32"
+
+
+def _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides) -> LiftConfig:
+    if config is not None:
+        if not isinstance(config, LiftConfig):
+            raise TypeError(f"config must be a LiftConfig; got {type(config).__name__}")
+        cfg = config
+        validate(cfg)
+        return cfg
+    base = {"dataset": dataset, "root": root, "backbone": backbone, "pretrained": pretrained,
+            "output_dir": output_dir}
+    base.update(overrides)
+    return make_config(method, base, opts)
+
+
+def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: str = "clip_vit_b16",
+               pretrained: Optional[str] = "openai", method: str = "lift+", output_dir: Optional[str] = None,
+               *, config: Optional[LiftConfig] = None, opts: Sequence[str] = (), progress: bool = True,
+               resume: bool = False, **overrides) -> TrainResult:
+    """Train (unless zero-shot or test-only) and evaluate one LIFT+ run.
+
+    Args:
+        dataset: a name from :data:`liftplus_fast.data.DATASETS` (e.g. ``cifar100_ir100``).
+        root: data root (images, or where CIFAR-100 is downloaded).
+        backbone: ``clip_vit_b16`` style config name, an open_clip model name, or ``tiny_vit``.
+        pretrained: open_clip tag (``"openai"``), a local checkpoint path, or ``None``.
+        method: ``lift+`` (default) or another method of :data:`liftplus_fast.config.METHODS`.
+        output_dir: where config, log, metrics, checkpoint and plot go (``None``: nothing written).
+        config: a ready :class:`LiftConfig` (then the arguments above are ignored).
+        opts: published-style ``key value`` overrides, e.g. ``["num_epochs", "15", "tte", "True"]``.
+        progress: tqdm bars.
+        resume: continue from ``output_dir``'s checkpoint when it holds a training state.
+        **overrides: any :class:`LiftConfig` option (``num_epochs=1``, ``batch_size=32``, ...).
+
+    Returns:
+        :class:`TrainResult` with ``metrics`` (``overall``, ``mean``, ``many``, ``med``, ``few``,
+        ``per_class``), ``timings`` (seconds), ``tuner`` and the model.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
+    handler = _setup_logging(cfg.output_dir)
+    try:
+        return _run(cfg, progress, resume, tqdm)
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm) -> TrainResult:
+    timings: Dict[str, float] = {}
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    logger.info("liftplus_fast: %s on %s, backbone %s, method %s, device %s",
+                cfg.dataset, cfg.root, cfg.backbone, cfg.method, device)
+
+    # Data first: its errors (missing files, bad names) are the cheapest to report.
+    train_set = build_dataset(cfg.dataset, cfg.root, "train", build_train_transform(cfg))
+    test_set = build_dataset(cfg.dataset, cfg.root, "test", build_test_transform(cfg))
+    cls_num_list = list(train_set.cls_num_list)
+    if cfg.num_classes not in (None, train_set.num_classes):
+        raise ValueError(f"num_classes={cfg.num_classes} but {cfg.dataset} has {train_set.num_classes} classes")
+    cfg.num_classes = train_set.num_classes
+    logger.info("training images %d in %d classes (max %d, min %d); test images %d",
+                sum(cls_num_list), cfg.num_classes, max(cls_num_list), min(cls_num_list), len(test_set))
+
+    clip_model, tokenizer = load_clip(cfg.backbone, cfg.pretrained, device=device)
+    model = build_lift_model(clip_model, cfg, cls_num_list, train_set.classnames, tokenizer=tokenizer).to(device)
+    n_tuned = sum(p.numel() for p in model.tuner.parameters())
+    n_total = sum(p.numel() for p in model.parameters())
+    logger.info("tuned parameters: %d of %d (%.3f%%)", n_tuned, n_total, 100.0 * n_tuned / max(n_total, 1))
+
+    ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT_NAME) if cfg.output_dir else None
+    if cfg.output_dir:
+        atomic_write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
+
+    start_epoch, state = 0, None
+    if cfg.model_dir is not None:
+        state = load_checkpoint(cfg.model_dir)
+        model.load_official_tuner(state["tuner"])
+        logger.info("loaded tuner from %s", cfg.model_dir)
+    elif resume and ckpt_path and os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        model.load_official_tuner(state["tuner"])
+        start_epoch = int(state.get("epoch", cfg.num_epochs))
+        logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
+    elif not (cfg.zero_shot or cfg.test_only) and cfg.classifier and cfg.classifier_init in ("class_mean", "linear_probing"):
+        init_set = build_dataset(cfg.dataset, cfg.root, "train", build_plain_transform(cfg))
+        sampler = DownSampler(init_set.labels, n_max=100, generator=torch.Generator().manual_seed(cfg.seed or 0))
+        feats, labels = _features(model, _loader(init_set, 64, cfg, False, sampler), device, progress)
+        model.init_classifier_from_features(feats.to(device), labels.to(device), cfg.classifier_init)
+    timings["setup_s"] = time.perf_counter() - t_start
+
+    history: List[Dict[str, float]] = []
+    if not (cfg.zero_shot or cfg.test_only):
+        t0 = time.perf_counter()
+        history = _train(model, cfg, train_set, device, start_epoch, state, ckpt_path, cls_num_list, progress, tqdm)
+        timings["train_s"] = time.perf_counter() - t0
+        if history:
+            timings["train_images_per_s"] = sum(h["images"] for h in history) / max(timings["train_s"], 1e-9)
+
+    t0 = time.perf_counter()
+    test_loader = _loader(test_set, 64, cfg, False)
+    metrics = evaluate(model, test_loader, cls_num_list, tte=cfg.tte, device=device,
+                       precision=_test_precision(cfg, device), progress=progress)
+    timings["test_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    logger.info("* overall %.2f%%  mean %.2f%%  many %.2f%%  med %.2f%%  few %.2f%%",
+                metrics["overall"], metrics["mean"], metrics["many"], metrics["med"], metrics["few"])
+
+    if cfg.output_dir:
+        atomic_write_json(os.path.join(cfg.output_dir, "metrics.json"),
+                          {"metrics": metrics, "timings": timings, "history": history, "cls_num_list": cls_num_list})
+        plot_per_class_accuracy(os.path.join(cfg.output_dir, "per_class_accuracy.png"), cls_num_list,
+                                {cfg.method: metrics}, title=f"{cfg.method} on {cfg.dataset}")
+    return TrainResult(metrics, cfg, cfg.output_dir, timings, model.tuner, model, history, cls_num_list)
+
+
+def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_path, cls_num_list,
+           progress, tqdm) -> List[Dict[str, float]]:
+    params = [p for p in model.tuner.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"method {cfg.method!r} has nothing to train (empty tuner)")
+    optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, cfg.num_epochs)
+    precision = _train_precision(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+    if state is not None and "optimizer" in state:
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if "torch_rng" in state:
+            # The augmentation draws from the global generator: restore it so a resumed run
+            # sees the crops an uninterrupted run would.
+            torch.set_rng_state(state["torch_rng"])
+    micro = cfg.batch_size // cfg.accum_step
+    loader = _loader(train_set, micro, cfg, True, seed=(cfg.seed or 0))
+    num_batches = len(loader)
+    history: List[Dict[str, float]] = []
+    t_train = time.perf_counter()
+    for epoch in range(start_epoch, cfg.num_epochs):
+        # Each epoch re-seeds its shuffling so a resumed run sees the batches a full run would.
+        loader.generator.manual_seed((cfg.seed or 0) + epoch)
+        set_transform_epoch(train_set.transform, epoch)
+        model.tuner.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(loader, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.num_epochs}",
+                   disable=not progress, leave=False)
+        t_epoch = time.perf_counter()
+        for batch_idx, (images, labels) in enumerate(bar):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device=device, dtype=torch.int64, non_blocking=True)
+            ctx = autocast_context(device, precision) if precision == "amp" else contextlib.nullcontext()
+            with ctx:
+                loss, logits = model.training_loss(images, labels)
+            if scaler is not None:
+                scaler.scale(loss / cfg.accum_step).backward()
+            else:
+                (loss / cfg.accum_step).backward()
+            if (batch_idx + 1) % cfg.accum_step == 0 or batch_idx + 1 == num_batches:
+                if scaler is not None:
+                    scaler.step(optim)
+                    scaler.update()
+                else:
+                    optim.step()
+                optim.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                correct += int((logits.argmax(dim=-1) == labels).sum())
+            seen += labels.numel()
+            loss_sum += float(loss.detach()) * labels.numel()
+            if progress:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.1f}",
+                                lr=f"{optim.param_groups[0]['lr']:.2e}")
+        bar.close()
+        lr_used = optim.param_groups[0]["lr"]
+        sched.step()
+        epoch_time = time.perf_counter() - t_epoch
+        record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "acc": 100.0 * correct / max(seen, 1),
+                  "lr": lr_used, "seconds": epoch_time, "images": seen}
+        history.append(record)
+        done = epoch + 1 - start_epoch
+        eta = (time.perf_counter() - t_train) / done * (cfg.num_epochs - epoch - 1)
+        logger.info("epoch [%d/%d] loss %.4f acc %.2f lr %.4e time %.1fs eta %.0fs",
+                    epoch + 1, cfg.num_epochs, record["loss"], record["acc"], lr_used, epoch_time, eta)
+        if ckpt_path:
+            save_checkpoint(ckpt_path, model.official_tuner_state_dict(), epoch=epoch + 1,
+                            optimizer=optim.state_dict(), scheduler=sched.state_dict(), config=cfg.to_dict(),
+                            torch_rng=torch.get_rng_state())
+    return history

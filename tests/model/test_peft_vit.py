@@ -1,0 +1,128 @@
+"""PEFT surgery: identity at zero init, tuners that change features, parameter counts, grads."""
+import pytest
+import torch
+
+from liftplus_fast.config import bottleneck_dim
+from liftplus_fast.model import build_lift_model
+
+from .conftest import CLASSNAMES, COUNTS, K, cfg_for, plain_preproj_feature
+
+D, L, MLP = 64, 3, 256
+
+
+@pytest.mark.parametrize("method", ["lift+", "adapter", "lora", "lp", "fft", "bitfit", "aft"])
+def test_zero_init_tuners_keep_the_clip_feature(method, fresh_clip, tokenizer, images):
+    model = build_lift_model(fresh_clip, cfg_for(method), COUNTS, CLASSNAMES, tokenizer)
+    with torch.no_grad():
+        ours = model.encode_image(images)
+        ref = plain_preproj_feature(fresh_clip, images)
+    assert ours.shape == (3, D)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["vpt", "ssf"])
+def test_vpt_and_ssf_change_the_feature(method, fresh_clip, tokenizer, images):
+    model = build_lift_model(fresh_clip, cfg_for(method), COUNTS, CLASSNAMES, tokenizer)
+    with torch.no_grad():
+        diff = (model.encode_image(images) - plain_preproj_feature(fresh_clip, images)).abs().max()
+    assert diff > 1e-3
+
+
+def test_nonzero_adaptformer_changes_the_feature(fresh_clip, tokenizer, images):
+    model = build_lift_model(fresh_clip, cfg_for("lift+"), COUNTS, CLASSNAMES, tokenizer)
+    with torch.no_grad():
+        model.tuner.image_encoder.blocks[1].adaptformer.up.weight.normal_()
+        diff = (model.encode_image(images) - plain_preproj_feature(fresh_clip, images)).abs().max()
+    assert diff > 1e-3
+
+
+@pytest.mark.parametrize("k,expected", [(100, 4), (365, 8), (1000, 32), (8142, 256)])
+def test_bottleneck_rule_vit_b16(k, expected):
+    assert bottleneck_dim(k, 12, 2) == expected
+
+
+def _count(model):
+    return sum(p.numel() for p in model.tuner.parameters())
+
+
+def test_parameter_counts_per_method(tiny_clip_and_tok):
+    import copy
+
+    clip, tok = tiny_clip_and_tok
+    cls = K * D
+    r2 = bottleneck_dim(K, L, 2)
+    r4 = bottleneck_dim(K, L, 4)
+    plen = bottleneck_dim(K, L, 1)
+    block = 2 * D + 3 * D * D + 3 * D + D * D + D + 2 * D + MLP * D + MLP + D * MLP + D
+    biases = 2 * D + 3 * D + D + MLP + D
+    expected = {
+        "lift+": L * (2 * D + r2 * D + r2 + D * r2 + D + 1) + cls,
+        "adapter": L * (2 * D + r2 * D + r2 + D * r2 + D) + cls,
+        "lora": L * 2 * (D * r4 + r4 * D) + cls,
+        "vpt": L * plen * D + cls,
+        "ssf": L * 2 * (3 * D + D + MLP + D) + cls,
+        "bitfit": L * biases + cls,
+        "fft": L * block + cls,
+        "lp": cls,
+        "zs": 0,
+    }
+    for method, n in expected.items():
+        model = build_lift_model(copy.deepcopy(clip), cfg_for(method), COUNTS, CLASSNAMES, tok)
+        assert _count(model) == n, method
+        assert all(p.requires_grad for p in model.tuner.parameters())
+    # AFT: int(numel * ratio) entries per weight/bias, ratio = K / (L * (12 D + 9))
+    model = build_lift_model(copy.deepcopy(clip), cfg_for("aft"), COUNTS, CLASSNAMES, tok)
+    ratio = K / (L * (12 * D + 9))
+    sizes = [3 * D * D, 3 * D, D * D, D, MLP * D, MLP, D * MLP, D]
+    assert _count(model) == L * sum(int(s * ratio) for s in sizes) + cls
+
+
+@pytest.mark.parametrize("method", ["lift+", "adapter", "lora", "vpt", "ssf", "bitfit", "fft", "aft"])
+def test_gradients_reach_only_the_tuner(method, fresh_clip, tokenizer, images):
+    model = build_lift_model(fresh_clip, cfg_for(method), COUNTS, CLASSNAMES, tokenizer)
+    with torch.no_grad():  # make the zero-init up-projections non-zero so every tuner gets grads
+        for name, p in model.tuner.named_parameters():
+            if name.endswith("up.weight") or name.endswith(".up"):
+                p.normal_(std=0.1)
+    loss, _ = model.training_loss(images, torch.tensor([0, 2, 5]))
+    loss.backward()
+    tuner_ids = {id(p) for p in model.tuner.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in tuner_ids:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    assert any(p.grad.abs().sum() > 0 for p in model.tuner.parameters())
+
+
+def test_aft_masks_are_seeded(tiny_clip_and_tok):
+    import copy
+
+    clip, tok = tiny_clip_and_tok
+    masks = []
+    for seed in (0, 0, 1):
+        model = build_lift_model(copy.deepcopy(clip), cfg_for("aft", **{"v.aft_seed": seed}),
+                                 COUNTS, CLASSNAMES, tok)
+        masks.append(model.tuner.image_encoder.blocks[0].aft["mlp_in"].masked_weight.mask.clone())
+    assert torch.equal(masks[0], masks[1])
+    assert not torch.equal(masks[0], masks[2])
+
+
+def test_layer_selection_last_k(fresh_clip, tokenizer):
+    model = build_lift_model(fresh_clip, cfg_for("lift+", **{"v.adaptformer_layers": 1}),
+                             COUNTS, CLASSNAMES, tokenizer)
+    keys = model.official_tuner_state_dict().keys()
+    assert {k.split(".")[2] for k in keys if k.startswith("image_encoder")} == {"2"}
+
+
+@pytest.mark.parametrize("method", ["lift+", "lora", "aft", "vpt"])
+def test_low_precision_backbone_keeps_fp32_tuner(method, fresh_clip, tokenizer, images):
+    model = build_lift_model(fresh_clip, cfg_for(method), COUNTS, CLASSNAMES, tokenizer)
+    model.image_encoder.visual.to(torch.bfloat16)
+    feats = model.encode_image(images)
+    assert feats.dtype == torch.bfloat16
+    loss, _ = model.training_loss(images, torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.tuner.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None, name

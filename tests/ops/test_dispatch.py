@@ -1,0 +1,66 @@
+"""Backend selection, forced backends, backend_info and the missing-extension fallback."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import liftplus_fast as lf
+from liftplus_fast.ops import _dispatch, _native
+
+NATIVE = lf.backend_info()["native"]["loaded"]
+
+
+def test_backend_info_lists_every_op():
+    info = lf.backend_info()
+    assert set(info["ops"]) >= {"adaptformer", "la_cosine_cross_entropy", "tte_aggregate", "tte_mean_unit_features"}
+    for row in info["ops"].values():
+        assert "reference" in row["implementations"]
+    assert info["requested"] == "auto"
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", "fpga")
+    with pytest.raises(ValueError, match="LIFTPLUS_FAST_BACKEND must be one of"):
+        _dispatch.choose("tte_aggregate", torch.device("cpu"))
+
+
+def test_reference_backend_is_forced(monkeypatch):
+    monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", "reference")
+    for op in ("adaptformer", "la_cosine_cross_entropy", "tte_aggregate"):
+        assert _dispatch.choose(op, torch.device("cpu")) == "reference"
+
+
+def test_forced_backend_that_cannot_run_says_why(monkeypatch):
+    monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cannot run tte_aggregate"):
+        _dispatch.choose("tte_aggregate", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not NATIVE, reason="native extension not built")
+def test_auto_uses_native_cpu_kernel_for_tte():
+    assert _dispatch.choose("tte_aggregate", torch.device("cpu")) == "cpu"
+
+
+def test_extension_built_for_another_torch_is_refused(tmp_path, monkeypatch):
+    info = tmp_path / "_build_info.json"
+    info.write_text(json.dumps({"torch_version": "1.13.0"}))
+    monkeypatch.setattr(_native, "BUILD_INFO_FILE", str(info))
+    monkeypatch.setattr(_native, "_find_library", lambda: str(tmp_path / "_C.so"))
+    status = _native._load()
+    assert not status.loaded
+    assert "built for torch 1.13.0" in status.reason and torch.__version__ in status.reason
+
+
+def test_package_works_without_the_extension():
+    code = ("import warnings, torch, liftplus_fast as lf\n"
+            "x = torch.randn(5, 4, 7)\n"
+            "r = lf.ops.tte_aggregate(x)\n"
+            "assert lf.backend_info()['ops']['tte_aggregate']['cpu'] == 'reference'\n"
+            "print('ok', lf.backend_info()['native']['reason'])\n")
+    env = dict(os.environ, LIFTPLUS_FAST_DISABLE_NATIVE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ok disabled by LIFTPLUS_FAST_DISABLE_NATIVE=1" in out.stdout

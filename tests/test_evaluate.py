@@ -1,0 +1,80 @@
+"""Evaluation metrics and TTE paths against a hand-computed oracle."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liftplus_fast.evaluate import evaluate, metrics_from_counts
+
+
+def test_metrics_from_counts_groups_by_training_size():
+    cls_num_list = [500, 150, 60, 25, 10, 3]          # many, many, med, med, few, few
+    correct = torch.tensor([9, 8, 5, 4, 1, 0])
+    total = torch.tensor([10, 10, 10, 10, 10, 10])
+    m = metrics_from_counts(correct, total, cls_num_list)
+    assert m["overall"] == pytest.approx(100 * 27 / 60)
+    assert m["mean"] == pytest.approx(45.0)
+    assert m["many"] == pytest.approx(85.0) and m["med"] == pytest.approx(45.0) and m["few"] == pytest.approx(5.0)
+    assert m["per_class"] == [90.0, 80.0, 50.0, 40.0, 10.0, 0.0]
+
+
+def test_classes_without_test_images_are_left_out_of_the_mean():
+    m = metrics_from_counts(torch.tensor([1, 0]), torch.tensor([2, 0]), [200, 5])
+    assert m["mean"] == pytest.approx(50.0)
+    assert m["per_class"][1] is None and math.isnan(m["few"])
+
+
+class CosineToy(torch.nn.Module):
+    """Linear encoder + cosine classifier, with the hooks evaluate's TTE shortcut uses."""
+
+    supports_feature_tte = True
+
+    def __init__(self, k=5, d=12):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.enc = torch.nn.Linear(3 * 4 * 4, d)
+        self.weight = torch.nn.Parameter(torch.randn(k, d, generator=g))
+
+    def encode_image(self, x):
+        return self.enc(x.flatten(1))
+
+    def classifier_logits_from_unit(self, unit):
+        return 25.0 * unit @ F.normalize(self.weight, dim=-1).T
+
+    def forward(self, x):
+        return 25.0 * F.normalize(self.encode_image(x), dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+def _oracle(model, batches, k):
+    correct, total = torch.zeros(k), torch.zeros(k)
+    for images, labels in batches:
+        logits = torch.stack([model(images[:, c]) for c in range(images.shape[1])]).mean(0) \
+            if images.dim() == 5 else model(images)
+        pred = logits.argmax(-1)
+        for y, p in zip(labels.tolist(), pred.tolist()):
+            total[y] += 1
+            correct[y] += int(y == p)
+    return 100 * correct.sum() / total.sum()
+
+
+@pytest.mark.parametrize("feature_tte", [True, False])
+def test_tte_evaluation_matches_published_crop_averaging(feature_tte):
+    torch.manual_seed(0)
+    model = CosineToy()
+    batches = [(torch.randn(6, 5, 3, 4, 4), torch.randint(0, 5, (6,))) for _ in range(4)]
+    m = evaluate(model, batches, [200, 50, 50, 10, 5], tte=True, progress=False, feature_tte=feature_tte)
+    assert m["overall"] == pytest.approx(float(_oracle(model, batches, 5)))
+    assert m["num_samples"] == 24
+
+
+def test_plain_evaluation_and_bad_shapes():
+    torch.manual_seed(1)
+    model = CosineToy()
+    batches = [(torch.randn(8, 3, 4, 4), torch.randint(0, 5, (8,)))]
+    m = evaluate(model, batches, [200, 50, 50, 10, 5], progress=False)
+    assert m["overall"] == pytest.approx(float(_oracle(model, batches, 5)))
+    with pytest.raises(ValueError, match="tte=True"):
+        evaluate(model, batches, [200, 50, 50, 10, 5], tte=True, progress=False)
+    with pytest.raises(ValueError, match="cls_num_list has 3"):
+        evaluate(model, batches, [200, 50, 5], progress=False)

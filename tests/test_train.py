@@ -1,0 +1,79 @@
+"""fast_train end to end on the embedded default: outputs, resume, test-only, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+import liftplus_fast as lf
+from liftplus_fast import checkpoint as ckpt_mod
+from liftplus_fast import train as train_mod
+
+TINY = dict(dataset="digits_lt", backbone="tiny_vit", pretrained=None, resolution=32, batch_size=64,
+            num_workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return lf.fast_train(method="lift+", output_dir=str(out), num_epochs=2, **TINY)
+
+
+def test_outputs_and_metrics(two_epoch_run):
+    r = two_epoch_run
+    for name in ("config.json", "log.txt", "metrics.json", "checkpoint.pth.tar", "per_class_accuracy.png"):
+        assert os.path.getsize(os.path.join(r.output_dir, name)) > 0, name
+    m = r.metrics
+    assert set(m) >= {"overall", "mean", "many", "med", "few", "per_class"}
+    assert len(m["per_class"]) == 10 and 0.0 <= m["overall"] <= 100.0
+    assert r.timings["train_s"] > 0 and r.timings["test_s"] > 0
+    assert [h["epoch"] for h in r.history] == [1, 2]
+    saved = json.load(open(os.path.join(r.output_dir, "metrics.json")))
+    assert saved["metrics"]["overall"] == pytest.approx(m["overall"])
+    cfg = json.load(open(os.path.join(r.output_dir, "config.json")))
+    assert cfg["num_classes"] == 10 and cfg["v"]["adaptformer"] is True
+    # The checkpoint holds only the tuner, in the published key layout.
+    sd = torch.load(os.path.join(r.output_dir, "checkpoint.pth.tar"), weights_only=True)["tuner"]
+    assert "classifier.weight" in sd and any(".adaptformer.down.weight" in k for k in sd)
+    n_tuned = sum(p.numel() for p in r.tuner.parameters())
+    assert sum(v.numel() for v in sd.values()) == n_tuned
+
+
+def test_test_only_from_checkpoint_reproduces_metrics(two_epoch_run, tmp_path):
+    r = lf.fast_train(method="lift+", output_dir=str(tmp_path / "t"), test_only=True,
+                      model_dir=two_epoch_run.output_dir, num_epochs=2, **TINY)
+    assert r.metrics["overall"] == pytest.approx(two_epoch_run.metrics["overall"])
+    assert r.metrics["per_class"] == two_epoch_run.metrics["per_class"]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(two_epoch_run, tmp_path, monkeypatch):
+    real_save = ckpt_mod.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # simulated crash right after the first epoch's checkpoint
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        lf.fast_train(method="lift+", output_dir=str(out), num_epochs=2, **TINY)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    r = lf.fast_train(method="lift+", output_dir=str(out), num_epochs=2, resume=True, **TINY)
+    assert [h["epoch"] for h in r.history] == [2]
+    a = r.model.official_tuner_state_dict()
+    b = two_epoch_run.model.official_tuner_state_dict()
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(dataset="imagenet_1k"), ValueError, "imagenet_1k"),
+    (dict(backbone="resnet9000"), ValueError, "resnet9000"),
+    (dict(method="magic"), ValueError, "magic"),
+    (dict(batch_size=64, accum_step=5), ValueError, "divisible"),
+])
+def test_bad_input_is_a_clear_error(kwargs, exc, match, tmp_path):
+    args = dict(TINY, method="lift+", output_dir=None, num_epochs=1)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        lf.fast_train(**args)

@@ -71,6 +71,18 @@ def _native_la_ce(feat, weight, labels, log_prior, scale, tau, return_logits):
     return (loss, logits) if return_logits else loss
 
 
+def _is_one(t: torch.Tensor) -> bool:
+    """Whether a CPU scalar equals 1, read eagerly; False while tracing (no data to read)."""
+    if torch.compiler.is_compiling() or t.device.type != "cpu" or t.numel() != 1:
+        return False
+    if torch._guards.detect_fake_mode((t,)) is not None:
+        return False
+    try:
+        return t.item() == 1.0
+    except RuntimeError:  # a tracer's stand-in without data
+        return False
+
+
 def _register_native() -> None:
     fwd = "liftplus_fast::la_cosine_ce_fwd"
     bwd = "liftplus_fast::la_cosine_ce_bwd"
@@ -108,7 +120,11 @@ def _register_native() -> None:
     def backward(ctx, grad_loss, _g_logits, _g_lse, _g_gf, _g_gw):
         if ctx.compute_grad:
             grad_feat, grad_weight = ctx.saved_tensors
-            # The forward's gradients are for grad_loss = 1; one scaling pass each.
+            # The forward's gradients are for grad_loss = 1, the usual case (loss.backward()):
+            # then they are returned as they are, so no second [K, D] tensor is made (autograd
+            # clones a returned tensor it cannot own, e.g. under retain_graph, so this is safe).
+            if _is_one(grad_loss):
+                return grad_feat, grad_weight, None, None, None, None, None, None
             g_feat = grad_feat * grad_loss.to(grad_feat.dtype)
             g_weight = grad_weight * grad_loss.to(grad_weight.dtype)
         else:

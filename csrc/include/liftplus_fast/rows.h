@@ -183,44 +183,58 @@ inline void project_row(const X* x, const V* v, A rv, A a, bool proj, O* out, in
 // combined by value and, on ties, by the smaller index.
 template <typename T>
 inline int64_t argmax_row(const T* v, int64_t n) {
-  float best[kLanes];
-  int64_t idx[kLanes];
+  // Lane state kept in float (indices exact below 2^24 classes) so that the compare-select
+  // loop is one vector width throughout and vectorises.
+  if (n >= (int64_t(1) << 24)) {
+    int64_t bi = 0;
+    float b = static_cast<float>(v[0]);
+    for (int64_t i = 1; i < n && b == b; ++i) {
+      const float x = static_cast<float>(v[i]);
+      if (x > b || x != x) { b = x; bi = i; }
+    }
+    return bi;
+  }
+  float best[kLanes], idx[kLanes], nan[kLanes];
   std::fill(best, best + kLanes, -std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < kLanes; ++j) idx[j] = j < n ? j : n;
-  bool any_nan = false;
+  std::fill(nan, nan + kLanes, 0.f);
+  for (int64_t j = 0; j < kLanes; ++j) idx[j] = static_cast<float>(j < n ? j : n);
   int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
+  for (; k + kLanes <= n; k += kLanes) {
+    const float kf = static_cast<float>(k);
     for (int64_t j = 0; j < kLanes; ++j) {
       const float x = static_cast<float>(v[k + j]);
       const bool take = x > best[j];
       best[j] = take ? x : best[j];
-      idx[j] = take ? k + j : idx[j];
-      any_nan |= x != x;
+      idx[j] = take ? kf + static_cast<float>(j) : idx[j];
+      nan[j] += x != x ? 1.f : 0.f;
     }
+  }
   for (; k < n; ++k) {
     const float x = static_cast<float>(v[k]);
     const int64_t j = k % kLanes;
     if (x > best[j]) {
       best[j] = x;
-      idx[j] = k;
+      idx[j] = static_cast<float>(k);
     }
-    any_nan |= x != x;
+    nan[0] += x != x ? 1.f : 0.f;
   }
-  if (any_nan) {
+  float nans = 0.f;
+  for (int64_t j = 0; j < kLanes; ++j) nans += nan[j];
+  if (nans > 0.f) {
     for (int64_t i = 0; i < n; ++i)
       if (static_cast<float>(v[i]) != static_cast<float>(v[i])) return i;
   }
   // A lane that never beat -inf (all -inf) keeps its first index, the first maximum of -infs.
   float b = best[0];
-  int64_t bi = idx[0];
+  float bi = idx[0];
   for (int64_t j = 1; j < kLanes; ++j) {
-    if (idx[j] >= n) continue;
+    if (idx[j] >= static_cast<float>(n)) continue;
     if (best[j] > b || (best[j] == b && idx[j] < bi)) {
       b = best[j];
       bi = idx[j];
     }
   }
-  return bi;
+  return static_cast<int64_t>(bi);
 }
 
 }  // namespace rows

@@ -43,18 +43,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tte_aggregate_cpu(
     // Enough rows per task that a thread's work (C·K elements each) outweighs the fork cost.
     const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, C * K));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(K);
+      std::vector<const scalar_t*> rows_c(C);
       for (int64_t b = begin; b < end; ++b) {
-        // fp32 accumulation in crop order (as the reference's .float().mean(0)); the row of
-        // K floats stays in L1/L2 across the C passes.
-        const scalar_t* row0 = xp + b * K;
-        for (int64_t k = 0; k < K; ++k) acc[k] = static_cast<float>(row0[k]);
-        for (int64_t c = 1; c < C; ++c) {
-          const scalar_t* row = xp + (c * B + b) * K;
-          for (int64_t k = 0; k < K; ++k) acc[k] += static_cast<float>(row[k]);
-        }
+        for (int64_t c = 0; c < C; ++c) rows_c[c] = xp + (c * B + b) * K;
         scalar_t* out = mp + b * K;
-        for (int64_t k = 0; k < K; ++k) out[k] = static_cast<scalar_t>(acc[k] * inv_c);
+        // fp32 accumulation in crop order (as the reference's .float().mean(0)), one block of
+        // classes at a time in a register-sized buffer: one read of each crop row, one write.
+        constexpr int64_t kBlock = 256;
+        float acc[kBlock];
+        for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+          const int64_t n = std::min(kBlock, K - k0);
+          const scalar_t* r0 = rows_c[0] + k0;
+          for (int64_t j = 0; j < n; ++j) acc[j] = static_cast<float>(r0[j]);
+          for (int64_t c = 1; c < C; ++c) {
+            const scalar_t* r = rows_c[c] + k0;
+            for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(r[j]);
+          }
+          for (int64_t j = 0; j < n; ++j) out[k0 + j] = static_cast<scalar_t>(acc[j] * inv_c);
+        }
         // The argmax runs on the stored (rounded) mean, as the reference does.
         pred_p[b] = rows::argmax_row(out, K);
       }

@@ -17,11 +17,16 @@ TORCH_LIBRARY(liftplus_fast, m) {
       "Tensor down_b, Tensor up_w, Tensor up_b, Tensor scale, Tensor mean, Tensor rstd, Tensor z) "
       "-> (Tensor grad_a, Tensor grad_ln_w, Tensor grad_ln_b, Tensor grad_down_w, "
       "Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)");
-  // Logit-adjusted cosine cross-entropy: loss (fp32 scalar), unadjusted logits [B, K] when
-  // return_logits (else an empty tensor), per-row logsumexp of the adjusted logits (fp32 [B]).
+  // Logit-adjusted cosine cross-entropy: loss (fp32 scalar; fp64 for fp64 inputs), unadjusted
+  // logits [B, K] when return_logits (else empty), per-row logsumexp of the adjusted logits
+  // ([B], loss dtype). With compute_grad the forward also returns d loss / d feat and
+  // d loss / d weight for grad_loss = 1 (else empty tensors), so the backward only scales them
+  // and never recomputes the logits GEMM (as Liger-Kernel's fused linear cross-entropy).
+  // la_cosine_ce_bwd is the recomputing backward for a forward run without compute_grad.
   m.def(
       "la_cosine_ce_fwd(Tensor feat, Tensor weight, Tensor labels, Tensor log_prior, "
-      "float scale, float tau, bool return_logits) -> (Tensor loss, Tensor logits, Tensor lse)");
+      "float scale, float tau, bool return_logits, bool compute_grad=False) "
+      "-> (Tensor loss, Tensor logits, Tensor lse, Tensor grad_feat, Tensor grad_weight)");
   m.def(
       "la_cosine_ce_bwd(Tensor grad_loss, Tensor feat, Tensor weight, Tensor labels, "
       "Tensor log_prior, Tensor lse, float scale, float tau) "

@@ -1,8 +1,11 @@
 """Public logit-adjusted cosine cross-entropy op with fused backends.
 
-``loss = mean_b CE(scale * F̂_b Ŵᵀ + tau * log_prior, y_b)``. The native op pair
-``liftplus_fast::la_cosine_ce_fwd`` / ``la_cosine_ce_bwd`` keeps only the per-row logsumexp
-between forward and backward, so large class counts run in O(B × chunk) extra memory.
+``loss = mean_b CE(scale * F̂_b Ŵᵀ + tau * log_prior, y_b)``. When a gradient is needed the
+native forward ``liftplus_fast::la_cosine_ce_fwd(..., compute_grad=True)`` also returns the
+gradients for ``grad_loss = 1`` and the backward only scales them, so the logits GEMM is not
+recomputed (3 GEMMs per step, as the reference). Without ``compute_grad`` the forward keeps
+only the per-row logsumexp and ``la_cosine_ce_bwd`` recomputes. Classes are processed in
+chunks, so large class counts run in O(B × chunk) extra memory.
 """
 from __future__ import annotations
 
@@ -61,39 +64,74 @@ register(OP, "reference", reference.la_cosine_cross_entropy)
 
 
 def _native_la_ce(feat, weight, labels, log_prior, scale, tau, return_logits):
-    loss, logits, _lse = native_op("la_cosine_ce_fwd")(feat, weight, labels, log_prior, scale, tau,
-                                                       return_logits)
+    # Gradients come out of the forward only when autograd will ask for them.
+    compute_grad = torch.is_grad_enabled() and (feat.requires_grad or weight.requires_grad)
+    loss, logits, _lse, _gf, _gw = native_op("la_cosine_ce_fwd")(
+        feat, weight, labels, log_prior, scale, tau, return_logits, compute_grad)
     return (loss, logits) if return_logits else loss
+
+
+def _is_one(t: torch.Tensor) -> bool:
+    """Whether a CPU scalar equals 1, read eagerly; False while tracing (no data to read)."""
+    if torch.compiler.is_compiling() or t.device.type != "cpu" or t.numel() != 1:
+        return False
+    if torch._guards.detect_fake_mode((t,)) is not None:
+        return False
+    try:
+        return t.item() == 1.0
+    except RuntimeError:  # a tracer's stand-in without data
+        return False
 
 
 def _register_native() -> None:
     fwd = "liftplus_fast::la_cosine_ce_fwd"
     bwd = "liftplus_fast::la_cosine_ce_bwd"
 
+    def _acc_dtype(feat):
+        return torch.float64 if feat.dtype == torch.float64 else torch.float32
+
     @torch.library.register_fake(fwd)
-    def _fwd_fake(feat, weight, labels, log_prior, scale, tau, return_logits):
+    def _fwd_fake(feat, weight, labels, log_prior, scale, tau, return_logits, compute_grad=False):
         b, k = feat.shape[0], weight.shape[0]
-        loss = feat.new_empty((), dtype=torch.float32)
+        acc = _acc_dtype(feat)
+        loss = feat.new_empty((), dtype=acc)
         logits = feat.new_empty((b, k) if return_logits else (0,))
-        lse = feat.new_empty((b,), dtype=torch.float32)
-        return loss, logits, lse
+        lse = feat.new_empty((b,), dtype=acc)
+        grad_feat = feat.new_empty(feat.shape if compute_grad else (0,))
+        grad_weight = weight.new_empty(weight.shape if compute_grad else (0,))
+        return loss, logits, lse, grad_feat, grad_weight
 
     @torch.library.register_fake(bwd)
     def _bwd_fake(grad_loss, feat, weight, labels, log_prior, lse, scale, tau):
-        return torch.empty_like(feat), torch.empty_like(weight)
+        return feat.new_empty(feat.shape), weight.new_empty(weight.shape)
 
     def setup_context(ctx, inputs, output):
-        feat, weight, labels, log_prior, scale, tau, _ret = inputs
-        _loss, _logits, lse = output
-        ctx.save_for_backward(feat, weight, labels, log_prior, lse)
+        feat, weight, labels, log_prior, scale, tau, _ret, *rest = inputs
+        compute_grad = bool(rest[0]) if rest else False
+        _loss, logits, lse, grad_feat, grad_weight = output
+        ctx.compute_grad = compute_grad
+        if compute_grad:
+            ctx.save_for_backward(grad_feat, grad_weight)
+        else:
+            ctx.save_for_backward(feat, weight, labels, log_prior, lse)
         ctx.scale, ctx.tau = scale, tau
-        ctx.mark_non_differentiable(_logits, lse)
+        ctx.mark_non_differentiable(logits, lse, grad_feat, grad_weight)
 
-    def backward(ctx, grad_loss, _g_logits, _g_lse):
-        feat, weight, labels, log_prior, lse = ctx.saved_tensors
-        g_feat, g_weight = native_op("la_cosine_ce_bwd")(grad_loss.float(), feat, weight, labels,
-                                                          log_prior, lse, ctx.scale, ctx.tau)
-        return g_feat, g_weight, None, None, None, None, None
+    def backward(ctx, grad_loss, _g_logits, _g_lse, _g_gf, _g_gw):
+        if ctx.compute_grad:
+            grad_feat, grad_weight = ctx.saved_tensors
+            # The forward's gradients are for grad_loss = 1, the usual case (loss.backward()):
+            # then they are returned as they are, so no second [K, D] tensor is made (autograd
+            # clones a returned tensor it cannot own, e.g. under retain_graph, so this is safe).
+            if _is_one(grad_loss):
+                return grad_feat, grad_weight, None, None, None, None, None, None
+            g_feat = grad_feat * grad_loss.to(grad_feat.dtype)
+            g_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        else:
+            feat, weight, labels, log_prior, lse = ctx.saved_tensors
+            g_feat, g_weight = native_op("la_cosine_ce_bwd")(grad_loss, feat, weight, labels,
+                                                              log_prior, lse, ctx.scale, ctx.tau)
+        return g_feat, g_weight, None, None, None, None, None, None
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 

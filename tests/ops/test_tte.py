@@ -87,3 +87,37 @@ def test_native_tte_opcheck():
     torch.library.opcheck(torch.ops.liftplus_fast.tte_aggregate.default, (x, y))
     torch.library.opcheck(torch.ops.liftplus_fast.tte_aggregate.default, (x, None))
     torch.library.opcheck(torch.ops.liftplus_fast.tte_mean_unit_features.default, (x,))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(c=st.integers(1, 6), b=st.integers(0, 40), k=st.integers(1, 3000),
+       dtype=st.sampled_from(DTYPES), ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_tte_hypothesis_shapes(c, b, k, dtype, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(c, b, k, generator=g)
+    if ties:
+        # Few distinct values: many exact ties, so the first-maximum rule is exercised.
+        x = x.round()
+    x = x.to(dtype)
+    y = torch.randint(0, k, (b,), generator=g)
+    out = lf.ops.tte_aggregate(x, y)
+    ref = reference.tte_aggregate(x, y)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-6)
+    # Argmax over the stored mean: identical to torch.argmax of the kernel's own mean.
+    assert torch.equal(out.pred, out.logits.argmax(-1))
+    assert torch.equal(out.total, ref.total)
+    assert torch.equal(out.correct, torch.bincount(y[out.pred == y], minlength=k))
+
+
+def test_tte_nan_and_inf_rows():
+    x = torch.full((3, 4, 40), -float("inf"))
+    x[:, 1, 7] = float("nan")
+    x[:, 1, 30] = float("nan")
+    x[:, 2, 5] = 1.0
+    x[:, 3, 39] = float("inf")
+    out = lf.ops.tte_aggregate(x)
+    assert out.pred.tolist() == reference.tte_aggregate(x).pred.tolist() == [0, 7, 5, 39]

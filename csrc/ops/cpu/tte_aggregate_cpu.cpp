@@ -6,14 +6,15 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "liftplus_fast/math.h"
+#include "liftplus_fast/rows.h"
 
 namespace liftplus_fast {
 namespace {
 
-using liftplus_fast::math::argmax_push;
 using liftplus_fast::math::inv_norm;
 
 void check_floating(const at::Tensor& t, const char* name) {
@@ -39,25 +40,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tte_aggregate_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* mp = mean.data_ptr<scalar_t>();
     const float inv_c = 1.f / static_cast<float>(C);
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(K);
+    // Enough rows per task that a thread's work (C·K elements each) outweighs the fork cost.
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, C * K));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<const scalar_t*> rows_c(C);
       for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* row0 = xp + b * K;
-        for (int64_t k = 0; k < K; ++k) acc[k] = static_cast<float>(row0[k]);
-        for (int64_t c = 1; c < C; ++c) {
-          const scalar_t* row = xp + (c * B + b) * K;
-          for (int64_t k = 0; k < K; ++k) acc[k] += static_cast<float>(row[k]);
-        }
-        float best = -INFINITY;
-        long long best_idx = 0;
+        for (int64_t c = 0; c < C; ++c) rows_c[c] = xp + (c * B + b) * K;
         scalar_t* out = mp + b * K;
-        for (int64_t k = 0; k < K; ++k) {
-          // The argmax runs on the stored (rounded) mean, as the reference does.
-          const scalar_t v = static_cast<scalar_t>(acc[k] * inv_c);
-          out[k] = v;
-          argmax_push(static_cast<float>(v), k, best, best_idx);
+        // fp32 accumulation in crop order (as the reference's .float().mean(0)), one block of
+        // classes at a time in a register-sized buffer: one read of each crop row, one write.
+        constexpr int64_t kBlock = 256;
+        float acc[kBlock];
+        for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+          const int64_t n = std::min(kBlock, K - k0);
+          const scalar_t* r0 = rows_c[0] + k0;
+          for (int64_t j = 0; j < n; ++j) acc[j] = static_cast<float>(r0[j]);
+          for (int64_t c = 1; c < C; ++c) {
+            const scalar_t* r = rows_c[c] + k0;
+            for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(r[j]);
+          }
+          for (int64_t j = 0; j < n; ++j) out[k0 + j] = static_cast<scalar_t>(acc[j] * inv_c);
         }
-        pred_p[b] = best_idx;
+        // The argmax runs on the stored (rounded) mean, as the reference does.
+        pred_p[b] = rows::argmax_row(out, K);
       }
     });
   });
@@ -98,18 +103,13 @@ at::Tensor tte_mean_unit_features_cpu(const at::Tensor& feats_in) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const float inv_c = 1.f / static_cast<float>(C);
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * D)), [&](int64_t begin, int64_t end) {
       std::vector<float> acc(D);
       for (int64_t b = begin; b < end; ++b) {
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* row = xp + (c * B + b) * D;
-          float ss = 0.f;
-          for (int64_t d = 0; d < D; ++d) {
-            const float v = static_cast<float>(row[d]);
-            ss += v * v;
-          }
-          const float inv = inv_norm(ss);
+          const float inv = inv_norm(rows::sumsq<scalar_t, float>(row, D));
           for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(row[d]) * inv;
         }
         for (int64_t d = 0; d < D; ++d) op[b * D + d] = static_cast<scalar_t>(acc[d] * inv_c);

@@ -1,0 +1,241 @@
+// Per-row kernels of the fused CPU ops (LA cosine CE epilogues, TTE), written as plain loops
+// over contiguous rows so that -O3 -march=native vectorises them portably (no intrinsics).
+// Reductions keep kLanes independent partial sums: without -ffast-math the compiler may not
+// reorder a floating-point reduction, but it does vectorise kLanes independent accumulators.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace liftplus_fast {
+namespace rows {
+
+constexpr int64_t kLanes = 16;
+
+// Branch-free expf (Cephes polynomial, ≈1 ulp on the reduced range) that the compiler can
+// vectorise; libm's expf is a call per element. exp(x) for x < -87.3 flushes to 0 (as the
+// true value is below the smallest normal), NaN stays NaN.
+inline float exp_fast(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.3f);
+  const float t = xc * 1.44269504088896341f;
+  // Round to nearest via the 1.5·2^23 trick (|t| < 2^22), cheaper than nearbyint in a loop.
+  const float n = (t + 12582912.f) - 12582912.f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float v = p * std::bit_cast<float>(bits);
+  const float res = x < -87.3f ? 0.f : v;
+  return x == x ? res : x;
+}
+inline double exp_fast(double x) { return std::exp(x); }
+
+template <typename A>
+inline A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+template <typename V, typename A>
+inline A sumsq(const V* v, int64_t n) {
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const A x = static_cast<A>(v[i + j]);
+      acc[j] += x * x;
+    }
+  for (; i < n; ++i) {
+    const A x = static_cast<A>(v[i]);
+    acc[0] += x * x;
+  }
+  A s = 0;
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+template <typename X, typename V, typename A>
+inline A dot(const X* x, const V* v, int64_t n) {
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j)
+      acc[j] += static_cast<A>(x[i + j]) * static_cast<A>(v[i + j]);
+  for (; i < n; ++i) acc[0] += static_cast<A>(x[i]) * static_cast<A>(v[i]);
+  A s = 0;
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// out = f · v, rounded once to the output type.
+template <typename V, typename O, typename A>
+inline void scale_row(const V* v, A f, O* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<O>(static_cast<A>(v[i]) * f);
+}
+
+// Adjusted logits of one row chunk: z = L·cs + lp (cs = per-class inverse weight norm when the
+// GEMM ran on the raw weight, else absent). Writes the unadjusted logits L·cs (rounded to the
+// feature dtype, as the reference returns them) when `logits` is given. Returns max(z).
+template <typename T, typename A>
+inline A shift_and_max(const T* L, const A* cs, const A* lp, int64_t n, A* z, T* logits) {
+  if (cs != nullptr) {
+    for (int64_t k = 0; k < n; ++k) z[k] = static_cast<A>(L[k]) * cs[k];
+  } else {
+    for (int64_t k = 0; k < n; ++k) z[k] = static_cast<A>(L[k]);
+  }
+  if (logits != nullptr) {
+    if (cs != nullptr) {
+      for (int64_t k = 0; k < n; ++k) logits[k] = static_cast<T>(z[k]);
+    } else {
+      std::copy(L, L + n, logits);
+    }
+  }
+  A mx[kLanes];
+  std::fill(mx, mx + kLanes, neg_inf<A>());
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const A v = z[k + j] + lp[k + j];
+      z[k + j] = v;
+      mx[j] = v > mx[j] ? v : mx[j];
+    }
+  for (; k < n; ++k) {
+    const A v = z[k] + lp[k];
+    z[k] = v;
+    mx[0] = v > mx[0] ? v : mx[0];
+  }
+  A m = mx[0];
+  for (int64_t j = 1; j < kLanes; ++j) m = mx[j] > m ? mx[j] : m;
+  return m;
+}
+
+// sum_k exp(z_k − m); with kStore, z_k is replaced by exp(z_k − m).
+template <bool kStore, typename A>
+inline A exp_sum(A* z, int64_t n, A m) {
+  A acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const A e = exp_fast(z[k + j] - m);
+      if constexpr (kStore) z[k + j] = e;
+      acc[j] += e;
+    }
+  for (; k < n; ++k) {
+    const A e = exp_fast(z[k] - m);
+    if constexpr (kStore) z[k] = e;
+    acc[0] += e;
+  }
+  A s = 0;
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// Logit gradient of one row chunk, pre-multiplied for the GEMMs that follow:
+//   out_k = (softmax_k − [k == y]) · g · cs_k,   g = grad_loss / B.
+// softmax_k = z_k · mul when kStored (z holds exp(z − m), mul = 1/sum), else exp(z_k − lse).
+template <bool kStored, typename T, typename A>
+inline void logit_grad(const A* z, A mul_or_lse, A g, const A* cs, int64_t n, int64_t y_local,
+                       T* out) {
+  for (int64_t k = 0; k < n; ++k) {
+    A p;
+    if constexpr (kStored) {
+      p = z[k] * mul_or_lse;
+    } else {
+      p = exp_fast(z[k] - mul_or_lse);
+    }
+    A v = p * g;
+    if (cs != nullptr) v *= cs[k];
+    out[k] = static_cast<T>(v);
+  }
+  if (y_local >= 0 && y_local < n) {
+    A p = kStored ? z[y_local] * mul_or_lse : exp_fast(z[y_local] - mul_or_lse);
+    A v = (p - A(1)) * g;
+    if (cs != nullptr) v *= cs[y_local];
+    out[y_local] = static_cast<T>(v);
+  }
+}
+
+// Backward of v̂ = v / max(‖v‖, eps) applied to a row: with v̂ = v·rv,
+//   out = a · (x − [‖v‖ > eps] · v̂ ⟨v̂, x⟩).
+// `out` may alias `x` (the dot product is taken before anything is written).
+template <typename X, typename V, typename O, typename A>
+inline void project_row(const X* x, const V* v, A rv, A a, bool proj, O* out, int64_t n) {
+  if (!proj) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<O>(a * static_cast<A>(x[i]));
+    return;
+  }
+  const A c = dot<X, V, A>(x, v, n) * rv * rv;
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<O>(a * (static_cast<A>(x[i]) - static_cast<A>(v[i]) * c));
+}
+
+// First index of the maximum of a row (torch.argmax semantics: the first maximum wins, a NaN
+// counts as the maximum and the first NaN wins). Lane j scans indices ≡ j (mod kLanes) in
+// increasing order with a strict comparison, so it keeps its first maximum; the lanes are then
+// combined by value and, on ties, by the smaller index.
+template <typename T>
+inline int64_t argmax_row(const T* v, int64_t n) {
+  // Lane state kept in float (indices exact below 2^24 classes) so that the compare-select
+  // loop is one vector width throughout and vectorises.
+  if (n >= (int64_t(1) << 24)) {
+    int64_t bi = 0;
+    float b = static_cast<float>(v[0]);
+    for (int64_t i = 1; i < n && b == b; ++i) {
+      const float x = static_cast<float>(v[i]);
+      if (x > b || x != x) { b = x; bi = i; }
+    }
+    return bi;
+  }
+  float best[kLanes], idx[kLanes], nan[kLanes];
+  std::fill(best, best + kLanes, -std::numeric_limits<float>::infinity());
+  std::fill(nan, nan + kLanes, 0.f);
+  for (int64_t j = 0; j < kLanes; ++j) idx[j] = static_cast<float>(j < n ? j : n);
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    const float kf = static_cast<float>(k);
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float x = static_cast<float>(v[k + j]);
+      const bool take = x > best[j];
+      best[j] = take ? x : best[j];
+      idx[j] = take ? kf + static_cast<float>(j) : idx[j];
+      nan[j] += x != x ? 1.f : 0.f;
+    }
+  }
+  for (; k < n; ++k) {
+    const float x = static_cast<float>(v[k]);
+    const int64_t j = k % kLanes;
+    if (x > best[j]) {
+      best[j] = x;
+      idx[j] = static_cast<float>(k);
+    }
+    nan[0] += x != x ? 1.f : 0.f;
+  }
+  float nans = 0.f;
+  for (int64_t j = 0; j < kLanes; ++j) nans += nan[j];
+  if (nans > 0.f) {
+    for (int64_t i = 0; i < n; ++i)
+      if (static_cast<float>(v[i]) != static_cast<float>(v[i])) return i;
+  }
+  // A lane that never beat -inf (all -inf) keeps its first index, the first maximum of -infs.
+  float b = best[0];
+  float bi = idx[0];
+  for (int64_t j = 1; j < kLanes; ++j) {
+    if (idx[j] >= static_cast<float>(n)) continue;
+    if (best[j] > b || (best[j] == b && idx[j] < bi)) {
+      b = best[j];
+      bi = idx[j];
+    }
+  }
+  return static_cast<int64_t>(bi);
+}
+
+}  // namespace rows
+}  // namespace liftplus_fast

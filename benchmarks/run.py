@@ -19,6 +19,8 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# This checkout's package first (not whatever is installed), then the benchmark modules.
+sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402

@@ -15,6 +15,7 @@ import torch
 from liftplus_fast.ops import reference
 from liftplus_fast.ops._native import NAMESPACE, native_status
 
+from . import test_la_cosine_ce as lace
 from .test_adaptformer import GRAD_NAMES, LOW, check_fp32, check_low, make_inputs, run
 
 STATUS = native_status()
@@ -30,6 +31,7 @@ needs_gpu = pytest.mark.skipif(
 # The ops that have CUDA kernels in csrc/ops/cuda/ (one file per op family).
 CUDA_OPS = [
     "adaptformer_fwd", "adaptformer_bwd",
+    "la_cosine_ce_fwd", "la_cosine_ce_bwd",
     "tte_aggregate", "tte_mean_unit_features",
 ]
 
@@ -173,3 +175,86 @@ def test_cuda_reference_on_same_device_is_the_oracle():
     # Guards the tests above: the reference must run on the GPU tensors it is given.
     inputs = to_cuda(make_inputs([2], 8, 2))
     assert reference.adaptformer(*inputs).is_cuda
+
+
+# ---------------------------------------------------------------------------------------------
+# LA cosine cross-entropy on a GPU (CUDA kernel forced), against the reference on the device.
+
+def ce_cuda(b, k, d, dtype=torch.float32, wdtype=None, seed=0, noncontig=False):
+    return [t.cuda() for t in lace.make(b, k, d, dtype, wdtype, seed=seed, noncontig=noncontig)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("b,k,d", [(128, 100, 768), (128, 1000, 768), (7, 365, 64), (1, 2, 1), (33, 8142, 97)])
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_cuda_la_ce_fp32_matches_reference(cuda_backend, b, k, d, chunked, tau):
+    with lace.chunking(chunk=97 if chunked else None, store=0 if chunked else None):
+        lace.check_fp32(*ce_cuda(b, k, d, seed=b + k), tau=tau)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("weight_fp32", [True, False])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_cuda_la_ce_low_precision(cuda_backend, dtype, weight_fp32, chunked):
+    wdtype = torch.float32 if weight_fp32 else dtype
+    feat, weight, labels, log_prior = ce_cuda(64, 1000, 768, dtype, wdtype, seed=4)
+    with lace.chunking(chunk=97 if chunked else None, store=0 if chunked else None):
+        out = lace.fused(feat, weight, labels, log_prior)
+    low = lace.ref(feat, weight, labels, log_prior)
+    hi = lace.ref(feat.float(), weight.float(), labels, log_prior)
+    assert out[0].dtype == torch.float32 and out[1].dtype == dtype
+    assert out[2].dtype == dtype and out[3].dtype == wdtype
+    gs = lace.grad_scale(feat.float(), weight.float())
+    for name, a, p, r, fl in zip(("loss", "logits", "grad_feat", "grad_weight"), out, low, hi, (1.0, 1.0, gs, gs)):
+        err = (a.double() - r.double()).abs().max().item()
+        err_p = (p.double() - r.double()).abs().max().item()
+        atol = 1e-3 * max(r.double().abs().max().item(), fl)
+        assert err <= 2 * err_p + atol, f"{name}: kernel error {err:.3g} vs PyTorch {err_p:.3g}"
+
+
+@needs_gpu
+def test_cuda_la_ce_recomputing_backward_and_grad_scaling(cuda_backend):
+    feat, weight, labels, log_prior = ce_cuda(16, 300, 64, seed=8)
+    ops = torch.ops.liftplus_fast
+    loss, _, lse, gf1, gw1 = ops.la_cosine_ce_fwd(feat, weight, labels, log_prior, 25.0, 1.0, False, True)
+    gl = torch.tensor(3.0, device="cuda")
+    gf, gw = ops.la_cosine_ce_bwd(gl, feat, weight, labels, log_prior, lse, 25.0, 1.0)
+    torch.testing.assert_close(gf, 3 * gf1)
+    torch.testing.assert_close(gw, 3 * gw1)
+    torch.testing.assert_close(loss, reference.la_cosine_cross_entropy(feat, weight, labels, log_prior))
+
+
+@needs_gpu
+def test_cuda_la_ce_zero_norm_rows_and_determinism(cuda_backend):
+    feat, weight, labels, log_prior = ce_cuda(4, 9, 8, seed=5)
+    feat[1] = 0
+    weight[2] = 0
+    labels[0] = 2
+    lace.check_fp32(feat, weight, labels, log_prior)
+    a, b = lace.fused(feat, weight, labels, log_prior), lace.fused(feat, weight, labels, log_prior)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@needs_gpu
+@pytest.mark.parametrize("chunked", [False, True])
+def test_cuda_la_ce_gradcheck_float64(chunked):
+    feat, weight, labels, log_prior = ce_cuda(3, 7, 5, torch.float64)
+    log_prior = log_prior.double()
+
+    def fn(f, w):
+        return torch.ops.liftplus_fast.la_cosine_ce_fwd(f, w, labels, log_prior, 2.5, 1.0, False, True)[0]
+
+    with lace.chunking(chunk=3 if chunked else None, store=0 if chunked else None):
+        assert torch.autograd.gradcheck(fn, (feat.requires_grad_(), weight.requires_grad_()))
+
+
+@needs_gpu
+def test_cuda_la_ce_checks_name_the_argument():
+    feat, weight, labels, log_prior = ce_cuda(4, 9, 8)
+    with pytest.raises(RuntimeError, match="log_prior must be on the CUDA device"):
+        torch.ops.liftplus_fast.la_cosine_ce_fwd(feat, weight, labels, log_prior.cpu(), 25.0, 1.0, False, False)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        torch.ops.liftplus_fast.la_cosine_ce_fwd(feat, weight[:, :3], labels, log_prior, 25.0, 1.0, False, False)

@@ -80,11 +80,12 @@ def make_case(b, k, dtype, backward):
     return case
 
 
-def cases(smoke: bool) -> list:
+def cases(smoke: bool):
+    """Cases, built one at a time (a K = 100,000 case holds hundreds of MB)."""
     if smoke:
-        return [make_case(16, 100, torch.float32, True)]
+        yield make_case(16, 100, torch.float32, True)
+        return
     want = os.environ.get("LAFAST_BENCH_FILTER", "")
-    out = []
     for dtype in (torch.float32, torch.bfloat16):
         for backward in (True, False):
             for b in (128, 512):
@@ -93,5 +94,4 @@ def cases(smoke: bool) -> list:
                     dt = "fp32" if dtype == torch.float32 else "bf16"
                     if want and want not in f"{tag} B={b} K={k} {dt}":
                         continue
-                    out.append(make_case(b, k, dtype, backward))
-    return out
+                    yield make_case(b, k, dtype, backward)

@@ -6,7 +6,10 @@ repeats, with the thread count fixed (DESIGN.md §5). Each ``bench_<op>.py`` mod
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import sys
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -64,6 +67,21 @@ def median(xs: List[float]) -> float:
     return statistics.median(xs)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    # The profiler's C++ side logs every start/stop to fd 2; keep the table readable.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     """Peak bytes allocated by ``fn`` above what was allocated when it started.
 
@@ -80,7 +98,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
@@ -122,7 +140,16 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
 
 
 def compiled(fn: Callable) -> Callable:
-    """``torch.compile`` of a reference function (the peer every fused op is compared with)."""
+    """``torch.compile`` of a reference function (the peer every fused op is compared with).
+
+    Every benchmark shape is a static-shape specialisation; the recompile limit is raised so
+    that later shapes are not silently run eagerly once dynamo's default limit (8) is hit.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(fn, dynamic=False)
 
 

@@ -19,6 +19,8 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# This checkout's package first (not whatever is installed), then the benchmark modules.
+sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
@@ -69,6 +71,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny case per benchmark")
     parser.add_argument("--only", nargs="*", help="benchmark names (e.g. adaptformer tte)")
+    parser.add_argument("--filter", nargs="*", help="keep cases whose name contains all of these substrings")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per candidate")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (fixed for the run)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
@@ -89,6 +92,8 @@ def main(argv=None):
     for module in discover(args.only):
         rows = []
         for case in module.cases(args.smoke):
+            if args.filter and not all(f in case.name for f in args.filter):
+                continue
             t0 = time.perf_counter()
             times = common.time_interleaved(case.candidates, repeats=repeats, warmup=warmup, device=case.device)
             memory = {} if args.no_memory else {

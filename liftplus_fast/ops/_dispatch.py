@@ -29,7 +29,8 @@ ENV_VAR = "LIFTPLUS_FAST_BACKEND"
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
 # op name -> name of the native op whose kernels back the "cpu"/"cuda" implementations
 _NATIVE_NAMES: Dict[str, str] = {}
-_LOGGED = set()
+# (op, device type, LIFTPLUS_FAST_BACKEND, TRITON_INTERPRET) -> backend; cleared by register().
+_CHOICES: Dict[tuple, str] = {}
 
 
 def register(op: str, backend: str, fn: Callable, native_name: str | None = None) -> None:
@@ -37,6 +38,7 @@ def register(op: str, backend: str, fn: Callable, native_name: str | None = None
     if backend not in BACKENDS[1:]:
         raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
     _IMPLS.setdefault(op, {})[backend] = fn
+    _CHOICES.clear()
     if native_name is not None:
         _NATIVE_NAMES[op] = native_name
 
@@ -123,11 +125,13 @@ def choose(op: str, device: torch.device) -> str:
 
 @torch.compiler.assume_constant_result
 def _choose_and_log(op: str, device_type: str) -> str:
-    # Evaluated eagerly even under torch.compile: the choice is a constant of the graph.
-    backend = choose(op, torch.device(device_type))
-    key = (op, backend, device_type)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
+    # Evaluated eagerly even under torch.compile: the choice is a constant of the graph. It is
+    # cached because the checks behind it cost more than a small kernel.
+    key = (op, device_type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    backend = _CHOICES.get(key)
+    if backend is None:
+        backend = choose(op, torch.device(device_type))
+        _CHOICES[key] = backend
         logger.info("liftplus_fast: %s on %s tensors runs the %s backend", op, device_type, backend)
     return backend
 

@@ -89,8 +89,13 @@ def _register_native() -> None:
         a, _m, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, _eps = inputs
         _y, mean, rstd, z = output
         ctx.save_for_backward(a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z)
+        # mean/rstd/z are saved statistics, never differentiated: no zero gradients for them.
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(mean, rstd, z)
 
     def backward(ctx, grad_y, _g_mean, _g_rstd, _g_z):
+        if grad_y is None:
+            return (None,) * 10
         a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z = ctx.saved_tensors
         grads = native_op("adaptformer_bwd")(grad_y.contiguous(), a, ln_w, ln_b, down_w, down_b,
                                              up_w, up_b, scale, mean, rstd, z)

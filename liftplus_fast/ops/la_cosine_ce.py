@@ -109,29 +109,42 @@ def _register_native() -> None:
         feat, weight, labels, log_prior, scale, tau, _ret, *rest = inputs
         compute_grad = bool(rest[0]) if rest else False
         _loss, logits, lse, grad_feat, grad_weight = output
-        ctx.compute_grad = compute_grad
-        if compute_grad:
-            ctx.save_for_backward(grad_feat, grad_weight)
-        else:
-            ctx.save_for_backward(feat, weight, labels, log_prior, lse)
-        ctx.scale, ctx.tau = scale, tau
+        # The other outputs never get gradients; materialising zeros for them would allocate a
+        # second [K, D] tensor (grad_weight's shape) in every backward.
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(logits, lse, grad_feat, grad_weight)
+        ctx.scale, ctx.tau = scale, tau
+        ctx.pending = None
+        ctx.traced = torch.compiler.is_compiling()
+        if compute_grad and ctx.traced:
+            ctx.save_for_backward(grad_feat, grad_weight)
+            return
+        # Inputs are saved for free (no copies): a second backward through a retained graph
+        # recomputes from them.
+        ctx.save_for_backward(feat, weight, labels, log_prior, lse)
+        if compute_grad:
+            # Held outside save_for_backward and dropped by the first backward, so the gradient
+            # it returns has no other owner and autograd adopts it instead of copying [K, D].
+            ctx.pending = [grad_feat, grad_weight]
 
     def backward(ctx, grad_loss, _g_logits, _g_lse, _g_gf, _g_gw):
-        if ctx.compute_grad:
+        if grad_loss is None:
+            return (None,) * 8
+        if ctx.traced and len(ctx.saved_tensors) == 2:
             grad_feat, grad_weight = ctx.saved_tensors
-            # The forward's gradients are for grad_loss = 1, the usual case (loss.backward()):
-            # then they are returned as they are, so no second [K, D] tensor is made (autograd
-            # clones a returned tensor it cannot own, e.g. under retain_graph, so this is safe).
-            if _is_one(grad_loss):
-                return grad_feat, grad_weight, None, None, None, None, None, None
-            g_feat = grad_feat * grad_loss.to(grad_feat.dtype)
-            g_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        elif ctx.pending is not None:
+            grad_feat, grad_weight = ctx.pending
+            ctx.pending = None
         else:
             feat, weight, labels, log_prior, lse = ctx.saved_tensors
             g_feat, g_weight = native_op("la_cosine_ce_bwd")(grad_loss, feat, weight, labels,
                                                               log_prior, lse, ctx.scale, ctx.tau)
-        return g_feat, g_weight, None, None, None, None, None, None
+            return g_feat, g_weight, None, None, None, None, None, None
+        # The forward's gradients are for grad_loss = 1, the usual case (loss.backward()).
+        if _is_one(grad_loss):
+            return grad_feat, grad_weight, None, None, None, None, None, None
+        return (grad_feat * grad_loss.to(grad_feat.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
+                None, None, None, None, None, None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 

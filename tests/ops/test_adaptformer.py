@@ -80,7 +80,19 @@ def check_fp32(inputs, grad_out, with_grad=True):
             cond = float((grad_out.double() * branch.double()).abs().sum())
             assert abs(float(k) - float(ref)) <= tol * max(cond, 1e-30), "grad scale"
             continue
-        assert rel_err(k, ref) <= tol, f"grad {name}: {rel_err(k, ref):.2e}"
+        err = rel_err(k, ref)
+        if err > tol:
+            # Both are fp32 computations: judge the kernel against the exact (float64) value,
+            # allowing it the reference's own fp32 error (twice, as in the low-precision rule).
+            exact = exact_grads(inputs, grad_out)[name]
+            assert rel_err(k, exact) <= max(tol, 2 * rel_err(ref, exact)), f"grad {name}: {err:.2e}"
+
+
+def exact_grads(inputs, grad_out):
+    leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+    y = adaptformer_f64(*leaves[:8], leaves[8].reshape(()))
+    grads = torch.autograd.grad(y, leaves, grad_out.double())
+    return dict(zip(GRAD_NAMES, grads))
 
 
 def check_low(inputs, grad_out, atol_frac=2e-3):

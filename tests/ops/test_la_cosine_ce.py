@@ -141,7 +141,10 @@ def test_low_precision_within_twice_pytorch_error(shape, dtype, weight_fp32, tau
     for name, a, p, r, fl in zip(("loss", "logits", "grad_feat", "grad_weight"), out, low, hi, floors):
         err = (a.double() - r.double()).abs().max().item()
         err_p = (p.double() - r.double()).abs().max().item()
-        atol = 1e-3 * max(r.double().abs().max().item(), fl)
+        # One rounding step of the output's own dtype (the kernel and PyTorch each round once;
+        # for a handful of logits near 25 one bf16 step is 0.125).
+        scale_r = max(r.double().abs().max().item(), fl)
+        atol = max(1e-3, torch.finfo(a.dtype).eps if a.dtype != torch.float32 else 0.0) * scale_r
         assert err <= 2 * err_p + atol, f"{name}: kernel error {err:.3g} vs PyTorch {err_p:.3g}"
 
 
@@ -196,7 +199,10 @@ def test_gradcheck_float64(compute_grad, chunked):
         return OP.la_cosine_ce_fwd(f, w, labels, log_prior, 2.5, 1.0, False, compute_grad)[0]
 
     with chunking(chunk=3 if chunked else None, store=0 if chunked else None):
-        assert torch.autograd.gradcheck(fn, (feat.requires_grad_(), weight.requires_grad_()))
+        # A repeated backward through the retained graph recomputes the gradients (the forward's
+        # were handed over to autograd), so repeats agree to rounding, not bit for bit.
+        assert torch.autograd.gradcheck(fn, (feat.requires_grad_(), weight.requires_grad_()),
+                                        nondet_tol=1e-12)
 
 
 def test_float64_matches_float64_math():

@@ -180,63 +180,41 @@ inline void project_row(const X* x, const V* v, A rv, A a, bool proj, O* out, in
 }
 
 // First index of the maximum of a row (torch.argmax semantics: the first maximum wins, a NaN
-// counts as the maximum and the first NaN wins). Lane j scans indices ≡ j (mod kLanes) in
-// increasing order with a strict comparison, so it keeps its first maximum; the lanes are then
-// combined by value and, on ties, by the smaller index.
+// counts as the maximum and the first NaN wins). Blocks of the row are reduced with a SIMD max
+// (and a NaN flag); only a block whose maximum beats the best so far is rescanned for the
+// first position of that maximum, which happens O(log n) times for unordered data.
 template <typename T>
 inline int64_t argmax_row(const T* v, int64_t n) {
-  // Lane state kept in float (indices exact below 2^24 classes) so that the compare-select
-  // loop is one vector width throughout and vectorises.
-  if (n >= (int64_t(1) << 24)) {
-    int64_t bi = 0;
-    float b = static_cast<float>(v[0]);
-    for (int64_t i = 1; i < n && b == b; ++i) {
-      const float x = static_cast<float>(v[i]);
-      if (x > b || x != x) { b = x; bi = i; }
+  constexpr int64_t kBlock = 256;
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t best_idx = 0;
+  for (int64_t k0 = 0; k0 < n; k0 += kBlock) {
+    const int64_t m = std::min(kBlock, n - k0);
+    const T* p = v + k0;
+    float block_max = -std::numeric_limits<float>::infinity();
+    int has_nan = 0;
+#pragma omp simd reduction(max : block_max) reduction(| : has_nan)
+    for (int64_t j = 0; j < m; ++j) {
+      const float x = static_cast<float>(p[j]);
+      block_max = x > block_max ? x : block_max;
+      has_nan |= (x != x);
     }
-    return bi;
-  }
-  float best[kLanes], idx[kLanes], nan[kLanes];
-  std::fill(best, best + kLanes, -std::numeric_limits<float>::infinity());
-  std::fill(nan, nan + kLanes, 0.f);
-  for (int64_t j = 0; j < kLanes; ++j) idx[j] = static_cast<float>(j < n ? j : n);
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    const float kf = static_cast<float>(k);
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const float x = static_cast<float>(v[k + j]);
-      const bool take = x > best[j];
-      best[j] = take ? x : best[j];
-      idx[j] = take ? kf + static_cast<float>(j) : idx[j];
-      nan[j] += x != x ? 1.f : 0.f;
+    if (has_nan) {
+      for (int64_t j = 0; j < m; ++j)
+        if (static_cast<float>(p[j]) != static_cast<float>(p[j])) return k0 + j;
     }
-  }
-  for (; k < n; ++k) {
-    const float x = static_cast<float>(v[k]);
-    const int64_t j = k % kLanes;
-    if (x > best[j]) {
-      best[j] = x;
-      idx[j] = static_cast<float>(k);
-    }
-    nan[0] += x != x ? 1.f : 0.f;
-  }
-  float nans = 0.f;
-  for (int64_t j = 0; j < kLanes; ++j) nans += nan[j];
-  if (nans > 0.f) {
-    for (int64_t i = 0; i < n; ++i)
-      if (static_cast<float>(v[i]) != static_cast<float>(v[i])) return i;
-  }
-  // A lane that never beat -inf (all -inf) keeps its first index, the first maximum of -infs.
-  float b = best[0];
-  float bi = idx[0];
-  for (int64_t j = 1; j < kLanes; ++j) {
-    if (idx[j] >= static_cast<float>(n)) continue;
-    if (best[j] > b || (best[j] == b && idx[j] < bi)) {
-      b = best[j];
-      bi = idx[j];
+    // The first block always sets the answer, so an all -inf row returns index 0.
+    if (k0 == 0 || block_max > best) {
+      for (int64_t j = 0; j < m; ++j) {
+        if (static_cast<float>(p[j]) == block_max) {
+          best_idx = k0 + j;
+          break;
+        }
+      }
+      best = block_max;
     }
   }
-  return static_cast<int64_t>(bi);
+  return best_idx;
 }
 
 }  // namespace rows

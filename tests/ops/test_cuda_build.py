@@ -84,6 +84,7 @@ def to_cuda(ts):
 @pytest.mark.parametrize("lead,d,r", [
     ([2, 197], 768, 4), ([3, 50], 768, 8), ([1, 197], 768, 32), ([77], 768, 64),  # fused path
     ([5, 7], 40, 3), ([33], 17, 1), ([9], 1024, 16), ([4], 300, 13),              # ragged widths
+    ([6, 11], 128, 17), ([50], 64, 33), ([300], 256, 48),                          # unit groups of 16
     ([2, 65], 768, 96), ([40], 1100, 8),                                           # cuBLAS path
 ])
 def test_cuda_fp32_matches_reference(cuda_backend, lead, d, r):

@@ -5,12 +5,16 @@
 // does LN → down → ReLU → up → scale → residual reading A and M once; each bottleneck unit j is
 // one warp dot product (butterfly shuffles, so every lane holds the same z_j and takes the same
 // ReLU branch) followed by the rank-1 update of U. The backward recomputes Â from A, μ and rstd:
-//   rows kernel:    dA, dZ (to a [N, r] workspace) and per-block partial sums of colsum(G),
-//                   colsum(dH ⊙ Â), colsum(dH), colsum(dZ) and ⟨G·Wu, P⟩;
-//   weights kernel: per-chunk partials of Pᵀ·G and dZᵀ·Â (thread per column, r in groups);
+//   rows kernel:    dA, dZ (to a [N, r] workspace) and per-block partial sums of colsum(dZ)
+//                   and ⟨G·Wu, P⟩;
+//   weights kernel: per-chunk partials of Pᵀ·G and dZᵀ·Â (thread per column, r in groups of
+//                   16) and of colsum(G), colsum(dH ⊙ Â), colsum(dH) (dH rebuilt from dZ);
 //   colsum kernel:  sums the partials over blocks/chunks in a fixed order;
 //   finalize:       applies s, γ, β (the shared formulas) and writes the parameter gradients.
 // Grid sizes depend only on N, so results are bitwise reproducible; there are no float atomics.
+// The column sums live in the weights kernel, not in the rows kernel, because a warp-per-row
+// kernel would need 3·D/32 more registers per lane for them (measured with ptxas -v at D = 768:
+// 238 registers, one block per SM; spills at D = 1024). The price is a second read of A and G.
 //
 // Other shapes (r > 64, D > 1024, float64 for gradcheck) run the cuBLAS path: the GEMMs via
 // ATen (addmm/mm on [N, D] × [D, r]), the residual epilogue and the LN input gradient as fused
@@ -52,6 +56,13 @@ constexpr int64_t kMaxWeightChunks = 64;
 constexpr int64_t kMinChunkRows = 256;
 constexpr int kRJ = 16;  // bottleneck units per block in the weights kernel
 
+// Two blocks per SM (<= 128 registers) keep twice the row loads in flight; without the bound
+// ptxas gives the D = 768 row kernels 155-188 registers (one block per SM), with it 128 and
+// ~40 bytes of spills (ptxas -v, sm_90). Unmeasured on hardware: revisit with a GPU. At
+// D = 1024 a row needs 32 floats per lane and array, so one block.
+template <int KPER>
+constexpr int kRowMinBlocks = KPER <= 24 ? 2 : 1;
+
 __device__ __forceinline__ float warp_sum(float v) {
   // xor butterfly: every lane ends with the same value (a+b == b+a exactly at each level).
 #pragma unroll
@@ -65,7 +76,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Small path: forward.
 
 template <typename scalar_t, int KPER>
-__global__ void __launch_bounds__(kThreads) fwd_rows_kernel(
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks<KPER>) fwd_rows_kernel(
     const scalar_t* __restrict__ a, const scalar_t* __restrict__ m, const float* __restrict__ gamma,
     const float* __restrict__ beta, const float* __restrict__ wd, const float* __restrict__ bd,
     const float* __restrict__ wut, const float* __restrict__ bu, const float* __restrict__ scale,
@@ -111,6 +122,7 @@ __global__ void __launch_bounds__(kThreads) fwd_rows_kernel(
       h[k] = d < D ? math::ln_affine<float>(math::ln_xhat<float>(x[k], st), gamma[d], beta[d]) : 0.f;
       u[k] = d < D ? bu[d] : 0.f;
     }
+#pragma unroll 1
     for (int j = 0; j < r; ++j) {
       const float* wdj = w_d + j * D;
       float part = 0.f;
@@ -144,11 +156,11 @@ __global__ void __launch_bounds__(kThreads) fwd_rows_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small path: backward, per row. Partial record of block b, ws1[b, :], width 3D + r + 1:
-//   [colsum(G) | colsum(dH ⊙ Â) | colsum(dH) | colsum(dZ) | ⟨G·Wu, P⟩].
+// Small path: backward, per row. Partial record of block b, ws1[b, :], width r + 1:
+//   [colsum(dZ) | ⟨G·Wu, P⟩].
 
 template <typename scalar_t, int KPER>
-__global__ void __launch_bounds__(kThreads) bwd_rows_kernel(
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks<KPER>) bwd_rows_kernel(
     const scalar_t* __restrict__ gy, const scalar_t* __restrict__ a, const float* __restrict__ gamma,
     const float* __restrict__ wd, const float* __restrict__ wut, const float* __restrict__ scale,
     const float* __restrict__ mean, const float* __restrict__ rstd, const float* __restrict__ z, int64_t N,
@@ -169,9 +181,6 @@ __global__ void __launch_bounds__(kThreads) bwd_rows_kernel(
   const int warp = threadIdx.x >> 5;
   const float s = *scale;
   const float inv_d = 1.f / static_cast<float>(D);
-  float colg[KPER], dgam[KPER], dbet[KPER];
-#pragma unroll
-  for (int k = 0; k < KPER; ++k) colg[k] = dgam[k] = dbet[k] = 0.f;
   float dbd_lo = 0.f, dbd_hi = 0.f;  // units j = lane and j = lane + 32 (r <= 64)
   float ds1 = 0.f;                   // identical in every lane
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < N;
@@ -187,6 +196,7 @@ __global__ void __launch_bounds__(kThreads) bwd_rows_kernel(
       g[k] = d < D ? static_cast<float>(gr[d]) : 0.f;
       dh[k] = 0.f;
     }
+#pragma unroll 1
     for (int j = 0; j < r; ++j) {
       const float* wuj = w_ut + j * D;
       float part = 0.f;
@@ -230,35 +240,16 @@ __global__ void __launch_bounds__(kThreads) bwd_rows_kernel(
     for (int k = 0; k < KPER; ++k) {
       const int d = lane + 32 * k;
       if (d < D) {
-        dgam[k] += dh[k] * xh[k];
-        dbet[k] += dh[k];
-        colg[k] += g[k];
         out[d] = static_cast<scalar_t>(g[k] + math::ln_grad_input<float>(dh[k] * gamma[d], xh[k], st.rstd, c1, c2));
       }
     }
   }
 
-  // Block partial: sum the warps' column partials through shared memory in warp order. The
-  // weights are no longer read, so their shared memory is reused (the launch reserves
-  // max(weights, kWarps·D floats)).
+  // Block partial, summed over warps in warp order through shared memory. The weights are no
+  // longer read, so their shared memory is reused (the launch reserves at least kWarps·65 floats).
   __syncthreads();
   float* red = smem;
-  float* rec = ws1 + static_cast<int64_t>(blockIdx.x) * (3 * D + r + 1);
-  for (int part = 0; part < 3; ++part) {
-#pragma unroll
-    for (int k = 0; k < KPER; ++k) {
-      const int d = lane + 32 * k;
-      if (d < D) red[warp * D + d] = part == 0 ? colg[k] : (part == 1 ? dgam[k] : dbet[k]);
-    }
-    __syncthreads();
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      float acc = 0.f;
-      for (int w = 0; w < kWarps; ++w) acc += red[w * D + d];
-      rec[part * D + d] = acc;
-    }
-    __syncthreads();
-  }
-  // colsum(dZ) and ds1: per warp into red[warp * 65 + ...], then summed in warp order.
+  float* rec = ws1 + static_cast<int64_t>(blockIdx.x) * (r + 1);
   red[warp * (kMaxSmallR + 1) + lane] = dbd_lo;
   red[warp * (kMaxSmallR + 1) + 32 + lane] = dbd_hi;
   if (lane == 0) red[warp * (kMaxSmallR + 1) + kMaxSmallR] = ds1;
@@ -266,32 +257,39 @@ __global__ void __launch_bounds__(kThreads) bwd_rows_kernel(
   for (int j = threadIdx.x; j < r; j += blockDim.x) {
     float acc = 0.f;
     for (int w = 0; w < kWarps; ++w) acc += red[w * (kMaxSmallR + 1) + j];
-    rec[3 * D + j] = acc;
+    rec[j] = acc;
   }
   if (threadIdx.x == 0) {
     float acc = 0.f;
     for (int w = 0; w < kWarps; ++w) acc += red[w * (kMaxSmallR + 1) + kMaxSmallR];
-    rec[3 * D + r] = acc;
+    rec[r] = acc;
   }
 }
 
-// Weight-gradient partials of one chunk of rows, for kRJ bottleneck units and 32 columns:
-//   ws2[chunk, 0, j, d] = Σ_n P[n, j]·G[n, d],  ws2[chunk, 1, j, d] = Σ_n dZ[n, j]·Â[n, d].
+// Weight-gradient partials of one chunk of rows, for kRJ bottleneck units and 32 columns; the
+// partial record of a chunk, ws2[chunk, :], has width 2·r·D + 3·D:
+//   [Σ_n P[n, j]·G[n, d] (r × D) | Σ_n dZ[n, j]·Â[n, d] (r × D) | colsum(G) | colsum(dH ⊙ Â) | colsum(dH)].
+// The column sums are made by the blocks of the first unit group (blockIdx.z == 0), with
+// dH[n, d] = Σ_j dZ[n, j]·Wd[j, d] summed in the same order as the rows kernel.
 // Block (32, kWarps): x = column (coalesced), y = row phase within the chunk.
+constexpr int kCols = 3;  // colsum(G), colsum(dH ⊙ Â), colsum(dH)
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bwd_weights_kernel(
     const scalar_t* __restrict__ gy, const scalar_t* __restrict__ a, const float* __restrict__ mean,
-    const float* __restrict__ rstd, const float* __restrict__ z, const float* __restrict__ dz, int64_t N,
-    int D, int r, int64_t chunk_rows, float* __restrict__ ws2) {
-  __shared__ float red[kWarps][2 * kRJ][32];
+    const float* __restrict__ rstd, const float* __restrict__ z, const float* __restrict__ dz,
+    const float* __restrict__ wd, int64_t N, int D, int r, int64_t chunk_rows, float* __restrict__ ws2) {
+  __shared__ float red[kWarps][2 * kRJ + kCols][32];
   const int d = blockIdx.x * 32 + threadIdx.x;
   const int j0 = blockIdx.z * kRJ;
+  const bool with_cols = blockIdx.z == 0;
   const int64_t chunk = blockIdx.y;
   const int64_t n0 = chunk * chunk_rows;
   const int64_t n1 = min(N, n0 + chunk_rows);
   float acc_u[kRJ], acc_d[kRJ];
 #pragma unroll
   for (int jj = 0; jj < kRJ; ++jj) acc_u[jj] = acc_d[jj] = 0.f;
+  float colg = 0.f, dgam = 0.f, dbet = 0.f;
   if (d < D) {
     for (int64_t n = n0 + threadIdx.y; n < n1; n += kWarps) {
       const float g = static_cast<float>(gy[n * D + d]);
@@ -306,6 +304,13 @@ __global__ void __launch_bounds__(kThreads) bwd_weights_kernel(
           acc_d[jj] += dzr[j] * xh;
         }
       }
+      if (with_cols) {
+        float dh = 0.f;
+        for (int j = 0; j < r; ++j) dh += dzr[j] * wd[j * D + d];
+        colg += g;
+        dgam += dh * xh;
+        dbet += dh;
+      }
     }
   }
 #pragma unroll
@@ -313,15 +318,28 @@ __global__ void __launch_bounds__(kThreads) bwd_weights_kernel(
     red[threadIdx.y][jj][threadIdx.x] = acc_u[jj];
     red[threadIdx.y][kRJ + jj][threadIdx.x] = acc_d[jj];
   }
+  red[threadIdx.y][2 * kRJ][threadIdx.x] = colg;
+  red[threadIdx.y][2 * kRJ + 1][threadIdx.x] = dgam;
+  red[threadIdx.y][2 * kRJ + 2][threadIdx.x] = dbet;
   __syncthreads();
-  // Thread (x, y) finishes units j0 + y, j0 + y + kWarps, ... for column d, summing in row-phase order.
+  // Thread (x, y) finishes rows q = y, y + kWarps, ... of red for column d, summing in
+  // row-phase order.
   if (d < D) {
-    for (int q = threadIdx.y; q < 2 * kRJ; q += kWarps) {
-      const int which = q / kRJ, jj = q % kRJ, j = j0 + jj;
-      if (j >= r) continue;
+    const int64_t rD = static_cast<int64_t>(r) * D;
+    float* rec = ws2 + chunk * (2 * rD + kCols * static_cast<int64_t>(D));
+    for (int q = threadIdx.y; q < 2 * kRJ + kCols; q += kWarps) {
+      int64_t dst;
+      if (q < 2 * kRJ) {
+        const int which = q / kRJ, j = j0 + q % kRJ;
+        if (j >= r) continue;
+        dst = which * rD + static_cast<int64_t>(j) * D + d;
+      } else {
+        if (!with_cols) continue;
+        dst = 2 * rD + static_cast<int64_t>(q - 2 * kRJ) * D + d;
+      }
       float acc = 0.f;
       for (int w = 0; w < kWarps; ++w) acc += red[w][q][threadIdx.x];
-      ws2[((chunk * 2 + which) * r + j) * D + d] = acc;
+      rec[dst] = acc;
     }
   }
 }
@@ -336,43 +354,44 @@ __global__ void colsum_kernel(const float* __restrict__ in, int64_t P, int64_t C
   }
 }
 
-// Parameter gradients (fp32) from the reduced sums: tot1 = [colg | dγ | dβ | dbd | ds1],
-// tot2 = [PᵀG (r × D) | dZᵀÂ (r × D)].
+// Parameter gradients (fp32) from the reduced sums: tot1 = [dbd (r) | ds1],
+// tot2 = [PᵀG (r × D) | dZᵀÂ (r × D) | colg | dγ | dβ].
 __global__ void finalize_kernel(const float* __restrict__ tot1, const float* __restrict__ tot2,
                                 const float* __restrict__ gamma, const float* __restrict__ beta,
                                 const float* __restrict__ scale, int D, int r, float* __restrict__ dlnw,
                                 float* __restrict__ dlnb, float* __restrict__ ddw, float* __restrict__ ddb,
                                 float* __restrict__ duw, float* __restrict__ dub) {
   const float s = *scale;
-  const float* dbd = tot1 + 3 * D;
+  const float* dbd = tot1;
   const int64_t total = static_cast<int64_t>(r) * D;
+  const float* cols = tot2 + 2 * total;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int j = static_cast<int>(i / D), d = static_cast<int>(i % D);
     ddw[i] = math::down_w_grad<float>(gamma[d], tot2[total + i], beta[d], dbd[j]);
     duw[static_cast<int64_t>(d) * r + j] = s * tot2[i];
     if (j == 0) {
-      dlnw[d] = tot1[D + d];
-      dlnb[d] = tot1[2 * D + d];
-      dub[d] = s * tot1[d];
+      dlnw[d] = cols[D + d];
+      dlnb[d] = cols[2 * D + d];
+      dub[d] = s * cols[d];
     }
     if (d == 0) ddb[j] = dbd[j];
   }
 }
 
 // ds = ⟨G·Wu, P⟩ + ⟨colsum(G), bu⟩: one block, fixed tree.
-__global__ void grad_scale_kernel(const float* __restrict__ tot1, const float* __restrict__ bu, int D, int r,
-                                  float* __restrict__ ds) {
+__global__ void grad_scale_kernel(const float* __restrict__ tot1, const float* __restrict__ colg,
+                                  const float* __restrict__ bu, int D, int r, float* __restrict__ ds) {
   __shared__ float red[kThreads];
   float acc = 0.f;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) acc += tot1[d] * bu[d];
+  for (int d = threadIdx.x; d < D; d += blockDim.x) acc += colg[d] * bu[d];
   red[threadIdx.x] = acc;
   __syncthreads();
   for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
     if (threadIdx.x < stride) red[threadIdx.x] += red[threadIdx.x + stride];
     __syncthreads();
   }
-  if (threadIdx.x == 0) ds[0] = tot1[3 * D + r] + red[0];
+  if (threadIdx.x == 0) ds[0] = tot1[r] + red[0];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -458,6 +477,11 @@ std::pair<int64_t, int64_t> check_params(const at::Tensor& a, const at::Tensor& 
   return {D, r};
 }
 
+// The fused path has no float64 instantiation (float64 is for gradcheck and takes the cuBLAS path).
+#define LPF_DISPATCH_SMALL(TYPE, NAME, ...)                              \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 bool use_small_path(const at::Tensor& a, int64_t D, int64_t r) {
   return a.scalar_type() != at::kDouble && r <= kMaxSmallR && D <= kMaxSmallD;
 }
@@ -500,7 +524,7 @@ void fwd_small(const at::Tensor& a, const at::Tensor& m, const Params32& p, doub
   const size_t smem = smem_w ? static_cast<size_t>(2 * r * D) * sizeof(float) : 0;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(N, kWarps), 65535));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "adaptformer_fwd_cuda", [&] {
+  LPF_DISPATCH_SMALL(a.scalar_type(), "adaptformer_fwd_cuda", [&] {
     dispatch_kper(D, [&](auto kper) {
       fwd_rows_kernel<scalar_t, decltype(kper)::value><<<blocks, kThreads, smem, stream>>>(
           a.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), p.gamma.const_data_ptr<float>(),
@@ -580,15 +604,16 @@ Grads bwd_small(const at::Tensor& gy, const at::Tensor& a, const Params32& p, co
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool smem_w = weights_in_smem(D, r);
   const size_t smem = std::max<size_t>(smem_w ? static_cast<size_t>(2 * r * D) * sizeof(float) : 0,
-                                       static_cast<size_t>(kWarps) * std::max<int64_t>(D, kMaxSmallR + 1) * sizeof(float));
+                                       static_cast<size_t>(kWarps) * (kMaxSmallR + 1) * sizeof(float));
   const int64_t row_blocks = std::min<int64_t>(ceil_div(N, kWarps), kMaxRowBlocks);
-  const int64_t w1 = 3 * D + r + 1;
+  const int64_t w1 = r + 1;
+  const int64_t w2 = 2 * r * D + kCols * D;
   at::Tensor dz = at::empty({N, r}, f32);
   at::Tensor ws1 = at::empty({row_blocks, w1}, f32);
   const int64_t chunk_rows = std::max<int64_t>(kMinChunkRows, ceil_div(N, kMaxWeightChunks));
   const int64_t chunks = ceil_div(N, chunk_rows);
-  at::Tensor ws2 = at::empty({chunks, 2 * r * D}, f32);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "adaptformer_bwd_cuda", [&] {
+  at::Tensor ws2 = at::empty({chunks, w2}, f32);
+  LPF_DISPATCH_SMALL(a.scalar_type(), "adaptformer_bwd_cuda", [&] {
     dispatch_kper(D, [&](auto kper) {
       bwd_rows_kernel<scalar_t, decltype(kper)::value><<<static_cast<int>(row_blocks), kThreads, smem, stream>>>(
           gy.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), p.gamma.const_data_ptr<float>(),
@@ -602,17 +627,17 @@ Grads bwd_small(const at::Tensor& gy, const at::Tensor& a, const Params32& p, co
                     static_cast<unsigned>(ceil_div(r, kRJ)));
     bwd_weights_kernel<scalar_t><<<grid, dim3(32, kWarps), 0, stream>>>(
         gy.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), mean.const_data_ptr<float>(),
-        rstd.const_data_ptr<float>(), z.const_data_ptr<float>(), dz.const_data_ptr<float>(), N,
-        static_cast<int>(D), static_cast<int>(r), chunk_rows, ws2.data_ptr<float>());
+        rstd.const_data_ptr<float>(), z.const_data_ptr<float>(), dz.const_data_ptr<float>(),
+        p.wd.const_data_ptr<float>(), N, static_cast<int>(D), static_cast<int>(r), chunk_rows, ws2.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   at::Tensor tot1 = at::empty({w1}, f32);
-  at::Tensor tot2 = at::empty({2 * r * D}, f32);
+  at::Tensor tot2 = at::empty({w2}, f32);
   colsum_kernel<<<elementwise_blocks(w1), kThreads, 0, stream>>>(ws1.const_data_ptr<float>(), row_blocks, w1,
                                                                  tot1.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  colsum_kernel<<<elementwise_blocks(2 * r * D), kThreads, 0, stream>>>(ws2.const_data_ptr<float>(), chunks,
-                                                                        2 * r * D, tot2.data_ptr<float>());
+  colsum_kernel<<<elementwise_blocks(w2), kThreads, 0, stream>>>(ws2.const_data_ptr<float>(), chunks, w2,
+                                                                 tot2.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Grads g{at::empty({D}, f32), at::empty({D}, f32), at::empty({r, D}, f32), at::empty({r}, f32),
           at::empty({D, r}, f32), at::empty({D}, f32), at::empty({1}, f32)};
@@ -622,8 +647,9 @@ Grads bwd_small(const at::Tensor& gy, const at::Tensor& a, const Params32& p, co
       g.dlnw.data_ptr<float>(), g.dlnb.data_ptr<float>(), g.ddw.data_ptr<float>(), g.ddb.data_ptr<float>(),
       g.duw.data_ptr<float>(), g.dub.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  grad_scale_kernel<<<1, kThreads, 0, stream>>>(tot1.const_data_ptr<float>(), p.bu.const_data_ptr<float>(),
-                                                static_cast<int>(D), static_cast<int>(r), g.ds.data_ptr<float>());
+  grad_scale_kernel<<<1, kThreads, 0, stream>>>(tot1.const_data_ptr<float>(), tot2.const_data_ptr<float>() + 2 * r * D,
+                                                p.bu.const_data_ptr<float>(), static_cast<int>(D), static_cast<int>(r),
+                                                g.ds.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return g;
 }

@@ -30,6 +30,12 @@ def _tool(name):
 
 
 class CMakeBuild(build_ext):
+    def run(self):
+        # setuptools clears self.inplace while it builds and copies the library into the source
+        # tree afterwards: remember the flag so the build info is written there too.
+        self._lpf_inplace = bool(self.inplace)
+        super().run()
+
     def build_extension(self, ext):
         import torch
 
@@ -51,7 +57,7 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call([cmake, "--build", build_dir, "--parallel", jobs])
         out_dirs = {os.path.dirname(output)}
-        if getattr(self, "editable_mode", False) or self.inplace:
+        if getattr(self, "editable_mode", False) or self.inplace or getattr(self, "_lpf_inplace", False):
             # Editable installs copy only the library into the source tree; the info goes too.
             out_dirs.add(os.path.join(ROOT, "liftplus_fast"))
         for out_dir in out_dirs:

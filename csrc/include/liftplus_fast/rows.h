@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "liftplus_fast/la_ce.h"
+
 namespace liftplus_fast {
 namespace rows {
 
@@ -151,13 +153,13 @@ inline void logit_grad(const A* z, A mul_or_lse, A g, const A* cs, int64_t n, in
     } else {
       p = exp_fast(z[k] - mul_or_lse);
     }
-    A v = p * g;
+    A v = math::softmax_grad<A>(p, false, g);
     if (cs != nullptr) v *= cs[k];
     out[k] = static_cast<T>(v);
   }
   if (y_local >= 0 && y_local < n) {
     A p = kStored ? z[y_local] * mul_or_lse : exp_fast(z[y_local] - mul_or_lse);
-    A v = (p - A(1)) * g;
+    A v = math::softmax_grad<A>(p, true, g);
     if (cs != nullptr) v *= cs[y_local];
     out[y_local] = static_cast<T>(v);
   }
@@ -172,9 +174,9 @@ inline void project_row(const X* x, const V* v, A rv, A a, bool proj, O* out, in
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<O>(a * static_cast<A>(x[i]));
     return;
   }
-  const A c = dot<X, V, A>(x, v, n) * rv * rv;
+  const A c = math::project_coef<A>(dot<X, V, A>(x, v, n), rv, true);
   for (int64_t i = 0; i < n; ++i)
-    out[i] = static_cast<O>(a * (static_cast<A>(x[i]) - static_cast<A>(v[i]) * c));
+    out[i] = static_cast<O>(math::project_elem<A>(static_cast<A>(x[i]), static_cast<A>(v[i]), c, a));
 }
 
 // First index of the maximum of a row (torch.argmax semantics: the first maximum wins, a NaN

@@ -26,7 +26,7 @@
 #include <memory>
 #include <vector>
 
-#include "liftplus_fast/layernorm.h"
+#include "liftplus_fast/adaptformer.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -311,7 +311,7 @@ inline void fwd_epilogue(const scalar_t* a, const scalar_t* m, const acc_t* u, a
   const acc_t* x = row_as_acc<scalar_t, acc_t>(a, D, tmp_a);
   const acc_t* mm = row_as_acc<scalar_t, acc_t>(m, D, tmp_m);
   #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(x[d] + (mm[d] + s * u[d]));
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(math::adapter_out<acc_t>(x[d], mm[d], s, u[d]));
 }
 
 // Streams of the next tile are fetched into L2 while this tile computes: without it the
@@ -476,11 +476,11 @@ void fwd_impl(const at::Tensor& a, const at::Tensor& m, const at::Tensor& ln_w, 
           const acc_t* g = p.gamma.get();
           const acc_t* b = p.beta.get();
           #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) h[d] = (x[d] - st.mean) * st.rstd * g[d] + b[d];
+          for (int64_t d = 0; d < D; ++d) h[d] = math::ln_affine<acc_t>(math::ln_xhat<acc_t>(x[d], st), g[d], b[d]);
         }
         acc_t* Z = zp + t0 * r;
         gemm_dots<acc_t>(H, Dp, nt, p.wd.get(), Dp, Dp, r, Z, r, p.bd.get());
-        for (int64_t i = 0; i < nt * r; ++i) P[i] = Z[i] > 0 ? Z[i] : acc_t(0);
+        for (int64_t i = 0; i < nt * r; ++i) P[i] = math::relu<acc_t>(Z[i]);
         gemm_expand<acc_t>(P, r, nt, p.wut.get(), Dp, r, Dp, U, Dp, p.bu.get());
         for (int64_t t = 0; t < nt; ++t) {
           const int64_t off = (t0 + t) * D;
@@ -577,7 +577,7 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
           const acc_t mu = meanp[t0 + t], rs = rstdp[t0 + t];
           acc_t* xh = Xh + t * Dp;
           #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) xh[d] = (x[d] - mu) * rs;
+          for (int64_t d = 0; d < D; ++d) xh[d] = math::ln_xhat<acc_t>(x[d], {mu, rs});
           if (!g_in_place) {
             acc_t* g = gb.get() + t * Dp;
             const scalar_t* gsrc = gp + off;
@@ -600,11 +600,10 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
         for (int64_t t = 0; t < nt; ++t) {
           for (int64_t j = 0; j < r; ++j) {
             const int64_t i = t * r + j;
-            const bool on = Z[i] > 0;
-            const acc_t pv = on ? Z[i] : acc_t(0);
+            const acc_t pv = math::relu<acc_t>(Z[i]);
             P[i] = pv;
             ds1 += GW[i] * pv;
-            const acc_t dz = on ? s * GW[i] : acc_t(0);
+            const acc_t dz = math::relu_grad<acc_t>(s * GW[i], Z[i]);
             dZ[i] = dz;
             dbd[j] += dz;
           }
@@ -669,7 +668,7 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
     ddb.data_ptr<acc_t>()[j] = tot.dbd.get()[j];
     const acc_t* acc = tot.dwd.get() + j * Dp;
     acc_t* dst = ddw.data_ptr<acc_t>() + j * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = p.gamma.get()[d] * acc[d] + p.beta.get()[d] * tot.dbd.get()[j];
+    for (int64_t d = 0; d < D; ++d) dst[d] = math::down_w_grad<acc_t>(p.gamma.get()[d], acc[d], p.beta.get()[d], tot.dbd.get()[j]);
     for (int64_t d = 0; d < D; ++d) duw.data_ptr<acc_t>()[d * r + j] = s * tot.dwut.get()[j * Dp + d];
   }
   g_lnw = dlnw.to(ln_w.scalar_type());

@@ -35,6 +35,7 @@
 #include <string>
 #include <vector>
 
+#include "liftplus_fast/la_ce.h"
 #include "liftplus_fast/math.h"
 #include "liftplus_fast/rows.h"
 
@@ -125,8 +126,8 @@ void run(const at::Tensor& feat_in, const at::Tensor& weight_in, const at::Tenso
       for (int64_t b = b0; b < b1; ++b) {
         const A ss = R::sumsq<T, A>(fp + b * D, D);
         const A n = std::sqrt(ss);
-        rf[b] = A(1) / (n > A(math::kNormEps) ? n : A(math::kNormEps));
-        pf[b] = n > A(math::kNormEps);
+        rf[b] = math::inv_norm_of<A>(n);
+        pf[b] = math::norm_active<A>(n);
         R::scale_row<T, T, A>(fp + b * D, A(scale) * rf[b], fsp + b * D, D);
       }
     });
@@ -140,8 +141,8 @@ void run(const at::Tensor& feat_in, const at::Tensor& weight_in, const at::Tenso
     at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const A n = std::sqrt(R::sumsq<scalar_t, A>(wp + k * D, D));
-        rw[k] = A(1) / (n > A(math::kNormEps) ? n : A(math::kNormEps));
-        pw[k] = n > A(math::kNormEps);
+        rw[k] = math::inv_norm_of<A>(n);
+        pw[k] = math::norm_active<A>(n);
       }
     });
   });
@@ -252,12 +253,7 @@ void run(const at::Tensor& feat_in, const at::Tensor& weight_in, const at::Tenso
           } else {
             const A s = R::exp_sum<false, A>(z.data(), n, m);
             // Online merge in the accumulation dtype (math::lse_merge is fp32-only).
-            if (m > run_m[b]) {
-              run_s[b] = run_s[b] * R::exp_fast(run_m[b] - m) + s;
-              run_m[b] = m;
-            } else if (m != R::neg_inf<A>()) {
-              run_s[b] += s * R::exp_fast(m - run_m[b]);
-            }
+            math::lse_merge_into<A>(run_m[b], run_s[b], m, s, [](A v) { return R::exp_fast(v); });
           }
         }
       });

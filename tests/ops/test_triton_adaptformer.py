@@ -15,9 +15,6 @@ reference R and the reference run in the same precision P:
 max|K−R| ≤ 2·max|P−R| + eps(dtype)·max|R| (atol = one rounding of the output dtype at the
 tensor's scale: K rounds its output once, so near-exact P could otherwise fail it).
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,35 +24,14 @@ from liftplus_fast.ops import reference
 triton = pytest.importorskip("triton")
 T = pytest.importorskip("liftplus_fast.ops.triton.adaptformer")
 
+from .triton_interp import IN_INTERP, cpu_tests_need_interpreter, run_under_interpreter  # noqa: E402,F401
+
 HAS_CUDA = torch.cuda.is_available()
-
-
-def _in_interpreter_process() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-    import triton.language as tl
-
-    return os.environ.get("TRITON_INTERPRET") == "1" and isinstance(tl.sum, InterpretedFunction)
-
-
-IN_INTERP = _in_interpreter_process()
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(autouse=True)
-def _cpu_tests_need_interpreter(request):
-    if request.node.get_closest_marker("gpu") is None and request.node.name != \
-            "test_cpu_tests_under_interpreter" and not IN_INTERP:
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_cpu_tests_under_interpreter")
 
 
 @pytest.mark.skipif(IN_INTERP, reason="already in an interpreter process")
 def test_cpu_tests_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("LIFTPLUS_FAST_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-                           os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_under_interpreter(__file__)
 
 
 def _params(d, r, g, device="cpu"):

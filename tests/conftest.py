@@ -3,6 +3,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI must not turn red on an example nobody has seen: property tests draw the same examples every
+# run ("ci", the default). `pytest --hypothesis-profile=explore` searches new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile("ci")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -255,7 +255,7 @@ def test_cuda_la_ce_gradcheck_float64(chunked):
 @needs_gpu
 def test_cuda_la_ce_checks_name_the_argument():
     feat, weight, labels, log_prior = ce_cuda(4, 9, 8)
-    with pytest.raises(RuntimeError, match="log_prior must be on the CUDA device"):
+    with pytest.raises(RuntimeError, match="log_prior must be on cuda"):
         torch.ops.liftplus_fast.la_cosine_ce_fwd(feat, weight, labels, log_prior.cpu(), 25.0, 1.0, False, False)
     with pytest.raises(RuntimeError, match="weight must have shape"):
         torch.ops.liftplus_fast.la_cosine_ce_fwd(feat, weight[:, :3], labels, log_prior, 25.0, 1.0, False, False)

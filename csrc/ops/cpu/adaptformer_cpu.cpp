@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "liftplus_fast/adaptformer.h"
+#include "liftplus_fast/checks.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -384,53 +385,7 @@ Params<acc_t> make_params(const at::Tensor& ln_w, const at::Tensor& ln_b, const 
 // ---------------------------------------------------------------------------------------------
 // Argument checks (the Python wrapper checks too; these guard direct torch.ops calls).
 
-void check_float(const at::Tensor& t, const char* name, bool allow_double = true) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || (allow_double && st == at::kDouble),
-              "adaptformer: ", name, " must be float32, bfloat16, float16 or float64; got ", name,
-              " with shape ", t.sizes(), ", dtype ", st, ", device ", t.device());
-}
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "adaptformer (CPU kernel): ", name, " must be a CPU tensor; got ",
-              name, " with shape ", t.sizes(), ", dtype ", t.scalar_type(), ", device ", t.device());
-}
-
-void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, "adaptformer: ", name, " must have shape ", expected, "; got ",
-              name, " with shape ", t.sizes(), ", dtype ", t.scalar_type(), ", device ", t.device());
-}
-
-// Checks the parameters against a and returns (D, r).
-std::pair<int64_t, int64_t> check_params(const at::Tensor& a, const at::Tensor& ln_w, const at::Tensor& ln_b,
-                                         const at::Tensor& down_w, const at::Tensor& down_b,
-                                         const at::Tensor& up_w, const at::Tensor& up_b,
-                                         const at::Tensor& scale) {
-  check_cpu(a, "a");
-  check_float(a, "a");
-  TORCH_CHECK(a.dim() >= 1 && a.size(-1) > 0, "adaptformer: a must have a non-empty last dimension; got a with shape ",
-              a.sizes(), ", dtype ", a.scalar_type(), ", device ", a.device());
-  const int64_t D = a.size(-1);
-  const std::pair<const at::Tensor*, const char*> params[] = {
-      {&ln_w, "ln_w"}, {&ln_b, "ln_b"}, {&down_w, "down_w"}, {&down_b, "down_b"},
-      {&up_w, "up_w"}, {&up_b, "up_b"}, {&scale, "scale"}};
-  for (const auto& [t, name] : params) {
-    check_cpu(*t, name);
-    check_float(*t, name);
-  }
-  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == D && down_w.size(0) > 0, "adaptformer: down_w must have shape [r, ",
-              D, "] with r >= 1; got down_w with shape ", down_w.sizes(), ", dtype ", down_w.scalar_type(),
-              ", device ", down_w.device());
-  const int64_t r = down_w.size(0);
-  check_shape(ln_w, "ln_w", {D});
-  check_shape(ln_b, "ln_b", {D});
-  check_shape(down_b, "down_b", {r});
-  check_shape(up_w, "up_w", {D, r});
-  check_shape(up_b, "up_b", {D});
-  TORCH_CHECK(scale.numel() == 1, "adaptformer: scale must hold one value; got scale with shape ", scale.sizes(),
-              ", dtype ", scale.scalar_type(), ", device ", scale.device());
-  return {D, r};
-}
+constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
@@ -495,12 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaptformer_fwd_cpu(
     const at::Tensor& a_in, const at::Tensor& m_in, const at::Tensor& ln_w, const at::Tensor& ln_b,
     const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
     const at::Tensor& scale, double eps) {
-  const auto [D, r] = check_params(a_in, ln_w, ln_b, down_w, down_b, up_w, up_b, scale);
-  check_cpu(m_in, "mlp_out");
-  TORCH_CHECK(m_in.sizes() == a_in.sizes() && m_in.scalar_type() == a_in.scalar_type(),
-              "adaptformer: mlp_out must match a (shape ", a_in.sizes(), ", dtype ", a_in.scalar_type(),
-              "); got mlp_out with shape ", m_in.sizes(), ", dtype ", m_in.scalar_type(), ", device ",
-              m_in.device());
+  const auto [D, r] = checks::adaptformer_fwd_args(a_in, m_in, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, kDevice);
   const at::Tensor a = a_in.contiguous();
   const at::Tensor m = m_in.contiguous();
   const int64_t N = a.numel() / D;
@@ -685,24 +635,9 @@ adaptformer_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, const at::T
                     const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w,
                     const at::Tensor& up_b, const at::Tensor& scale, const at::Tensor& mean_in,
                     const at::Tensor& rstd_in, const at::Tensor& z_in) {
-  const auto [D, r] = check_params(a_in, ln_w, ln_b, down_w, down_b, up_w, up_b, scale);
-  check_cpu(gy_in, "grad_y");
-  TORCH_CHECK(gy_in.sizes() == a_in.sizes() && gy_in.scalar_type() == a_in.scalar_type(),
-              "adaptformer: grad_y must match a (shape ", a_in.sizes(), ", dtype ", a_in.scalar_type(),
-              "); got grad_y with shape ", gy_in.sizes(), ", dtype ", gy_in.scalar_type(), ", device ",
-              gy_in.device());
+  const auto [D, r] = checks::adaptformer_bwd_args(gy_in, a_in, ln_w, ln_b, down_w, down_b, up_w, up_b, scale,
+                                                   mean_in, rstd_in, z_in, kDevice);
   const int64_t N = a_in.numel() / D;
-  const auto acc_type = a_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const std::pair<const at::Tensor*, const char*> saved[] = {{&mean_in, "mean"}, {&rstd_in, "rstd"}, {&z_in, "z"}};
-  for (const auto& [t, name] : saved) {
-    check_cpu(*t, name);
-    TORCH_CHECK(t->scalar_type() == acc_type, "adaptformer: ", name, " must have dtype ", acc_type,
-                " (saved by adaptformer_fwd); got ", name, " with shape ", t->sizes(), ", dtype ",
-                t->scalar_type(), ", device ", t->device());
-  }
-  check_shape(mean_in, "mean", {N});
-  check_shape(rstd_in, "rstd", {N});
-  check_shape(z_in, "z", {N, r});
 
   const at::Tensor a = a_in.contiguous();
   const at::Tensor gy = gy_in.contiguous();

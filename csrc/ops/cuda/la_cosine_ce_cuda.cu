@@ -32,6 +32,7 @@
 #include <sstream>
 #include <string>
 
+#include "liftplus_fast/checks.h"
 #include "liftplus_fast/la_ce.h"
 
 namespace liftplus_fast {
@@ -201,44 +202,13 @@ __global__ void __launch_bounds__(kThreads) project_rows_kernel(const X* __restr
 
 // ---------------------------------------------------------------------------------------------
 
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  const long long x = std::strtoll(v, &end, 10);
-  return (end != v && x >= 0) ? static_cast<int64_t>(x) : fallback;
-}
-
-std::string describe(const at::Tensor& t) {
-  std::ostringstream os;
-  os << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
-  return os.str();
-}
-
-bool is_float_like(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble;
-}
+using checks::describe;
+using checks::env_int;
+using checks::is_float_like;
 
 void check_args(const at::Tensor& feat, const at::Tensor& weight, const at::Tensor& labels,
                 const at::Tensor& log_prior) {
-  TORCH_CHECK(feat.dim() == 2 && is_float_like(feat),
-              "feat must be a 2-D float32/bfloat16/float16/float64 tensor [B, D]; got ", describe(feat));
-  TORCH_CHECK(feat.size(0) > 0, "feat must hold at least one row; got ", describe(feat));
-  TORCH_CHECK(weight.dim() == 2 && is_float_like(weight), "weight must be a 2-D float tensor [K, D]; got ",
-              describe(weight));
-  TORCH_CHECK(weight.size(1) == feat.size(1) && weight.size(0) > 0, "weight must have shape [K >= 1, ",
-              feat.size(1), "] to match feat; got ", describe(weight));
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == feat.size(0),
-              "labels must be an int64 tensor of shape [", feat.size(0), "]; got ", describe(labels));
-  TORCH_CHECK(log_prior.dim() == 1 && log_prior.size(0) == weight.size(0) && is_float_like(log_prior),
-              "log_prior must be a float tensor of shape [", weight.size(0), "]; got ", describe(log_prior));
-  const std::pair<const at::Tensor*, const char*> all[] = {
-      {&feat, "feat"}, {&weight, "weight"}, {&labels, "labels"}, {&log_prior, "log_prior"}};
-  for (const auto& [t, name] : all) {
-    TORCH_CHECK(t->is_cuda() && t->device() == feat.device(), "la_cosine_ce (CUDA kernel): ", name,
-                " must be on the CUDA device of feat (", feat.device(), "); got ", name, " with ", describe(*t));
-  }
+  checks::la_ce_args(feat, weight, labels, log_prior, c10::DeviceType::CUDA);
 }
 
 struct Outputs {

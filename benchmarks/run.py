@@ -44,14 +44,14 @@ def fmt_ratio(row, peer, name):
 
 def print_table(name, rows):
     print(f"\n## {name}")
-    header = f"{'case':44s} {'candidate':10s} {'ms':>9s} {'vs ref':>8s} {'vs compile':>10s} {'peak MB':>9s} {'floor':>6s}"
+    header = f"{'case':44s} {'candidate':14s} {'ms':>9s} {'vs ref':>8s} {'vs compile':>10s} {'peak MB':>9s} {'floor':>6s}"
     print(header)
     print("-" * len(header))
     for row in rows:
         for cand, ms in row["ms"].items():
             floor = row.get("floor_fraction", {}).get(cand)
             mem = row["peak_mem_mb"].get(cand)
-            print(f"{row['case'][:44]:44s} {cand:10s} {ms:9.3f} {fmt_ratio(row, 'reference', cand):>8s} "
+            print(f"{row['case'][:44]:44s} {cand:14s} {ms:9.3f} {fmt_ratio(row, 'reference', cand):>8s} "
                   f"{fmt_ratio(row, 'compile', cand):>10s} "
                   f"{(f'{mem:9.1f}' if mem is not None else '        -')} "
                   f"{(f'{floor:6.2f}' if floor is not None else '     -')}")

@@ -72,8 +72,11 @@ class LiftConfig:
     seed: Optional[int] = 0
     deterministic: bool = True
     device: str = "auto"
-    prec_train: str = "amp"  # fp32 / amp / fp16 ("amp" is fp16 autocast on CUDA, fp32 on CPU)
-    prec_test: str = "fp16"  # fp32 / fp16 (fp16 only on CUDA; CPU tests run in fp32)
+    # Mixed precision, as the published code: "amp" trains with fp16 autocast and a gradient
+    # scaler on CUDA, bf16 autocast on CPU (the CPU's fast half type); "fp16"/"bf16" name the
+    # half type; "fp32" is full precision (use it to reproduce fp32 numbers exactly).
+    prec_train: str = "amp"  # fp32 / amp / fp16 / bf16
+    prec_test: str = "fp16"  # fp32 / fp16 / bf16 (half precision is bf16 on CPU)
     # optimisation
     num_epochs: int = 5
     batch_size: int = 128
@@ -144,8 +147,8 @@ LOSSES = ("CE", "Focal", "LDAM", "CB", "GRW", "BS", "LA", "LADE")
 CLASSIFIERS = ("CosineClassifier", "LinearClassifier", "L2NormClassifier", "LayerNormClassifier")
 CLASSIFIER_INITS = ("semantic", "class_mean", "linear_probing", "random", None)
 MDA_FUNCS = ("min", "max", "linear", "convex", "concave")
-PRECISIONS_TRAIN = ("fp32", "amp", "fp16")
-PRECISIONS_TEST = ("fp32", "fp16")
+PRECISIONS_TRAIN = ("fp32", "amp", "fp16", "bf16")
+PRECISIONS_TEST = ("fp32", "fp16", "bf16", "amp")
 
 
 def resolve_method(name: str) -> str:

@@ -20,10 +20,19 @@ __all__ = ["evaluate", "metrics_from_counts", "autocast_context"]
 
 
 def autocast_context(device: torch.device, precision: str):
-    """Autocast for ``precision`` ("fp32", "fp16", "amp"); fp16 only runs on CUDA."""
-    if precision in ("fp16", "amp") and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+    """Autocast for ``precision``: "fp32" (none), "amp"/"fp16"/"bf16" (half precision).
+
+    On CUDA "amp"/"fp16" autocast to fp16 and "bf16" to bf16; on CPU every half precision is
+    bf16 (fp16 matmuls have no fast path on CPUs). LayerNorms stay fp32 inside the model.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in ("amp", "fp16", "bf16"):
+        raise ValueError(f"precision must be 'fp32', 'amp', 'fp16' or 'bf16'; got {precision!r}")
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def metrics_from_counts(correct: torch.Tensor, total: torch.Tensor, cls_num_list: Sequence[int]) -> dict:
@@ -81,7 +90,7 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
         cls_num_list: training-set class sizes (for the many/med/few groups).
         tte: force (True) or forbid (False) TTE; ``None`` follows the shape of the images.
         device: where to run; default the model's device.
-        precision: "fp32", or "fp16" (autocast on CUDA; CPU runs fp32).
+        precision: "fp32", or a half precision ("fp16"/"amp"/"bf16"; bf16 on CPU).
         progress: show a tqdm bar.
         feature_tte: average normalised crop features (exact for cosine classifiers).
 

@@ -2,13 +2,13 @@
 
 SGD (momentum 0.9, weight decay 5e-4) over exactly the tuner's parameters, cosine annealing
 stepped once per epoch, gradient accumulation, minimalist data augmentation stepped per epoch,
-fp16 autocast with a gradient scaler on CUDA (``prec_train="amp"``), then evaluation with
+mixed precision (``prec_train="amp"``: fp16 autocast with a gradient scaler on CUDA, bf16
+autocast on CPU), then evaluation with
 optional test-time ensembling. The output folder gets the resolved config, a log, the metrics,
 a tuner-only checkpoint (written atomically after every epoch, resumable) and a plot.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -105,17 +105,6 @@ def _features(model, loader, device, progress: bool):
     return torch.cat(feats), torch.cat(labels)
 
 
-def _train_precision(cfg: LiftConfig, device: torch.device) -> str:
-    if device.type != "cuda" and cfg.prec_train != "fp32":
-        logger.info("prec_train=%s needs CUDA; training in fp32 on %s", cfg.prec_train, device)
-        return "fp32"
-    return cfg.prec_train
-
-
-def _test_precision(cfg: LiftConfig, device: torch.device) -> str:
-    return cfg.prec_test if device.type == "cuda" else "fp32"
-
-
 def _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides) -> LiftConfig:
     if config is not None:
         if not isinstance(config, LiftConfig):
@@ -169,8 +158,8 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm) -> TrainResult:
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    logger.info("liftplus_fast: %s on %s, backbone %s, method %s, device %s",
-                cfg.dataset, cfg.root, cfg.backbone, cfg.method, device)
+    logger.info("liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
+                cfg.dataset, cfg.root, cfg.backbone, cfg.method, device, cfg.prec_train, cfg.prec_test)
 
     # Data first: its errors (missing files, bad names) are the cheapest to report.
     train_set = build_dataset(cfg.dataset, cfg.root, "train", build_train_transform(cfg))
@@ -220,7 +209,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm) -> TrainResult:
     t0 = time.perf_counter()
     test_loader = _loader(test_set, 64, cfg, False)
     metrics = evaluate(model, test_loader, cls_num_list, tte=cfg.tte, device=device,
-                       precision=_test_precision(cfg, device), progress=progress)
+                       precision=cfg.prec_test, progress=progress)
     timings["test_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     logger.info("* overall %.2f%%  mean %.2f%%  many %.2f%%  med %.2f%%  few %.2f%%",
@@ -241,8 +230,9 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
         raise ValueError(f"method {cfg.method!r} has nothing to train (empty tuner)")
     optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, cfg.num_epochs)
-    precision = _train_precision(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if precision == "amp" else None
+    precision = cfg.prec_train
+    # fp16 needs loss scaling; bf16 (CPU "amp", or "bf16") has fp32's range and does not.
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and precision in ("amp", "fp16") else None
     if state is not None and "optimizer" in state:
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -267,8 +257,7 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
         for batch_idx, (images, labels) in enumerate(bar):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device=device, dtype=torch.int64, non_blocking=True)
-            ctx = autocast_context(device, precision) if precision == "amp" else contextlib.nullcontext()
-            with ctx:
+            with autocast_context(device, precision):
                 loss, logits = model.training_loss(images, labels)
             if scaler is not None:
                 scaler.scale(loss / cfg.accum_step).backward()

@@ -78,3 +78,17 @@ def test_plain_evaluation_and_bad_shapes():
         evaluate(model, batches, [200, 50, 50, 10, 5], tte=True, progress=False)
     with pytest.raises(ValueError, match="cls_num_list has 3"):
         evaluate(model, batches, [200, 50, 5], progress=False)
+
+
+def test_half_precision_is_bf16_on_cpu():
+    from liftplus_fast.evaluate import autocast_context
+
+    for precision in ("amp", "fp16", "bf16"):
+        with autocast_context(torch.device("cpu"), precision):
+            assert torch.is_autocast_enabled("cpu")
+            out = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+        assert out.dtype == torch.bfloat16
+    with autocast_context(torch.device("cpu"), "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="precision"):
+        autocast_context(torch.device("cpu"), "int8")

@@ -28,6 +28,8 @@ def test_outputs_and_metrics(two_epoch_run):
     assert len(m["per_class"]) == 10 and 0.0 <= m["overall"] <= 100.0
     assert r.timings["train_s"] > 0 and r.timings["test_s"] > 0
     assert [h["epoch"] for h in r.history] == [1, 2]
+    # The default mixed precision (bf16 autocast on CPU) trains with finite losses.
+    assert r.config.prec_train == "amp" and all(h["loss"] == h["loss"] and h["loss"] < 1e3 for h in r.history)
     saved = json.load(open(os.path.join(r.output_dir, "metrics.json")))
     assert saved["metrics"]["overall"] == pytest.approx(m["overall"])
     cfg = json.load(open(os.path.join(r.output_dir, "config.json")))

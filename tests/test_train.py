@@ -79,3 +79,24 @@ def test_bad_input_is_a_clear_error(kwargs, exc, match, tmp_path):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         lf.fast_train(**args)
+
+
+@pytest.mark.parametrize("method", ["zs", "lp", "fft", "bitfit", "vpt", "lora", "adapter", "ssf", "aft", "lift"])
+def test_every_method_runs_end_to_end(method, tmp_path):
+    r = lf.fast_train(method=method, output_dir=str(tmp_path / method), num_epochs=1,
+                      **dict(TINY, batch_size=128))
+    assert 0.0 <= r.metrics["overall"] <= 100.0 and len(r.metrics["per_class"]) == 10
+    if method == "zs":
+        # Zero-shot trains nothing: no history, an empty tuner, the CLIP text head.
+        assert r.history == [] and sum(p.numel() for p in r.tuner.parameters()) == 0
+        assert r.model.classifier is None
+    else:
+        assert r.history and os.path.exists(os.path.join(r.output_dir, "checkpoint.pth.tar"))
+
+
+@pytest.mark.parametrize("init", ["class_mean", "linear_probing", "random"])
+def test_classifier_inits_run(init, tmp_path):
+    r = lf.fast_train(method="lift+", output_dir=None, num_epochs=1, classifier_init=init,
+                      **dict(TINY, batch_size=128))
+    w = r.model.classifier.weight.detach()
+    assert torch.isfinite(w).all() and r.metrics["overall"] >= 0.0

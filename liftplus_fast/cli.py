@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="train and evaluate")
     _add_run_args(p_train)
     p_train.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
-    p_test = sub.add_parser("test", help="evaluate a trained tuner (give 'model_dir PATH' or --model-dir)")
+    p_test = sub.add_parser("test", help="evaluate a trained tuner (give the published option 'model_dir PATH')")
     _add_run_args(p_test)
     p_demo = sub.add_parser("demo", help="offline demo on the embedded long-tailed digits")
     p_demo.add_argument("--output-dir", default=None)

@@ -92,3 +92,22 @@ def test_half_precision_is_bf16_on_cpu():
         assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="precision"):
         autocast_context(torch.device("cpu"), "int8")
+
+
+def test_feature_space_tte_equals_crop_logit_averaging_on_a_lift_model():
+    import liftplus_fast as lf
+
+    torch.manual_seed(0)
+    clip, tok = lf.load_clip("tiny_vit", None)
+    cfg = lf.make_config("lift+", {"num_classes": 5, "resolution": 32})
+    model = lf.build_lift_model(clip, cfg, [200, 50, 50, 10, 5], [f"c{i}" for i in range(5)], tok)
+    assert model.supports_feature_tte
+    batches = [(torch.randn(6, 5, 3, 32, 32), torch.randint(0, 5, (6,))) for _ in range(3)]
+    crops = torch.cat([b[0] for b in batches]).flatten(0, 1)
+    with torch.no_grad():
+        per_crop = model(crops).reshape(18, 5, -1).mean(1)
+        unit = lf.ops.tte_mean_unit_features(model.encode_image(crops).reshape(18, 5, -1).transpose(0, 1))
+        torch.testing.assert_close(model.classifier_logits_from_unit(unit), per_crop, rtol=1e-5, atol=1e-5)
+    fast = evaluate(model, batches, [200, 50, 50, 10, 5], tte=True, progress=False, feature_tte=True)
+    slow = evaluate(model, batches, [200, 50, 50, 10, 5], tte=True, progress=False, feature_tte=False)
+    assert fast["per_class"] == slow["per_class"]

@@ -4,6 +4,7 @@
     liftplus-fast test  -d cifar100_ir100 -b clip_vit_b16 -m lift+ model_dir output/run tte True
     liftplus-fast demo                       # offline, embedded default, < 3 minutes on 2 cores
     liftplus-fast info                       # what was built, where each op dispatches
+    torchrun --nproc_per_node=N -m liftplus_fast train ...   # data-parallel
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def _pretrained_default(args) -> Optional[str]:
 
 
 def cmd_train(args, test_only: bool = False) -> int:
+    from .distributed import is_main_process
     from .train import fast_train
 
     opts = list(args.opts)
@@ -51,6 +53,8 @@ def cmd_train(args, test_only: bool = False) -> int:
     result = fast_train(dataset=args.data, backbone=args.backbone, pretrained=_pretrained_default(args),
                         method=args.method, output_dir=out, opts=opts, progress=not args.no_progress,
                         resume=getattr(args, "resume", False), **overrides)
+    if not is_main_process():
+        return 0  # under torchrun, rank 0 reports
     m = result.metrics
     print(f"* overall accuracy: {m['overall']:.2f}%")
     print(f"* mean class accuracy: {m['mean']:.2f}%")

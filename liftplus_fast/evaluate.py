@@ -78,7 +78,7 @@ def _batch_logits(model, images: torch.Tensor, use_feature_tte: bool) -> torch.T
 
 def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional[bool] = None,
              device=None, precision: str = "fp32", progress: bool = True,
-             feature_tte: bool = True) -> dict:
+             feature_tte: bool = True, distributed: bool = False) -> dict:
     """Evaluate ``model`` on ``loader`` and return the metrics dict.
 
     Args:
@@ -93,6 +93,9 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
         precision: "fp32", or a half precision ("fp16"/"amp"/"bf16"; bf16 on CPU).
         progress: show a tqdm bar.
         feature_tte: average normalised crop features (exact for cosine classifiers).
+        distributed: ``loader`` holds this process's shard of the test set; the per-class
+            counts are summed over the default ``torch.distributed`` process group, so every
+            process returns the metrics of the whole set.
 
     Returns:
         ``{"overall", "mean", "many", "med", "few", "per_class", "num_samples"}``, accuracies
@@ -128,4 +131,9 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
                 total += hits.total.cpu()
     finally:
         model.train(was_training)
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # NCCL reduces device tensors only; Gloo takes CPU ones.
+        counts = torch.stack([correct, total]).to(device if device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(counts)
+        correct, total = counts.cpu()
     return metrics_from_counts(correct, total, cls_num_list)

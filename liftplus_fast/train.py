@@ -3,9 +3,10 @@
 SGD (momentum 0.9, weight decay 5e-4) over exactly the tuner's parameters, cosine annealing
 stepped once per epoch, gradient accumulation, minimalist data augmentation stepped per epoch,
 mixed precision (``prec_train="amp"``: fp16 autocast with a gradient scaler on CUDA, bf16
-autocast on CPU), then evaluation with
-optional test-time ensembling. The output folder gets the resolved config, a log, the metrics,
-a tuner-only checkpoint (written atomically after every epoch, resumable) and a plot.
+autocast on CPU), then evaluation with optional test-time ensembling. The output folder gets the
+resolved config, a log, the metrics, a tuner-only checkpoint (written atomically after every
+epoch, resumable) and a plot. Under ``torchrun`` the same loop runs data-parallel (see
+:mod:`liftplus_fast.distributed`).
 """
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
 from .config import LiftConfig, make_config, validate
+from .distributed import (DistContext, all_reduce_sum, average_gradients, broadcast_module,
+                          check_batch_split, gather_objects, init_distributed, rank_device, shard,
+                          shutdown_distributed)
 from .data import (DownSampler, build_dataset, build_plain_transform, build_test_transform,
                    build_train_transform, set_transform_epoch)
 from .evaluate import autocast_context, evaluate
@@ -69,15 +73,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _setup_logging(output_dir: Optional[str]) -> Optional[logging.Handler]:
-    logger.setLevel(logging.INFO)
+def _setup_logging(output_dir: Optional[str], is_main: bool = True) -> Optional[logging.Handler]:
+    # Under torchrun only rank 0 reports; the other processes speak only of trouble.
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                for h in logger.handlers):
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
         logger.propagate = False
-    if output_dir is None:
+    if output_dir is None or not is_main:
         return None
     os.makedirs(output_dir, exist_ok=True)
     handler = logging.FileHandler(os.path.join(output_dir, "log.txt"))
@@ -140,26 +145,36 @@ def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: 
     Returns:
         :class:`TrainResult` with ``metrics`` (``overall``, ``mean``, ``many``, ``med``, ``few``,
         ``per_class``), ``timings`` (seconds), ``tuner`` and the model.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1), or inside an initialised process group, the
+    run is data-parallel: ``batch_size`` is the global batch, every process returns the same
+    tuner and metrics, and only rank 0 writes ``output_dir``.
     """
     from tqdm.auto import tqdm
 
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
-    handler = _setup_logging(cfg.output_dir)
+    ctx = init_distributed(resolve_device(cfg.device))
+    handler = _setup_logging(cfg.output_dir, ctx.is_main)
     try:
-        return _run(cfg, progress, resume, tqdm)
+        return _run(cfg, progress and ctx.is_main, resume, tqdm, ctx)
     finally:
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
+        shutdown_distributed(ctx)
 
 
-def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm) -> TrainResult:
+def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) -> TrainResult:
     timings: Dict[str, float] = {}
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device), ctx)
+    writes = bool(cfg.output_dir) and ctx.is_main
     logger.info("liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
                 cfg.dataset, cfg.root, cfg.backbone, cfg.method, device, cfg.prec_train, cfg.prec_test)
+    if ctx.enabled:
+        logger.info("data-parallel over %d processes (%s)", ctx.world_size,
+                    torch.distributed.get_backend())
 
     # Data first: its errors (missing files, bad names) are the cheapest to report.
     train_set = build_dataset(cfg.dataset, cfg.root, "train", build_train_transform(cfg))
@@ -178,7 +193,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm) -> TrainResult:
     logger.info("tuned parameters: %d of %d (%.3f%%)", n_tuned, n_total, 100.0 * n_tuned / max(n_total, 1))
 
     ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT_NAME) if cfg.output_dir else None
-    if cfg.output_dir:
+    if writes:
         atomic_write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
 
     start_epoch, state = 0, None
@@ -191,31 +206,39 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm) -> TrainResult:
         model.load_official_tuner(state["tuner"])
         start_epoch = int(state.get("epoch", cfg.num_epochs))
         logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
-    elif not (cfg.zero_shot or cfg.test_only) and cfg.classifier and cfg.classifier_init in ("class_mean", "linear_probing"):
+    elif (not (cfg.zero_shot or cfg.test_only) and cfg.classifier and ctx.is_main
+          and cfg.classifier_init in ("class_mean", "linear_probing")):
+        # Rank 0 alone: the broadcast below hands its classifier to the other processes.
         init_set = build_dataset(cfg.dataset, cfg.root, "train", build_plain_transform(cfg))
         sampler = DownSampler(init_set.labels, n_max=100, generator=torch.Generator().manual_seed(cfg.seed or 0))
         feats, labels = _features(model, _loader(init_set, 64, cfg, False, sampler), device, progress)
         model.init_classifier_from_features(feats.to(device), labels.to(device), cfg.classifier_init)
+    if ctx.enabled:
+        broadcast_module(model.tuner, ctx)
+        if cfg.seed is not None:
+            # Different augmentation draws on every process.
+            torch.manual_seed(cfg.seed + 100_003 * ctx.rank)
     timings["setup_s"] = time.perf_counter() - t_start
 
     history: List[Dict[str, float]] = []
     if not (cfg.zero_shot or cfg.test_only):
         t0 = time.perf_counter()
-        history = _train(model, cfg, train_set, device, start_epoch, state, ckpt_path, cls_num_list, progress, tqdm)
+        history = _train(model, cfg, train_set, device, start_epoch, state, ckpt_path if writes else None,
+                         cls_num_list, progress, tqdm, ctx)
         timings["train_s"] = time.perf_counter() - t0
         if history:
             timings["train_images_per_s"] = sum(h["images"] for h in history) / max(timings["train_s"], 1e-9)
 
     t0 = time.perf_counter()
-    test_loader = _loader(test_set, 64, cfg, False)
+    test_loader = _loader(shard(test_set, ctx), 64, cfg, False)
     metrics = evaluate(model, test_loader, cls_num_list, tte=cfg.tte, device=device,
-                       precision=cfg.prec_test, progress=progress)
+                       precision=cfg.prec_test, progress=progress, distributed=ctx.enabled)
     timings["test_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     logger.info("* overall %.2f%%  mean %.2f%%  many %.2f%%  med %.2f%%  few %.2f%%",
                 metrics["overall"], metrics["mean"], metrics["many"], metrics["med"], metrics["few"])
 
-    if cfg.output_dir:
+    if writes:
         atomic_write_json(os.path.join(cfg.output_dir, "metrics.json"),
                           {"metrics": metrics, "timings": timings, "history": history, "cls_num_list": cls_num_list})
         plot_per_class_accuracy(os.path.join(cfg.output_dir, "per_class_accuracy.png"), cls_num_list,
@@ -223,8 +246,21 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm) -> TrainResult:
     return TrainResult(metrics, cfg, cfg.output_dir, timings, model.tuner, model, history, cls_num_list)
 
 
+def _restore_rng(state: Dict[str, Any], ctx: DistContext) -> None:
+    # The augmentation draws from the global generator: restore it so a resumed run sees the
+    # crops an uninterrupted run would (per process when the run was data-parallel).
+    per_rank = state.get("torch_rng_ranks")
+    if ctx.enabled and per_rank is not None and len(per_rank) == ctx.world_size:
+        torch.set_rng_state(per_rank[ctx.rank])
+    elif not ctx.enabled and "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    elif "torch_rng" in state:
+        logger.warning("the checkpoint's random state is for another process count; the resumed "
+                       "run's augmentation will differ from an uninterrupted one")
+
+
 def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_path, cls_num_list,
-           progress, tqdm) -> List[Dict[str, float]]:
+           progress, tqdm, ctx: DistContext = DistContext()) -> List[Dict[str, float]]:
     params = [p for p in model.tuner.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {cfg.method!r} has nothing to train (empty tuner)")
@@ -236,18 +272,21 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
     if state is not None and "optimizer" in state:
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        if "torch_rng" in state:
-            # The augmentation draws from the global generator: restore it so a resumed run
-            # sees the crops an uninterrupted run would.
-            torch.set_rng_state(state["torch_rng"])
-    micro = cfg.batch_size // cfg.accum_step
-    loader = _loader(train_set, micro, cfg, True, seed=(cfg.seed or 0))
+        _restore_rng(state, ctx)
+    micro = check_batch_split(cfg.batch_size, cfg.accum_step, ctx)
+    # Every process gets the same number of equal batches (DistributedSampler pads), so the
+    # gradient all-reduces line up.
+    sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True,
+                                 seed=cfg.seed or 0) if ctx.enabled else None
+    loader = _loader(train_set, micro, cfg, True, sampler=sampler, seed=(cfg.seed or 0))
     num_batches = len(loader)
     history: List[Dict[str, float]] = []
     t_train = time.perf_counter()
     for epoch in range(start_epoch, cfg.num_epochs):
         # Each epoch re-seeds its shuffling so a resumed run sees the batches a full run would.
-        loader.generator.manual_seed((cfg.seed or 0) + epoch)
+        loader.generator.manual_seed((cfg.seed or 0) + epoch + 100_003 * ctx.rank)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         set_transform_epoch(train_set.transform, epoch)
         model.tuner.train()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -264,6 +303,8 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
             else:
                 (loss / cfg.accum_step).backward()
             if (batch_idx + 1) % cfg.accum_step == 0 or batch_idx + 1 == num_batches:
+                # Before the scaler unscales: an inf on one process then skips the step on all.
+                average_gradients(params, ctx)
                 if scaler is not None:
                     scaler.step(optim)
                     scaler.update()
@@ -278,6 +319,10 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.1f}",
                                 lr=f"{optim.param_groups[0]['lr']:.2e}")
         bar.close()
+        if ctx.enabled:
+            totals = all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
+                                                 device=device), ctx).tolist()
+            loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
         lr_used = optim.param_groups[0]["lr"]
         sched.step()
         epoch_time = time.perf_counter() - t_epoch
@@ -288,8 +333,10 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
         eta = (time.perf_counter() - t_train) / done * (cfg.num_epochs - epoch - 1)
         logger.info("epoch [%d/%d] loss %.4f acc %.2f lr %.4e time %.1fs eta %.0fs",
                     epoch + 1, cfg.num_epochs, record["loss"], record["acc"], lr_used, epoch_time, eta)
+        rng_states = gather_objects(torch.get_rng_state(), ctx)
         if ckpt_path:
+            extra = {"torch_rng_ranks": rng_states} if ctx.enabled else {}
             save_checkpoint(ckpt_path, model.official_tuner_state_dict(), epoch=epoch + 1,
                             optimizer=optim.state_dict(), scheduler=sched.state_dict(), config=cfg.to_dict(),
-                            torch_rng=torch.get_rng_state())
+                            torch_rng=rng_states[0], **extra)
     return history

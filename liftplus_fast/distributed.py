@@ -1,0 +1,156 @@
+"""Data-parallel training across processes (``torchrun``), without wrapping the model.
+
+Only the tuner is trained, so instead of ``DistributedDataParallel`` the few tuner gradients
+are averaged with one all-reduce per optimiser step (after gradient accumulation): the same
+update a single process makes on the whole global batch. Launch with
+
+    torchrun --nproc_per_node=N -m liftplus_fast train -d imagenet_lt -m lift+ ...
+
+``batch_size`` stays the global batch (the published meaning); each process takes
+``batch_size / (N * accum_step)`` images per micro-batch. Evaluation is sharded and the
+per-class counts are summed, so the metrics are those of the whole test set. NCCL is used for
+CUDA, Gloo for CPU. Only rank 0 prints progress and writes the output folder.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "rank_device", "average_gradients",
+           "broadcast_module", "all_reduce_sum", "gather_objects", "check_batch_split", "shard", "is_main_process"]
+
+
+@dataclass
+class DistContext:
+    """Where this process sits in a data-parallel run (``world_size == 1``: a single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer; got {text!r}") from None
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the process group that ``torchrun`` describes, or return a single-process context.
+
+    A group the caller already initialised is used as is (and left open); otherwise one is
+    created from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` and closed by
+    :func:`shutdown_distributed`.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", dist.get_rank()))
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return DistContext()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistContext(rank, world, local_rank, owns_group=True)
+
+
+def shutdown_distributed(ctx: DistContext) -> None:
+    """Close the process group if :func:`init_distributed` opened it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
+    """One GPU per process: ``cuda`` becomes ``cuda:LOCAL_RANK``; CPU stays CPU."""
+    if ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Replace every ``p.grad`` by its mean over the processes (one flat all-reduce per dtype)."""
+    if not ctx.enabled:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    by_dtype = {}
+    for g in grads:
+        by_dtype.setdefault((g.dtype, g.device), []).append(g)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat.div_(ctx.world_size)
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def broadcast_module(module: torch.nn.Module, ctx: DistContext, src: int = 0) -> None:
+    """Copy ``module``'s parameters and buffers from rank ``src`` to every process."""
+    if not ctx.enabled:
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum ``values`` over the processes (returns a new tensor; the input is left alone)."""
+    if not ctx.enabled:
+        return values
+    out = values.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def gather_objects(obj, ctx: DistContext) -> List:
+    """Every process's ``obj``, in rank order (``[obj]`` for a single process)."""
+    if not ctx.enabled:
+        return [obj]
+    out: List[Optional[object]] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_batch_split(batch_size: int, accum_step: int, ctx: DistContext) -> int:
+    """The per-process micro-batch size, or ``ValueError`` naming ``batch_size``."""
+    parts = accum_step * ctx.world_size
+    if batch_size % parts:
+        raise ValueError(f"batch_size ({batch_size}) must be divisible by accum_step ({accum_step}) "
+                         f"times the number of processes ({ctx.world_size})")
+    return batch_size // parts
+
+
+def shard(dataset, ctx: DistContext):
+    """This process's share of ``dataset`` for evaluation: every ``world_size``-th item, no padding."""
+    if not ctx.enabled:
+        return dataset
+    return torch.utils.data.Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of the current group, or of the ``torchrun`` launch (``RANK``), or alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return _env_int("RANK", 0) == 0

@@ -104,3 +104,32 @@ def test_torchrun_cli_trains_writes_once_and_reloads(tmp_path):
                           model_dir=str(out), progress=False, root=str(tmp_path / "data"))
     assert again.metrics["per_class"] == saved["metrics"]["per_class"]
     assert saved["metrics"]["num_samples"] == again.metrics["num_samples"]
+
+
+def test_resume_restores_each_process_random_state():
+    import logging
+
+    from liftplus_fast.train import _restore_rng, logger
+
+    states = []
+    for seed in (11, 22):
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    ckpt = {"torch_rng": states[0], "torch_rng_ranks": states}
+    torch.manual_seed(0)
+    _restore_rng(ckpt, D.DistContext(rank=1, world_size=2))
+    assert torch.equal(torch.get_rng_state(), states[1])
+    _restore_rng(ckpt, D.DistContext())  # a single process resumes rank 0's stream
+    assert torch.equal(torch.get_rng_state(), states[0])
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)  # fast_train turns propagation off, so caplog cannot be relied on
+    try:
+        _restore_rng(ckpt, D.DistContext(rank=0, world_size=4))
+    finally:
+        logger.removeHandler(handler)
+    assert any("another process count" in m for m in seen)
+    assert torch.equal(torch.get_rng_state(), before)

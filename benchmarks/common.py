@@ -32,6 +32,9 @@ class Case:
     flops: Optional[int] = None
     device: str = "cpu"
     notes: List[str] = field(default_factory=list)
+    # Optional: candidate -> max relative error of its outputs (and gradients) against a
+    # float64 evaluation of the reference, measured once outside the timed loop.
+    accuracy: Optional[Callable[[], Dict[str, float]]] = None
 
 
 def synchronize(device: str) -> None:
@@ -151,6 +154,17 @@ def compiled(fn: Callable) -> Callable:
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(fn, dynamic=False)
+
+
+def max_rel_error(got: List[torch.Tensor], truth: List[torch.Tensor]) -> float:
+    """Largest ``max|got - truth| / max|truth|`` over matching tensors (each scaled by its own size)."""
+    worst = 0.0
+    for x, t in zip(got, truth):
+        t = t.detach().double()
+        scale = float(t.abs().max()) if t.numel() else 0.0
+        err = float((x.detach().double() - t).abs().max()) if t.numel() else 0.0
+        worst = max(worst, err / scale if scale > 0 else err)
+    return worst
 
 
 def summarize(case: Case, times: Dict[str, List[float]], memory: Dict[str, int]) -> dict:

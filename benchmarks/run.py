@@ -44,17 +44,23 @@ def fmt_ratio(row, peer, name):
 
 def print_table(name, rows):
     print(f"\n## {name}")
-    header = f"{'case':44s} {'candidate':14s} {'ms':>9s} {'vs ref':>8s} {'vs compile':>10s} {'peak MB':>9s} {'floor':>6s}"
+    if any("max_rel_err" in row for row in rows):
+        print("rel err: max |x - x64| / max |x64| over the output and every gradient, against the "
+              "reference evaluated in float64")
+    header = (f"{'case':44s} {'candidate':14s} {'ms':>9s} {'vs ref':>8s} {'vs compile':>10s} {'peak MB':>9s} "
+              f"{'floor':>6s} {'rel err':>8s}")
     print(header)
     print("-" * len(header))
     for row in rows:
         for cand, ms in row["ms"].items():
             floor = row.get("floor_fraction", {}).get(cand)
             mem = row["peak_mem_mb"].get(cand)
+            err = row.get("max_rel_err", {}).get(cand)
             print(f"{row['case'][:44]:44s} {cand:14s} {ms:9.3f} {fmt_ratio(row, 'reference', cand):>8s} "
                   f"{fmt_ratio(row, 'compile', cand):>10s} "
                   f"{(f'{mem:9.1f}' if mem is not None else '        -')} "
-                  f"{(f'{floor:6.2f}' if floor is not None else '     -')}")
+                  f"{(f'{floor:6.2f}' if floor is not None else '     -')} "
+                  f"{(f'{err:8.1e}' if err is not None else '       -')}")
         for note in row.get("notes", []):
             print(f"    note: {note}")
 
@@ -99,6 +105,8 @@ def main(argv=None):
             memory = {} if args.no_memory else {
                 n: common.peak_memory_bytes(fn, case.device) for n, fn in case.candidates.items()}
             row = common.summarize(case, times, memory)
+            if case.accuracy is not None:
+                row["max_rel_err"] = case.accuracy()
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
         if not rows:

@@ -23,3 +23,28 @@ def test_benchmark_smoke_run(tmp_path):
         assert all(v > 0 for v in row["ms"].values())
         assert "speedup_vs_reference" in row and "speedup_vs_compile" in row
         assert f"## {name}" in out.stdout
+    # The AdaptFormer rows carry the accuracy of every candidate against float64: all of them
+    # are fp32 in smoke mode, so all must be close.
+    row = json.loads((tmp_path / "adaptformer.json").read_text())["rows"][0]
+    assert set(row["max_rel_err"]) == set(row["ms"])
+    assert all(0 <= e < 1e-4 for e in row["max_rel_err"].values()), row["max_rel_err"]
+    assert "rel err" in out.stdout
+
+
+def test_kink_guard_moves_only_rows_near_the_relu_kink():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import torch
+
+    import bench_adaptformer as bench
+
+    tensors = bench._inputs(2, 32, 4, torch.float32, grad=False)
+    a, _m, ln_w, ln_b, down_w, down_b = tensors[:6]
+    h = torch.nn.functional.layer_norm(a.reshape(-1, 32), (32,), ln_w, ln_b, 1e-5)
+    z = h @ down_w.T + down_b
+    # Put row 5's first pre-ReLU value exactly on the kink.
+    with torch.no_grad():
+        down_b[0] -= z[5, 0]
+    guarded = bench._away_from_kink(tensors, margin=1e-4)
+    moved = (guarded[0].reshape(-1, 32) != a.reshape(-1, 32)).any(-1)
+    assert moved[5] and moved.sum() < moved.numel() // 4
+    assert all(torch.equal(g, t) for g, t in zip(guarded[1:], tensors[1:]))

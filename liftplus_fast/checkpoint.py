@@ -8,6 +8,7 @@ published loader ignores. Nothing of the frozen backbone is stored.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import Any, Dict
@@ -35,9 +36,22 @@ def atomic_write_bytes(path: str, write) -> None:
         raise
 
 
+def _json_safe(value: Any) -> Any:
+    # NaN/inf (an empty many/med/few group) are not JSON: strict readers (jq, JavaScript)
+    # reject them, so they are written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def atomic_write_json(path: str, payload: Any) -> None:
-    """Write ``payload`` as JSON atomically."""
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(payload, indent=2, default=str).encode()))
+    """Write ``payload`` as strict JSON atomically (non-finite floats become ``null``)."""
+    text = json.dumps(_json_safe(payload), indent=2, default=str, allow_nan=False)
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(path: str, tuner_state: Dict[str, torch.Tensor], **extra: Any) -> None:

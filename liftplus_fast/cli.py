@@ -43,6 +43,7 @@ def _pretrained_default(args) -> Optional[str]:
 
 def cmd_train(args, test_only: bool = False) -> int:
     from .distributed import is_main_process
+    from .evaluate import format_accuracy
     from .train import fast_train
 
     opts = list(args.opts)
@@ -55,10 +56,10 @@ def cmd_train(args, test_only: bool = False) -> int:
                         resume=getattr(args, "resume", False), **overrides)
     if not is_main_process():
         return 0  # under torchrun, rank 0 reports
-    m = result.metrics
-    print(f"* overall accuracy: {m['overall']:.2f}%")
-    print(f"* mean class accuracy: {m['mean']:.2f}%")
-    print(f"* many: {m['many']:.2f}%  med: {m['med']:.2f}%  few: {m['few']:.2f}%")
+    m = {k: format_accuracy(v) for k, v in result.metrics.items() if k != "per_class"}
+    print(f"* overall accuracy: {m['overall']}")
+    print(f"* mean class accuracy: {m['mean']}")
+    print(f"* many: {m['many']}  med: {m['med']}  few: {m['few']}")
     print(f"outputs in {result.output_dir}")
     return 0
 

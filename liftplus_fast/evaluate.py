@@ -16,7 +16,14 @@ import torch
 from . import ops
 from .data import group_accuracies
 
-__all__ = ["evaluate", "metrics_from_counts", "autocast_context"]
+__all__ = ["evaluate", "metrics_from_counts", "autocast_context", "format_accuracy"]
+
+
+def format_accuracy(value) -> str:
+    """``"12.34%"``, or ``"n/a"`` for a group with no classes (NaN) or no value."""
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:.2f}%"
 
 
 def autocast_context(device: torch.device, precision: str):

@@ -28,7 +28,7 @@ from .distributed import (DistContext, all_reduce_sum, average_gradients, broadc
                           shutdown_distributed)
 from .data import (DownSampler, build_dataset, build_plain_transform, build_test_transform,
                    build_train_transform, set_transform_epoch)
-from .evaluate import autocast_context, evaluate
+from .evaluate import autocast_context, evaluate, format_accuracy
 from .model import build_lift_model, load_clip
 from .plotting import plot_per_class_accuracy
 
@@ -235,8 +235,8 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
                        precision=cfg.prec_test, progress=progress, distributed=ctx.enabled)
     timings["test_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
-    logger.info("* overall %.2f%%  mean %.2f%%  many %.2f%%  med %.2f%%  few %.2f%%",
-                metrics["overall"], metrics["mean"], metrics["many"], metrics["med"], metrics["few"])
+    logger.info("* overall %s  mean %s  many %s  med %s  few %s",
+                *(format_accuracy(metrics[k]) for k in ("overall", "mean", "many", "med", "few")))
 
     if writes:
         atomic_write_json(os.path.join(cfg.output_dir, "metrics.json"),

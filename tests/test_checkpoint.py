@@ -44,3 +44,19 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(ValueError, match="no 'tuner'"):
         load_checkpoint(str(foreign))
+
+
+def test_json_is_strict_with_empty_groups_as_null(tmp_path):
+    import json
+
+    from liftplus_fast.checkpoint import atomic_write_json
+
+    path = tmp_path / "metrics.json"
+    atomic_write_json(str(path), {"many": float("nan"), "few": 12.5, "per_class": [None, float("inf"), 1.0],
+                                  "nested": {"x": (float("-inf"), 2)}})
+
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    data = json.loads(path.read_text(), parse_constant=reject)
+    assert data == {"many": None, "few": 12.5, "per_class": [None, None, 1.0], "nested": {"x": [None, 2]}}

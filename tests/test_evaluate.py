@@ -111,3 +111,12 @@ def test_feature_space_tte_equals_crop_logit_averaging_on_a_lift_model():
     fast = evaluate(model, batches, [200, 50, 50, 10, 5], tte=True, progress=False, feature_tte=True)
     slow = evaluate(model, batches, [200, 50, 50, 10, 5], tte=True, progress=False, feature_tte=False)
     assert fast["per_class"] == slow["per_class"]
+
+
+def test_format_accuracy_names_empty_groups():
+    from liftplus_fast.evaluate import format_accuracy
+
+    assert format_accuracy(12.345) == "12.35%"
+    assert format_accuracy(math.nan) == "n/a" and format_accuracy(None) == "n/a"
+    m = metrics_from_counts(torch.tensor([3, 1]), torch.tensor([4, 2]), [50, 30])  # no class > 100
+    assert m["many"] != m["many"] and format_accuracy(m["many"]) == "n/a"

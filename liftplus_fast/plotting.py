@@ -46,6 +46,12 @@ def plot_per_class_accuracy(path: str, cls_num_list: Sequence[int], runs: Dict[s
         ax.scatter(xs, ys, s=18, marker=markers[i % len(markers)], alpha=0.75, label=label)
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
+    # Class sizes are counts: label 1-2-5 steps as "20", not "2×10¹".
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(-3, 112)
     ax.set_xlabel("training images in the class")
     ax.set_ylabel("test accuracy of the class (%)")

@@ -29,7 +29,7 @@ from .distributed import (DistContext, all_reduce_sum, average_gradients, broadc
 from .data import (DownSampler, build_dataset, build_plain_transform, build_test_transform,
                    build_train_transform, set_transform_epoch)
 from .evaluate import autocast_context, evaluate, format_accuracy
-from .model import build_lift_model, load_clip
+from .model import build_lift_model, check_resolution, load_clip
 from .plotting import plot_per_class_accuracy
 
 __all__ = ["TrainResult", "fast_train", "resolve_device", "seed_everything"]
@@ -170,6 +170,9 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
     seed_everything(cfg.seed)
     device = rank_device(resolve_device(cfg.device), ctx)
     writes = bool(cfg.output_dir) and ctx.is_main
+    if cfg.test_only and cfg.model_dir is None and not cfg.zero_shot:
+        raise ValueError("test_only needs model_dir: the folder or checkpoint file of a trained tuner "
+                         "(on the command line: liftplus-fast test ... model_dir PATH)")
     logger.info("liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
                 cfg.dataset, cfg.root, cfg.backbone, cfg.method, device, cfg.prec_train, cfg.prec_test)
     if ctx.enabled:
@@ -187,6 +190,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
                 sum(cls_num_list), cfg.num_classes, max(cls_num_list), min(cls_num_list), len(test_set))
 
     clip_model, tokenizer = load_clip(cfg.backbone, cfg.pretrained, device=device)
+    check_resolution(clip_model, cfg.resolution, cfg.backbone)
     model = build_lift_model(clip_model, cfg, cls_num_list, train_set.classnames, tokenizer=tokenizer).to(device)
     n_tuned = sum(p.numel() for p in model.tuner.parameters())
     n_total = sum(p.numel() for p in model.parameters())

@@ -73,6 +73,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(two_epoch_run, tmp_
     (dict(backbone="resnet9000"), ValueError, "resnet9000"),
     (dict(method="magic"), ValueError, "magic"),
     (dict(batch_size=64, accum_step=5), ValueError, "divisible"),
+    (dict(resolution=224), ValueError, r"resolution=224 .* takes 32x32 images; set resolution 32"),
+    (dict(test_only=True), ValueError, "test_only needs model_dir"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, exc, match, tmp_path):
     args = dict(TINY, method="lift+", output_dir=None, num_epochs=1)

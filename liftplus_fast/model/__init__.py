@@ -1,5 +1,5 @@
 """open_clip surgery for LIFT+: tuners, classifier, initialisation, losses and checkpoints."""
-from .backbones import BackboneLoadError, known_backbones, load_clip
+from .backbones import BackboneLoadError, check_resolution, known_backbones, load_clip
 from .classifiers import (CLASSIFIERS, CosineClassifier, L2NormClassifier, LayerNormClassifier,
                           LinearClassifier, build_classifier)
 from .lift_model import LiftModel, build_lift_model
@@ -9,5 +9,5 @@ from .tuners import TUNERS
 __all__ = [
     "BackboneLoadError", "CLASSIFIERS", "CosineClassifier", "L2NormClassifier",
     "LayerNormClassifier", "LiftModel", "LinearClassifier", "TUNERS", "build_classifier",
-    "build_lift_model", "build_loss", "known_backbones", "load_clip",
+    "build_lift_model", "build_loss", "check_resolution", "known_backbones", "load_clip",
 ]

@@ -13,7 +13,8 @@ import tempfile
 from typing import Optional, Tuple
 
 
-__all__ = ["BackboneLoadError", "PUBLISHED_BACKBONES", "TINY_VIT", "load_clip", "known_backbones"]
+__all__ = ["BackboneLoadError", "PUBLISHED_BACKBONES", "TINY_VIT", "load_clip", "known_backbones",
+           "check_resolution"]
 
 # Published config name -> open_clip architecture. All are OpenAI CLIP models (QuickGELU).
 PUBLISHED_BACKBONES = {
@@ -155,3 +156,17 @@ def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     return model, tokenizer
+
+
+def check_resolution(clip_model, resolution: int, backbone: str) -> None:
+    """``ValueError`` naming ``resolution`` when the ViT's positional embedding is for another size.
+
+    A mismatch would otherwise surface as a tensor-size error deep inside the first forward.
+    """
+    size = getattr(getattr(clip_model, "visual", None), "image_size", None)
+    if size is None:
+        return
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if (h, w) != (resolution, resolution):
+        raise ValueError(f"resolution={resolution} but backbone {backbone!r} takes {h}x{w} images; "
+                         f"set resolution {h}")

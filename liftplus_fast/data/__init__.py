@@ -1,5 +1,5 @@
 """Long-tailed data sets, the LIFT+ transforms (MDA, test / five-crop TTE), samplers and shot groups."""
-from .cifar import CIFAR100LT, long_tail_counts, select_long_tail_indices
+from .cifar import CIFAR100LT, DatasetUnavailableError, long_tail_counts, select_long_tail_indices
 from .digits import DigitsLT
 from .groups import group_accuracies, shot_groups
 from .images import CorruptImageError, load_rgb_image
@@ -11,7 +11,7 @@ from .transforms import (MDA_FUNCS, MinimalistRandomResizedCrop, StackCrops, bui
                          set_transform_epoch)
 
 __all__ = [
-    "CIFAR100LT", "CorruptImageError", "DATASETS", "DigitsLT", "DownSampler", "ImageNetLT",
+    "CIFAR100LT", "CorruptImageError", "DATASETS", "DatasetUnavailableError", "DigitsLT", "DownSampler", "ImageNetLT",
     "INaturalist2018", "LongTailListDataset", "MDA_FUNCS", "MinimalistRandomResizedCrop",
     "PlacesLT", "StackCrops", "build_dataset", "build_plain_transform", "build_test_transform",
     "build_train_transform", "group_accuracies", "load_rgb_image", "long_tail_counts",

@@ -15,6 +15,11 @@ from torchvision.datasets import CIFAR100
 from .splits import count_per_class
 
 NUM_CLASSES = 100
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The data set is not on disk and could not be downloaded."""
 
 
 def long_tail_counts(img_max: float, num_classes: int, imb_factor: float) -> List[int]:
@@ -66,7 +71,13 @@ class CIFAR100LT(CIFAR100):
             raise ValueError(f"CIFAR-100: unknown split {split!r}; expected 'train' or 'test'")
         if imb_factor is not None and not 0 < imb_factor <= 1:
             raise ValueError(f"imb_factor must be in (0, 1] (1 / imbalance ratio); got {imb_factor!r}")
-        super().__init__(root, train=(split == "train"), transform=transform, download=download)
+        try:
+            super().__init__(root, train=(split == "train"), transform=transform, download=download)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises both
+            raise DatasetUnavailableError(
+                f"CIFAR-100 is not in {root!r} and could not be downloaded ({exc}); on a machine "
+                f"without network, fetch {CIFAR100_URL} elsewhere and extract it into {root!r} "
+                "(giving cifar-100-python/)") from None
         self.split = split
         self.imb_factor = imb_factor
         self.selected_indices: Optional[np.ndarray] = None

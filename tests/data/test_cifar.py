@@ -125,3 +125,20 @@ def test_cifar_bad_arguments(tmp_path):
         CIFAR100LT(str(tmp_path), split="valid", download=False)
     with pytest.raises(ValueError, match="imb_factor"):
         CIFAR100LT(str(tmp_path), imb_factor=100, download=False)
+
+
+def test_no_network_and_no_files_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    from liftplus_fast.data import DatasetUnavailableError
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    root = str(tmp_path / "empty")
+    with pytest.raises(DatasetUnavailableError, match=r"not in .*empty.*could not be downloaded.*cifar-100-python"):
+        build_dataset("cifar100_ir100", root, "train")
+    with pytest.raises(DatasetUnavailableError, match="not in"):
+        CIFAR100LT(root, split="test", download=False)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing half-written

@@ -201,6 +201,9 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
         atomic_write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
 
     start_epoch, state = 0, None
+    if resume and not (ckpt_path and os.path.exists(ckpt_path)):
+        logger.warning("resume: no checkpoint at %s; training from the start",
+                       ckpt_path or "(no output_dir)")
     if cfg.model_dir is not None:
         state = load_checkpoint(cfg.model_dir)
         model.load_official_tuner(state["tuner"])

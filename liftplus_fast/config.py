@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -54,7 +54,13 @@ class TunerConfig:
 
 @dataclass
 class LiftConfig:
-    """Every option of a run. Defaults are the published LIFT+ defaults (method ``lift+``)."""
+    """Every option of a run. Defaults are the published LIFT+ defaults (method ``lift+``).
+
+    ``LiftConfig(method="lora", num_classes=K)`` applies the method's preset (:data:`METHODS`)
+    to every option still at its default, so the method named is the method built; values given
+    that differ from the defaults win. :func:`make_config` applies presets and overrides in an
+    explicit order, and :meth:`from_dict` restores a saved config as it was (no preset).
+    """
 
     method: str = "lift+"
     num_classes: Optional[int] = None
@@ -102,6 +108,12 @@ class LiftConfig:
     model_dir: Optional[str] = None
     output_dir: Optional[str] = None
     print_freq: int = 10
+    apply_preset: InitVar[bool] = True
+
+    def __post_init__(self, apply_preset: bool) -> None:
+        if apply_preset:
+            self.method = resolve_method(self.method)
+            _fill_preset(self)
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict of every option."""
@@ -119,7 +131,7 @@ class LiftConfig:
         for key in ("mean", "std"):
             if key in d:
                 d[key] = tuple(d[key])
-        return cls(v=v, **d)
+        return cls(v=v, apply_preset=False, **d)
 
 
 # Method presets: ``-m NAME`` of the command line. Keys are LiftConfig options; ``v.x`` sets
@@ -190,10 +202,23 @@ def set_option(cfg: LiftConfig, key: str, value: Any) -> None:
     setattr(target, name, value)
 
 
+def _option_default(target, name: str) -> Any:
+    f = {f.name: f for f in fields(target)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _fill_preset(cfg: LiftConfig) -> None:
+    """Apply ``cfg.method``'s preset to the options still at their defaults."""
+    for key, value in METHODS[cfg.method].items():
+        target, name = (cfg.v, key[2:]) if key.startswith("v.") else (cfg, key)
+        if getattr(target, name) == _option_default(target, name):
+            setattr(target, name, value)
+
+
 def make_config(method: str = "lift+", overrides: Optional[Dict[str, Any]] = None,
                 opts: Iterable[str] = ()) -> LiftConfig:
     """A :class:`LiftConfig` for ``method`` with keyword ``overrides`` and ``key value`` ``opts``."""
-    cfg = LiftConfig(method=resolve_method(method))
+    cfg = LiftConfig(method=resolve_method(method), apply_preset=False)
     for key, value in METHODS[cfg.method].items():
         set_option(cfg, key, value)
     for key, value in (overrides or {}).items():

@@ -80,3 +80,34 @@ def test_lora_and_prompt_rules():
     assert bottleneck_dim(1000, 12, 4) == 16   # LoRA r for ImageNet-LT
     assert bottleneck_dim(1000, 12, 1) == 64   # VPT prompt length
     assert bottleneck_dim(10, 12, 2) == 1      # never below 1
+
+
+def test_direct_construction_builds_the_named_method():
+    from liftplus_fast import LiftConfig, make_config
+
+    cfg = LiftConfig(method="lift+", num_classes=10)
+    assert cfg.v.adaptformer and cfg.classifier == "CosineClassifier"
+    assert LiftConfig().v.adaptformer  # the default method is LIFT+
+    lift = LiftConfig(method="LIFT")
+    assert (lift.method, lift.lr, lift.num_epochs, lift.mda) == ("lift", 0.01, 10, False)
+    zs = LiftConfig(method="zs")
+    assert zs.zero_shot and zs.classifier is None
+    # Given values that differ from the defaults win over the preset.
+    assert LiftConfig(method="lift", lr=0.05).lr == 0.05
+    assert LiftConfig(method="lora", num_classes=10).v.lora
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        LiftConfig(method="magic")
+    # A saved config comes back as it was, even where it undid a preset value.
+    saved = make_config("lift", {"lr": 0.02, "num_classes": 10})
+    assert LiftConfig.from_dict(saved.to_dict()) == saved and saved.lr == 0.02
+
+
+def test_direct_config_gives_adaptformer_in_every_block():
+    import liftplus_fast as lf
+    from liftplus_fast.model import load_clip
+
+    clip, tok = load_clip("tiny_vit")
+    model = lf.build_lift_model(clip, lf.LiftConfig(method="lift+", num_classes=4, resolution=32),
+                                cls_num_list=[8, 4, 2, 1], classnames=list("abcd"), tokenizer=tok)
+    blocks = {k.split(".")[2] for k in model.official_tuner_state_dict() if ".adaptformer." in k}
+    assert blocks == {str(i) for i in range(len(clip.visual.transformer.resblocks))}

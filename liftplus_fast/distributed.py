@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "init_distributed", "shutdown_distributed", "rank_device", "average_gradients",
-           "broadcast_module", "all_reduce_sum", "gather_objects", "check_batch_split", "shard", "is_main_process"]
+           "broadcast_module", "all_reduce_sum", "gather_objects", "check_batch_split", "shard", "is_main_process",
+           "rank_seed"]
 
 
 @dataclass
@@ -115,13 +116,22 @@ def broadcast_module(module: torch.nn.Module, ctx: DistContext, src: int = 0) ->
             dist.broadcast(t.data, src)
 
 
-def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Sum ``values`` over the processes (returns a new tensor; the input is left alone)."""
-    if not ctx.enabled:
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum ``values`` over the default process group (a new tensor; the input is left alone).
+
+    Without an initialised group of more than one process, ``values`` itself. NCCL needs the
+    tensor on the process's GPU, Gloo on the CPU: the caller places it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     out = values.clone()
     dist.all_reduce(out)
     return out
+
+
+def rank_seed(seed: int, ctx: DistContext) -> int:
+    """A seed of this process's own: ``seed`` on rank 0 (and alone), far apart on the others."""
+    return seed + 100_003 * ctx.rank
 
 
 def gather_objects(obj, ctx: DistContext) -> List:

@@ -14,6 +14,7 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 
 from . import ops
+from .distributed import all_reduce_sum
 from .data import group_accuracies
 
 __all__ = ["evaluate", "metrics_from_counts", "autocast_context", "format_accuracy"]
@@ -138,9 +139,8 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
                 total += hits.total.cpu()
     finally:
         model.train(was_training)
-    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed:
         # NCCL reduces device tensors only; Gloo takes CPU ones.
         counts = torch.stack([correct, total]).to(device if device.type == "cuda" else "cpu")
-        torch.distributed.all_reduce(counts)
-        correct, total = counts.cpu()
+        correct, total = all_reduce_sum(counts).cpu()
     return metrics_from_counts(correct, total, cls_num_list)

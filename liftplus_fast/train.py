@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
 from .config import LiftConfig, make_config, validate
 from .distributed import (DistContext, all_reduce_sum, average_gradients, broadcast_module,
-                          check_batch_split, gather_objects, init_distributed, rank_device, shard,
-                          shutdown_distributed)
+                          check_batch_split, gather_objects, init_distributed, rank_device, rank_seed,
+                          shard, shutdown_distributed)
 from .data import (DownSampler, build_dataset, build_plain_transform, build_test_transform,
                    build_train_transform, set_transform_epoch)
 from .evaluate import autocast_context, evaluate, format_accuracy
@@ -224,7 +224,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
         broadcast_module(model.tuner, ctx)
         if cfg.seed is not None:
             # Different augmentation draws on every process.
-            torch.manual_seed(cfg.seed + 100_003 * ctx.rank)
+            torch.manual_seed(rank_seed(cfg.seed, ctx))
     timings["setup_s"] = time.perf_counter() - t_start
 
     history: List[Dict[str, float]] = []
@@ -291,7 +291,7 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
     t_train = time.perf_counter()
     for epoch in range(start_epoch, cfg.num_epochs):
         # Each epoch re-seeds its shuffling so a resumed run sees the batches a full run would.
-        loader.generator.manual_seed((cfg.seed or 0) + epoch + 100_003 * ctx.rank)
+        loader.generator.manual_seed(rank_seed((cfg.seed or 0) + epoch, ctx))
         if sampler is not None:
             sampler.set_epoch(epoch)
         set_transform_epoch(train_set.transform, epoch)
@@ -328,7 +328,7 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
         bar.close()
         if ctx.enabled:
             totals = all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
-                                                 device=device), ctx).tolist()
+                                                 device=device)).tolist()
             loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
         lr_used = optim.param_groups[0]["lr"]
         sched.step()

@@ -38,7 +38,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _pretrained_default(args) -> Optional[str]:
     if args.pretrained is not None:
         return None if args.pretrained.lower() == "none" else args.pretrained
-    return "openai" if args.backbone.startswith("clip_") else None
+    if args.backbone.startswith("clip_"):
+        return "openai"
+    # The published ImageNet backbones load timm's pretrained weights (pretrained=True there).
+    return "default" if args.backbone.startswith(("in21k_", "in1k_")) else None
 
 
 def cmd_train(args, test_only: bool = False) -> int:

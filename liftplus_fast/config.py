@@ -14,6 +14,23 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF_MEAN_STD = (0.5, 0.5, 0.5)
+
+# What the published configs/backbone/*.yaml set besides the backbone name. make_config applies
+# it after the method preset and before explicit options (the published merge order).
+_CLIP_PRESET = {"resolution": 224, "mean": CLIP_MEAN, "std": CLIP_STD, "classifier_init": "semantic"}
+_IN21K_PRESET = {"resolution": 224, "mean": HALF_MEAN_STD, "std": HALF_MEAN_STD, "classifier_init": "class_mean"}
+_IN1K_PRESET = {"resolution": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "classifier_init": "class_mean"}
+BACKBONE_PRESETS: Dict[str, Dict[str, Any]] = {
+    "clip_vit_b16": _CLIP_PRESET, "clip_vit_b32": _CLIP_PRESET, "clip_vit_l14": _CLIP_PRESET,
+    "clip_vit_l14@336px": {**_CLIP_PRESET, "resolution": 336},
+    "clip_rn50": _CLIP_PRESET, "clip_rn101": _CLIP_PRESET,
+    "in21k_vit_b16": _IN21K_PRESET, "in21k_vit_b16@384px": {**_IN21K_PRESET, "resolution": 384},
+    "in21k_vit_l16": _IN21K_PRESET, "in21k_vit_l16@384px": {**_IN21K_PRESET, "resolution": 384},
+    "in1k_rn50": _IN1K_PRESET, "in1k_rn101": _IN1K_PRESET, "in1k_rn152": _IN1K_PRESET,
+}
 
 Layers = Union[None, int, str, Sequence[int]]
 
@@ -22,9 +39,11 @@ Layers = Union[None, int, str, Sequence[int]]
 class TunerConfig:
     """Which parameter-efficient tuners go into the image encoder, and where (``v.*`` options).
 
-    ``*_layers``: ``None`` (all blocks), an int k (the last k blocks), a list of block indices
+    ``*_layers``: ``None`` (all blocks), an int k (the last k blocks; 0 selects none, so the
+    tuner adds nothing, as in the published partial fine-tuning sweep), a list of block indices
     or an expression string such as ``"[1, 2]"`` or ``"range(3)"``. ``*_dim`` / ``pt_len``:
-    ``None`` picks the published rule from the class count.
+    ``None`` picks the published rule from the class count. ``unfreeze_bn`` trains the
+    BatchNorm layers (affine and running statistics) of a ResNet backbone.
     """
 
     fft: bool = False
@@ -50,6 +69,12 @@ class TunerConfig:
     aft_ratio: Optional[float] = None
     aft_loc: str = "all"
     aft_seed: int = 0
+    unfreeze_bn: bool = False
+
+
+def text_tuner_defaults() -> TunerConfig:
+    """The published defaults of the text-encoder tuners (``l.*`` options)."""
+    return TunerConfig(pt_layers="deep", pt_len=2, lora_dim=4, adapter_dim=4, adaptformer_dim=4)
 
 
 @dataclass
@@ -103,6 +128,15 @@ class LiftConfig:
     classifier_scale: float = 25.0
     classifier_init: Optional[str] = "semantic"
     v: TunerConfig = field(default_factory=TunerConfig)
+    l: TunerConfig = field(default_factory=text_tuner_defaults)  # noqa: E741 (published name)
+    # CLIP-side methods of the published code (text prompts, projections, CLIP-Adapter)
+    coop: bool = False
+    coop_init: Optional[str] = None
+    coop_ctx_len: int = 4
+    coop_cls_pos: str = "end"
+    proj_tuning: bool = False
+    clip_adapter: bool = False
+    clip_adapter_dim: int = 4
     # outputs
     test_only: bool = False
     model_dir: Optional[str] = None
@@ -124,6 +158,8 @@ class LiftConfig:
         """Inverse of :meth:`to_dict` (unknown keys raise ``ValueError``)."""
         d = dict(d)
         v = TunerConfig(**d.pop("v", {}))
+        if "l" in d:
+            d["l"] = TunerConfig(**d["l"])
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -151,6 +187,9 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "ssf": {"classifier": "CosineClassifier", "v.ssf": True},
     "aft": {"classifier": "CosineClassifier", "v.aft": True},
     "ce": {"classifier": "CosineClassifier", "v.adaptformer": True, "loss_type": "CE"},
+    # configs/method/coop.yaml: prompt learning with the CLIP text head (no classifier).
+    "coop": {"coop": True, "classifier": None, "num_epochs": 50, "batch_size": 32, "lr": 0.002,
+             "mda": False},
 }
 METHOD_ALIASES = {"zero_shot": "zs", "zeroshot": "zs", "linear_probe": "lp", "full": "fft",
                   "full_finetune": "fft", "vpt_deep": "vpt", "arbitrary": "aft", "liftplus": "lift+"}
@@ -187,16 +226,24 @@ def _parse_value(text: Any) -> Any:
         return text
 
 
+# Published scripts/run_expand.sh passes ``tte_expand``, which the published config does not
+# have (its yacs merge refuses it); it means ``expand``, so it is read as that here.
+OPTION_ALIASES = {"tte_expand": "expand"}
+
+
 def set_option(cfg: LiftConfig, key: str, value: Any) -> None:
-    """Set ``key`` (``lr``, ``v.adaptformer_dim``, ...) from a value or its string form."""
+    """Set ``key`` (``lr``, ``v.adaptformer_dim``, ``l.lora``, ...) from a value or its string form."""
     value = _parse_value(value)
+    key = OPTION_ALIASES.get(key, key)
     target, name = cfg, key
     if key.startswith("v.") or key.startswith("v_"):
         target, name = cfg.v, key[2:]
+    elif key.startswith("l."):
+        target, name = cfg.l, key[2:]
     known = {f.name for f in fields(target)}
     if name not in known:
         raise ValueError(f"unknown option {key!r}; known options: "
-                         + ", ".join(sorted(known if target is cfg.v else known - {"v"})))
+                         + ", ".join(sorted(known if isinstance(target, TunerConfig) else known - {"v", "l"})))
     if name in ("mean", "std") and value is not None:
         value = tuple(value)
     setattr(target, name, value)
@@ -207,9 +254,19 @@ def _option_default(target, name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
+def backbone_preset(backbone: Optional[str]) -> Dict[str, Any]:
+    """The options a published backbone config sets (resolution, mean/std, classifier init);
+    ``{}`` for other names. Published spellings (``CLIP-ViT-B/16``, ``IN21K-ViT-B/16``) work."""
+    if not backbone:
+        return {}
+    key = str(backbone).lower().replace("clip-", "clip_").replace("in21k-", "in21k_").replace("in1k-", "in1k_")
+    key = key.replace("vit-", "vit_").replace("/", "").replace("-", "")
+    return dict(BACKBONE_PRESETS.get(key, BACKBONE_PRESETS.get(str(backbone), {})))
+
+
 def _fill_preset(cfg: LiftConfig) -> None:
-    """Apply ``cfg.method``'s preset to the options still at their defaults."""
-    for key, value in METHODS[cfg.method].items():
+    """Apply ``cfg.method``'s and ``cfg.backbone``'s presets to the options still at their defaults."""
+    for key, value in list(METHODS[cfg.method].items()) + list(backbone_preset(cfg.backbone).items()):
         target, name = (cfg.v, key[2:]) if key.startswith("v.") else (cfg, key)
         if getattr(target, name) == _option_default(target, name):
             setattr(target, name, value)
@@ -217,16 +274,26 @@ def _fill_preset(cfg: LiftConfig) -> None:
 
 def make_config(method: str = "lift+", overrides: Optional[Dict[str, Any]] = None,
                 opts: Iterable[str] = ()) -> LiftConfig:
-    """A :class:`LiftConfig` for ``method`` with keyword ``overrides`` and ``key value`` ``opts``."""
+    """A :class:`LiftConfig` for ``method`` with keyword ``overrides`` and ``key value`` ``opts``.
+
+    Applied in the published merge order: the method preset, the backbone preset (see
+    :func:`backbone_preset`; the backbone is the one named in ``overrides`` or ``opts``), then
+    ``overrides``, then ``opts``, so anything given explicitly wins.
+    """
     cfg = LiftConfig(method=resolve_method(method), apply_preset=False)
     for key, value in METHODS[cfg.method].items():
-        set_option(cfg, key, value)
-    for key, value in (overrides or {}).items():
         set_option(cfg, key, value)
     opts = list(opts)
     if len(opts) % 2:
         raise ValueError(f"options must come as 'key value' pairs; got {opts}")
-    for key, value in zip(opts[::2], opts[1::2]):
+    pairs = list(zip(opts[::2], opts[1::2]))
+    backbone = (overrides or {}).get("backbone", cfg.backbone)
+    backbone = next((v for k, v in reversed(pairs) if k == "backbone"), backbone)
+    for key, value in backbone_preset(backbone).items():
+        set_option(cfg, key, value)
+    for key, value in (overrides or {}).items():
+        set_option(cfg, key, value)
+    for key, value in pairs:
         set_option(cfg, key, value)
     validate(cfg)
     return cfg
@@ -261,6 +328,13 @@ def validate(cfg: LiftConfig) -> None:
          f"num_classes must be an integer >= 2; got {cfg.num_classes!r}")
     need(cfg.v.aft_loc in ("attn", "mlp", "all"),
          f"v.aft_loc must be 'attn', 'mlp' or 'all'; got {cfg.v.aft_loc!r}")
+    need(cfg.coop_cls_pos in ("front", "middle", "end"),
+         f"coop_cls_pos must be 'front', 'middle' or 'end'; got {cfg.coop_cls_pos!r}")
+    need(cfg.coop_init in (None, "photo"), f"coop_init must be None or 'photo'; got {cfg.coop_init!r}")
+    need(isinstance(cfg.coop_ctx_len, int) and cfg.coop_ctx_len >= 1,
+         f"coop_ctx_len must be a positive integer; got {cfg.coop_ctx_len!r}")
+    need(isinstance(cfg.clip_adapter_dim, int) and cfg.clip_adapter_dim >= 1,
+         f"clip_adapter_dim must be a positive integer; got {cfg.clip_adapter_dim!r}")
 
 
 def parse_layers(layers: Layers, n_layers: int) -> List[int]:
@@ -270,8 +344,8 @@ def parse_layers(layers: Layers, n_layers: int) -> List[int]:
     if isinstance(layers, bool):
         raise ValueError(f"layers must be None, an int, a list or an expression; got {layers!r}")
     if isinstance(layers, int):
-        if not 1 <= layers <= n_layers:
-            raise ValueError(f"layers={layers} selects the last k blocks; k must be in [1, {n_layers}]")
+        if not 0 <= layers <= n_layers:
+            raise ValueError(f"layers={layers} selects the last k blocks; k must be in [0, {n_layers}]")
         return list(range(n_layers - layers, n_layers))
     if isinstance(layers, str):
         try:

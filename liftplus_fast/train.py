@@ -10,6 +10,7 @@ epoch, resumable) and a plot. Under ``torchrun`` the same loop runs data-paralle
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -22,14 +23,14 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
-from .config import LiftConfig, make_config, validate
+from .config import LiftConfig, backbone_preset, make_config, validate
 from .distributed import (DistContext, all_reduce_sum, average_gradients, broadcast_module,
                           check_batch_split, gather_objects, init_distributed, rank_device, rank_seed,
                           shard, shutdown_distributed)
 from .data import (DownSampler, build_dataset, build_plain_transform, build_test_transform,
                    build_train_transform, set_transform_epoch)
 from .evaluate import autocast_context, evaluate, format_accuracy
-from .model import build_lift_model, check_resolution, load_clip
+from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .plotting import plot_per_class_accuracy
 
 __all__ = ["TrainResult", "fast_train", "resolve_device", "seed_everything"]
@@ -61,6 +62,41 @@ def seed_everything(seed: Optional[int]) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def test_only_model_dir(output_dir: str) -> str:
+    """Where ``test_only`` finds the tuner when ``model_dir`` is not given: the run's own output
+    folder, i.e. the training run's folder when the name carries the published
+    ``_test_only_True`` suffix (``output/..._lift+_test_only_True_tte_True`` ->
+    ``output/..._lift+``), else ``output_dir`` itself."""
+    marker = "_test_only_True"
+    return output_dir[:output_dir.index(marker)] if marker in output_dir else output_dir
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """``deterministic True`` as the published code sets it (deterministic algorithms, a fixed
+    cuBLAS workspace, cuDNN deterministic without benchmarking), restored on exit.
+
+    Unlike the published code an op without a deterministic implementation warns instead of
+    failing the run (``warn_only``)."""
+    if not enabled:
+        yield
+        return
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark)
+    if prev[2] is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        if prev[2] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[3], prev[4]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,6 +156,15 @@ def _build_config(dataset, root, backbone, pretrained, method, output_dir, confi
     base = {"dataset": dataset, "root": root, "backbone": backbone, "pretrained": pretrained,
             "output_dir": output_dir}
     base.update(overrides)
+    opt_keys = set(list(opts)[::2])
+    named = next((v for k, v in reversed(list(zip(list(opts)[::2], list(opts)[1::2]))) if k == "backbone"),
+                 base["backbone"])
+    if not backbone_preset(named):
+        # Not a published name: the input size (and a timm model's mean/std) follow the backbone
+        # unless given.
+        for key, value in backbone_input_config(named).items():
+            if key not in base and key not in opt_keys:
+                base[key] = value
     return make_config(method, base, opts)
 
 
@@ -156,7 +201,8 @@ def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: 
     ctx = init_distributed(resolve_device(cfg.device))
     handler = _setup_logging(cfg.output_dir, ctx.is_main)
     try:
-        return _run(cfg, progress and ctx.is_main, resume, tqdm, ctx)
+        with deterministic_mode(bool(cfg.deterministic)):
+            return _run(cfg, progress and ctx.is_main, resume, tqdm, ctx)
     finally:
         if handler is not None:
             logger.removeHandler(handler)
@@ -171,8 +217,12 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
     device = rank_device(resolve_device(cfg.device), ctx)
     writes = bool(cfg.output_dir) and ctx.is_main
     if cfg.test_only and cfg.model_dir is None and not cfg.zero_shot:
-        raise ValueError("test_only needs model_dir: the folder or checkpoint file of a trained tuner "
-                         "(on the command line: liftplus-fast test ... model_dir PATH)")
+        if not cfg.output_dir:
+            raise ValueError("test_only needs model_dir: the folder or checkpoint file of a trained tuner "
+                             "(on the command line: liftplus-fast test ... model_dir PATH), or an "
+                             "output_dir holding it")
+        cfg.model_dir = test_only_model_dir(cfg.output_dir)
+        logger.info("test_only without model_dir: evaluating the tuner in %s", cfg.model_dir)
     logger.info("liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
                 cfg.dataset, cfg.root, cfg.backbone, cfg.method, device, cfg.prec_train, cfg.prec_test)
     if ctx.enabled:
@@ -189,7 +239,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
     logger.info("training images %d in %d classes (max %d, min %d); test images %d",
                 sum(cls_num_list), cfg.num_classes, max(cls_num_list), min(cls_num_list), len(test_set))
 
-    clip_model, tokenizer = load_clip(cfg.backbone, cfg.pretrained, device=device)
+    clip_model, tokenizer = load_backbone(cfg.backbone, cfg.pretrained, device=device)
     check_resolution(clip_model, cfg.resolution, cfg.backbone)
     model = build_lift_model(clip_model, cfg, cls_num_list, train_set.classnames, tokenizer=tokenizer).to(device)
     n_tuned = sum(p.numel() for p in model.tuner.parameters())

@@ -66,7 +66,8 @@ def test_parse_layers_forms():
     assert parse_layers(3, 12) == [9, 10, 11]
     assert parse_layers("range(3)", 12) == [0, 1, 2]
     assert parse_layers([0, -1], 12) == [0, 11]
-    for bad in (0, 13, [12], "import os"):
+    assert parse_layers(0, 12) == []  # published: the last 0 blocks, i.e. none
+    for bad in (-1, 13, [12], "import os"):
         with pytest.raises(ValueError):
             parse_layers(bad, 12)
 

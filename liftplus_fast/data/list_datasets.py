@@ -105,7 +105,27 @@ class INaturalist2018(_NamedListDataset):
 
     display_name = "iNaturalist 2018"
     split_to_file = {"train": "train.txt", "val": "val.txt", "test": "val.txt"}
+    # The categories.json field that names a class: "name" (species) or a taxonomy level.
+    category_key = "name"
 
     def _classes(self, split_dir: str):
         path = resolve_split_file(split_dir, "categories.json", self.display_name, "categories")
-        return read_inat_categories(path, "name")
+        return read_inat_categories(path, self.category_key)
+
+
+# The published iNaturalist taxonomy data sets (inat2018_k ... inat2018_s): the same images,
+# each labelled by one taxonomy level of categories.json instead of the species.
+INAT_LEVELS = {"k": "kingdom", "p": "phylum", "c": "class", "o": "order", "f": "family",
+               "g": "genus", "s": "name"}
+
+
+def inat_level_dataset(level: str) -> type:
+    """The iNaturalist 2018 class labelled by ``level`` (a key or value of :data:`INAT_LEVELS`)."""
+    key = INAT_LEVELS.get(level, level)
+    if key not in INAT_LEVELS.values():
+        raise ValueError(f"unknown iNaturalist taxonomy level {level!r}; expected one of "
+                         f"{sorted(INAT_LEVELS.values())}")
+    title = "species" if key == "name" else key
+    return type(f"INaturalist2018_{title.capitalize()}", (INaturalist2018,),
+                {"category_key": key, "display_name": f"iNaturalist 2018 ({title})",
+                 "__doc__": f"iNaturalist 2018 labelled by {title} (from categories.json)."})

@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 
 from .cifar import CIFAR100LT
 from .digits import DigitsLT
-from .list_datasets import ImageNetLT, INaturalist2018, PlacesLT
+from .list_datasets import INAT_LEVELS, ImageNetLT, INaturalist2018, PlacesLT, inat_level_dataset
 
 
 def _cifar(imb_factor):
@@ -37,6 +37,14 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
     "inat2018": _listed(INaturalist2018),
     "digits_lt": _digits,
 }
+DATASETS.update({f"inat2018_{k}": _listed(inat_level_dataset(k)) for k in INAT_LEVELS})
+
+# The published data configs' class names (configs/data/*.yaml ``dataset:``) -> our names.
+DATASET_ALIASES = {
+    "cifar100_ir10": "cifar100_ir10", "cifar100_ir50": "cifar100_ir50", "cifar100_ir100": "cifar100_ir100",
+    "imagenet_lt": "imagenet_lt", "places_lt": "places_lt", "inaturalist2018": "inat2018",
+    **{f"inaturalist2018_{('species' if v == 'name' else v)}": f"inat2018_{k}" for k, v in INAT_LEVELS.items()},
+}
 
 
 def build_dataset(name: str, root: str, split: str = "train", transform: Optional[Callable] = None,
@@ -45,9 +53,12 @@ def build_dataset(name: str, root: str, split: str = "train", transform: Optiona
 
     ``root`` holds the images (CIFAR: the torchvision folder); ``split_dir`` the split files
     of list-file data sets (default ``root``); ``download`` applies to CIFAR only. ``digits_lt``
-    ignores ``root``. Unknown names raise ``ValueError`` listing the known ones.
+    ignores ``root``. The published class names (``iNaturalist2018``, ``ImageNet_LT``,
+    ``iNaturalist2018_Genus``, ...) are accepted too. Unknown names raise ``ValueError``
+    listing the known ones.
     """
     key = name.lower()
+    key = DATASET_ALIASES.get(key, key)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     return DATASETS[key](root, split, transform, split_dir, download)

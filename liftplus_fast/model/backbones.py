@@ -13,8 +13,8 @@ import tempfile
 from typing import Optional, Tuple
 
 
-__all__ = ["BackboneLoadError", "PUBLISHED_BACKBONES", "TINY_VIT", "load_clip", "known_backbones",
-           "check_resolution"]
+__all__ = ["BackboneLoadError", "PUBLISHED_BACKBONES", "TINY_VIT", "load_backbone", "load_clip",
+           "known_backbones", "check_resolution", "backbone_input_config"]
 
 # Published config name -> open_clip architecture. All are OpenAI CLIP models (QuickGELU).
 PUBLISHED_BACKBONES = {
@@ -66,8 +66,53 @@ def _register_tiny_vit() -> None:
 
 
 def known_backbones() -> list:
-    """The published config names plus ``tiny_vit`` (any open_clip model name is also accepted)."""
-    return list(PUBLISHED_BACKBONES) + [TINY_VIT]
+    """The published config names plus ``tiny_vit`` (any open_clip or timm model name is also accepted)."""
+    from .timm_backbones import TIMM_BACKBONES
+
+    return list(PUBLISHED_BACKBONES) + list(TIMM_BACKBONES) + [TINY_VIT]
+
+
+def _is_clip_name(backbone: str) -> bool:
+    import open_clip
+
+    _register_tiny_vit()
+    key = _PUBLISHED_ALIASES.get(backbone.lower(), backbone)
+    return key in PUBLISHED_BACKBONES or key in open_clip.list_models()
+
+
+def load_backbone(backbone: str, pretrained: Optional[str] = None, device="cpu"):
+    """Build any supported backbone: ``(model, tokenizer)``.
+
+    CLIP names (published ``clip_*`` names, open_clip names, ``tiny_vit``) go to :func:`load_clip`;
+    the published ImageNet backbones (``in21k_vit_b16``, ``in1k_rn50``, ...) and plain timm
+    model names to :func:`~liftplus_fast.model.timm_backbones.load_timm`, whose tokenizer is
+    ``None`` (no text encoder).
+    """
+    from .timm_backbones import is_timm_name, load_timm
+
+    if _is_clip_name(backbone):
+        return load_clip(backbone, pretrained, device=device)
+    if is_timm_name(backbone):
+        return load_timm(backbone, pretrained, device=device), None
+    return load_clip(backbone, pretrained, device=device)  # raises the unknown-name error
+
+
+def backbone_input_config(backbone: str) -> dict:
+    """The input size (and, for timm, mean/std) a backbone was trained with, read from its
+    config without building it; ``{}`` when unknown. Used when the run does not set them."""
+    import open_clip
+
+    from .timm_backbones import is_timm_name, timm_input_config
+
+    if _is_clip_name(backbone):
+        name, _ = _resolve(backbone)
+        size = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("image_size")
+        if isinstance(size, (tuple, list)):
+            size = size[0]
+        return {"resolution": int(size)} if size else {}
+    if is_timm_name(backbone):
+        return timm_input_config(backbone)
+    return {}
 
 
 @contextlib.contextmanager
@@ -94,7 +139,8 @@ def _resolve(backbone: str) -> Tuple[str, bool]:
         return key, False
     raise ValueError(
         f"unknown backbone {backbone!r}; known names: {', '.join(known_backbones())}, "
-        f"or any open_clip model name (open_clip.list_models(), {len(open_clip.list_models())} names)")
+        f"or any open_clip model name (open_clip.list_models(), {len(open_clip.list_models())} names) "
+        "or timm model name (timm.list_models())")
 
 
 def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
@@ -163,7 +209,12 @@ def check_resolution(clip_model, resolution: int, backbone: str) -> None:
 
     A mismatch would otherwise surface as a tensor-size error deep inside the first forward.
     """
-    size = getattr(getattr(clip_model, "visual", None), "image_size", None)
+    visual = getattr(clip_model, "visual", clip_model)
+    size = getattr(visual, "image_size", None)
+    if size is None and hasattr(visual, "patch_embed"):  # timm ViT
+        size = getattr(visual.patch_embed, "img_size", None)
+        if getattr(visual, "dynamic_img_size", False):
+            return
     if size is None:
         return
     h, w = (size, size) if isinstance(size, int) else tuple(size)

@@ -13,8 +13,7 @@ from .classifiers import CosineClassifier, build_classifier
 from .inits import class_mean_weights, class_text_features, linear_probing_weights, semantic_weights
 from .losses import build_loss, check_cls_num_list, log_prior
 from .official_ckpt import export_official, import_official
-from .peft_vit import PEFTVisionTransformer
-from .tuners import install_tuners
+from .encoders import build_image_encoder, feature_device, image_tower
 
 __all__ = ["LiftModel", "TunerRoot", "build_lift_model"]
 
@@ -26,10 +25,9 @@ class TunerRoot(nn.Module):
     """Everything that is trained, laid out like the published ``PEFT_Model.tuner``:
     ``image_encoder.blocks[i].<tuner>`` and ``classifier``."""
 
-    def __init__(self, block_tuners, classifier: Optional[nn.Module]):
+    def __init__(self, image_encoder_tuner: nn.Module, classifier: Optional[nn.Module]):
         super().__init__()
-        self.image_encoder = nn.Module()
-        self.image_encoder.blocks = nn.ModuleList(block_tuners)
+        self.image_encoder = image_encoder_tuner
         if classifier is not None:
             self.classifier = classifier
 
@@ -57,16 +55,17 @@ class LiftModel(nn.Module):
         for p in clip_model.parameters():
             p.requires_grad_(False)
 
-        self.image_encoder = PEFTVisionTransformer(clip_model.visual)
+        self.image_encoder = build_image_encoder(clip_model)
         self.feature_dim = self.image_encoder.width
-        self.tuner_summary = install_tuners(self.image_encoder.blocks, cfg.v, self.num_classes)
+        self.tuner_summary = self.image_encoder.install(cfg.v, self.num_classes)
+        self.has_text = _has_text_tower(clip_model)
 
         use_classifier = cfg.classifier is not None and not cfg.zero_shot
         classifier = None
         if use_classifier:
             classifier = build_classifier(cfg.classifier, self.feature_dim, self.num_classes,
                                           cfg.classifier_scale)
-        self.tuner = TunerRoot([b.tuner for b in self.image_encoder.blocks], classifier)
+        self.tuner = TunerRoot(self.image_encoder.tuner, classifier)
         for p in self.tuner.parameters():
             p.requires_grad_(True)
 
@@ -76,7 +75,12 @@ class LiftModel(nn.Module):
         lp = log_prior(cls_num_list) if bool((counts > 0).all()) else torch.zeros_like(counts)
         self.register_buffer("log_prior", lp, persistent=False)
 
-        device = clip_model.visual.conv1.weight.device
+        device = feature_device(clip_model)
+        if not self.has_text and (not use_classifier or (cfg.classifier_init == "semantic"
+                                                         and not cfg.test_only)):
+            what = "the zero-shot (text) head" if not use_classifier else "classifier_init='semantic'"
+            raise ValueError(f"{what} needs a CLIP text encoder; backbone {cfg.backbone!r} has none "
+                             "(use classifier_init class_mean, the published default for non-CLIP backbones)")
         if use_classifier:
             if cfg.classifier_init == "semantic" and not cfg.test_only:
                 if self.classnames is None:
@@ -105,7 +109,7 @@ class LiftModel(nn.Module):
         """Unadjusted logits ``[B, K]`` from pre-projection features."""
         if self.classifier is not None:
             return self.classifier(feats)
-        proj = getattr(self.clip.visual, "proj", None)
+        proj = getattr(image_tower(self.clip), "proj", None)
         img = feats if proj is None else feats.to(proj.dtype) @ proj
         scale = self.clip.logit_scale.exp().float()
         return scale * F.normalize(img.float(), dim=-1) @ self.text_features.T
@@ -188,6 +192,11 @@ class LiftModel(nn.Module):
     def load_official_tuner(self, state_dict, strict: bool = True) -> None:
         """Load a published-format tuner state dict (or a whole checkpoint with key ``tuner``)."""
         import_official(self.tuner, state_dict, strict=strict)
+
+
+def _has_text_tower(backbone: nn.Module) -> bool:
+    src = backbone.text if hasattr(backbone, "text") else backbone
+    return hasattr(src, "token_embedding") and hasattr(src, "transformer")
 
 
 def build_lift_model(clip_model: nn.Module, cfg: LiftConfig, cls_num_list: Sequence[int],

@@ -31,7 +31,8 @@ class PEFTBlock(nn.Module):
             if not hasattr(block, attr):
                 raise TypeError(f"expected an open_clip ResidualAttentionBlock; {type(block).__name__} "
                                 f"has no {attr!r}")
-        if not isinstance(block.attn, nn.MultiheadAttention):
+        # nn.MultiheadAttention, or a view with its tensor names (a timm block, see encoders.py)
+        if not all(hasattr(block.attn, a) for a in ("in_proj_weight", "out_proj", "num_heads")):
             raise TypeError(f"expected nn.MultiheadAttention in the block; got {type(block.attn).__name__}")
         self.block = block
         self.tuner = BlockTuner()

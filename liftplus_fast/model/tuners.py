@@ -238,11 +238,10 @@ def _install_aft(blocks, layers, v, k):
     ratio = float(v.aft_ratio) if v.aft_ratio is not None else aft_ratio(
         k, len(layers), _width(blocks[layers[0]].block), loc)
     for i in layers:
-        # A fresh generator per block with the same seed, as the published code does, so masks
-        # are reproducible from (seed, shapes) alone.
-        gen = torch.Generator().manual_seed(int(v.aft_seed))
-
         def mask_like(t):
+            # A fresh generator seeded with aft_seed for every tensor, as the published
+            # generate_mask draws it, so a mask depends on (seed, numel, ratio) alone.
+            gen = torch.Generator().manual_seed(int(v.aft_seed))
             n = t.numel()
             idx = torch.randperm(n, generator=gen, dtype=torch.int64)[:int(n * ratio)]
             m = torch.zeros(n, dtype=torch.bool).scatter_(0, idx, True).view(t.shape)
@@ -281,7 +280,8 @@ def install_tuners(blocks, v, num_classes: int) -> List[str]:
     for name, install in TUNERS.items():
         if getattr(v, name):
             layers = parse_layers(getattr(v, f"{name}_layers"), len(blocks))
-            if not layers:
-                raise ValueError(f"v.{name}_layers selects no block")
+            if not layers:  # e.g. v.fft_layers 0 of the published partial fine-tuning sweep
+                done.append(f"{name}: no block selected")
+                continue
             done.append(install(blocks, layers, v, num_classes))
     return done

@@ -41,25 +41,26 @@ def published_logits(clip, tuner, images, heads=4, scale=25.0):
         h = _ln(x, g("ln_1.weight"), g("ln_1.bias"))
         qkv = h @ g("attn.in_proj_weight").T + g("attn.in_proj_bias")
         q, k_, v = qkv.chunk(3, -1)
-        if "lora.q.down" in t:
-            q = q + h @ t["lora.q.down"] @ t["lora.q.up"] / t["lora.q.down"].shape[1]
-            v = v + h @ t["lora.v.down"] @ t["lora.v.up"] / t["lora.v.down"].shape[1]
-        if "ssf.attn_in.scale" in t:
-            q, k_, v = (torch.cat([q, k_, v], -1) * t["ssf.attn_in.scale"] + t["ssf.attn_in.shift"]).chunk(3, -1)
+        if "attn.lora.q.down" in t:
+            q = q + h @ t["attn.lora.q.down"] @ t["attn.lora.q.up"] / t["attn.lora.q.down"].shape[1]
+            v = v + h @ t["attn.lora.v.down"] @ t["attn.lora.v.up"] / t["attn.lora.v.down"].shape[1]
+        if "attn.ssf.in_proj.scale" in t:
+            q, k_, v = (torch.cat([q, k_, v], -1) * t["attn.ssf.in_proj.scale"]
+                        + t["attn.ssf.in_proj.shift"]).chunk(3, -1)
         hd = D // heads
         split = lambda z: z.reshape(n, b * heads, hd).transpose(0, 1)  # noqa: E731
         att = torch.softmax(split(q) @ split(k_).transpose(1, 2) / math.sqrt(hd), -1) @ split(v)
         o = att.transpose(0, 1).reshape(n, b, D) @ g("attn.out_proj.weight").T + g("attn.out_proj.bias")
-        if "ssf.attn_out.scale" in t:
-            o = o * t["ssf.attn_out.scale"] + t["ssf.attn_out.shift"]
+        if "attn.ssf.out_proj.scale" in t:
+            o = o * t["attn.ssf.out_proj.scale"] + t["attn.ssf.out_proj.shift"]
         a = x + o
         m = _ln(a, g("ln_2.weight"), g("ln_2.bias")) @ g("mlp.c_fc.weight").T + g("mlp.c_fc.bias")
-        if "ssf.mlp_in.scale" in t:
-            m = m * t["ssf.mlp_in.scale"] + t["ssf.mlp_in.shift"]
+        if "mlp.ssf.in_proj.scale" in t:
+            m = m * t["mlp.ssf.in_proj.scale"] + t["mlp.ssf.in_proj.shift"]
         m = m * torch.sigmoid(1.702 * m)  # QuickGELU (tiny_vit, like OpenAI CLIP)
         m = m @ g("mlp.c_proj.weight").T + g("mlp.c_proj.bias")
-        if "ssf.mlp_out.scale" in t:
-            m = m * t["ssf.mlp_out.scale"] + t["ssf.mlp_out.shift"]
+        if "mlp.ssf.out_proj.scale" in t:
+            m = m * t["mlp.ssf.out_proj.scale"] + t["mlp.ssf.out_proj.shift"]
         if "adaptformer.scale" in t:
             z = _ln(a, t["adaptformer.norm.weight"], t["adaptformer.norm.bias"])
             z = torch.relu(z @ t["adaptformer.down.weight"].T + t["adaptformer.down.bias"])
@@ -90,12 +91,13 @@ def handmade_tuner(method, gen):
         elif method == "lora":
             r = bottleneck_dim(K, L, 4)
             for s in "qv":
-                sd[pre + f"lora.{s}.down"] = _rand(D, r, gen=gen)
-                sd[pre + f"lora.{s}.up"] = _rand(r, D, gen=gen)
+                sd[pre + f"attn.lora.{s}.down"] = _rand(D, r, gen=gen)
+                sd[pre + f"attn.lora.{s}.up"] = _rand(r, D, gen=gen)
         elif method == "ssf":
-            for site, n in (("attn_in", 3 * D), ("attn_out", D), ("mlp_in", 4 * D), ("mlp_out", D)):
-                sd[pre + f"ssf.{site}.scale"] = _rand(n, gen=gen, mean=1.0)
-                sd[pre + f"ssf.{site}.shift"] = _rand(n, gen=gen)
+            for site, n in (("attn.ssf.in_proj", 3 * D), ("attn.ssf.out_proj", D),
+                            ("mlp.ssf.in_proj", 4 * D), ("mlp.ssf.out_proj", D)):
+                sd[pre + f"{site}.scale"] = _rand(n, gen=gen, mean=1.0)
+                sd[pre + f"{site}.shift"] = _rand(n, gen=gen)
         elif method == "vpt":
             sd[pre + "prompt"] = _rand(bottleneck_dim(K, L, 1), D, gen=gen)
     return sd
@@ -123,7 +125,7 @@ def test_official_round_trip(method, tiny_clip_and_tok, images):
         for p in src.tuner.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     exported = src.official_tuner_state_dict()
-    assert list(exported) == list(src.tuner.state_dict())
+    assert len(exported) == len(src.tuner.state_dict())
     dst = build_lift_model(copy.deepcopy(clip), cfg_for(method), COUNTS, CLASSNAMES, tok)
     dst.load_official_tuner({"module." + k: v for k, v in exported.items()})
     for k, v in dst.official_tuner_state_dict().items():
@@ -133,22 +135,49 @@ def test_official_round_trip(method, tiny_clip_and_tok, images):
 
 
 def test_published_key_names(tiny_clip_and_tok):
+    # The names the published PEFT_Block gives them: attention / MLP tuners in "attn" / "mlp"
+    # sub-dicts, backbone tensors named after its in_proj / out_proj linears.
     clip, tok = tiny_clip_and_tok
     keys = {}
     for method in ("bitfit", "fft", "aft", "ssf", "lora", "vpt", "adapter"):
         m = build_lift_model(copy.deepcopy(clip), cfg_for(method), COUNTS, CLASSNAMES, tok)
         keys[method] = set(m.official_tuner_state_dict())
-    assert "image_encoder.blocks.0.attn_in_bias" in keys["bitfit"]
-    assert "image_encoder.blocks.0.attn_in_weight" not in keys["bitfit"]
-    assert {"image_encoder.blocks.2.mlp_out_weight", "image_encoder.blocks.0.norm1_weight"} <= keys["fft"]
-    assert {"image_encoder.blocks.1.aft.mlp_in.masked_weight.optimized_params",
-            "image_encoder.blocks.1.aft.mlp_in.masked_weight.mask",
-            "image_encoder.blocks.1.aft.attn_in.masked_bias.optimized_params"} <= keys["aft"]
-    assert "image_encoder.blocks.0.ssf.attn_in.scale" in keys["ssf"]
-    assert "image_encoder.blocks.0.lora.q.down" in keys["lora"]
+    assert {"image_encoder.blocks.0.attn_in_proj_bias", "image_encoder.blocks.0.attn_out_proj_bias",
+            "image_encoder.blocks.0.mlp_in_proj_bias", "image_encoder.blocks.0.norm1_bias"} <= keys["bitfit"]
+    assert "image_encoder.blocks.0.attn_in_proj_weight" not in keys["bitfit"]
+    assert {"image_encoder.blocks.2.mlp_out_proj_weight", "image_encoder.blocks.0.norm1_weight",
+            "image_encoder.blocks.0.attn_in_proj_weight"} <= keys["fft"]
+    assert len(keys["fft"]) == 3 * 12 + 1
+    assert {"image_encoder.blocks.1.mlp.aft.in_proj.masked_weight.optimized_params",
+            "image_encoder.blocks.1.mlp.aft.in_proj.masked_weight.mask",
+            "image_encoder.blocks.1.attn.aft.in_proj.masked_bias.optimized_params",
+            "image_encoder.blocks.1.attn.aft.out_proj.masked_bias.mask"} <= keys["aft"]
+    assert {"image_encoder.blocks.0.attn.ssf.in_proj.scale", "image_encoder.blocks.0.attn.ssf.out_proj.shift",
+            "image_encoder.blocks.0.mlp.ssf.in_proj.scale", "image_encoder.blocks.0.mlp.ssf.out_proj.shift"} \
+        <= keys["ssf"]
+    assert {"image_encoder.blocks.0.attn.lora.q.down", "image_encoder.blocks.0.attn.lora.v.up"} <= keys["lora"]
     assert "image_encoder.blocks.0.prompt" in keys["vpt"]
-    assert "image_encoder.blocks.0.adapter.norm.weight" in keys["adapter"]
+    assert {"image_encoder.blocks.0.mlp.adapter.norm.weight",
+            "image_encoder.blocks.0.mlp.adapter.up.bias"} <= keys["adapter"]
     assert all("classifier.weight" in k for k in keys.values())
+    # nothing of the package's own names leaks out
+    assert not any(s in k for ks in keys.values() for k in ks for s in ("attn_in.", "mlp_out.", "_in_weight"))
+
+
+def test_aft_masks_drawn_like_published(tiny_clip_and_tok):
+    # Published generate_mask: a new generator seeded with aft_seed for each tensor, randperm
+    # of numel, the first int(numel * ratio) indices set.
+    clip, tok = tiny_clip_and_tok
+    model = build_lift_model(copy.deepcopy(clip), cfg_for("aft", **{"v.aft_seed": 7, "v.aft_ratio": 0.1}),
+                             COUNTS, CLASSNAMES, tok)
+    sd = model.official_tuner_state_dict()
+    masks = {k: v for k, v in sd.items() if k.endswith(".mask")}
+    assert len(masks) == 3 * 4 * 2
+    for k, mask in masks.items():
+        n = mask.numel()
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(7), dtype=torch.int64)[:int(n * 0.1)]
+        expect = torch.zeros(n, dtype=torch.bool).scatter_(0, idx, True).view(mask.shape)
+        assert torch.equal(mask, expect), k
 
 
 def test_mismatched_checkpoints_raise(fresh_clip, tokenizer):

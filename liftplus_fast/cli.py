@@ -44,19 +44,26 @@ def _pretrained_default(args) -> Optional[str]:
     return "default" if args.backbone.startswith(("in21k_", "in1k_")) else None
 
 
+def resolve_command(args, test_only: bool = False):
+    """The :class:`~liftplus_fast.config.LiftConfig` a ``train``/``test`` command runs with
+    (presets, published option names, output folder), without running anything."""
+    from .train import build_run_config
+
+    opts = list(args.opts)
+    overrides = {"test_only": True} if test_only else {}
+    if args.root is not None:
+        overrides["root"] = args.root
+    return build_run_config(dataset=args.data, backbone=args.backbone, pretrained=_pretrained_default(args),
+                            method=args.method, output_dir=_output_dir(args, opts), opts=opts, **overrides)
+
+
 def cmd_train(args, test_only: bool = False) -> int:
     from .distributed import is_main_process
     from .evaluate import format_accuracy
     from .train import fast_train
 
-    opts = list(args.opts)
-    out = _output_dir(args, opts)
-    overrides = {"test_only": True} if test_only else {}
-    if args.root is not None:
-        overrides["root"] = args.root
-    result = fast_train(dataset=args.data, backbone=args.backbone, pretrained=_pretrained_default(args),
-                        method=args.method, output_dir=out, opts=opts, progress=not args.no_progress,
-                        resume=getattr(args, "resume", False), **overrides)
+    cfg = resolve_command(args, test_only)
+    result = fast_train(config=cfg, progress=not args.no_progress, resume=getattr(args, "resume", False))
     if not is_main_process():
         return 0  # under torchrun, rank 0 reports
     m = {k: format_accuracy(v) for k, v in result.metrics.items() if k != "per_class"}

@@ -33,7 +33,8 @@ from .evaluate import autocast_context, evaluate, format_accuracy
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .plotting import plot_per_class_accuracy
 
-__all__ = ["TrainResult", "fast_train", "resolve_device", "seed_everything"]
+__all__ = ["TrainResult", "build_run_config", "deterministic_mode", "fast_train", "resolve_device",
+           "seed_everything", "own_model_dir"]
 
 logger = logging.getLogger("liftplus_fast")
 
@@ -64,7 +65,7 @@ def seed_everything(seed: Optional[int]) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def test_only_model_dir(output_dir: str) -> str:
+def own_model_dir(output_dir: str) -> str:
     """Where ``test_only`` finds the tuner when ``model_dir`` is not given: the run's own output
     folder, i.e. the training run's folder when the name carries the published
     ``_test_only_True`` suffix (``output/..._lift+_test_only_True_tte_True`` ->
@@ -153,6 +154,15 @@ def _build_config(dataset, root, backbone, pretrained, method, output_dir, confi
         cfg = config
         validate(cfg)
         return cfg
+    return build_run_config(dataset, root, backbone, pretrained, method, output_dir, opts, **overrides)
+
+
+def build_run_config(dataset: str = "cifar100_ir100", root: str = "./data", backbone: str = "clip_vit_b16",
+                     pretrained: Optional[str] = "openai", method: str = "lift+",
+                     output_dir: Optional[str] = None, opts: Sequence[str] = (), **overrides) -> LiftConfig:
+    """The config :func:`fast_train` runs with for these arguments (see there), built in the
+    published merge order: method preset, backbone preset, keyword options, ``opts``. A backbone
+    without a published preset brings its own input size (and a timm model its mean/std)."""
     base = {"dataset": dataset, "root": root, "backbone": backbone, "pretrained": pretrained,
             "output_dir": output_dir}
     base.update(overrides)
@@ -221,7 +231,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
             raise ValueError("test_only needs model_dir: the folder or checkpoint file of a trained tuner "
                              "(on the command line: liftplus-fast test ... model_dir PATH), or an "
                              "output_dir holding it")
-        cfg.model_dir = test_only_model_dir(cfg.output_dir)
+        cfg.model_dir = own_model_dir(cfg.output_dir)
         logger.info("test_only without model_dir: evaluating the tuner in %s", cfg.model_dir)
     logger.info("liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
                 cfg.dataset, cfg.root, cfg.backbone, cfg.method, device, cfg.prec_train, cfg.prec_test)

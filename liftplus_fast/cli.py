@@ -14,7 +14,8 @@ import os
 import sys
 from typing import List, Optional
 
-BACKBONE_HELP = "backbone config name (clip_vit_b16, clip_vit_b32, clip_vit_l14, ...), open_clip name or tiny_vit"
+BACKBONE_HELP = ("backbone config name (clip_vit_b16, clip_vit_l14@336px, clip_rn50, in21k_vit_b16, in1k_rn50, "
+                 "...), open_clip or timm model name, or tiny_vit")
 
 
 def _output_dir(args, opts: List[str], suffix: str = "") -> str:
@@ -27,7 +28,7 @@ def _output_dir(args, opts: List[str], suffix: str = "") -> str:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--data", required=True, help="data set name (cifar100_ir100, imagenet_lt, places_lt, inat2018, digits_lt, ...)")
     p.add_argument("-b", "--backbone", default="clip_vit_b16", help=BACKBONE_HELP)
-    p.add_argument("-m", "--method", default="lift+", help="method (lift+, lift, zs, lp, fft, bitfit, vpt, lora, adapter, adaptformer, ssf, aft)")
+    p.add_argument("-m", "--method", default="lift+", help="method (lift+, lift, zs, lp, fft, bitfit, vpt, lora, adapter, adaptformer, ssf, aft, coop)")
     p.add_argument("--root", default=None, help="data root (default ./data)")
     p.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint path (default: openai for CLIP backbones)")
     p.add_argument("--output-dir", default=None, help="output folder (default output/<data>_<backbone>_<method>_<opts>)")

@@ -32,6 +32,7 @@ from .data import (DownSampler, build_dataset, build_plain_transform, build_test
 from .evaluate import autocast_context, evaluate, format_accuracy
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .plotting import plot_per_class_accuracy
+from .train_log import TrainingLog
 
 __all__ = ["TrainResult", "build_run_config", "deterministic_mode", "fast_train", "resolve_device",
            "seed_everything", "own_model_dir"]
@@ -348,6 +349,10 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
     loader = _loader(train_set, micro, cfg, True, sampler=sampler, seed=(cfg.seed or 0))
     num_batches = len(loader)
     history: List[Dict[str, float]] = []
+    # The published per-batch report (every print_freq batches) and TensorBoard scalars.
+    tlog = TrainingLog(cls_num_list, cfg.print_freq, num_batches, cfg.num_epochs,
+                       os.path.join(os.path.dirname(ckpt_path), "tensorboard") if ckpt_path else None) \
+        if ctx.is_main else None
     t_train = time.perf_counter()
     for epoch in range(start_epoch, cfg.num_epochs):
         # Each epoch re-seeds its shuffling so a resumed run sees the batches a full run would.
@@ -382,6 +387,9 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
                 correct += int((logits.argmax(dim=-1) == labels).sum())
             seen += labels.numel()
             loss_sum += float(loss.detach()) * labels.numel()
+            if tlog is not None:
+                tlog.update(epoch, batch_idx, float(loss.detach()), logits.detach(), labels,
+                            optim.param_groups[0]["lr"])
             if progress:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.1f}",
                                 lr=f"{optim.param_groups[0]['lr']:.2e}")
@@ -406,4 +414,6 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
             save_checkpoint(ckpt_path, model.official_tuner_state_dict(), epoch=epoch + 1,
                             optimizer=optim.state_dict(), scheduler=sched.state_dict(), config=cfg.to_dict(),
                             torch_rng=rng_states[0], **extra)
+    if tlog is not None:
+        tlog.close()
     return history

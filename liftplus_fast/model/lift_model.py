@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from .. import ops
 from ..config import LiftConfig
 from .classifiers import CosineClassifier, build_classifier
-from .inits import class_mean_weights, class_text_features, linear_probing_weights, semantic_weights
+from .inits import class_mean_weights, linear_probing_weights, semantic_weights
 from .losses import build_loss, check_cls_num_list, log_prior
 from .official_ckpt import export_official, import_official
-from .encoders import build_image_encoder, feature_device, image_tower
+from .encoders import build_image_encoder, feature_device
+from .text_head import TextHead
 
 __all__ = ["LiftModel", "TunerRoot", "build_lift_model"]
 
@@ -25,9 +26,15 @@ class TunerRoot(nn.Module):
     """Everything that is trained, laid out like the published ``PEFT_Model.tuner``:
     ``image_encoder.blocks[i].<tuner>`` and ``classifier``."""
 
-    def __init__(self, image_encoder_tuner: nn.Module, classifier: Optional[nn.Module]):
+    def __init__(self, image_encoder_tuner: nn.Module, classifier: Optional[nn.Module],
+                 extras: Optional[dict] = None):
         super().__init__()
         self.image_encoder = image_encoder_tuner
+        for name, item in (extras or {}).items():  # CLIP-side tuners (text_encoder, image_proj, ...)
+            if isinstance(item, nn.Parameter):
+                self.register_parameter(name, item)
+            else:
+                self.add_module(name, item)
         if classifier is not None:
             self.classifier = classifier
 
@@ -65,7 +72,26 @@ class LiftModel(nn.Module):
         if use_classifier:
             classifier = build_classifier(cfg.classifier, self.feature_dim, self.num_classes,
                                           cfg.classifier_scale)
-        self.tuner = TunerRoot(self.image_encoder.tuner, classifier)
+        device = feature_device(clip_model)
+        if not self.has_text and (not use_classifier or (cfg.classifier_init == "semantic"
+                                                         and not cfg.test_only)):
+            what = "the zero-shot (text) head" if not use_classifier else "classifier_init='semantic'"
+            raise ValueError(f"{what} needs a CLIP text encoder; backbone {cfg.backbone!r} has none "
+                             "(use classifier_init class_mean, the published default for non-CLIP backbones)")
+        from .tuners import TUNERS
+
+        clip_side = bool(cfg.coop or cfg.proj_tuning or cfg.clip_adapter) or \
+            any(getattr(cfg.l, name) for name in TUNERS)
+        if use_classifier and clip_side:
+            raise ValueError("coop, proj_tuning, clip_adapter and the l.* text-encoder tuners train the "
+                             "CLIP text head; set classifier None (as -m coop / -m zs do)")
+        self.text_head = None
+        if not use_classifier:
+            if self.classnames is None:
+                raise ValueError("the zero-shot (text) head needs classnames")
+            self.text_head = TextHead(clip_model, cfg, self.classnames, tokenizer)
+        extras = dict(self.text_head.trained) if self.text_head is not None and not cfg.zero_shot else {}
+        self.tuner = TunerRoot(self.image_encoder.tuner, classifier, extras)
         for p in self.tuner.parameters():
             p.requires_grad_(True)
 
@@ -75,24 +101,12 @@ class LiftModel(nn.Module):
         lp = log_prior(cls_num_list) if bool((counts > 0).all()) else torch.zeros_like(counts)
         self.register_buffer("log_prior", lp, persistent=False)
 
-        device = feature_device(clip_model)
-        if not self.has_text and (not use_classifier or (cfg.classifier_init == "semantic"
-                                                         and not cfg.test_only)):
-            what = "the zero-shot (text) head" if not use_classifier else "classifier_init='semantic'"
-            raise ValueError(f"{what} needs a CLIP text encoder; backbone {cfg.backbone!r} has none "
-                             "(use classifier_init class_mean, the published default for non-CLIP backbones)")
         if use_classifier:
             if cfg.classifier_init == "semantic" and not cfg.test_only:
                 if self.classnames is None:
                     raise ValueError("classifier_init='semantic' needs classnames")
                 with torch.no_grad():
                     self.tuner.classifier.weight.copy_(semantic_weights(clip_model, self.classnames, tokenizer))
-        else:
-            if self.classnames is None:
-                raise ValueError("the zero-shot (text) head needs classnames")
-            self.register_buffer("text_features",
-                                 class_text_features(clip_model, self.classnames, tokenizer),
-                                 persistent=False)
         self.to(device)
 
     # --- features and logits ------------------------------------------------------------------
@@ -109,10 +123,7 @@ class LiftModel(nn.Module):
         """Unadjusted logits ``[B, K]`` from pre-projection features."""
         if self.classifier is not None:
             return self.classifier(feats)
-        proj = getattr(image_tower(self.clip), "proj", None)
-        img = feats if proj is None else feats.to(proj.dtype) @ proj
-        scale = self.clip.logit_scale.exp().float()
-        return scale * F.normalize(img.float(), dim=-1) @ self.text_features.T
+        return self.text_head(feats)
 
     @property
     def supports_feature_tte(self) -> bool:

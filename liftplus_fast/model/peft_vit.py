@@ -38,6 +38,7 @@ class PEFTBlock(nn.Module):
         self.tuner = BlockTuner()
         self.batch_first = bool(block.attn.batch_first)
         self.num_heads = block.attn.num_heads
+        self.is_causal = False  # True for the text encoder's blocks (causal self-attention)
 
     def _linear(self, site: str, x, weight, bias):
         t = self.tuner
@@ -93,7 +94,7 @@ class PEFTBlock(nn.Module):
                 v = v + t.lora["v"](h)
             qkv = self._ssf("attn_in", torch.cat([q, k, v], dim=-1))
         q, k, v = (self._split_heads(z) for z in qkv.chunk(3, dim=-1))
-        o = self._merge_heads(F.scaled_dot_product_attention(q, k, v))
+        o = self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal))
         o = self._linear("attn_out", o, blk.attn.out_proj.weight, blk.attn.out_proj.bias)
         o = self._ssf("attn_out", o)
         x = x + blk.ls_1(o) if hasattr(blk, "ls_1") else x + o

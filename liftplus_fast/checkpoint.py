@@ -113,10 +113,10 @@ def _unreadable_reason(path: str, exc: Exception) -> str:
     size = os.path.getsize(path)
     if size == 0:
         return "the file is empty"
-    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
-        return ("it holds Python objects other than tensors and plain containers, which the safe "
-                "loader refuses; it was not written by liftplus_fast or the published LIFT+ code")
     if not zipfile.is_zipfile(path):
         return f"not a PyTorch checkpoint ({size} bytes, not a zip archive: truncated or another format)"
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+        return ("it holds Python objects other than tensors and plain containers, which the safe "
+                "loader refuses (liftplus_fast and the published LIFT+ code store only tensors)")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"the archive is damaged or truncated ({first})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import re
 from dataclasses import InitVar, dataclass, field, fields
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -341,6 +342,12 @@ def _layers(value):
     return False, value, what
 
 
+def _device(value):
+    what = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+    ok = isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+    return ok, value, what
+
+
 _dim = _number(int, lo=1, optional=True)
 # Every option, by the name the command line uses, with its type and range.
 OPTION_CHECKS = {
@@ -353,7 +360,7 @@ OPTION_CHECKS = {
     "pretrained": _text(optional=True),
     "seed": _number(int, lo=0, optional=True),
     "deterministic": _flag,
-    "device": _text(),
+    "device": _device,
     "prec_train": _choice(PRECISIONS_TRAIN), "prec_test": _choice(PRECISIONS_TEST),
     "num_epochs": _number(int, lo=1), "batch_size": _number(int, lo=1), "accum_step": _number(int, lo=1),
     "lr": _number(float, lo=0, lo_open=True), "weight_decay": _number(float, lo=0),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -80,6 +81,10 @@ def clear_previous_run(path: str) -> List[str]:
         if os.path.exists(file):
             os.remove(file)
             removed.append(name)
+    events = os.path.join(path, "tensorboard")  # the training log's TensorBoard event files
+    if os.path.isdir(events):
+        shutil.rmtree(events)
+        removed.append("tensorboard")
     return removed
 
 

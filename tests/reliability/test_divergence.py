@@ -44,7 +44,8 @@ def test_huge_lr_stops_with_the_epoch_and_step(root, tmp_path):
     with pytest.raises(DivergenceError, match=r"non-finite loss \(nan\) at epoch 1, step \d+ of 3; the run is "
                                               r"stopped \(no checkpoint had been written\)"):
         lf.fast_train(method="lift+", output_dir=out, **list_run_args(root, lr=1e6, num_epochs=2))
-    assert sorted(os.listdir(out)) == ["config.json", "log.txt"]  # no NaN checkpoint, no metrics
+    # no NaN checkpoint, no metrics (the training log's TensorBoard folder is there)
+    assert sorted(os.listdir(out)) == ["config.json", "log.txt", "tensorboard"]
 
 
 def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(root, tmp_path, monkeypatch):

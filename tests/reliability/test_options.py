@@ -45,8 +45,9 @@ def test_demo_with_zero_epochs_is_refused(tmp_path, capsys):
 def test_every_field_has_a_check():
     from dataclasses import fields
 
-    names = {f.name for f in fields(LiftConfig) if f.name != "v"}
+    names = {f.name for f in fields(LiftConfig) if f.name not in ("v", "l")}
     names |= {"v." + f.name for f in fields(LiftConfig().v)}
+    names |= {"l." + f.name for f in fields(LiftConfig().l)}
     assert names == set(OPTION_CHECKS)
 
 

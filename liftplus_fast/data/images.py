@@ -5,6 +5,8 @@ import os
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import MissingInputError
+
 
 class CorruptImageError(ValueError):
     """An image file exists but cannot be decoded. ``path`` holds the file."""
@@ -21,7 +23,7 @@ def load_rgb_image(path: str) -> Image.Image:
     :class:`CorruptImageError` (a ``ValueError``) if it cannot be decoded.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path!r}")
+        raise MissingInputError(f"image file not found: {path!r}")
     try:
         with open(path, "rb") as f:
             img = Image.open(f)

@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 from .cifar import CIFAR100LT
 from .digits import DigitsLT
 from .list_datasets import ImageNetLT, INaturalist2018, PlacesLT
+from ..errors import UserInputError
 
 
 def _cifar(imb_factor):
@@ -49,5 +50,5 @@ def build_dataset(name: str, root: str, split: str = "train", transform: Optiona
     """
     key = name.lower()
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        raise UserInputError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     return DATASETS[key](root, split, transform, split_dir, download)

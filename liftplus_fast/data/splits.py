@@ -5,6 +5,8 @@ import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
+from ..errors import MissingInputError, UserInputError
+
 LIST_FORMAT = "one 'relative/path label' pair per line"
 
 
@@ -15,7 +17,7 @@ def resolve_split_file(split_dir: str, filename: str, dataset: str, what: str) -
     """
     path = os.path.join(split_dir, filename)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{dataset}: {what} file not found: {path!r}. Expected the split files "
             f"(train.txt / val.txt / test.txt with {LIST_FORMAT}, plus classnames.txt or "
             f"categories.json) in split_dir={split_dir!r}; pass split_dir= to point elsewhere.")
@@ -37,11 +39,11 @@ def read_list_file(list_file: str) -> Tuple[List[str], List[int], List[int]]:
                 continue
             parts = line.rsplit(maxsplit=1)
             if len(parts) != 2:
-                raise ValueError(f"{list_file}:{lineno}: expected {LIST_FORMAT}; got {line!r}")
+                raise UserInputError(f"{list_file}:{lineno}: expected {LIST_FORMAT}; got {line!r}")
             try:
                 label = int(parts[1])
             except ValueError:
-                raise ValueError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer") from None
+                raise UserInputError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer") from None
             paths.append(parts[0])
             labels.append(label)
             lines.append(lineno)
@@ -82,5 +84,5 @@ def count_per_class(labels: Sequence[int], num_classes: int) -> List[int]:
 def split_files(mapping: Dict[str, str], split: str, dataset: str) -> str:
     """The file name of ``split`` in ``mapping``, or ``ValueError`` listing the known splits."""
     if split not in mapping:
-        raise ValueError(f"{dataset}: unknown split {split!r}; expected one of {sorted(mapping)}")
+        raise UserInputError(f"{dataset}: unknown split {split!r}; expected one of {sorted(mapping)}")
     return mapping[split]

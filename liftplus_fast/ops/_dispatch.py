@@ -18,6 +18,7 @@ from typing import Callable, Dict
 
 import torch
 
+from ..errors import UserInputError
 from ._native import has_kernel, native_status
 
 logger = logging.getLogger("liftplus_fast")
@@ -31,6 +32,10 @@ _IMPLS: Dict[str, Dict[str, Callable]] = {}
 _NATIVE_NAMES: Dict[str, str] = {}
 # (op, device type, LIFTPLUS_FAST_BACKEND, TRITON_INTERPRET) -> backend; cleared by register().
 _CHOICES: Dict[tuple, str] = {}
+
+
+class BackendUnavailableError(UserInputError, RuntimeError):
+    """The backend ``LIFTPLUS_FAST_BACKEND`` asks for cannot run an op on these tensors."""
 
 
 def register(op: str, backend: str, fn: Callable, native_name: str | None = None) -> None:
@@ -47,7 +52,7 @@ def requested_backend() -> str:
     """The backend asked for through ``LIFTPLUS_FAST_BACKEND`` (validated)."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}; got {value!r}")
+        raise UserInputError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}; got {value!r}")
     return value
 
 
@@ -109,7 +114,7 @@ def choose(op: str, device: torch.device) -> str:
     if requested != "auto":
         ok, why = _available(op, requested, device_type)
         if not ok:
-            raise RuntimeError(f"{ENV_VAR}={requested} cannot run {op}: {why}")
+            raise BackendUnavailableError(f"{ENV_VAR}={requested} cannot run {op}: {why}")
         return requested
     if device_type == "cuda":
         order = ("triton", "cuda", "reference")

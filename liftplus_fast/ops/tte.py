@@ -1,4 +1,7 @@
-"""Public test-time-ensembling ops: crop-logit aggregation and the feature-space shortcut."""
+"""Public test-time-ensembling ops: crop-logit aggregation and the feature-space shortcut.
+
+Math: ``docs/ops.md``, "Test-time ensembling".
+"""
 from __future__ import annotations
 
 import torch

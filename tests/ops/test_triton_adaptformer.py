@@ -7,7 +7,7 @@ unless this process is already an interpreter process, the CPU tests skip here a
 ``test_cpu_tests_under_interpreter`` runs this file in a fresh ``pytest`` subprocess with the
 variable set (leaving the parent process's environment untouched).
 
-Tolerances (DESIGN §6): fp32 — max|K−R| ≤ 1e-5·max|R| per tensor. The interpreter runs the
+Tolerances (docs/ops.md): fp32 — max|K−R| ≤ 1e-5·max|R| per tensor. The interpreter runs the
 kernel with numpy fp32 arithmetic in another summation order than PyTorch; measured errors
 are ≤ 1e-6 of the tensor's scale, and an elementwise relative test is meaningless for entries
 that are sums cancelling to ~0. Low precision — flash-attention style against the fp32

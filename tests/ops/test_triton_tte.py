@@ -1,4 +1,5 @@
 """Triton TTE aggregation and unit-feature mean against the reference, on CPU via the interpreter.
+Math and tolerances: docs/ops.md.
 
 Running them needs ``TRITON_INTERPRET=1`` *before* ``triton.language`` is imported (Triton's
 ``tl.sum``/``tl.zeros`` are jitted at import); in a full pytest session they usually are

@@ -1,4 +1,7 @@
-"""tte_aggregate and tte_mean_unit_features against the reference, on every available backend."""
+"""tte_aggregate and tte_mean_unit_features against the reference, on every available backend.
+
+Math and tolerances: docs/ops.md.
+"""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Triton test-time-ensembling ops.
+"""Triton test-time-ensembling ops (math: ``docs/ops.md``, "Test-time ensembling").
 
 * ``_aggregate``: one program per block of images; streams K in chunks, averages the C crops
   in fp32, rounds the mean to the input dtype (the reference takes the argmax of the rounded

@@ -1,8 +1,9 @@
 """Block-level surgery on an open_clip ViT image encoder.
 
 Each open_clip ``ResidualAttentionBlock`` is wrapped (not modified) by :class:`PEFTBlock`, which
-recomputes the block from its own weights and calls the tuners attached at its named sites. Attention is recomputed from ``in_proj_weight`` so LoRA/SSF/AFT can act between the
-input projection and the attention. Backbone LayerNorms run in fp32.
+recomputes the block from its own weights and calls the tuners attached at its named sites.
+Attention is recomputed from ``in_proj_weight`` so LoRA/SSF/AFT can act between the input
+projection and the attention. Backbone LayerNorms run in fp32.
 """
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ in SRAM/registers.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton

@@ -260,28 +260,18 @@ def _install_pt(blocks, layers, v, k):
     return f"VPT-deep, prompt length {length}, blocks {layers}"
 
 
-def _install_lora(blocks, layers, v, k):
-    r = v.lora_dim or bottleneck_dim(k, len(layers), 4)
-    for i in layers:
-        blocks[i].tuner.lora = QVLoRA(_width(blocks[i].block), r)
-        blocks[i].attach("attn_in", blocks[i].tuner.lora)
-    return f"LoRA r={r} on blocks {layers}"
+def _bottleneck_installer(name: str, module: Callable, site: str, divisor: int, label: str) -> Callable:
+    """Installer of a tuner with a bottleneck ``v.<name>_dim`` (published rule when unset)."""
 
+    def install(blocks, layers, v, k):
+        r = getattr(v, f"{name}_dim") or bottleneck_dim(k, len(layers), divisor)
+        for i in layers:
+            tuner = module(_width(blocks[i].block), r)
+            setattr(blocks[i].tuner, name, tuner)
+            blocks[i].attach(site, tuner)
+        return f"{label} r={r} on blocks {layers}"
 
-def _install_adapter(blocks, layers, v, k):
-    r = v.adapter_dim or bottleneck_dim(k, len(layers), 2)
-    for i in layers:
-        blocks[i].tuner.adapter = Adapter(_width(blocks[i].block), r)
-        blocks[i].attach("mlp", blocks[i].tuner.adapter)
-    return f"Adapter r={r} on blocks {layers}"
-
-
-def _install_adaptformer(blocks, layers, v, k):
-    r = v.adaptformer_dim or bottleneck_dim(k, len(layers), 2)
-    for i in layers:
-        blocks[i].tuner.adaptformer = AdaptFormer(_width(blocks[i].block), r)
-        blocks[i].attach("residual", blocks[i].tuner.adaptformer)
-    return f"AdaptFormer r={r} on blocks {layers}"
+    return install
 
 
 def _install_ssf(blocks, layers, v, k):
@@ -335,9 +325,9 @@ TUNERS: Dict[str, Callable] = {
     "fft": _install_fft,
     "bitfit": _install_bitfit,
     "pt": _install_pt,
-    "lora": _install_lora,
-    "adapter": _install_adapter,
-    "adaptformer": _install_adaptformer,
+    "lora": _bottleneck_installer("lora", QVLoRA, "attn_in", 4, "LoRA"),
+    "adapter": _bottleneck_installer("adapter", Adapter, "mlp", 2, "Adapter"),
+    "adaptformer": _bottleneck_installer("adaptformer", AdaptFormer, "residual", 2, "AdaptFormer"),
     "ssf": _install_ssf,
     "aft": _install_aft,
 }

@@ -48,6 +48,12 @@ def register(op: str, backend: str, fn: Callable, native_name: str | None = None
         _NATIVE_NAMES[op] = native_name
 
 
+def register_native(op: str, fn: Callable, native_name: str) -> None:
+    """Register ``fn`` (a call of ``liftplus_fast::native_name``) as the cpu and cuda backends."""
+    for backend in ("cpu", "cuda"):
+        register(op, backend, fn, native_name=native_name)
+
+
 def requested_backend() -> str:
     """The backend asked for through ``LIFTPLUS_FAST_BACKEND`` (validated)."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"

@@ -1,20 +1,5 @@
-"""Triton AdaptFormer kernels against the reference, on CPU through Triton's interpreter.
-
-Running them needs ``TRITON_INTERPRET=1`` *before* ``triton.language`` is imported: Triton's
-own ``tl.sum``/``tl.zeros`` are ``@triton.jit`` functions decorated at import, and in a full
-pytest session torch or another test has usually imported them already in compiled mode. So
-unless this process is already an interpreter process, the CPU tests skip here and
-``test_cpu_tests_under_interpreter`` runs this file in a fresh ``pytest`` subprocess with the
-variable set (leaving the parent process's environment untouched).
-
-Tolerances (docs/ops.md): fp32 — max|K−R| ≤ 1e-5·max|R| per tensor. The interpreter runs the
-kernel with numpy fp32 arithmetic in another summation order than PyTorch; measured errors
-are ≤ 1e-6 of the tensor's scale, and an elementwise relative test is meaningless for entries
-that are sums cancelling to ~0. Low precision — flash-attention style against the fp32
-reference R and the reference run in the same precision P:
-max|K−R| ≤ 2·max|P−R| + eps(dtype)·max|R| (atol = one rounding of the output dtype at the
-tensor's scale: K rounds its output once, so near-exact P could otherwise fail it).
-"""
+"""Triton AdaptFormer kernels: saved tensors, determinism, limits and GPU sizes. Equivalence on every
+backend: test_op_equivalence.py; CPU tests run under the interpreter (triton_interp)."""
 
 import pytest
 import torch

@@ -1,16 +1,5 @@
-"""Triton logit-adjusted cosine cross-entropy against the reference, on CPU via the interpreter.
-Math and tolerances: docs/ops.md.
-
-Running them needs ``TRITON_INTERPRET=1`` *before* ``triton.language`` is imported (Triton's
-``tl.sum``/``tl.zeros`` are jitted at import); in a full pytest session they usually are
-already, in compiled mode. So unless this process is an interpreter process, the CPU tests skip
-here and ``test_cpu_tests_under_interpreter`` runs this file in a fresh ``pytest`` subprocess
-with the variable set, leaving the parent's environment untouched.
-
-Tolerances: fp32 max|K−R| ≤ 1e-5·max|R| per tensor (numpy fp32 in the interpreter sums in
-another order than PyTorch; measured ≤ 1e-6). Low precision: max|K−R| ≤ 2·max|P−R| +
-eps(dtype)·max|R| with R the fp32 reference and P the reference in the same dtype.
-"""
+"""Triton LA cosine cross-entropy: tau/scale, determinism, limits and GPU sizes. Equivalence on every
+backend: test_op_equivalence.py; CPU tests run under the interpreter (triton_interp)."""
 
 import pytest
 import torch

@@ -1,16 +1,5 @@
-"""Triton TTE aggregation and unit-feature mean against the reference, on CPU via the interpreter.
-Math and tolerances: docs/ops.md.
-
-Running them needs ``TRITON_INTERPRET=1`` *before* ``triton.language`` is imported (Triton's
-``tl.sum``/``tl.zeros`` are jitted at import); in a full pytest session they usually are
-already, in compiled mode. So unless this process is an interpreter process, the CPU tests skip
-here and ``test_cpu_tests_under_interpreter`` runs this file in a fresh ``pytest`` subprocess
-with the variable set, leaving the parent's environment untouched.
-
-Tolerances: fp32 1e-5 relative; bf16/fp16 logits within one rounding of the dtype (the kernel
-and the reference both average in fp32 and round once, in different summation orders).
-Predictions are checked as the first maximum of the kernel's own rounded mean, counts exactly.
-"""
+"""Triton TTE kernels: chunked first maximum, strides, labels and GPU sizes. Equivalence on every
+backend: test_op_equivalence.py; CPU tests run under the interpreter (triton_interp)."""
 
 import pytest
 import torch

@@ -16,6 +16,8 @@ tuning and SSF after the global pool; their ``*_layers`` options are ignored, as
 """
 from __future__ import annotations
 
+from ..errors import UserInputError
+
 from collections import OrderedDict
 from typing import List
 
@@ -48,7 +50,7 @@ class _ViTTuning:
         """Attach the tuners enabled in ``v`` to the blocks; a description of each."""
         done = install_tuners(self.blocks, v, num_classes)
         if getattr(v, "unfreeze_bn", False):
-            raise ValueError("v.unfreeze_bn needs a ResNet backbone (a ViT has no BatchNorm)")
+            raise UserInputError("v.unfreeze_bn needs a ResNet backbone (a ViT has no BatchNorm)")
         self.tuner = _BlockTunerTree(self.blocks)
         return done
 
@@ -154,7 +156,7 @@ class ResNetEncoder(nn.Module):
         """Attach ``v.fft`` / ``v.bitfit`` / ``v.unfreeze_bn`` / ``v.ssf``; other tuners raise."""
         unsupported = [n for n in ("pt", "lora", "adapter", "adaptformer", "aft") if getattr(v, n)]
         if unsupported:
-            raise ValueError(f"v.{unsupported[0]} needs a ViT backbone; a ResNet takes v.fft, v.bitfit, "
+            raise UserInputError(f"v.{unsupported[0]} needs a ViT backbone; a ResNet takes v.fft, v.bitfit, "
                              "v.unfreeze_bn and v.ssf")
         store, done = self.tuner.blocks, []
         if v.fft:

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..errors import UserInputError
 from ..config import LiftConfig
 from .classifiers import CosineClassifier, build_classifier
 from .inits import class_mean_weights, linear_probing_weights, semantic_weights
@@ -17,10 +18,6 @@ from .encoders import build_image_encoder, feature_device
 from .text_head import TextHead
 
 __all__ = ["LiftModel", "TunerRoot", "build_lift_model"]
-
-# Loss types that are exactly CE(cosine logits + tau * log prior) and can use the fused op.
-_FUSED_TAU = {"LA": None, "BS": 1.0, "CE": 0.0}
-
 
 class TunerRoot(nn.Module):
     """Everything that is trained, laid out like the published ``PEFT_Model.tuner``:
@@ -48,7 +45,7 @@ class LiftModel(nn.Module):
     """
 
     def __init__(self, clip_model: nn.Module, cfg: LiftConfig, cls_num_list: Sequence[int],
-                 classnames: Sequence[str], tokenizer=None):
+                 classnames: Sequence[str], tokenizer=None, init_classifier: bool = True):
         super().__init__()
         num_classes = cfg.num_classes if cfg.num_classes is not None else len(cls_num_list)
         if len(cls_num_list) != num_classes:
@@ -76,14 +73,14 @@ class LiftModel(nn.Module):
         if not self.has_text and (not use_classifier or (cfg.classifier_init == "semantic"
                                                          and not cfg.test_only)):
             what = "the zero-shot (text) head" if not use_classifier else "classifier_init='semantic'"
-            raise ValueError(f"{what} needs a CLIP text encoder; backbone {cfg.backbone!r} has none "
+            raise UserInputError(f"{what} needs a CLIP text encoder; backbone {cfg.backbone!r} has none "
                              "(use classifier_init class_mean, the published default for non-CLIP backbones)")
         from .tuners import TUNERS
 
         clip_side = bool(cfg.coop or cfg.proj_tuning or cfg.clip_adapter) or \
             any(getattr(cfg.l, name) for name in TUNERS)
         if use_classifier and clip_side:
-            raise ValueError("coop, proj_tuning, clip_adapter and the l.* text-encoder tuners train the "
+            raise UserInputError("coop, proj_tuning, clip_adapter and the l.* text-encoder tuners train the "
                              "CLIP text head; set classifier None (as -m coop / -m zs do)")
         self.text_head = None
         if not use_classifier:
@@ -102,7 +99,7 @@ class LiftModel(nn.Module):
         self.register_buffer("log_prior", lp, persistent=False)
 
         if use_classifier:
-            if cfg.classifier_init == "semantic" and not cfg.test_only:
+            if cfg.classifier_init == "semantic" and init_classifier:
                 if self.classnames is None:
                     raise ValueError("classifier_init='semantic' needs classnames")
                 with torch.no_grad():
@@ -147,12 +144,12 @@ class LiftModel(nn.Module):
 
     # --- training -------------------------------------------------------------------------------
     def _fused_tau(self) -> Optional[float]:
+        # The loss says whether it is CE(logits + tau * log prior) (its prior_tau); with a cosine
+        # head that is exactly what the fused op computes.
         if not isinstance(self.classifier, CosineClassifier):
             return None
-        if self.cfg.loss_type not in _FUSED_TAU:
-            return None
-        tau = _FUSED_TAU[self.cfg.loss_type]
-        return float(self.cfg.la_tau) if tau is None else tau
+        tau = getattr(self.loss_fn, "prior_tau", None)
+        return None if tau is None else float(tau)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor):
         """``(loss, logits)``: the configured loss and the unadjusted (detached) logits.
@@ -211,11 +208,13 @@ def _has_text_tower(backbone: nn.Module) -> bool:
 
 
 def build_lift_model(clip_model: nn.Module, cfg: LiftConfig, cls_num_list: Sequence[int],
-                     classnames: Sequence[str], tokenizer=None) -> LiftModel:
+                     classnames: Sequence[str], tokenizer=None, init_classifier: bool = True) -> LiftModel:
     """Build a :class:`LiftModel` from an open_clip CLIP model (used in place, frozen).
 
     ``tokenizer`` defaults to open_clip's CLIP tokenizer with the model's context length. The
-    classifier gets the semantic init when ``cfg.classifier_init == "semantic"``; ``class_mean``
+    classifier gets the semantic init when ``cfg.classifier_init == "semantic"`` and
+    ``init_classifier`` (pass ``False`` when trained weights will be loaded over it); ``class_mean``
     and ``linear_probing`` need image features, see :meth:`LiftModel.init_classifier_from_features`.
+    The model reads only model options of ``cfg`` (method, tuners ``v``, classifier, loss).
     """
-    return LiftModel(clip_model, cfg, cls_num_list, classnames, tokenizer)
+    return LiftModel(clip_model, cfg, cls_num_list, classnames, tokenizer, init_classifier)

@@ -18,6 +18,8 @@ The trained tensors carry the published tuner names: ``text_encoder.ctx``,
 """
 from __future__ import annotations
 
+from ..errors import UserInputError
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -37,7 +39,7 @@ def coop_template(ctx_len: int, cls_pos: str, init: Optional[str]) -> Tuple[str,
     if init == "photo":
         return CLASS_PROMPT, [0, 1, 2, 3, -1]  # "a photo of a" and the full stop
     if init is not None:
-        raise ValueError(f"coop_init must be None or 'photo'; got {init!r}")
+        raise UserInputError(f"coop_init must be None or 'photo'; got {init!r}")
     if cls_pos == "front":
         return "{}" + " X" * ctx_len + ".", list(range(-ctx_len - 1, -1))
     if cls_pos == "middle":
@@ -45,7 +47,7 @@ def coop_template(ctx_len: int, cls_pos: str, init: Optional[str]) -> Tuple[str,
         return "X " * left + "{}" + " X" * right + ".", list(range(left)) + list(range(-right - 1, -1))
     if cls_pos == "end":
         return "X " * ctx_len + "{}.", list(range(ctx_len))
-    raise ValueError(f"coop_cls_pos must be 'front', 'middle' or 'end'; got {cls_pos!r}")
+    raise UserInputError(f"coop_cls_pos must be 'front', 'middle' or 'end'; got {cls_pos!r}")
 
 
 def _context_index(tokens: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ class TextHead(nn.Module):
         if cfg.proj_tuning:
             for name, proj in (("image_proj", self.image_proj), ("text_proj", self.text_proj)):
                 if not isinstance(proj, nn.Parameter):
-                    raise ValueError(f"proj_tuning needs the {name.split('_')[0]} projection as a matrix; "
+                    raise UserInputError(f"proj_tuning needs the {name.split('_')[0]} projection as a matrix; "
                                      f"{cfg.backbone!r} has {type(proj).__name__}")
                 self.trained[name] = proj
         if cfg.clip_adapter:

@@ -7,6 +7,8 @@ through as well. They have no text encoder, so the classifier starts from class 
 """
 from __future__ import annotations
 
+from ..errors import UserInputError
+
 import os
 from typing import Optional
 
@@ -56,7 +58,7 @@ def timm_input_config(backbone: str) -> dict:
 
     name = timm_model_name(backbone)
     if name is None:
-        raise ValueError(f"{backbone!r} is not a timm backbone")
+        raise UserInputError(f"{backbone!r} is not a timm backbone")
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         return {}
@@ -86,7 +88,7 @@ def load_timm(backbone: str, pretrained: Optional[str] = None, device="cpu", **m
 
     name = timm_model_name(backbone)
     if name is None:
-        raise ValueError(f"unknown timm backbone {backbone!r}")
+        raise UserInputError(f"unknown timm backbone {backbone!r}")
     model_kwargs.setdefault("num_classes", 0)  # the head is never used (published: features only)
     if pretrained is None or os.path.isfile(str(pretrained)):
         model = timm.create_model(name, pretrained=False, **model_kwargs)

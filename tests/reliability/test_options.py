@@ -71,7 +71,8 @@ def test_random_values_at_the_command_line_parser(name, text):
         # Every rejection names the option it rejects.
         assert name in str(exc), (name, text, str(exc))
         return
-    target, field = (cfg.v, name[2:]) if name.startswith("v.") else (cfg, name)
+    target, field = (cfg.v, name[2:]) if name.startswith("v.") else \
+        (cfg.l, name[2:]) if name.startswith("l.") else (cfg, name)
     value = getattr(target, field)
     # An accepted value passes its own check unchanged: what config.json records is what runs.
     assert check_option(name, value) == value

@@ -37,4 +37,18 @@ TORCH_LIBRARY(liftplus_fast, m) {
       "tte_aggregate(Tensor crop_logits, Tensor? labels) "
       "-> (Tensor logits, Tensor pred, Tensor correct, Tensor total)");
   m.def("tte_mean_unit_features(Tensor crop_feats) -> Tensor");
+  // Multi-head self-attention from the packed in-projection qkv ([B, N, 3D], or [N, B, 3D] when
+  // not batch_first): out in qkv's layout ([B, N, D] / [N, B, D]) and the per-row log-sum-exp of
+  // the scaled scores ([B, H, N], fp32; fp64 for fp64 inputs), which is all the backward keeps.
+  m.def("attention_fwd(Tensor qkv, int num_heads, float scale, bool batch_first) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, "
+      "bool batch_first) -> Tensor grad_qkv");
+  // Whether attention_fwd/bwd have the bf16 micro-kernel (AVX512-BF16 at build time); without
+  // it bf16 runs the fp32 fallback, which is slower than PyTorch's SDPA.
+  m.def("attention_bf16_kernel() -> bool");
+  // y = gelu(x + bias) for the MLP (x: the bias-free GEMM output [..., F]); kind 0 = QuickGELU
+  // u·sigmoid(1.702u), 1 = GELU (erf), 2 = GELU (tanh). The backward needs only x.
+  m.def("bias_gelu_fwd(Tensor x, Tensor bias, int kind) -> Tensor");
+  m.def("bias_gelu_bwd(Tensor grad_y, Tensor x, Tensor bias, int kind) -> (Tensor grad_x, Tensor grad_bias)");
 }

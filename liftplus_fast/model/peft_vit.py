@@ -3,7 +3,8 @@
 Each open_clip ``ResidualAttentionBlock`` is wrapped (not modified) by :class:`PEFTBlock`, which
 recomputes the block from its own weights with the tuners of a :class:`BlockTuner` attached at
 named sites. Attention is recomputed from ``in_proj_weight`` so LoRA/SSF/AFT can act between the
-input projection and the attention. Backbone LayerNorms run in fp32.
+input projection and the attention; ``ops.attention`` reads the packed projection as it is (no
+head split/merge copies). Backbone LayerNorms run in fp32.
 """
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from .tuners import BlockTuner, fp32_layer_norm
 
 __all__ = ["PEFTBlock", "PEFTVisionTransformer"]
+
+
+def _as(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _ln(ln: nn.Module, x):
@@ -41,28 +47,20 @@ class PEFTBlock(nn.Module):
     def _linear(self, site: str, x, weight, bias):
         t = self.tuner
         if t.has("aft") and site in t.aft:
-            weight, bias = (w.to(x.dtype) for w in t.aft[site].weight_and_bias())
-        return F.linear(x, weight, bias)
+            weight, bias = t.aft[site].weight_and_bias()
+        # Frozen weights already have the model's compute dtype; trained ones (fft, bitfit,
+        # aft) stay fp32 and are cast here, as autocast would.
+        return F.linear(x, _as(weight, x.dtype), _as(bias, x.dtype))
+
+    def _site_tuned(self, site: str) -> bool:
+        t = self.tuner
+        return (t.has("aft") and site in t.aft) or (t.has("ssf") and site in t.ssf)
 
     def _ssf(self, site: str, x):
         t = self.tuner
         if t.has("ssf") and site in t.ssf:
             return t.ssf[site](x)
         return x
-
-    def _split_heads(self, x):
-        # -> [batch, heads, seq, head_dim] whatever the block layout is
-        if self.batch_first:
-            b, n, d = x.shape
-            return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
-        n, b, d = x.shape
-        return x.view(n, b, self.num_heads, d // self.num_heads).permute(1, 2, 0, 3)
-
-    def _merge_heads(self, x):
-        b, h, n, hd = x.shape
-        if self.batch_first:
-            return x.transpose(1, 2).reshape(b, n, h * hd)
-        return x.permute(2, 0, 1, 3).reshape(n, b, h * hd)
 
     def _insert_prompt(self, x, raw_len: int):
         seq = 1 if self.batch_first else 0
@@ -91,16 +89,19 @@ class PEFTBlock(nn.Module):
                 q = q + t.lora["q"](h)
                 v = v + t.lora["v"](h)
             qkv = self._ssf("attn_in", torch.cat([q, k, v], dim=-1))
-        q, k, v = (self._split_heads(z) for z in qkv.chunk(3, dim=-1))
-        o = self._merge_heads(F.scaled_dot_product_attention(q, k, v))
+        o = ops.attention(qkv, self.num_heads, self.batch_first)
         o = self._linear("attn_out", o, blk.attn.out_proj.weight, blk.attn.out_proj.bias)
         o = self._ssf("attn_out", o)
         x = x + blk.ls_1(o) if hasattr(blk, "ls_1") else x + o
 
         h = _ln(blk.ln_2, x)
-        m = self._linear("mlp_in", h, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias)
-        m = self._ssf("mlp_in", m)
-        m = blk.mlp.gelu(m)
+        kind = ops.linear_gelu_kind(blk.mlp.gelu)
+        if kind is not None and blk.mlp.c_fc.bias is not None and not self._site_tuned("mlp_in"):
+            # Fused bias + activation (the GEMM itself stays a library GEMM).
+            m = ops.linear_gelu(h, _as(blk.mlp.c_fc.weight, h.dtype), blk.mlp.c_fc.bias, kind)
+        else:
+            m = self._linear("mlp_in", h, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias)
+            m = blk.mlp.gelu(self._ssf("mlp_in", m))
         m = self._linear("mlp_out", m, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)
         m = self._ssf("mlp_out", m)
         if hasattr(blk, "ls_2"):

@@ -1,0 +1,107 @@
+"""Public MLP in-projection + GELU op of the ViT block: ``gelu(x Wᵀ + b)``.
+
+The reference is the published structure: ``F.linear`` (bias inside the GEMM) then the
+activation module's own ops. On CPU the GEMM runs without its bias and the native kernel
+``liftplus_fast::bias_gelu_fwd`` / ``bias_gelu_bwd`` adds the bias and applies the activation
+in one fp32 pass, saving only the GEMM output for the backward (whose one pass also yields the
+bias gradient); eager QuickGELU is three element-wise passes each way and saves two
+activations. Other devices use the reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._dispatch import dispatch, register
+from ._native import native_op, native_status
+
+OP = "linear_gelu"
+# kind names -> native kind ids
+KINDS = {"quick": 0, "erf": 1, "tanh": 2}
+
+
+def gelu(u, kind: str = "quick"):
+    """The activation alone, with PyTorch ops (QuickGELU as open_clip writes it)."""
+    if kind == "quick":
+        return u * torch.sigmoid(1.702 * u)
+    return F.gelu(u, approximate="tanh" if kind == "tanh" else "none")
+
+
+def reference_linear_gelu(x, weight, bias, kind: str = "quick"):
+    """``gelu(F.linear(x, weight, bias))``: the published computation, in the dtype of ``x``."""
+    return gelu(F.linear(x, weight, bias), kind)
+
+
+def linear_gelu(x, weight, bias, kind: str = "quick"):
+    """``gelu(x Wᵀ + b)``: ``kind`` = ``"quick"`` (QuickGELU ``u·σ(1.702u)``, OpenAI CLIP),
+    ``"erf"`` (``nn.GELU()``) or ``"tanh"`` (``nn.GELU(approximate="tanh")``).
+
+    Args:
+        x: ``[..., D]`` fp32/bf16/fp16 (fp64 too).
+        weight: ``[F, D]`` in the dtype of ``x``.
+        bias: ``[F]`` in the dtype of ``x``, or fp32 when it is trained (BitFit).
+
+    Returns:
+        ``[..., F]`` like ``x``; differentiable in every tensor argument.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension; got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, dtypes=(x.dtype,), dim=2)
+    if weight.shape[1] != x.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (F, {x.shape[-1]}); got {tuple(weight.shape)}")
+    check_tensor("bias", bias, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(weight.shape[0],))
+    check_same_device(x=x, weight=weight, bias=bias)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}; got {kind!r}")
+    return dispatch(OP, x.device)(x, weight, bias, kind)
+
+
+def linear_gelu_kind(module) -> str | None:
+    """The ``kind`` of an activation module (open_clip QuickGELU, ``nn.GELU``), else ``None``."""
+    if isinstance(module, torch.nn.GELU):
+        return "tanh" if module.approximate == "tanh" else "erf"
+    if type(module).__name__ == "QuickGELU":
+        return "quick"
+    return None
+
+
+def _reference(x, weight, bias, kind):
+    return reference_linear_gelu(x, weight, bias.to(x.dtype), kind)
+
+
+register(OP, "reference", _reference)
+
+
+def _native_linear_gelu(x, weight, bias, kind):
+    return native_op("bias_gelu_fwd")(F.linear(x, weight), bias, KINDS[kind])
+
+
+def _register_native() -> None:
+    fwd = "liftplus_fast::bias_gelu_fwd"
+
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(x, bias, kind):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("liftplus_fast::bias_gelu_bwd")
+    def _bwd_fake(grad_y, x, bias, kind):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
+
+    def setup_context(ctx, inputs, output):
+        x, bias, kind = inputs
+        ctx.save_for_backward(x, bias)
+        ctx.kind = kind
+
+    def backward(ctx, grad_y):
+        x, bias = ctx.saved_tensors
+        gx, gb = native_op("bias_gelu_bwd")(grad_y.contiguous(), x, bias, ctx.kind)
+        return gx, gb, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+if native_status().loaded:
+    _register_native()
+    register(OP, "cpu", _native_linear_gelu, native_name="bias_gelu_fwd")

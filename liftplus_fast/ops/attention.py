@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import _library, reference
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._dispatch import dispatch, register
-from ._native import native_op, native_status
+from ._native import native_status
 
 OP = "attention"
 
@@ -66,55 +66,62 @@ def native_kernel_applies(qkv) -> bool:
     return qkv.dtype == torch.bfloat16 and qkv.shape[-1] % 2 == 0 and _has_bf16_kernel()
 
 
-def _has_bf16_kernel() -> bool:
-    global _BF16_KERNEL
-    if _BF16_KERNEL is None:
-        _BF16_KERNEL = bool(native_op("attention_bf16_kernel")())
-    return _BF16_KERNEL
-
-
 _BF16_KERNEL: Optional[bool] = None
 
 
-def _native_attention(qkv, num_heads, batch_first, scale):
-    if not native_kernel_applies(qkv):
-        return reference.attention(qkv, num_heads, batch_first, scale)
-    return native_op("attention_fwd")(qkv.contiguous(), num_heads, scale, batch_first)[0]
+def _has_bf16_kernel() -> bool:
+    global _BF16_KERNEL
+    if _BF16_KERNEL is None:
+        _BF16_KERNEL = bool(_library.op(_library.NATIVE, "attention_bf16_kernel")())
+    return _BF16_KERNEL
 
 
-def _register_native() -> None:
-    fwd = "liftplus_fast::attention_fwd"
-    bwd = "liftplus_fast::attention_bwd"
+def kernel_call(namespace: str):
+    """The backend function running ``namespace::attention_fwd`` (SDPA where it is faster)."""
+    fwd = _library.op(namespace, "attention_fwd")
 
-    @torch.library.register_fake(fwd)
-    def _fwd_fake(qkv, num_heads, scale, batch_first):
-        a, b, w = qkv.shape
-        batch, tokens = (a, b) if batch_first else (b, a)
-        acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-        return qkv.new_empty((a, b, w // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=acc)
+    def run(qkv, num_heads, batch_first, scale):
+        if not native_kernel_applies(qkv):
+            return reference.attention(qkv, num_heads, batch_first, scale)
+        return fwd(qkv.contiguous(), num_heads, scale, batch_first)[0]
 
-    @torch.library.register_fake(bwd)
-    def _bwd_fake(grad_out, qkv, out, lse, num_heads, scale, batch_first):
-        return torch.empty_like(qkv)
+    return run
 
-    def setup_context(ctx, inputs, output):
-        qkv, num_heads, scale, batch_first = inputs
-        out, lse = output
-        ctx.save_for_backward(qkv, out, lse)
-        ctx.args = (num_heads, scale, batch_first)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(lse)
+
+def _fake_fwd(qkv, num_heads, scale, batch_first):
+    a, b, w = qkv.shape
+    batch, tokens = (a, b) if batch_first else (b, a)
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    return qkv.new_empty((a, b, w // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=acc)
+
+
+def _fake_bwd(grad_out, qkv, out, lse, num_heads, scale, batch_first):
+    return torch.empty_like(qkv)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, scale, batch_first = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.args = (num_heads, scale, batch_first)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse)
+
+
+def _make_backward(namespace: str):
+    bwd = _library.op(namespace, "attention_bwd")
 
     def backward(ctx, grad_out, _grad_lse):
         if grad_out is None:
             return None, None, None, None
         qkv, out, lse = ctx.saved_tensors
-        grad = native_op("attention_bwd")(grad_out.contiguous(), qkv, out, lse, *ctx.args)
-        return grad, None, None, None
+        return bwd(grad_out.contiguous(), qkv, out, lse, *ctx.args), None, None, None
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    return backward
 
 
 if native_status().loaded:
-    _register_native()
-    register(OP, "cpu", _native_attention, native_name="attention_fwd")
+    torch.library.register_fake(f"{_library.NATIVE}::attention_fwd")(_fake_fwd)
+    torch.library.register_fake(f"{_library.NATIVE}::attention_bwd")(_fake_bwd)
+    _library.register_autograd(_library.NATIVE, "attention_fwd", _make_backward, _setup_context)
+    register(OP, "cpu", kernel_call(_library.NATIVE), native_name="attention_fwd")

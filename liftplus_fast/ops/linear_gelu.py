@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _library
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import dispatch, register
-from ._native import native_op, native_status
+from ._native import native_status
 
 OP = "linear_gelu"
 # kind names -> native kind ids
@@ -74,34 +75,43 @@ def _reference(x, weight, bias, kind):
 register(OP, "reference", _reference)
 
 
-def _native_linear_gelu(x, weight, bias, kind):
-    return native_op("bias_gelu_fwd")(F.linear(x, weight), bias, KINDS[kind])
+def kernel_call(namespace: str):
+    """The backend function: the library GEMM, then ``namespace::bias_gelu_fwd``."""
+    fwd = _library.op(namespace, "bias_gelu_fwd")
+
+    def run(x, weight, bias, kind):
+        return fwd(F.linear(x, weight), bias, KINDS[kind])
+
+    return run
 
 
-def _register_native() -> None:
-    fwd = "liftplus_fast::bias_gelu_fwd"
+def _fake_fwd(x, bias, kind):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake(fwd)
-    def _fwd_fake(x, bias, kind):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("liftplus_fast::bias_gelu_bwd")
-    def _bwd_fake(grad_y, x, bias, kind):
-        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
+def _fake_bwd(grad_y, x, bias, kind):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
 
-    def setup_context(ctx, inputs, output):
-        x, bias, kind = inputs
-        ctx.save_for_backward(x, bias)
-        ctx.kind = kind
+
+def _setup_context(ctx, inputs, output):
+    x, bias, kind = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.kind = kind
+
+
+def _make_backward(namespace: str):
+    bwd = _library.op(namespace, "bias_gelu_bwd")
 
     def backward(ctx, grad_y):
         x, bias = ctx.saved_tensors
-        gx, gb = native_op("bias_gelu_bwd")(grad_y.contiguous(), x, bias, ctx.kind)
+        gx, gb = bwd(grad_y.contiguous(), x, bias, ctx.kind)
         return gx, gb, None
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    return backward
 
 
 if native_status().loaded:
-    _register_native()
-    register(OP, "cpu", _native_linear_gelu, native_name="bias_gelu_fwd")
+    torch.library.register_fake(f"{_library.NATIVE}::bias_gelu_fwd")(_fake_fwd)
+    torch.library.register_fake(f"{_library.NATIVE}::bias_gelu_bwd")(_fake_bwd)
+    _library.register_autograd(_library.NATIVE, "bias_gelu_fwd", _make_backward, _setup_context)
+    register(OP, "cpu", kernel_call(_library.NATIVE), native_name="bias_gelu_fwd")

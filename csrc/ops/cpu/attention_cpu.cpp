@@ -45,6 +45,7 @@
 
 #include "liftplus_fast/checks.h"
 #include "liftplus_fast/rows.h"
+#include "liftplus_fast/tuning.h"
 
 namespace liftplus_fast {
 namespace {
@@ -368,7 +369,7 @@ void bwd_head(const bf16* q, const bf16* k, const bf16* v, int64_t ld, const bf1
 }
 
 bool use_bf16_kernel(const at::Tensor& qkv, const Geometry& g) {
-  return qkv.scalar_type() == at::kBFloat16 && g.hd % 2 == 0 && checks::env_int("LIFTPLUS_FAST_ATTN_GENERIC", 0) == 0;
+  return qkv.scalar_type() == at::kBFloat16 && g.hd % 2 == 0 && tuning::env_int("LIFTPLUS_FAST_ATTN_GENERIC", 0) == 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_bf16(const at::Tensor& qkv, const Geometry& g, double scale) {
@@ -446,12 +447,14 @@ bool attention_bf16_kernel() { return LPF_ATTN_BF16_KERNEL == 1; }
 
 }  // namespace
 
-// No tensor arguments, so no backend key: the one kernel serves every dispatch.
+// No tensor arguments, so no backend key is computed for a call: the composite kernel serves
+// it (the CPU entry below only records that the CPU library provides the op).
 TORCH_LIBRARY_IMPL(liftplus_fast, CompositeExplicitAutograd, m) {
   m.impl("attention_bf16_kernel", &attention_bf16_kernel);
 }
 
 TORCH_LIBRARY_IMPL(liftplus_fast, CPU, m) {
+  m.impl("attention_bf16_kernel", &attention_bf16_kernel);
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
 }

@@ -66,13 +66,11 @@ def native_kernel_applies(qkv) -> bool:
     return qkv.dtype == torch.bfloat16 and qkv.shape[-1] % 2 == 0 and _has_bf16_kernel()
 
 
-_BF16_KERNEL: Optional[bool] = None
+# Asked once when the extension loads (a plain bool, so torch.compile never traces the query).
+_BF16_KERNEL = False
 
 
 def _has_bf16_kernel() -> bool:
-    global _BF16_KERNEL
-    if _BF16_KERNEL is None:
-        _BF16_KERNEL = bool(_library.op(_library.NATIVE, "attention_bf16_kernel")())
     return _BF16_KERNEL
 
 
@@ -121,6 +119,7 @@ def _make_backward(namespace: str):
 
 
 if native_status().loaded:
+    _BF16_KERNEL = bool(_library.op(_library.NATIVE, "attention_bf16_kernel")())
     torch.library.register_fake(f"{_library.NATIVE}::attention_fwd")(_fake_fwd)
     torch.library.register_fake(f"{_library.NATIVE}::attention_bwd")(_fake_bwd)
     _library.register_autograd(_library.NATIVE, "attention_fwd", _make_backward, _setup_context)

@@ -61,6 +61,10 @@ def _load() -> NativeStatus:
     if built_for and _torch_version_key(built_for) != _torch_version_key(torch.__version__):
         return NativeStatus(False, f"the native extension was built for torch {built_for}, "
                                    f"running {torch.__version__}; rebuild it", path, info)
+    if not info.get("schemas_from_python"):
+        # An older build defines the schemas itself; loading it over ours would abort the process.
+        return NativeStatus(False, "the native extension was built from older sources that define "
+                                   "their own op schemas; rebuild it (make build)", path, info)
     try:
         # The schemas come from Python; the library only registers kernels for them.
         define_native()

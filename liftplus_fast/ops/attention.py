@@ -120,7 +120,6 @@ def _make_backward(namespace: str):
 
 if native_status().loaded:
     _BF16_KERNEL = bool(_library.op(_library.NATIVE, "attention_bf16_kernel")())
-    torch.library.register_fake(f"{_library.NATIVE}::attention_fwd")(_fake_fwd)
-    torch.library.register_fake(f"{_library.NATIVE}::attention_bwd")(_fake_bwd)
+    _library.register_fakes(_library.NATIVE, attention_fwd=_fake_fwd, attention_bwd=_fake_bwd)
     _library.register_autograd(_library.NATIVE, "attention_fwd", _make_backward, _setup_context)
     register(OP, "cpu", kernel_call(_library.NATIVE), native_name="attention_fwd")

@@ -111,7 +111,6 @@ def _make_backward(namespace: str):
 
 
 if native_status().loaded:
-    torch.library.register_fake(f"{_library.NATIVE}::bias_gelu_fwd")(_fake_fwd)
-    torch.library.register_fake(f"{_library.NATIVE}::bias_gelu_bwd")(_fake_bwd)
+    _library.register_fakes(_library.NATIVE, bias_gelu_fwd=_fake_fwd, bias_gelu_bwd=_fake_bwd)
     _library.register_autograd(_library.NATIVE, "bias_gelu_fwd", _make_backward, _setup_context)
     register(OP, "cpu", kernel_call(_library.NATIVE), native_name="bias_gelu_fwd")

@@ -21,7 +21,7 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "rank_device", "average_gradients",
+__all__ = ["CollectiveTimeoutError", "DistContext", "explain_timeout", "init_distributed", "shutdown_distributed", "rank_device", "average_gradients",
            "broadcast_module", "all_reduce_sum", "gather_objects", "check_batch_split", "shard", "is_main_process",
            "rank_seed"]
 
@@ -77,6 +77,24 @@ def init_distributed(device: torch.device, timeout: float = 1800.0) -> DistConte
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=float(timeout)))
     return DistContext(rank, world, local_rank, owns_group=True)
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective waited longer than ``dist_timeout`` for another process."""
+
+
+def explain_timeout(exc: BaseException, timeout: float) -> BaseException:
+    """``exc`` as one sentence naming ``dist_timeout`` when it is a collective's timeout, else ``exc``.
+
+    Gloo and NCCL report a stalled peer as "Timed out waiting 3000ms for recv ..." with a
+    source location; the user needs to know which process setting ran out.
+    """
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(w in text.lower() for w in ("timed out", "timeout")):
+        return exc
+    first = text.strip().splitlines()[0].split("] ", 1)[-1]
+    return CollectiveTimeoutError(f"a collective waited longer than dist_timeout ({timeout:g} s) for another "
+                                  f"process, which is stalled or gone ({first})")
 
 
 def shutdown_distributed(ctx: DistContext) -> None:

@@ -21,7 +21,10 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["CollectiveTimeoutError", "DistContext", "explain_timeout", "init_distributed", "shutdown_distributed", "rank_device", "average_gradients",
+from .errors import UserInputError
+
+__all__ = ["CollectiveTimeoutError", "DistContext", "explain_timeout", "init_distributed", "shutdown_distributed",
+           "rank_device", "average_gradients",
            "broadcast_module", "all_reduce_sum", "gather_objects", "check_batch_split", "shard", "is_main_process",
            "rank_seed"]
 
@@ -51,7 +54,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer; got {text!r}") from None
+        raise UserInputError(f"environment variable {name} must be an integer; got {text!r}") from None
 
 
 def init_distributed(device: torch.device, timeout: float = 1800.0) -> DistContext:
@@ -79,8 +82,12 @@ def init_distributed(device: torch.device, timeout: float = 1800.0) -> DistConte
     return DistContext(rank, world, local_rank, owns_group=True)
 
 
-class CollectiveTimeoutError(RuntimeError):
-    """A collective waited longer than ``dist_timeout`` for another process."""
+class CollectiveTimeoutError(TimeoutError, RuntimeError):
+    """A collective waited longer than ``dist_timeout`` for another process.
+
+    A ``TimeoutError`` (the environment failed, not the input: the command line prints it as one
+    line) and a ``RuntimeError`` (what torch.distributed raised before it was explained).
+    """
 
 
 def explain_timeout(exc: BaseException, timeout: float) -> BaseException:
@@ -168,7 +175,7 @@ def check_batch_split(batch_size: int, accum_step: int, ctx: DistContext) -> int
     """The per-process micro-batch size, or ``ValueError`` naming ``batch_size``."""
     parts = accum_step * ctx.world_size
     if batch_size % parts:
-        raise ValueError(f"batch_size ({batch_size}) must be divisible by accum_step ({accum_step}) "
+        raise UserInputError(f"batch_size ({batch_size}) must be divisible by accum_step ({accum_step}) "
                          f"times the number of processes ({ctx.world_size})")
     return batch_size // parts
 

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
 from .config import LiftConfig, make_config, validate
 from .distributed import (DistContext, all_reduce_sum, average_gradients, broadcast_module,
-                          check_batch_split, gather_objects, init_distributed, rank_device, rank_seed,
-                          shard, shutdown_distributed)
+                          check_batch_split, explain_timeout, gather_objects, init_distributed, rank_device,
+                          rank_seed, shard, shutdown_distributed)
 from .data import (DownSampler, build_dataset, build_plain_transform, build_test_transform,
                    build_train_transform, check_split, set_transform_epoch)
 from .evaluate import evaluate, format_accuracy
@@ -175,6 +175,13 @@ def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: 
         raise
     try:
         return _run(cfg, progress and ctx.is_main, resume, tqdm, ctx, overwrite)
+    except RuntimeError as exc:
+        if not ctx.enabled:
+            raise
+        explained = explain_timeout(exc, cfg.dist_timeout)
+        if explained is exc:
+            raise
+        raise explained from None
     finally:
         if handler is not None:
             logger.removeHandler(handler)

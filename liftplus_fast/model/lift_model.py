@@ -14,7 +14,7 @@ from .classifiers import CosineClassifier, build_classifier
 from .inits import class_mean_weights, linear_probing_weights, semantic_weights
 from .losses import build_loss, check_cls_num_list, log_prior
 from .official_ckpt import export_official, import_official
-from .encoders import build_image_encoder, feature_device
+from .encoders import build_image_encoder, feature_device, image_tower
 from .text_head import TextHead
 from .precision import compute_dtype, convert_frozen, needs_grad_scaler
 
@@ -112,8 +112,14 @@ class LiftModel(nn.Module):
         self.to(device)
         self.precision = cfg.prec_train
         self.compute_dtype = compute_dtype(cfg.prec_train, device)
+        from .encoders import ResNetEncoder
+
+        if isinstance(self.image_encoder, ResNetEncoder):
+            # BatchNorm tuners (bitfit / unfreeze_bn) mix trained fp32 and frozen tensors in one
+            # op, which half precision refuses: ResNets keep their weights in fp32.
+            self.compute_dtype = torch.float32
         if self.compute_dtype != torch.float32:
-            convert_frozen(clip_model.visual, self.compute_dtype, self.tuner.parameters())
+            convert_frozen(image_tower(clip_model), self.compute_dtype, self.tuner.parameters())
 
     @property
     def needs_grad_scaler(self) -> bool:

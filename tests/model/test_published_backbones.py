@@ -42,7 +42,7 @@ def timm_rn():
 
 
 def _cfg(method, backbone, **kw):
-    return make_config(method, {"num_classes": K, "backbone": backbone, **kw})
+    return make_config(method, {"num_classes": K, "backbone": backbone, "prec_train": "fp32", **kw})
 
 
 def test_timm_vit_feature_is_timms_own(timm_vit):

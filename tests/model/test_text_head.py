@@ -13,7 +13,7 @@ from .conftest import CLASSNAMES, COUNTS, K
 
 
 def _cfg(method="coop", **kw):
-    return make_config(method, {"num_classes": K, "backbone": "tiny_vit", "resolution": 32, **kw})
+    return make_config(method, {"num_classes": K, "backbone": "tiny_vit", "resolution": 32, "prec_train": "fp32", **kw})
 
 
 def _clip_logits(clip, tok, images, prompts):

@@ -109,12 +109,14 @@ def main(argv=None):
                 row["max_rel_err"] = case.accuracy()
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
+            # After every case: a run stopped by a time limit keeps the rows it measured.
+            write_json(os.path.join(args.out, f"{module.NAME}.json"),
+                       {"name": module.NAME, "machine": machine, "smoke": args.smoke, "rows": rows})
+            print(f"  {module.NAME}: {row['case']} done in {row['seconds']:.1f}s", flush=True)
         if not rows:
             print(f"\n## {module.NAME}: no cases on this machine")
             continue
         print_table(module.NAME, rows)
-        write_json(os.path.join(args.out, f"{module.NAME}.json"),
-                   {"name": module.NAME, "machine": machine, "smoke": args.smoke, "rows": rows})
     return failures
 
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,7 +154,7 @@ def part_env(check: Check, args) -> dict:
 
 def _tool_version(tool: str):
     local = os.path.join(os.path.dirname(sys.executable), tool)
-    exe = local if os.path.exists(local) else tool
+    exe = local if os.path.exists(local) else (find_nvcc() or tool if tool == "nvcc" else tool)
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -221,6 +222,9 @@ def part_build(check: Check, args) -> dict:
         if not cap:
             return {"ok": False, "error": "no GPU capability from the env part"}
         env.update(LIFTPLUS_FAST_CUDA="1", TORCH_CUDA_ARCH_LIST=cap)
+        nvcc = find_nvcc()
+        if nvcc and not os.environ.get("CUDACXX"):
+            env["CUDACXX"] = nvcc  # CMake looks on PATH only; toolkits often sit outside it
     t0 = time.monotonic()
     rc, tail = check.run([sys.executable, "setup.py", "build_ext", "--inplace"],
                          check.cap("build"), env)
@@ -236,6 +240,17 @@ def part_build(check: Check, args) -> dict:
     native = found.get("native", {})
     result["ok"] = rc == 0 and bool(native.get("loaded")) and (args.cpu or bool(native.get("cuda")))
     return result
+
+
+def find_nvcc():
+    """nvcc on PATH, else under CUDA_HOME / CUDA_PATH / /usr/local/cuda; None when absent."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return None
 
 
 def part_tests(check: Check, args) -> dict:

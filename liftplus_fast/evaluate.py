@@ -16,7 +16,6 @@ import torch
 from . import ops
 from .distributed import all_reduce_sum
 from .data import group_accuracies
-from .progress import progress_bar
 
 __all__ = ["evaluate", "metrics_from_counts", "autocast_context", "format_accuracy"]
 
@@ -100,7 +99,7 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
         tte: force (True) or forbid (False) TTE; ``None`` follows the shape of the images.
         device: where to run; default the model's device.
         precision: "fp32", or a half precision ("fp16"/"amp"/"bf16"; bf16 on CPU).
-        progress: show a progress bar (plain periodic lines when standard error is not a terminal).
+        progress: show a tqdm bar.
         feature_tte: average normalised crop features (exact for cosine classifiers).
         distributed: ``loader`` holds this process's shard of the test set; the per-class
             counts are summed over the default ``torch.distributed`` process group, so every
@@ -110,6 +109,8 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
         ``{"overall", "mean", "many", "med", "few", "per_class", "num_samples"}``, accuracies
         in percent.
     """
+    from .progress import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log file
+
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -122,7 +123,7 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
     model.eval()
     try:
         with torch.inference_mode(), autocast_context(device, precision):
-            for images, labels in progress_bar(loader, "Testing", disable=not progress):
+            for images, labels in tqdm(loader, desc="Testing", disable=not progress, leave=False):
                 if tte is True and images.dim() != 5:
                     raise ValueError("tte=True needs [B, C, 3, H, W] crops from the test transform "
                                      f"(build it with tte=True); got shape {tuple(images.shape)}")

@@ -87,15 +87,15 @@ class PlainProgress:
         """Nothing to clean up (kept for tqdm compatibility)."""
 
 
-def progress_bar(iterable: Iterable, desc: str, total: Optional[int] = None, disable: bool = False,
-                 stream: Optional[TextIO] = None):
+def progress_bar(iterable: Iterable, desc: str = "", total: Optional[int] = None, disable: bool = False,
+                 leave: bool = False, stream: Optional[TextIO] = None):
     """A tqdm bar on a terminal, :class:`PlainProgress` lines otherwise, a silent wrapper when
-    ``disable``. ``stream`` defaults to standard error."""
+    ``disable``; called like ``tqdm`` (``leave`` is tqdm's). ``stream`` defaults to standard error."""
     stream = sys.stderr if stream is None else stream
     if disable:
         return PlainProgress(iterable, desc, total, stream, interval=float("inf"))
     if _is_terminal(stream):
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, leave=False, file=stream)
+        return tqdm(iterable, desc=desc, total=total, leave=leave, file=stream)
     return PlainProgress(iterable, desc, total, stream, progress_interval())

@@ -31,7 +31,6 @@ from .data import (DownSampler, build_dataset, build_plain_transform, build_test
 from .evaluate import autocast_context, evaluate, format_accuracy
 from .model import build_lift_model, check_resolution, load_clip
 from .plotting import plot_per_class_accuracy
-from .progress import progress_bar
 
 __all__ = ["TrainResult", "fast_train", "resolve_device", "seed_everything"]
 
@@ -102,8 +101,10 @@ def _loader(dataset, batch_size: int, cfg: LiftConfig, shuffle: bool, sampler=No
 
 @torch.no_grad()
 def _features(model, loader, device, progress: bool):
+    from .progress import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log file
+
     feats, labels = [], []
-    for images, y in progress_bar(loader, "Features for classifier init", disable=not progress):
+    for images, y in tqdm(loader, desc="Features for classifier init", disable=not progress, leave=False):
         feats.append(model.encode_image(images.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -137,7 +138,7 @@ def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: 
         output_dir: where config, log, metrics, checkpoint and plot go (``None``: nothing written).
         config: a ready :class:`LiftConfig` (then the arguments above are ignored).
         opts: published-style ``key value`` overrides, e.g. ``["num_epochs", "15", "tte", "True"]``.
-        progress: progress bars (plain periodic lines when standard error is not a terminal).
+        progress: tqdm bars.
         resume: continue from ``output_dir``'s checkpoint when it holds a training state.
         **overrides: any :class:`LiftConfig` option (``num_epochs=1``, ``batch_size=32``, ...).
 
@@ -149,11 +150,13 @@ def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: 
     run is data-parallel: ``batch_size`` is the global batch, every process returns the same
     tuner and metrics, and only rank 0 writes ``output_dir``.
     """
+    from .progress import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log file
+
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
     ctx = init_distributed(resolve_device(cfg.device))
     handler = _setup_logging(cfg.output_dir, ctx.is_main)
     try:
-        return _run(cfg, progress and ctx.is_main, resume, progress_bar, ctx)
+        return _run(cfg, progress and ctx.is_main, resume, tqdm, ctx)
     finally:
         if handler is not None:
             logger.removeHandler(handler)
@@ -294,7 +297,8 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
         set_transform_epoch(train_set.transform, epoch)
         model.tuner.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(loader, f"epoch {epoch + 1}/{cfg.num_epochs}", total=num_batches, disable=not progress)
+        bar = tqdm(loader, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.num_epochs}",
+                   disable=not progress, leave=False)
         t_epoch = time.perf_counter()
         for batch_idx, (images, labels) in enumerate(bar):
             images = images.to(device, non_blocking=True)

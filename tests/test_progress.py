@@ -61,3 +61,15 @@ def test_interval_from_the_environment(monkeypatch):
     monkeypatch.setenv("LIFTPLUS_FAST_PROGRESS_INTERVAL", "soon")
     with pytest.raises(ValueError, match="LIFTPLUS_FAST_PROGRESS_INTERVAL must be a number"):
         progress_interval()
+
+
+def test_training_in_a_log_file_writes_lines_not_frames(tmp_path, capfd, monkeypatch):
+    import liftplus_fast as lf
+
+    monkeypatch.setenv("LIFTPLUS_FAST_PROGRESS_INTERVAL", "0")  # a line per batch, to see them all
+    lf.fast_train(dataset="digits_lt", root=str(tmp_path / "data"), backbone="tiny_vit", pretrained=None,
+                  resolution=32, batch_size=128, num_workers=0, num_epochs=1, prec_train="fp32",
+                  prec_test="fp32", progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    assert "epoch 1/1: 1/3 (33%)" in err and "loss=" in err and "Testing: 1/" in err

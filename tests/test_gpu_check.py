@@ -138,3 +138,13 @@ def test_docs_show_the_download_command_the_script_runs():
     block = doc.split("# which runs:\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
     cmd = gpu_check.download_command("WHEELS", "3.12", torch_version="2.11")
     assert block.replace('"', "").split() == ["python"] + cmd[1:]
+
+
+def test_counts_from_verbose_lines_after_a_timeout():
+    lines = ["tests/ops/test_cuda_build.py::test_a PASSED                 [  1%]",
+             "tests/ops/test_cuda_build.py::test_b[fp32] FAILED           [  2%]",
+             "tests/ops/test_triton_tte.py::test_c SKIPPED (needs a CUDA device) [  3%]",
+             "collected 3 items"]
+    counts = gpu_check.verbose_counts(lines)
+    assert (counts["tests"], counts["failures"], counts["skipped"]) == (3, 1, 1)
+    assert counts["failed_names"] == ["tests/ops/test_cuda_build.py::test_b[fp32]"] and counts["timed_out"]

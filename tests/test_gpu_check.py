@@ -148,3 +148,13 @@ def test_counts_from_verbose_lines_after_a_timeout():
     counts = gpu_check.verbose_counts(lines)
     assert (counts["tests"], counts["failures"], counts["skipped"]) == (3, 1, 1)
     assert counts["failed_names"] == ["tests/ops/test_cuda_build.py::test_b[fp32]"] and counts["timed_out"]
+
+
+def test_end_to_end_part_runs_on_cpu(tmp_path):
+    # Keeps the GPU machine's e2e part in step with the package API between GPU sessions.
+    proc, summary = run_check(sys.executable, tmp_path / "out", "--parts", "e2e", timeout=600)
+    e2e = summary["parts"]["e2e"]
+    assert proc.returncode == 0 and e2e["ok"], proc.stdout[-3000:] + json.dumps(e2e)[:3000]
+    assert e2e["device"] == "cpu" and e2e["auto"]["first_loss_rel_diff"] < 1e-2
+    assert e2e["auto"]["ms_per_step"] > 0 and e2e["reference"]["ms_per_step"] > 0
+    assert 0 <= e2e["fast_train_digits"]["metrics"]["overall"] <= 100

@@ -4,7 +4,7 @@ from .digits import DigitsLT
 from .groups import group_accuracies, shot_groups
 from .images import CorruptImageError, load_rgb_image
 from .list_datasets import ImageNetLT, INaturalist2018, LongTailListDataset, PlacesLT
-from .registry import DATASETS, build_dataset
+from .registry import DATASETS, build_dataset, check_split
 from .samplers import DownSampler
 from .transforms import (MDA_FUNCS, MinimalistRandomResizedCrop, StackCrops, build_plain_transform,
                          build_test_transform, build_train_transform, mda_min_scale,
@@ -14,6 +14,6 @@ __all__ = [
     "CIFAR100LT", "CorruptImageError", "DATASETS", "DatasetUnavailableError", "DigitsLT", "DownSampler", "ImageNetLT",
     "INaturalist2018", "LongTailListDataset", "MDA_FUNCS", "MinimalistRandomResizedCrop",
     "PlacesLT", "StackCrops", "build_dataset", "build_plain_transform", "build_test_transform",
-    "build_train_transform", "group_accuracies", "load_rgb_image", "long_tail_counts",
+    "build_train_transform", "check_split", "group_accuracies", "load_rgb_image", "long_tail_counts",
     "mda_min_scale", "select_long_tail_indices", "set_transform_epoch", "shot_groups",
 ]

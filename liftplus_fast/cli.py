@@ -14,6 +14,8 @@ import os
 import sys
 from typing import List, Optional
 
+from .errors import UserInputError
+
 BACKBONE_HELP = "backbone config name (clip_vit_b16, clip_vit_b32, clip_vit_l14, ...), open_clip name or tiny_vit"
 
 
@@ -109,8 +111,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
         return cmd_info(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        # One clear sentence for the user; the traceback helps nobody for bad input.
+    except (UserInputError, OSError) as exc:
+        # One clear sentence for bad input (the package's UserInputError) and for what the
+        # environment refused (OSError: a full disk, a missing permission); any other failure
+        # (a kernel bug, an assertion) is the package's and keeps its traceback.
         if os.environ.get("LIFTPLUS_FAST_DEBUG") == "1":
             raise
         print(f"liftplus-fast: error: {error_sentence(exc)}", file=sys.stderr)

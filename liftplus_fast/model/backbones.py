@@ -12,6 +12,8 @@ import os
 import tempfile
 from typing import Optional, Tuple
 
+from ..errors import UserInputError
+
 
 __all__ = ["BackboneLoadError", "PUBLISHED_BACKBONES", "TINY_VIT", "load_clip", "known_backbones",
            "check_resolution"]
@@ -48,7 +50,7 @@ _TINY_VIT_CFG = {
 }
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(UserInputError, RuntimeError):
     """The backbone's weights could not be obtained (download failed, or no such file)."""
 
 
@@ -94,11 +96,11 @@ def open_clip_schema_name(backbone: str) -> Optional[str]:
     """
     if backbone.startswith(SCHEMAS):
         if not backbone.split(":", 1)[1]:
-            raise ValueError(f"backbone {backbone!r} names no repository or folder after the schema")
+            raise UserInputError(f"backbone {backbone!r} names no repository or folder after the schema")
         return backbone
     if os.path.isdir(backbone):
         if not os.path.isfile(os.path.join(backbone, "open_clip_config.json")):
-            raise ValueError(f"backbone folder {backbone!r} has no open_clip_config.json (an open_clip "
+            raise UserInputError(f"backbone folder {backbone!r} has no open_clip_config.json (an open_clip "
                              "model folder holds it next to the weights)")
         return "local-dir:" + backbone
     return None
@@ -119,7 +121,7 @@ def _resolve(backbone: str) -> Tuple[str, bool]:
         return key, False
     if key.replace("/", "-") in open_clip.list_models():  # "ViT-B/16", as OpenAI's clip names it
         return key.replace("/", "-"), False
-    raise ValueError(
+    raise UserInputError(
         f"unknown backbone {backbone!r}; known names: {', '.join(known_backbones())}, "
         f"or any open_clip model name (open_clip.list_models(), {len(open_clip.list_models())} names)")
 
@@ -209,5 +211,5 @@ def check_resolution(clip_model, resolution: int, backbone: str) -> None:
         return
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     if (h, w) != (resolution, resolution):
-        raise ValueError(f"resolution={resolution} but backbone {backbone!r} takes {h}x{w} images; "
+        raise UserInputError(f"resolution={resolution} but backbone {backbone!r} takes {h}x{w} images; "
                          f"set resolution {h}")

@@ -348,7 +348,6 @@ def e2e(out_json: str, cpu: bool) -> int:
 
     sys.path.insert(0, ROOT)
     import liftplus_fast as lf
-    from liftplus_fast.evaluate import autocast_context
     from liftplus_fast.ops._dispatch import ENV_VAR
 
     device = torch.device("cpu" if cpu else "cuda")
@@ -364,8 +363,7 @@ def e2e(out_json: str, cpu: bool) -> int:
     for name in backends:
         os.environ[ENV_VAR] = name
         try:
-            result[name] = _timed_steps(lf, autocast_context, device, backbone, size, k, counts,
-                                        images, labels, steps)
+            result[name] = _timed_steps(lf, device, backbone, size, k, counts, images, labels, steps)
         except Exception as exc:  # e.g. the CUDA extension did not build: time the others
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"e2e {name}: {result[name]}", flush=True)
@@ -399,7 +397,7 @@ def e2e(out_json: str, cpu: bool) -> int:
     return 0 if ok else 1
 
 
-def _timed_steps(lf, autocast_context, device, backbone, size, k, counts, images, labels, steps) -> dict:
+def _timed_steps(lf, device, backbone, size, k, counts, images, labels, steps) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -408,14 +406,15 @@ def _timed_steps(lf, autocast_context, device, backbone, size, k, counts, images
     model = lf.build_lift_model(clip, cfg, counts, [f"class {i}" for i in range(k)], tok)
     params = [p for p in model.tuner.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    # The model owns its precision (prec_train "amp": half-precision compute, fp32 tuner), as in
+    # fast_train; fp16 on CUDA needs the gradient scaler.
+    scaler = torch.amp.GradScaler("cuda") if model.needs_grad_scaler else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     for _ in range(steps + 2):  # two warm-up steps (autotuning, allocator)
         t0 = time.perf_counter()
-        with autocast_context(device, "amp"):
-            loss, _ = model.training_loss(images, labels)
+        loss, _ = model.training_loss(images, labels)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -67,6 +67,9 @@ class LiftConfig:
     # data
     dataset: str = "cifar100_ir100"
     root: str = "./data"
+    # Folder of the split files of list-file data sets (train.txt, test.txt, classnames.txt);
+    # None: the data root.
+    split_dir: Optional[str] = None
     resolution: int = 224
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD

@@ -180,8 +180,8 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
                     torch.distributed.get_backend())
 
     # Data first: its errors (missing files, bad names) are the cheapest to report.
-    train_set = build_dataset(cfg.dataset, cfg.root, "train", build_train_transform(cfg))
-    test_set = build_dataset(cfg.dataset, cfg.root, "test", build_test_transform(cfg))
+    train_set = build_dataset(cfg.dataset, cfg.root, "train", build_train_transform(cfg), cfg.split_dir)
+    test_set = build_dataset(cfg.dataset, cfg.root, "test", build_test_transform(cfg), cfg.split_dir)
     cls_num_list = list(train_set.cls_num_list)
     if cfg.num_classes not in (None, train_set.num_classes):
         raise ValueError(f"num_classes={cfg.num_classes} but {cfg.dataset} has {train_set.num_classes} classes")
@@ -216,7 +216,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
     elif (not (cfg.zero_shot or cfg.test_only) and cfg.classifier and ctx.is_main
           and cfg.classifier_init in ("class_mean", "linear_probing")):
         # Rank 0 alone: the broadcast below hands its classifier to the other processes.
-        init_set = build_dataset(cfg.dataset, cfg.root, "train", build_plain_transform(cfg))
+        init_set = build_dataset(cfg.dataset, cfg.root, "train", build_plain_transform(cfg), cfg.split_dir)
         sampler = DownSampler(init_set.labels, n_max=100, generator=torch.Generator().manual_seed(cfg.seed or 0))
         feats, labels = _features(model, _loader(init_set, 64, cfg, False, sampler), device, progress)
         model.init_classifier_from_features(feats.to(device), labels.to(device), cfg.classifier_init)

@@ -3,7 +3,9 @@ from .cifar import CIFAR100LT, DatasetUnavailableError, long_tail_counts, select
 from .digits import DigitsLT
 from .groups import group_accuracies, shot_groups
 from .images import CorruptImageError, load_rgb_image
-from .list_datasets import ImageNetLT, INaturalist2018, LongTailListDataset, PlacesLT
+from .image_folder import ImageFolderLT
+from .list_datasets import (ImageFileDataset, ImageNetLT, INaturalist2018, ListFileDataset,
+                            LongTailListDataset, PlacesLT)
 from .registry import DATASETS, build_dataset
 from .samplers import DownSampler
 from .transforms import (MDA_FUNCS, MinimalistRandomResizedCrop, StackCrops, build_plain_transform,
@@ -11,8 +13,8 @@ from .transforms import (MDA_FUNCS, MinimalistRandomResizedCrop, StackCrops, bui
                          set_transform_epoch)
 
 __all__ = [
-    "CIFAR100LT", "CorruptImageError", "DATASETS", "DatasetUnavailableError", "DigitsLT", "DownSampler", "ImageNetLT",
-    "INaturalist2018", "LongTailListDataset", "MDA_FUNCS", "MinimalistRandomResizedCrop",
+    "CIFAR100LT", "CorruptImageError", "DATASETS", "DatasetUnavailableError", "DigitsLT", "DownSampler", "ImageFileDataset", "ImageFolderLT", "ImageNetLT",
+    "INaturalist2018", "ListFileDataset", "LongTailListDataset", "MDA_FUNCS", "MinimalistRandomResizedCrop",
     "PlacesLT", "StackCrops", "build_dataset", "build_plain_transform", "build_test_transform",
     "build_train_transform", "group_accuracies", "load_rgb_image", "long_tail_counts",
     "mda_min_scale", "select_long_tail_indices", "set_transform_epoch", "shot_groups",

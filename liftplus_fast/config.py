@@ -70,6 +70,13 @@ class LiftConfig:
     # Folder of the split files of list-file data sets (train.txt, test.txt, classnames.txt);
     # None: the data root.
     split_dir: Optional[str] = None
+    # Decode-once cache folder (built by `liftplus-fast cache`); None: decode the source images.
+    data_cache: Optional[str] = None
+    # Train from a cache whose build skipped undecodable training images.
+    allow_skipped: bool = False
+    # Decode and augment cached images in batches on the training device (the GPU) rather
+    # than in the DataLoader workers.
+    augment_on_device: bool = False
     resolution: int = 224
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
@@ -262,6 +269,10 @@ def validate(cfg: LiftConfig) -> None:
     need(cfg.lr > 0, f"lr must be positive; got {cfg.lr!r}")
     need(cfg.num_classes is None or (isinstance(cfg.num_classes, int) and cfg.num_classes >= 2),
          f"num_classes must be an integer >= 2; got {cfg.num_classes!r}")
+    need(cfg.data_cache is None or isinstance(cfg.data_cache, str),
+         f"data_cache must be a cache folder (built by liftplus-fast cache) or None; got {cfg.data_cache!r}")
+    need(not cfg.augment_on_device or cfg.data_cache is not None,
+         "augment_on_device True needs data_cache (a folder built by liftplus-fast cache)")
     need(cfg.v.aft_loc in ("attn", "mlp", "all"),
          f"v.aft_loc must be 'attn', 'mlp' or 'all'; got {cfg.v.aft_loc!r}")
 

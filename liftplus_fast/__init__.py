@@ -23,6 +23,7 @@ _LAZY = {
     "load_clip": ".model",
     "LiftModel": ".model",
     "build_dataset": ".data",
+    "build_cache": ".data",
     "run_demo": ".demo",
 }
 

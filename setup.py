@@ -72,6 +72,8 @@ class CMakeBuild(build_ext):
             "torch_version": torch.__version__,
             "cuda": cuda,
             "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0") if cuda else "",
+            # The library registers kernels only; the op schemas come from liftplus_fast/ops/_library.py.
+            "schemas_from_python": True,
         }
         path = os.path.join(out_dir, "_build_info.json")
         tmp = path + ".tmp"

@@ -15,9 +15,11 @@ from typing import Optional
 
 import torch
 
+from ._library import NATIVE, define_native, op
+
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_INFO_FILE = os.path.join(_PKG_DIR, "_build_info.json")
-NAMESPACE = "liftplus_fast"
+NAMESPACE = NATIVE
 
 
 @dataclass
@@ -59,7 +61,13 @@ def _load() -> NativeStatus:
     if built_for and _torch_version_key(built_for) != _torch_version_key(torch.__version__):
         return NativeStatus(False, f"the native extension was built for torch {built_for}, "
                                    f"running {torch.__version__}; rebuild it", path, info)
+    if not info.get("schemas_from_python"):
+        # An older build defines the schemas itself; loading it over ours would abort the process.
+        return NativeStatus(False, "the native extension was built from older sources that define "
+                                   "their own op schemas; rebuild it (make build)", path, info)
     try:
+        # The schemas come from Python; the library only registers kernels for them.
+        define_native()
         torch.ops.load_library(path)
     except (OSError, RuntimeError) as exc:
         return NativeStatus(False, f"could not load {path}: {exc}", path, info)
@@ -89,6 +97,6 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return False
 
 
-def native_op(op: str):
-    """The ``torch.ops.liftplus_fast.<op>`` overload packet."""
-    return getattr(getattr(torch.ops, NAMESPACE), op)
+def native_op(name: str):
+    """The ``torch.ops.liftplus_fast.<name>`` overload packet."""
+    return op(NATIVE, name)

@@ -1,17 +1,18 @@
 """Public AdaptFormer op: ``Y = A + M + s * up(relu(down(LN(A))))`` with fused backends.
 
-The native op pair ``liftplus_fast::adaptformer_fwd`` / ``adaptformer_bwd`` saves only the
-row statistics and the pre-ReLU bottleneck ``Z``; autograd and the fake (meta) kernel are
-registered here so ``torch.compile(fullgraph=True)`` traces through the op.
+The op pair ``adaptformer_fwd`` / ``adaptformer_bwd`` (schemas in :mod:`._library`) saves only
+the row statistics and the pre-ReLU bottleneck ``Z``. Its one autograd definition is registered
+here for the native and (from :mod:`.triton`) the Triton namespace; the fake (meta) kernel lets
+``torch.compile(fullgraph=True)`` trace through the native op. Math: ``docs/ops.md``.
 """
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _library, reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import dispatch, register
-from ._native import native_op, native_status
+from ._native import native_status
 
 OP = "adaptformer"
 
@@ -62,50 +63,63 @@ def adaptformer(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps: 
 register(OP, "reference", reference.adaptformer)
 
 
-def _native_adaptformer(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps):
-    return native_op("adaptformer_fwd")(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps)[0]
+def kernel_call(namespace: str):
+    """The backend function that runs ``namespace::adaptformer_fwd`` (native or Triton)."""
+    fwd = _library.op(namespace, "adaptformer_fwd")
+
+    def run(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps):
+        return fwd(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps)[0]
+
+    return run
 
 
-def _register_native() -> None:
-    fwd = "liftplus_fast::adaptformer_fwd"
-    bwd = "liftplus_fast::adaptformer_bwd"
+def _fake_fwd(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps):
+    rows = a.numel() // a.shape[-1]
+    # Saved statistics are fp32, or float64 for float64 inputs (used by gradcheck).
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    stats = a.new_empty((rows,), dtype=acc)
+    z = a.new_empty((rows, down_w.shape[0]), dtype=acc)
+    return torch.empty_like(a), stats, torch.empty_like(stats), z
 
-    @torch.library.register_fake(fwd)
-    def _fwd_fake(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps):
-        rows = a.numel() // a.shape[-1]
-        # Saved statistics are fp32, or float64 for float64 inputs (used by gradcheck).
-        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-        stats = a.new_empty((rows,), dtype=acc)
-        z = a.new_empty((rows, down_w.shape[0]), dtype=acc)
-        return torch.empty_like(a), stats, torch.empty_like(stats), z
 
-    @torch.library.register_fake(bwd)
-    def _bwd_fake(grad_y, a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z):
-        return (torch.empty_like(a), torch.empty_like(ln_w), torch.empty_like(ln_b),
-                torch.empty_like(down_w), torch.empty_like(down_b), torch.empty_like(up_w),
-                torch.empty_like(up_b), torch.empty_like(scale))
+def _fake_bwd(grad_y, a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z):
+    return (torch.empty_like(a), torch.empty_like(ln_w), torch.empty_like(ln_b),
+            torch.empty_like(down_w), torch.empty_like(down_b), torch.empty_like(up_w),
+            torch.empty_like(up_b), torch.empty_like(scale))
 
-    def setup_context(ctx, inputs, output):
-        a, _m, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, _eps = inputs
-        _y, mean, rstd, z = output
-        ctx.save_for_backward(a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z)
-        # mean/rstd/z are saved statistics, never differentiated: no zero gradients for them.
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(mean, rstd, z)
+
+def _setup_context(ctx, inputs, output):
+    a, _m, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, _eps = inputs
+    _y, mean, rstd, z = output
+    ctx.save_for_backward(a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z)
+    # mean/rstd/z are saved statistics, never differentiated: no zero gradients for them.
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(mean, rstd, z)
+
+
+def _make_backward(namespace: str):
+    bwd = _library.op(namespace, "adaptformer_bwd")
 
     def backward(ctx, grad_y, _g_mean, _g_rstd, _g_z):
         if grad_y is None:
             return (None,) * 10
         a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z = ctx.saved_tensors
-        grads = native_op("adaptformer_bwd")(grad_y.contiguous(), a, ln_w, ln_b, down_w, down_b,
-                                             up_w, up_b, scale, mean, rstd, z)
-        g_a, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s = grads
+        g_a, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s = bwd(
+            grad_y.contiguous(), a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z)
+        # dM = G: the incoming gradient itself, no copy.
         return g_a, grad_y, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s, None
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    return backward
+
+
+def register_backend(namespace: str) -> None:
+    """Attach the one autograd definition of the op to ``namespace::adaptformer_fwd``."""
+    _library.register_autograd(namespace, "adaptformer_fwd", _make_backward, _setup_context)
 
 
 if native_status().loaded:
-    _register_native()
-    register(OP, "cpu", _native_adaptformer, native_name="adaptformer_fwd")
-    register(OP, "cuda", _native_adaptformer, native_name="adaptformer_fwd")
+    torch.library.register_fake(f"{_library.NATIVE}::adaptformer_fwd")(_fake_fwd)
+    torch.library.register_fake(f"{_library.NATIVE}::adaptformer_bwd")(_fake_bwd)
+    register_backend(_library.NATIVE)
+    for _device in ("cpu", "cuda"):
+        register(OP, _device, kernel_call(_library.NATIVE), native_name="adaptformer_fwd")

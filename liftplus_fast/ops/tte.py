@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _library, reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import dispatch, register
-from ._native import native_op, native_status
+from ._native import native_status
 from .reference import TTEResult
 
 OP = "tte_aggregate"
@@ -50,33 +50,39 @@ register(OP, "reference", reference.tte_aggregate)
 register(OP_FEATURES, "reference", reference.tte_mean_unit_features)
 
 
-def _native_tte(crop_logits, labels):
-    mean, pred, correct, total = native_op("tte_aggregate")(crop_logits, labels)
-    if labels is None:
-        return TTEResult(mean, pred, None, None)
-    return TTEResult(mean, pred, correct, total)
+def kernel_calls(namespace: str):
+    """The backend functions running ``namespace::tte_aggregate`` and ``tte_mean_unit_features``."""
+    agg = _library.op(namespace, "tte_aggregate")
+    unit = _library.op(namespace, "tte_mean_unit_features")
+
+    def aggregate(crop_logits, labels):
+        mean, pred, correct, total = agg(crop_logits, labels)
+        if labels is None:
+            return TTEResult(mean, pred, None, None)
+        return TTEResult(mean, pred, correct, total)
+
+    def unit_mean(crop_feats):
+        return unit(crop_feats)
+
+    return aggregate, unit_mean
 
 
-def _native_unit_mean(crop_feats):
-    return native_op("tte_mean_unit_features")(crop_feats)
+def _fake_tte(crop_logits, labels):
+    _c, b, k = crop_logits.shape
+    counts = (k,) if labels is not None else (0,)
+    return (crop_logits.new_empty((b, k)), crop_logits.new_empty((b,), dtype=torch.int64),
+            crop_logits.new_empty(counts, dtype=torch.int64),
+            crop_logits.new_empty(counts, dtype=torch.int64))
 
 
-def _register_native() -> None:
-    @torch.library.register_fake("liftplus_fast::tte_aggregate")
-    def _tte_fake(crop_logits, labels):
-        _c, b, k = crop_logits.shape
-        counts = (k,) if labels is not None else (0,)
-        return (crop_logits.new_empty((b, k)), crop_logits.new_empty((b,), dtype=torch.int64),
-                crop_logits.new_empty(counts, dtype=torch.int64),
-                crop_logits.new_empty(counts, dtype=torch.int64))
-
-    @torch.library.register_fake("liftplus_fast::tte_mean_unit_features")
-    def _unit_mean_fake(crop_feats):
-        return crop_feats.new_empty(crop_feats.shape[1:])
+def _fake_unit_mean(crop_feats):
+    return crop_feats.new_empty(crop_feats.shape[1:])
 
 
 if native_status().loaded:
-    _register_native()
+    torch.library.register_fake(f"{_library.NATIVE}::tte_aggregate")(_fake_tte)
+    torch.library.register_fake(f"{_library.NATIVE}::tte_mean_unit_features")(_fake_unit_mean)
+    _aggregate, _unit_mean = kernel_calls(_library.NATIVE)
     for _backend in ("cpu", "cuda"):
-        register(OP, _backend, _native_tte, native_name="tte_aggregate")
-        register(OP_FEATURES, _backend, _native_unit_mean, native_name="tte_mean_unit_features")
+        register(OP, _backend, _aggregate, native_name="tte_aggregate")
+        register(OP_FEATURES, _backend, _unit_mean, native_name="tte_mean_unit_features")

@@ -54,6 +54,16 @@ def test_extension_built_for_another_torch_is_refused(tmp_path, monkeypatch):
     assert "built for torch 1.13.0" in status.reason and torch.__version__ in status.reason
 
 
+def test_extension_that_defines_its_own_schemas_is_refused(tmp_path, monkeypatch):
+    # Loading an older build (TORCH_LIBRARY in C++) over the Python schemas would abort the process.
+    info = tmp_path / "_build_info.json"
+    info.write_text(json.dumps({"torch_version": torch.__version__}))
+    monkeypatch.setattr(_native, "BUILD_INFO_FILE", str(info))
+    monkeypatch.setattr(_native, "_find_library", lambda: str(tmp_path / "_C.so"))
+    status = _native._load()
+    assert not status.loaded and "define their own op schemas; rebuild it" in status.reason
+
+
 def test_package_works_without_the_extension():
     code = ("import warnings, torch, liftplus_fast as lf\n"
             "x = torch.randn(5, 4, 7)\n"

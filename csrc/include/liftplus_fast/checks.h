@@ -1,12 +1,11 @@
-// Argument checks shared by the CPU and CUDA kernels (host code only). The Python wrappers
-// check too; these guard direct torch.ops calls. Every message names the argument, its shape,
+// Argument guards shared by the CPU and CUDA kernels (host code only). Arguments are validated
+// once, by the public Python op; these only guard direct torch.ops calls. Every message names the argument, its shape,
 // dtype and device, and what was expected.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -24,15 +23,6 @@ inline std::string describe(const at::Tensor& t) {
 inline bool is_float_like(const at::Tensor& t) {
   const auto s = t.scalar_type();
   return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble;
-}
-
-// A non-negative integer from the environment (tuning knobs), or `fallback`.
-inline int64_t env_int(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  const long long x = std::strtoll(v, &end, 10);
-  return (end != v && x >= 0) ? static_cast<int64_t>(x) : fallback;
 }
 
 // `t` must live on `ref`'s device, and that device must be of `kind` (CPU or CUDA kernels).

@@ -1,5 +1,5 @@
 // Per-element and per-row-state math of the logit-adjusted cosine cross-entropy, shared by the
-// CPU (rows.h, la_cosine_ce_cpu.cpp) and CUDA (la_cosine_ce_cuda.cu) kernels (DESIGN.md §4).
+// CPU (rows.h, la_cosine_ce_cpu.cpp) and CUDA (la_cosine_ce_cuda.cu) kernels (docs/ops.md).
 // Backends differ in how they loop and reduce, not in these formulas.
 #pragma once
 
@@ -9,12 +9,6 @@
 
 namespace liftplus_fast {
 namespace math {
-
-// 1 / max(‖v‖, eps), as F.normalize, in any float type.
-template <typename A>
-LPF_HOST_DEVICE A inv_norm_of(A norm) {
-  return A(1) / (norm > A(kNormEps) ? norm : A(kNormEps));
-}
 
 // Whether normalisation is active (‖v‖ > eps); below it the gradient is a plain scale.
 template <typename A>
@@ -37,18 +31,6 @@ LPF_HOST_DEVICE A project_coef(A dot_vx, A rv, bool active) {
 template <typename A>
 LPF_HOST_DEVICE A project_elem(A x, A v, A c, A a) {
   return a * (x - v * c);
-}
-
-// Online logsumexp merge of a chunk (max m, Σ exp(z − m) = s) into a running (m_run, s_run),
-// in the accumulation type; `ex` is the backend's exp.
-template <typename A, typename Exp>
-LPF_HOST_DEVICE void lse_merge_into(A& m_run, A& s_run, A m, A s, Exp ex) {
-  if (m > m_run) {
-    s_run = s_run * ex(m_run - m) + s;
-    m_run = m;
-  } else if (m != -INFINITY) {
-    s_run += s * ex(m - m_run);
-  }
 }
 
 }  // namespace math

@@ -12,38 +12,23 @@
 namespace liftplus_fast {
 namespace math {
 
-// Online logsumexp state: running maximum m and sum s of exp(x - m).
-struct LseState {
-  float m;
-  float s;
-};
-
-LPF_HOST_DEVICE LseState lse_init() { return {-INFINITY, 0.f}; }
-
-LPF_HOST_DEVICE LseState lse_push(LseState st, float x) {
-  if (x > st.m) {
-    st.s = st.s * expf(st.m - x) + 1.f;
-    st.m = x;
-  } else {
-    st.s += expf(x - st.m);
-  }
-  return st;
-}
-
-LPF_HOST_DEVICE LseState lse_merge(LseState a, LseState b) {
-  if (b.m == -INFINITY) return a;
-  if (a.m == -INFINITY) return b;
-  if (a.m >= b.m) return {a.m, a.s + b.s * expf(b.m - a.m)};
-  return {b.m, b.s + a.s * expf(a.m - b.m)};
-}
-
-LPF_HOST_DEVICE float lse_value(LseState st) { return st.m + logf(st.s); }
-
-// L2 normalisation as F.normalize: x / max(||x||, eps).
+// L2 normalisation as F.normalize: 1 / max(‖v‖, eps), in any float type.
 constexpr float kNormEps = 1e-12f;
-LPF_HOST_DEVICE float inv_norm(float sumsq) {
-  float n = sqrtf(sumsq);
-  return 1.f / (n > kNormEps ? n : kNormEps);
+template <typename A>
+LPF_HOST_DEVICE A inv_norm_of(A norm) {
+  return A(1) / (norm > A(kNormEps) ? norm : A(kNormEps));
+}
+
+// Online logsumexp: merge a chunk (max m, Σ exp(z − m) = s) into a running (m_run, s_run), in
+// the accumulation type; `ex` is the backend's exp.
+template <typename A, typename Exp>
+LPF_HOST_DEVICE void lse_merge_into(A& m_run, A& s_run, A m, A s, Exp ex) {
+  if (m > m_run) {
+    s_run = s_run * ex(m_run - m) + s;
+    m_run = m;
+  } else if (m != -INFINITY) {
+    s_run += s * ex(m - m_run);
+  }
 }
 
 // Argmax update where the first maximum wins (as torch.argmax); NaN counts as the maximum.

@@ -37,6 +37,7 @@
 
 #include "liftplus_fast/checks.h"
 #include "liftplus_fast/la_ce.h"
+#include "liftplus_fast/tuning.h"
 #include "liftplus_fast/math.h"
 #include "liftplus_fast/rows.h"
 
@@ -46,7 +47,7 @@ namespace {
 namespace R = liftplus_fast::rows;
 
 using checks::describe;
-using checks::env_int;
+using tuning::env_int;
 using checks::is_float_like;
 
 void check_args(const at::Tensor& feat, const at::Tensor& weight, const at::Tensor& labels,
@@ -217,7 +218,7 @@ void run(const at::Tensor& feat_in, const at::Tensor& weight_in, const at::Tenso
             R::logit_grad<true, T, A>(z.data(), A(1) / s, g, cs, n, yl, Lrow);
           } else {
             const A s = R::exp_sum<false, A>(z.data(), n, m);
-            // Online merge in the accumulation dtype (math::lse_merge is fp32-only).
+            // Online merge in the accumulation dtype.
             math::lse_merge_into<A>(run_m[b], run_s[b], m, s, [](A v) { return R::exp_fast(v); });
           }
         }

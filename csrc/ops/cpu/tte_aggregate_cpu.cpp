@@ -15,7 +15,7 @@
 namespace liftplus_fast {
 namespace {
 
-using liftplus_fast::math::inv_norm;
+using liftplus_fast::math::inv_norm_of;
 
 void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
@@ -109,7 +109,7 @@ at::Tensor tte_mean_unit_features_cpu(const at::Tensor& feats_in) {
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* row = xp + (c * B + b) * D;
-          const float inv = inv_norm(rows::sumsq<scalar_t, float>(row, D));
+          const float inv = inv_norm_of<float>(std::sqrt(rows::sumsq<scalar_t, float>(row, D)));
           for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(row[d]) * inv;
         }
         for (int64_t d = 0; d < D; ++d) op[b * D + d] = static_cast<scalar_t>(acc[d] * inv_c);

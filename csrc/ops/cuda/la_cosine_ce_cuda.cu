@@ -34,6 +34,7 @@
 
 #include "liftplus_fast/checks.h"
 #include "liftplus_fast/la_ce.h"
+#include "liftplus_fast/tuning.h"
 
 namespace liftplus_fast {
 namespace {
@@ -203,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) project_rows_kernel(const X* __restr
 // ---------------------------------------------------------------------------------------------
 
 using checks::describe;
-using checks::env_int;
+using tuning::env_int;
 using checks::is_float_like;
 
 void check_args(const at::Tensor& feat, const at::Tensor& weight, const at::Tensor& labels,

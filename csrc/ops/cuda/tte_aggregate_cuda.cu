@@ -125,7 +125,7 @@ __global__ void tte_mean_unit_features_kernel(const scalar_t* __restrict__ x, sc
       if (threadIdx.x < stride) s_red[threadIdx.x] += s_red[threadIdx.x + stride];
       __syncthreads();
     }
-    const float inv = math::inv_norm(s_red[0]);
+    const float inv = math::inv_norm_of<float>(sqrtf(s_red[0]));
     __syncthreads();
     int i = 0;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x, ++i) acc[i] += static_cast<float>(row[d]) * inv;

@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton ops: lazy kernel construction, configs, checks.
+"""Helpers shared by the Triton ops: lazy kernel construction, configs, launch geometry.
 
 ``@triton.jit`` decides at decoration time whether a kernel is compiled for the GPU or run by
 the CPU interpreter (``TRITON_INTERPRET=1``). The package may be imported before a test sets
@@ -13,8 +13,6 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 import triton
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def interpreting() -> bool:
@@ -76,26 +74,6 @@ def dot_meta(dtype: torch.dtype) -> dict:
     if interpreting() or dtype == torch.float32:
         return {"ELEM_T": elem, "DOT_T": tl.float32, "PREC": "ieee"}
     return {"ELEM_T": elem, "DOT_T": elem, "PREC": "tf32"}
-
-
-def check_triton_inputs(op: str, **tensors) -> torch.device:
-    """One device for all tensors, a device Triton can run on, supported float dtypes."""
-    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"{op} (triton): all tensors must be on one device; got {listing}")
-    device = next(iter(devices.values()))
-    if device.type == "cpu" and not interpreting():
-        raise RuntimeError(f"{op} (triton): CPU tensors need TRITON_INTERPRET=1; got tensors on cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"{op} (triton): tensors must be on a CUDA device; got {device}")
-    return device
-
-
-def check_float(op: str, name: str, t: torch.Tensor) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op} (triton): {name} must be float32, bfloat16 or float16; got shape "
-                        f"{tuple(t.shape)}, dtype {t.dtype}, device {t.device}")
 
 
 def num_sms(device: torch.device) -> int:

@@ -1,6 +1,6 @@
 """Triton AdaptFormer branch: ``Y = A + (M + s * up(relu(down(LN(A)))))``, forward and backward.
 
-Kernels (math in DESIGN.md §4):
+Kernels (math in ``docs/ops.md``):
 
 * ``_fwd``: one program per block of ``BLOCK_N`` rows. The bottleneck tile ``Z`` of
   ``BLOCK_N × BLOCK_R`` stays in registers while D is streamed in ``BLOCK_D`` chunks; saves
@@ -23,11 +23,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ._common import (LazyKernel, cdiv, cfg, check_float, check_triton_inputs, dot_meta, num_sms,
-                      pow2_at_least)
+from .._library import SCHEMAS, TRITON
+from ..adaptformer import kernel_call, register_backend
+from ._common import LazyKernel, cdiv, cfg, dot_meta, num_sms, pow2_at_least
 
 MAX_R = 256
-NAMESPACE = "liftplus_fast_triton"
 
 
 def _fwd(A, M, LNW, LNB, WD, BD, WU, BU, S, Y, MEAN, RSTD, Z, N, D, R, eps,
@@ -230,7 +230,7 @@ def _as_rows(t: Tensor) -> Tensor:
     return t.contiguous().view(-1, t.shape[-1])
 
 
-@triton_op(f"{NAMESPACE}::adaptformer_fwd", mutates_args=())
+@triton_op(f"{TRITON}::adaptformer_fwd", mutates_args=(), schema=SCHEMAS["adaptformer_fwd"])
 def adaptformer_fwd(a: Tensor, mlp_out: Tensor, ln_w: Tensor, ln_b: Tensor, down_w: Tensor,
                     down_b: Tensor, up_w: Tensor, up_b: Tensor, scale: Tensor,
                     eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -258,7 +258,7 @@ def _weight_splits(n: int, d: int, device: torch.device) -> int:
     return max(1, min(cdiv(n, 64), cdiv(2 * num_sms(device), d_tiles)))
 
 
-@triton_op(f"{NAMESPACE}::adaptformer_bwd", mutates_args=())
+@triton_op(f"{TRITON}::adaptformer_bwd", mutates_args=(), schema=SCHEMAS["adaptformer_bwd"])
 def adaptformer_bwd(grad_y: Tensor, a: Tensor, ln_w: Tensor, ln_b: Tensor, down_w: Tensor,
                     down_b: Tensor, up_w: Tensor, up_b: Tensor, scale: Tensor, mean: Tensor,
                     rstd: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -304,44 +304,20 @@ def adaptformer_bwd(grad_y: Tensor, a: Tensor, ln_w: Tensor, ln_b: Tensor, down_
     return da.view(a.shape), g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s
 
 
-def _setup_context(ctx, inputs, output):
-    a, _m, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, _eps = inputs
-    _y, mean, rstd, z = output
-    ctx.save_for_backward(a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z)
-
-
-def _backward(ctx, grad_y, _g_mean, _g_rstd, _g_z):
-    a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z = ctx.saved_tensors
-    grads = torch.ops.liftplus_fast_triton.adaptformer_bwd(
-        grad_y.contiguous(), a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z)
-    g_a, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s = grads
-    # dM = G: the incoming gradient itself, no copy.
-    return g_a, grad_y, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s, None
-
-
-adaptformer_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def check_args(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale) -> None:
-    """Reject what the kernels cannot run, before any launch."""
-    op = "adaptformer"
-    check_triton_inputs(op, a=a, mlp_out=mlp_out, ln_w=ln_w, ln_b=ln_b, down_w=down_w,
-                        down_b=down_b, up_w=up_w, up_b=up_b, scale=scale)
-    for name, t in dict(a=a, mlp_out=mlp_out, ln_w=ln_w, ln_b=ln_b, down_w=down_w, down_b=down_b,
-                        up_w=up_w, up_b=up_b, scale=scale).items():
-        check_float(op, name, t)
-    if mlp_out.dtype != a.dtype or mlp_out.shape != a.shape:
-        raise ValueError(f"{op} (triton): mlp_out must match a (shape {tuple(a.shape)}, dtype "
-                         f"{a.dtype}); got shape {tuple(mlp_out.shape)}, dtype {mlp_out.dtype}")
+def check_limits(a, down_w) -> None:
+    """Reject what the kernels cannot run (arguments are validated by the public op)."""
     r = down_w.shape[0]
     if r > MAX_R:
-        raise ValueError(f"{op} (triton): bottleneck r = {r} (down_w shape {tuple(down_w.shape)}) "
+        raise ValueError(f"adaptformer (triton): bottleneck r = {r} (down_w shape {tuple(down_w.shape)}) "
                          f"exceeds the kernel limit r <= {MAX_R}: the BLOCK_N x r accumulators "
                          "must stay in registers; use the reference or native backend")
 
 
+register_backend(TRITON)
+_run = kernel_call(TRITON)
+
+
 def adaptformer(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps):
     """Backend entry for :func:`liftplus_fast.ops.adaptformer` (``scale`` 0-dim, ``eps`` float)."""
-    check_args(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale)
-    return torch.ops.liftplus_fast_triton.adaptformer_fwd(
-        a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, float(eps))[0]
+    check_limits(a, down_w)
+    return _run(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, float(eps))

@@ -27,11 +27,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ._common import (LazyKernel, cdiv, cfg, check_float, check_triton_inputs, dot_meta, num_sms,
-                      pow2_at_least)
+from .._library import SCHEMAS, TRITON
+from ..la_cosine_ce import kernel_call, register_backend
+from ._common import LazyKernel, cdiv, cfg, dot_meta, num_sms, pow2_at_least
 
 MAX_D = 2048
-NAMESPACE = "liftplus_fast_triton"
 _EPS = 1e-12
 
 
@@ -198,9 +198,9 @@ def _row_splits(b: int, k: int, device) -> int:
     return max(1, min(cdiv(b, 32), cdiv(2 * num_sms(device), cdiv(k, 32))))
 
 
-@triton_op(f"{NAMESPACE}::la_cosine_ce_fwd", mutates_args=())
+@triton_op(f"{TRITON}::la_cosine_ce_fwd", mutates_args=(), schema=SCHEMAS["la_cosine_ce_fwd"])
 def la_cosine_ce_fwd(feat: Tensor, weight: Tensor, labels: Tensor, log_prior: Tensor, scale: float,
-                     tau: float, return_logits: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     tau: float, return_logits: bool, compute_grad: bool = False):
     b, d = feat.shape
     k = weight.shape[0]
     dev = feat.device
@@ -219,12 +219,22 @@ def la_cosine_ce_fwd(feat: Tensor, weight: Tensor, labels: Tensor, log_prior: Te
     mx = pm.max(0).values
     lse = mx + torch.log((pl * torch.exp(pm - mx)).sum(0))
     loss = (lse - tgt).mean()
-    return loss, logits, lse
+    if compute_grad:
+        # The backward kernels recompute the logits tile by tile anyway, so the gradients for
+        # grad_loss = 1 cost the same here as later; computing them now keeps one autograd.
+        g_feat, g_weight = _backward(loss.new_ones(()), feat, weight, labels, log_prior, lse, scale, tau)
+    else:
+        g_feat, g_weight = feat.new_empty((0,)), weight.new_empty((0,))
+    return loss, logits, lse, g_feat, g_weight
 
 
-@triton_op(f"{NAMESPACE}::la_cosine_ce_bwd", mutates_args=())
+@triton_op(f"{TRITON}::la_cosine_ce_bwd", mutates_args=(), schema=SCHEMAS["la_cosine_ce_bwd"])
 def la_cosine_ce_bwd(grad_loss: Tensor, feat: Tensor, weight: Tensor, labels: Tensor,
-                     log_prior: Tensor, lse: Tensor, scale: float, tau: float) -> tuple[Tensor, Tensor]:
+                     log_prior: Tensor, lse: Tensor, scale: float, tau: float):
+    return _backward(grad_loss, feat, weight, labels, log_prior, lse, scale, tau)
+
+
+def _backward(grad_loss, feat, weight, labels, log_prior, lse, scale, tau):
     b, d = feat.shape
     k = weight.shape[0]
     dev = feat.device
@@ -259,45 +269,28 @@ def la_cosine_ce_bwd(grad_loss: Tensor, feat: Tensor, weight: Tensor, labels: Te
     return g_feat, g_weight
 
 
-def _setup_context(ctx, inputs, output):
-    feat, weight, labels, log_prior, scale, tau, _ret = inputs
-    _loss, logits, lse = output
-    ctx.save_for_backward(feat, weight, labels, log_prior, lse)
-    ctx.scale, ctx.tau = scale, tau
-    ctx.mark_non_differentiable(logits, lse)
-
-
-def _backward(ctx, grad_loss, _g_logits, _g_lse):
-    feat, weight, labels, log_prior, lse = ctx.saved_tensors
-    g_feat, g_weight = torch.ops.liftplus_fast_triton.la_cosine_ce_bwd(
-        grad_loss, feat, weight, labels, log_prior, lse, ctx.scale, ctx.tau)
-    return g_feat, g_weight, None, None, None, None, None
-
-
-la_cosine_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def check_args(feat, weight, labels, log_prior) -> None:
-    op = "la_cosine_cross_entropy"
-    check_triton_inputs(op, feat=feat, weight=weight, labels=labels, log_prior=log_prior)
-    for name, t in dict(feat=feat, weight=weight, log_prior=log_prior).items():
-        check_float(op, name, t)
-    if labels.dtype != torch.int64:
-        raise TypeError(f"{op} (triton): labels must be int64; got dtype {labels.dtype}")
+def check_limits(feat) -> None:
+    """Reject what the kernels cannot run (arguments are validated by the public op)."""
     d = feat.shape[-1]
     if d > MAX_D:
-        raise ValueError(f"{op} (triton): feature width D = {d} (feat shape {tuple(feat.shape)}) "
-                         f"exceeds the kernel limit D <= {MAX_D}: the backward keeps full rows "
-                         "on chip; use the reference or native backend")
+        raise ValueError(f"la_cosine_cross_entropy (triton): feature width D = {d} (feat shape "
+                         f"{tuple(feat.shape)}) exceeds the kernel limit D <= {MAX_D}: the backward "
+                         "keeps full rows on chip; use the reference or native backend")
+
+
+def check_labels(weight, labels) -> None:
+    """Device-side guard (no host sync, traceable): labels index the classes."""
+    k = weight.shape[0]
+    torch._assert_async(((labels >= 0) & (labels < k)).all(),
+                        f"la_cosine_cross_entropy (triton): labels out of range [0, {k})")
+
+
+register_backend(TRITON)
+_run = kernel_call(TRITON)
 
 
 def la_cosine_cross_entropy(feat, weight, labels, log_prior, scale, tau, return_logits):
     """Backend entry for :func:`liftplus_fast.ops.la_cosine_cross_entropy`."""
-    check_args(feat, weight, labels, log_prior)
-    k = weight.shape[0]
-    # Device-side check: no host sync on CUDA, still traceable by torch.compile.
-    torch._assert_async(((labels >= 0) & (labels < k)).all(),
-                        f"la_cosine_cross_entropy (triton): labels out of range [0, {k})")
-    loss, logits, _lse = torch.ops.liftplus_fast_triton.la_cosine_ce_fwd(
-        feat, weight, labels, log_prior, float(scale), float(tau), bool(return_logits))
-    return (loss, logits) if return_logits else loss
+    check_limits(feat)
+    check_labels(weight, labels)
+    return _run(feat, weight, labels, log_prior, float(scale), float(tau), bool(return_logits))

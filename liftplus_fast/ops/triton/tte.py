@@ -14,10 +14,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ._common import LazyKernel, cdiv, cfg, check_float, check_triton_inputs, pow2_at_least
-from ..reference import TTEResult
-
-NAMESPACE = "liftplus_fast_triton"
+from .._library import SCHEMAS, TRITON
+from ..tte import kernel_calls
+from ._common import LazyKernel, cdiv, cfg, pow2_at_least
 
 
 def _aggregate(X, LAB, OUT, PRED, CORRECT, TOTAL, C, B, K, sc, sb, sk, inv_c,
@@ -81,7 +80,7 @@ _AGG = LazyKernel(_aggregate, [cfg(4, 2, BLOCK_B=8, BLOCK_K=256)], cfg(1, 1, BLO
 _UNIT = LazyKernel(_unit_mean, [cfg(4, 2, BLOCK_D=256)], cfg(1, 1, BLOCK_D=16), key=["D"])
 
 
-@triton_op(f"{NAMESPACE}::tte_aggregate", mutates_args=())
+@triton_op(f"{TRITON}::tte_aggregate", mutates_args=(), schema=SCHEMAS["tte_aggregate"])
 def tte_aggregate_op(crop_logits: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     c, b, k = crop_logits.shape
     dev = crop_logits.device
@@ -99,7 +98,7 @@ def tte_aggregate_op(crop_logits: Tensor, labels: Tensor | None) -> tuple[Tensor
     return out, pred, correct, total
 
 
-@triton_op(f"{NAMESPACE}::tte_mean_unit_features", mutates_args=())
+@triton_op(f"{TRITON}::tte_mean_unit_features", mutates_args=(), schema=SCHEMAS["tte_mean_unit_features"])
 def tte_mean_unit_features_op(crop_feats: Tensor) -> Tensor:
     c, b, d = crop_feats.shape
     x = crop_feats.contiguous()
@@ -109,23 +108,23 @@ def tte_mean_unit_features_op(crop_feats: Tensor) -> Tensor:
     return out
 
 
-def tte_aggregate(crop_logits, labels=None) -> TTEResult:
-    """Backend entry for :func:`liftplus_fast.ops.tte_aggregate`."""
-    check_triton_inputs("tte_aggregate", crop_logits=crop_logits, labels=labels)
-    check_float("tte_aggregate", "crop_logits", crop_logits)
+def check_labels(crop_logits, labels) -> None:
+    """Device-side guard: an out-of-range label would index past the counters."""
     if labels is not None:
         k = crop_logits.shape[-1]
-        # Device-side check: an out-of-range label would index past the counters.
         torch._assert_async(((labels >= 0) & (labels < k)).all(),
                             f"tte_aggregate (triton): labels out of range [0, {k})")
-    mean, pred, correct, total = torch.ops.liftplus_fast_triton.tte_aggregate(crop_logits, labels)
-    if labels is None:
-        return TTEResult(mean, pred, None, None)
-    return TTEResult(mean, pred, correct, total)
+
+
+_aggregate, _unit_mean = kernel_calls(TRITON)
+
+
+def tte_aggregate(crop_logits, labels=None):
+    """Backend entry for :func:`liftplus_fast.ops.tte_aggregate`."""
+    check_labels(crop_logits, labels)
+    return _aggregate(crop_logits, labels)
 
 
 def tte_mean_unit_features(crop_feats):
     """Backend entry for :func:`liftplus_fast.ops.tte_mean_unit_features`."""
-    check_triton_inputs("tte_mean_unit_features", crop_feats=crop_feats)
-    check_float("tte_mean_unit_features", "crop_feats", crop_feats)
-    return torch.ops.liftplus_fast_triton.tte_mean_unit_features(crop_feats)
+    return _unit_mean(crop_feats)

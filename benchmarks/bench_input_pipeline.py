@@ -44,7 +44,7 @@ _workers = WORKERS
 
 
 def _folder(smoke: bool) -> str:
-    classes, per_class, test = (4, 3, 2) if smoke else (10, 24, 8)
+    classes, per_class, test = (4, 3, 2) if smoke else (10, 16, 6)
     sizes = ((60, 80), (80, 60), (96, 128)) if smoke else PHOTO_SIZES
     root = os.path.join(tempfile.gettempdir(), f"liftplus_fast_bench_input_{classes}x{per_class}_{len(sizes)}")
     done = os.path.join(root, "DONE")
@@ -91,7 +91,7 @@ def _transform_case(name, split, cfg, root, caches, ref_transform, cached_transf
         b = os.path.getsize(os.path.join(cdir, f"{split}.data"))
         notes.append(f"{fmt} cache {b / 2**20:.1f} MiB ({b / src_bytes:.2f}x the source bytes)")
     return common.Case(name=f"{name} res={cfg.resolution} n={n}", params={"images": n, "workers": _workers},
-                       candidates=candidates, notes=notes, measure_memory=False, items=n, repeats=5)
+                       candidates=candidates, notes=notes, measure_memory=False, items=n, repeats=3)
 
 
 def _epoch_case(root, cdir, smoke):

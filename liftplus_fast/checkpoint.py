@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import tempfile
+import zipfile
 from typing import Any, Dict
 
 import torch
@@ -19,20 +21,45 @@ CHECKPOINT_NAME = "checkpoint.pth.tar"
 FORMAT = "liftplus_fast/1"
 
 
+class OutputWriteError(OSError):
+    """A file of the output folder could not be written; the previous version, if any, is intact."""
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The file gets the permissions the umask gives new files (``mkstemp`` alone would leave it
+    0600). A failure (disk full, read-only folder) raises :class:`OutputWriteError` naming the
+    file and the cause, with the temporary file removed and the previous ``path`` untouched.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError):
+            kept = " (its previous version is kept)" if os.path.exists(path) else ""
+            raise OutputWriteError(f"could not write {path}{kept}: {exc.strerror or exc}") from None
+        if isinstance(exc, RuntimeError) and "write" in str(exc).lower():
+            # torch.save reports a failed write (a full disk) as a RuntimeError of its own.
+            kept = " (its previous version is kept)" if os.path.exists(path) else ""
+            raise OutputWriteError(f"could not write {path}{kept}: {str(exc).splitlines()[0]}") from None
         raise
 
 
@@ -74,7 +101,22 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"could not read checkpoint {path!r}: {exc}") from None
+        raise ValueError(f"could not read checkpoint {path!r}: {_unreadable_reason(path, exc)}") from None
     if not isinstance(payload, dict) or "tuner" not in payload:
         raise ValueError(f"{path!r} is not a LIFT+ tuner checkpoint (no 'tuner' entry)")
     return payload
+
+
+def _unreadable_reason(path: str, exc: Exception) -> str:
+    # torch's own messages for these cases are "[Errno 22] Invalid argument", an empty string
+    # or advice to turn off the safe loader; say what is wrong with the file instead.
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        return f"not a PyTorch checkpoint ({size} bytes, not a zip archive: truncated or another format)"
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+        return ("it holds Python objects other than tensors and plain containers, which the safe "
+                "loader refuses (liftplus_fast and the published LIFT+ code store only tensors)")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"the archive is damaged or truncated ({first})"

@@ -33,6 +33,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint path (default: openai for CLIP backbones)")
     p.add_argument("--output-dir", default=None, help="output folder (default output/<data>_<backbone>_<method>_<opts>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run an existing output folder holds (otherwise refused)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="published-style 'key value' overrides, e.g. num_epochs 15 tte True")
 
 
@@ -54,7 +56,7 @@ def cmd_train(args, test_only: bool = False) -> int:
         overrides["root"] = args.root
     result = fast_train(dataset=args.data, backbone=args.backbone, pretrained=_pretrained_default(args),
                         method=args.method, output_dir=out, opts=opts, progress=not args.no_progress,
-                        resume=getattr(args, "resume", False), **overrides)
+                        resume=getattr(args, "resume", False), overwrite=args.overwrite, **overrides)
     if not is_main_process():
         return 0  # under torchrun, rank 0 reports
     m = {k: format_accuracy(v) for k, v in result.metrics.items() if k != "per_class"}
@@ -160,12 +162,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "cache":
             return cmd_cache(args)
         return cmd_info(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         # One clear sentence for the user; the traceback helps nobody for bad input.
         if os.environ.get("LIFTPLUS_FAST_DEBUG") == "1":
             raise
-        print(f"liftplus-fast: error: {exc}", file=sys.stderr)
+        print(f"liftplus-fast: error: {error_sentence(exc)}", file=sys.stderr)
         return 2
+
+
+def error_sentence(exc: BaseException) -> str:
+    """The one line a user needs from ``exc``.
+
+    An error raised in a DataLoader worker arrives wrapped in the worker's whole traceback
+    ("Caught X in DataLoader worker process 0. Original Traceback ..."): its last line, the
+    original error, is what is reported.
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        name, sep, message = last.partition(": ")
+        return message if sep else last
+    return text
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import re
 from dataclasses import InitVar, dataclass, field, fields
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -118,12 +119,16 @@ class LiftConfig:
     model_dir: Optional[str] = None
     output_dir: Optional[str] = None
     print_freq: int = 10
+    # reliability
+    nonfinite_loss: str = "error"  # "error": stop the run; "skip": skip the step (as a grad scaler)
+    dist_timeout: float = 1800.0  # seconds a collective waits for a stalled process
     apply_preset: InitVar[bool] = True
 
     def __post_init__(self, apply_preset: bool) -> None:
         if apply_preset:
             self.method = resolve_method(self.method)
             _fill_preset(self)
+        validate(self)
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict of every option."""
@@ -207,9 +212,7 @@ def set_option(cfg: LiftConfig, key: str, value: Any) -> None:
     if name not in known:
         raise ValueError(f"unknown option {key!r}; known options: "
                          + ", ".join(sorted(known if target is cfg.v else known - {"v"})))
-    if name in ("mean", "std") and value is not None:
-        value = tuple(value)
-    setattr(target, name, value)
+    setattr(target, name, check_option(("v." if target is cfg.v else "") + name, value))
 
 
 def _option_default(target, name: str) -> Any:
@@ -243,38 +246,158 @@ def make_config(method: str = "lift+", overrides: Optional[Dict[str, Any]] = Non
 
 
 def validate(cfg: LiftConfig) -> None:
-    """Raise ``ValueError`` naming the first option that is out of its range."""
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ValueError(msg)
+    """Check every option's type and range by name, normalising values in place.
 
-    need(cfg.loss_type in LOSSES, f"loss_type must be one of {LOSSES}; got {cfg.loss_type!r}")
-    need(cfg.classifier in CLASSIFIERS + (None,),
-         f"classifier must be one of {CLASSIFIERS} or None; got {cfg.classifier!r}")
-    need(cfg.classifier_init in CLASSIFIER_INITS,
-         f"classifier_init must be one of {CLASSIFIER_INITS}; got {cfg.classifier_init!r}")
-    need(cfg.mda_func in MDA_FUNCS, f"mda_func must be one of {MDA_FUNCS}; got {cfg.mda_func!r}")
-    need(cfg.prec_train in PRECISIONS_TRAIN,
-         f"prec_train must be one of {PRECISIONS_TRAIN}; got {cfg.prec_train!r}")
-    need(cfg.prec_test in PRECISIONS_TEST,
-         f"prec_test must be one of {PRECISIONS_TEST}; got {cfg.prec_test!r}")
-    need(isinstance(cfg.num_epochs, int) and cfg.num_epochs >= 1,
-         f"num_epochs must be a positive integer; got {cfg.num_epochs!r}")
-    need(isinstance(cfg.batch_size, int) and cfg.batch_size >= 1,
-         f"batch_size must be a positive integer; got {cfg.batch_size!r}")
-    need(isinstance(cfg.accum_step, int) and cfg.accum_step >= 1,
-         f"accum_step must be a positive integer; got {cfg.accum_step!r}")
-    need(cfg.batch_size % cfg.accum_step == 0,
-         f"batch_size ({cfg.batch_size}) must be divisible by accum_step ({cfg.accum_step})")
-    need(cfg.lr > 0, f"lr must be positive; got {cfg.lr!r}")
-    need(cfg.num_classes is None or (isinstance(cfg.num_classes, int) and cfg.num_classes >= 2),
-         f"num_classes must be an integer >= 2; got {cfg.num_classes!r}")
-    need(cfg.data_cache is None or isinstance(cfg.data_cache, str),
-         f"data_cache must be a cache folder (built by liftplus-fast cache) or None; got {cfg.data_cache!r}")
-    need(not cfg.augment_on_device or cfg.data_cache is not None,
-         "augment_on_device True needs data_cache (a folder built by liftplus-fast cache)")
-    need(cfg.v.aft_loc in ("attn", "mlp", "all"),
-         f"v.aft_loc must be 'attn', 'mlp' or 'all'; got {cfg.v.aft_loc!r}")
+    Raises ``ValueError`` naming the first option that is wrong and what it expects. Ints are
+    accepted for float options, and lists for ``mean``/``std``.
+    """
+    for target, prefix in ((cfg, ""), (cfg.v, "v.")):
+        for f in fields(target):
+            if f.name != "v":
+                setattr(target, f.name, check_option(prefix + f.name, getattr(target, f.name)))
+    if cfg.batch_size % cfg.accum_step:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by accum_step ({cfg.accum_step})")
+    if cfg.augment_on_device and cfg.data_cache is None:
+        raise ValueError("augment_on_device True needs data_cache (a folder built by liftplus-fast cache)")
+
+
+def check_option(name: str, value: Any) -> Any:
+    """``value`` checked (and normalised) for option ``name``, or ``ValueError`` naming it."""
+    check = OPTION_CHECKS.get(name)
+    if check is None:
+        raise ValueError(f"unknown option {name!r}")
+    ok, out, expected = check(value)
+    if not ok:
+        raise ValueError(f"option {name} must be {expected}; got {value!r}")
+    return out
+
+
+def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, optional=False):
+    # A checker returns (ok, normalised value, what is expected) so every message has one shape.
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi}")
+    what = ("an integer" if kind is int else "a finite number") + (" " + " and ".join(bounds) if bounds else "")
+    if optional:
+        what += " or None"
+
+    def check(value):
+        if value is None:
+            return optional, value, what
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value, what
+        if kind is int and not (isinstance(value, int) or float(value).is_integer()):
+            return False, value, what
+        if kind is float and not math.isfinite(value):
+            return False, value, what
+        value = kind(value)
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            return False, value, what
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            return False, value, what
+        return True, value, what
+    return check
+
+
+def _choice(values, optional=False):
+    what = "one of " + ", ".join(repr(v) for v in values) + (" or None" if optional else "")
+
+    def check(value):
+        return (value is None and optional) or (isinstance(value, str) and value in values), value, what
+    return check
+
+
+def _flag(value):
+    return isinstance(value, bool), value, "True or False"
+
+
+def _text(optional=False, nonempty=True):
+    what = ("a non-empty string" if nonempty else "a string") + (" or None" if optional else "")
+
+    def check(value):
+        if value is None:
+            return optional, value, what
+        return isinstance(value, str) and (bool(value.strip()) or not nonempty), value, what
+    return check
+
+
+def _triple(positive):
+    what = "three finite numbers (one per RGB channel)" + (", all > 0" if positive else "")
+
+    def check(value):
+        if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+                or (positive and x <= 0) for x in value):
+            return False, value, what
+        return True, tuple(float(x) for x in value), what
+    return check
+
+
+def _layers(value):
+    what = "None, a block count k >= 1, a list of block indices or an expression such as 'range(3)'"
+    if value is None:
+        return True, value, what
+    if isinstance(value, bool):
+        return False, value, what
+    if isinstance(value, int):
+        return value >= 1, value, what
+    if isinstance(value, str):
+        try:
+            parsed = list(eval(value, {"__builtins__": {}}, {"range": range, "list": list}))  # noqa: S307
+        except Exception:  # user text: any failure means it is not a layers expression
+            return False, value, what
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in parsed), value, what
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in value), list(value), what
+    return False, value, what
+
+
+def _device(value):
+    what = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+    ok = isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+    return ok, value, what
+
+
+_dim = _number(int, lo=1, optional=True)
+# Every option, by the name the command line uses, with its type and range.
+OPTION_CHECKS = {
+    "method": _choice(tuple(METHODS)),
+    "num_classes": _number(int, lo=2, optional=True),
+    "dataset": _text(), "root": _text(), "backbone": _text(),
+    "split_dir": _text(optional=True), "data_cache": _text(optional=True),
+    "allow_skipped": _flag, "augment_on_device": _flag,
+    "resolution": _number(int, lo=1),
+    "mean": _triple(False), "std": _triple(True),
+    "num_workers": _number(int, lo=0),
+    "pretrained": _text(optional=True),
+    "seed": _number(int, lo=0, optional=True),
+    "deterministic": _flag,
+    "device": _device,
+    "prec_train": _choice(PRECISIONS_TRAIN), "prec_test": _choice(PRECISIONS_TEST),
+    "num_epochs": _number(int, lo=1), "batch_size": _number(int, lo=1), "accum_step": _number(int, lo=1),
+    "lr": _number(float, lo=0, lo_open=True), "weight_decay": _number(float, lo=0),
+    "momentum": _number(float, lo=0, hi=1),
+    "loss_type": _choice(LOSSES), "la_tau": _number(float, lo=0),
+    "mda": _flag, "mda_func": _choice(MDA_FUNCS), "tte": _flag,
+    "expand": _number(int, lo=0, optional=True),
+    "zero_shot": _flag,
+    "classifier": _choice(CLASSIFIERS, optional=True),
+    "classifier_scale": _number(float, lo=0, lo_open=True),
+    "classifier_init": _choice(tuple(c for c in CLASSIFIER_INITS if c is not None), optional=True),
+    "test_only": _flag, "model_dir": _text(optional=True), "output_dir": _text(optional=True),
+    "print_freq": _number(int, lo=1),
+    "nonfinite_loss": _choice(("error", "skip")),
+    "dist_timeout": _number(float, lo=0, lo_open=True),
+    "v.pt_len": _dim, "v.lora_dim": _dim, "v.adapter_dim": _dim, "v.adaptformer_dim": _dim,
+    "v.aft_ratio": _number(float, lo=0, hi=1, lo_open=True, optional=True),
+    "v.aft_loc": _choice(("attn", "mlp", "all")),
+    "v.aft_seed": _number(int, lo=0),
+}
+for _tuner in ("fft", "bitfit", "pt", "lora", "adapter", "adaptformer", "ssf", "aft"):
+    OPTION_CHECKS[f"v.{_tuner}"] = _flag
+    OPTION_CHECKS[f"v.{_tuner}_layers"] = _layers
 
 
 def parse_layers(layers: Layers, n_layers: int) -> List[int]:

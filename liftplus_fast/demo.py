@@ -31,8 +31,12 @@ RUNS = {
 
 def run_demo(output_dir: str = "output/demo", epochs: Optional[int] = None, progress: bool = True,
              runs: Optional[Dict[str, dict]] = None) -> Dict[str, TrainResult]:
-    """Run the demo and print many/medium/few accuracy of each run; returns the results."""
-    epochs = epochs or DEMO_EPOCHS
+    """Run the demo and print many/medium/few accuracy of each run; returns the results.
+
+    The demo's own run folders are replaced on every call (``overwrite``).
+    """
+    # 0 is not "the default": it reaches the option check, which names num_epochs.
+    epochs = DEMO_EPOCHS if epochs is None else epochs
     runs = runs or RUNS
     results: Dict[str, TrainResult] = {}
     t0 = time.perf_counter()
@@ -41,7 +45,7 @@ def run_demo(output_dir: str = "output/demo", epochs: Optional[int] = None, prog
         method = settings.pop("method")
         print(f"\n[{i + 1}/{len(runs)}] {label}")
         results[label] = fast_train(method=method, output_dir=os.path.join(output_dir, f"run{i + 1}_{method}"),
-                                    progress=progress, **settings)
+                                    progress=progress, overwrite=True, **settings)
     elapsed = time.perf_counter() - t0
     first = next(iter(results.values()))
     plot = plot_per_class_accuracy(os.path.join(output_dir, "per_class_accuracy.png"), first.cls_num_list,

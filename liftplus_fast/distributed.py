@@ -13,6 +13,7 @@ CUDA, Gloo for CPU. Only rank 0 prints progress and writes the output folder.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
@@ -53,12 +54,13 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer; got {text!r}") from None
 
 
-def init_distributed(device: torch.device) -> DistContext:
+def init_distributed(device: torch.device, timeout: float = 1800.0) -> DistContext:
     """Join the process group that ``torchrun`` describes, or return a single-process context.
 
     A group the caller already initialised is used as is (and left open); otherwise one is
     created from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` and closed by
-    :func:`shutdown_distributed`.
+    :func:`shutdown_distributed`. ``timeout`` (seconds, the ``dist_timeout`` option) bounds how
+    long a collective waits for a stalled process before the job ends with an error.
     """
     if dist.is_available() and dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", dist.get_rank()))
@@ -72,7 +74,8 @@ def init_distributed(device: torch.device) -> DistContext:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=float(timeout)))
     return DistContext(rank, world, local_rank, owns_group=True)
 
 

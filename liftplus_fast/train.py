@@ -11,6 +11,7 @@ epoch, resumable) and a plot. Under ``torchrun`` the same loop runs data-paralle
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -27,7 +28,7 @@ from .distributed import (DistContext, all_reduce_sum, average_gradients, broadc
                           check_batch_split, gather_objects, init_distributed, rank_device, rank_seed,
                           shard, shutdown_distributed)
 from .data import (DownSampler, build_dataset, build_plain_transform, build_test_transform,
-                   build_train_transform, set_transform_epoch)
+                   build_train_transform, check_split, set_transform_epoch)
 from .data.cache_build import open_source_cache
 from .data.gpu_augment import GPUAugmentLoader, collate_encoded
 from .data.uint8_transforms import (EpochTaggedSampler, NormalizedLoader, build_cached_plain_transform,
@@ -35,10 +36,15 @@ from .data.uint8_transforms import (EpochTaggedSampler, NormalizedLoader, build_
 from .evaluate import autocast_context, evaluate, format_accuracy
 from .model import build_lift_model, check_resolution, load_clip
 from .plotting import plot_per_class_accuracy
+from .run_folder import check_resume, clear_previous_run, prepare_output_dir
 
-__all__ = ["TrainResult", "fast_train", "resolve_device", "seed_everything"]
+__all__ = ["DivergenceError", "TrainResult", "fast_train", "resolve_device", "seed_everything"]
 
 logger = logging.getLogger("liftplus_fast")
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or parameters; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -171,7 +177,7 @@ def _build_config(dataset, root, backbone, pretrained, method, output_dir, confi
 def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: str = "clip_vit_b16",
                pretrained: Optional[str] = "openai", method: str = "lift+", output_dir: Optional[str] = None,
                *, config: Optional[LiftConfig] = None, opts: Sequence[str] = (), progress: bool = True,
-               resume: bool = False, **overrides) -> TrainResult:
+               resume: bool = False, overwrite: bool = False, **overrides) -> TrainResult:
     """Train (unless zero-shot or test-only) and evaluate one LIFT+ run.
 
     Args:
@@ -184,7 +190,10 @@ def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: 
         config: a ready :class:`LiftConfig` (then the arguments above are ignored).
         opts: published-style ``key value`` overrides, e.g. ``["num_epochs", "15", "tte", "True"]``.
         progress: tqdm bars.
-        resume: continue from ``output_dir``'s checkpoint when it holds a training state.
+        resume: continue from ``output_dir``'s checkpoint when it holds a training state; the
+            options that define the schedule must be those the run was started with.
+        overwrite: replace the run an existing ``output_dir`` holds (without it, or ``resume``,
+            such a folder is refused before anything runs).
         **overrides: any :class:`LiftConfig` option (``num_epochs=1``, ``batch_size=32``, ...).
 
     Returns:
@@ -198,10 +207,16 @@ def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: 
     from tqdm.auto import tqdm
 
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
-    ctx = init_distributed(resolve_device(cfg.device))
-    handler = _setup_logging(cfg.output_dir, ctx.is_main)
+    ctx = init_distributed(resolve_device(cfg.device), timeout=cfg.dist_timeout)
     try:
-        return _run(cfg, progress and ctx.is_main, resume, tqdm, ctx)
+        if ctx.is_main:
+            prepare_output_dir(cfg.output_dir, resume, overwrite)
+        handler = _setup_logging(cfg.output_dir, ctx.is_main)
+    except BaseException:
+        shutdown_distributed(ctx)
+        raise
+    try:
+        return _run(cfg, progress and ctx.is_main, resume, tqdm, ctx, overwrite)
     finally:
         if handler is not None:
             logger.removeHandler(handler)
@@ -209,7 +224,15 @@ def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: 
         shutdown_distributed(ctx)
 
 
-def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) -> TrainResult:
+def _precision_label(device: torch.device, precision: str) -> str:
+    # On CPU every half precision runs as bf16 autocast: say so rather than echo the option.
+    if device.type == "cuda" or precision in ("fp32", "bf16"):
+        return precision
+    return f"bf16 (asked {precision}; CPU autocast is bf16)"
+
+
+def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext,
+         overwrite: bool = False) -> TrainResult:
     timings: Dict[str, float] = {}
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
@@ -219,13 +242,17 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
         raise ValueError("test_only needs model_dir: the folder or checkpoint file of a trained tuner "
                          "(on the command line: liftplus-fast test ... model_dir PATH)")
     logger.info("liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
-                cfg.dataset, cfg.root, cfg.backbone, cfg.method, device, cfg.prec_train, cfg.prec_test)
+                cfg.dataset, cfg.root, cfg.backbone, cfg.method, device,
+                _precision_label(device, cfg.prec_train), _precision_label(device, cfg.prec_test))
     if ctx.enabled:
         logger.info("data-parallel over %d processes (%s)", ctx.world_size,
                     torch.distributed.get_backend())
 
     # Data first: its errors (missing files, bad names) are the cheapest to report.
     train_set, test_set, make_init_set = _datasets(cfg)
+    # Every listed image of both splits must exist now, not when evaluation reaches it.
+    check_split(train_set, cfg.dataset, "train", min_classes=2)
+    check_split(test_set, cfg.dataset, "test")
     cls_num_list = list(train_set.cls_num_list)
     if cfg.num_classes not in (None, train_set.num_classes):
         raise ValueError(f"num_classes={cfg.num_classes} but {cfg.dataset} has {train_set.num_classes} classes")
@@ -241,9 +268,6 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
     logger.info("tuned parameters: %d of %d (%.3f%%)", n_tuned, n_total, 100.0 * n_tuned / max(n_total, 1))
 
     ckpt_path = os.path.join(cfg.output_dir, CHECKPOINT_NAME) if cfg.output_dir else None
-    if writes:
-        atomic_write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
-
     start_epoch, state = 0, None
     if resume and not (ckpt_path and os.path.exists(ckpt_path)):
         logger.warning("resume: no checkpoint at %s; training from the start",
@@ -254,6 +278,9 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
         logger.info("loaded tuner from %s", cfg.model_dir)
     elif resume and ckpt_path and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
+        if "config" not in state:
+            logger.warning("resume: %s does not record its options; continuing with those given", ckpt_path)
+        check_resume(state.get("config"), cfg.to_dict(), ckpt_path)
         model.load_official_tuner(state["tuner"])
         start_epoch = int(state.get("epoch", cfg.num_epochs))
         logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
@@ -269,6 +296,14 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext) 
         if cfg.seed is not None:
             # Different augmentation draws on every process.
             torch.manual_seed(rank_seed(cfg.seed, ctx))
+    if writes:
+        # Only now, with every check passed, does this run replace what the folder held, so its
+        # config, checkpoint and metrics always come from one run.
+        if overwrite:
+            removed = clear_previous_run(cfg.output_dir)
+            if removed:
+                logger.info("overwrite: removed the previous run's %s", ", ".join(removed))
+        atomic_write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
     timings["setup_s"] = time.perf_counter() - t_start
 
     history: List[Dict[str, float]] = []
@@ -310,6 +345,34 @@ def _restore_rng(state: Dict[str, Any], ctx: DistContext) -> None:
                        "run's augmentation will differ from an uninterrupted one")
 
 
+def _any_process(flag: bool, device, ctx: DistContext) -> bool:
+    # Every process must take the same branch, or the next gradient all-reduce would hang.
+    if not ctx.enabled:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def _kept(ckpt_path: Optional[str], ctx: DistContext) -> str:
+    if ckpt_path and os.path.exists(ckpt_path):
+        try:
+            epoch = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("epoch")
+        except Exception:  # only for the message: the checkpoint itself is left as it is
+            epoch = None
+        return f"the checkpoint of epoch {epoch} in {ckpt_path} is kept"
+    return "no checkpoint had been written" if ctx.is_main else "rank 0 keeps its last checkpoint"
+
+
+def _on_nonfinite_loss(cfg: LiftConfig, epoch: int, where, num_batches: int, ckpt_path, ctx) -> None:
+    step, value = where if where is not None else (None, None)
+    at = (f"at epoch {epoch + 1}, step {step} of {num_batches}" if step is not None
+          else f"on another process at epoch {epoch + 1}")
+    if cfg.nonfinite_loss == "skip":
+        logger.warning("non-finite loss (%s) %s: step skipped (nonfinite_loss skip)", value, at)
+        return
+    raise DivergenceError(f"non-finite loss ({value}) {at}; the run is stopped ({_kept(ckpt_path, ctx)}). "
+                          "Lower lr, or set nonfinite_loss skip to skip such steps")
+
+
 def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_path, cls_num_list,
            progress, tqdm, ctx: DistContext = DistContext()) -> List[Dict[str, float]]:
     params = [p for p in model.tuner.parameters() if p.requires_grad]
@@ -340,7 +403,7 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
             loader.sampler.set_epoch(epoch)
         set_transform_epoch(train_set.transform, epoch)
         model.tuner.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen, skipped, step_bad = 0.0, 0, 0, 0, None
         bar = tqdm(loader, total=num_batches, desc=f"epoch {epoch + 1}/{cfg.num_epochs}",
                    disable=not progress, leave=False)
         t_epoch = time.perf_counter()
@@ -349,23 +412,33 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
             labels = labels.to(device=device, dtype=torch.int64, non_blocking=True)
             with autocast_context(device, precision):
                 loss, logits = model.training_loss(images, labels)
+            loss_value = float(loss.detach())
+            finite = math.isfinite(loss_value)
+            if not finite and step_bad is None:
+                step_bad = (batch_idx + 1, loss_value)
             if scaler is not None:
                 scaler.scale(loss / cfg.accum_step).backward()
             else:
                 (loss / cfg.accum_step).backward()
             if (batch_idx + 1) % cfg.accum_step == 0 or batch_idx + 1 == num_batches:
-                # Before the scaler unscales: an inf on one process then skips the step on all.
-                average_gradients(params, ctx)
-                if scaler is not None:
-                    scaler.step(optim)
-                    scaler.update()
+                if _any_process(step_bad is not None, device, ctx):
+                    skipped += 1
+                    _on_nonfinite_loss(cfg, epoch, step_bad, num_batches, ckpt_path, ctx)
                 else:
-                    optim.step()
+                    # Before the scaler unscales: an inf on one process then skips the step on all.
+                    average_gradients(params, ctx)
+                    if scaler is not None:
+                        scaler.step(optim)
+                        scaler.update()
+                    else:
+                        optim.step()
                 optim.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                correct += int((logits.argmax(dim=-1) == labels).sum())
-            seen += labels.numel()
-            loss_sum += float(loss.detach()) * labels.numel()
+                step_bad = None
+            if finite:
+                with torch.no_grad():
+                    correct += int((logits.argmax(dim=-1) == labels).sum())
+                seen += labels.numel()
+                loss_sum += loss_value * labels.numel()
             if progress:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100.0 * correct / seen:.1f}",
                                 lr=f"{optim.param_groups[0]['lr']:.2e}")
@@ -374,6 +447,14 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
             totals = all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
                                                  device=device)).tolist()
             loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
+        if skipped and skipped == -(-num_batches // cfg.accum_step):
+            raise DivergenceError(f"every step of epoch {epoch + 1} had a non-finite loss; the run is "
+                                  f"stopped ({_kept(ckpt_path, ctx)}); lower lr")
+        if skipped:
+            logger.warning("epoch %d: skipped %d step(s) with a non-finite loss", epoch + 1, skipped)
+        if not all(torch.isfinite(p).all() for p in params):
+            raise DivergenceError(f"the tuner's parameters became non-finite during epoch {epoch + 1}; the "
+                                  f"run is stopped ({_kept(ckpt_path, ctx)}); lower lr")
         lr_used = optim.param_groups[0]["lr"]
         sched.step()
         epoch_time = time.perf_counter() - t_epoch

@@ -1,6 +1,7 @@
 """Data sets by name: :data:`DATASETS` and :func:`build_dataset`."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, Optional
 
 from torch.utils.data import Dataset
@@ -58,3 +59,30 @@ def build_dataset(name: str, root: str, split: str = "train", transform: Optiona
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     return DATASETS[key](root, split, transform, split_dir, download)
+
+
+def check_split(dataset: Dataset, name: str, split: str, min_classes: int = 1, max_missing_shown: int = 5) -> None:
+    """Fail before any training if ``dataset`` (split ``split`` of ``name``) cannot be used whole.
+
+    Raises ``ValueError`` when the split is empty or has fewer than ``min_classes`` classes,
+    and ``FileNotFoundError`` naming the list file and the first missing images when any listed
+    image (``dataset.paths``) does not exist, so a missing test image is found before training
+    rather than after it.
+    """
+    if len(dataset) == 0:
+        where = getattr(dataset, "list_file", None)
+        raise ValueError(f"{name}: the {split} split has no images" + (f" ({where} is empty)" if where else ""))
+    num_classes = getattr(dataset, "num_classes", None)
+    if num_classes is not None and num_classes < min_classes:
+        raise ValueError(f"{name}: the {split} split has {num_classes} class(es); long-tailed "
+                         f"classification needs at least {min_classes}")
+    paths = getattr(dataset, "paths", None)
+    if paths is None:
+        return
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        where = getattr(dataset, "list_file", f"the {split} split")
+        shown = ", ".join(repr(p) for p in missing[:max_missing_shown])
+        more = f" and {len(missing) - max_missing_shown} more" if len(missing) > max_missing_shown else ""
+        raise FileNotFoundError(f"{name}: {len(missing)} of {len(paths)} images listed in {where} "
+                                f"are missing: {shown}{more}")

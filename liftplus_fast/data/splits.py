@@ -22,6 +22,17 @@ def resolve_split_file(split_dir: str, filename: str, dataset: str, what: str) -
     return path
 
 
+def _text_lines(path: str) -> List[str]:
+    # utf-8-sig: a byte-order mark (Windows editors write one) must not become part of the
+    # first path or class name.
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}); save it as UTF-8") from None
+
+
 def read_list_file(list_file: str) -> Tuple[List[str], List[int], List[int]]:
     """Parse a ``relative/path label`` list file.
 
@@ -30,30 +41,35 @@ def read_list_file(list_file: str) -> Tuple[List[str], List[int], List[int]]:
     naming the file and the 1-based line number.
     """
     paths, labels, lines = [], [], []
-    with open(list_file, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2:
-                raise ValueError(f"{list_file}:{lineno}: expected {LIST_FORMAT}; got {line!r}")
-            try:
-                label = int(parts[1])
-            except ValueError:
-                raise ValueError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer") from None
-            paths.append(parts[0])
-            labels.append(label)
-            lines.append(lineno)
+    for lineno, line in enumerate(_text_lines(list_file), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{list_file}:{lineno}: expected {LIST_FORMAT}; got {line!r}")
+        try:
+            label = int(parts[1])
+        except ValueError:
+            raise ValueError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer") from None
+        paths.append(parts[0])
+        labels.append(label)
+        lines.append(lineno)
     return paths, labels, lines
 
 
 def read_classnames(path: str) -> List[str]:
-    """Class names, one per line, in label order (blank trailing lines ignored)."""
-    with open(path, "r", encoding="utf-8") as f:
-        names = [line.strip() for line in f]
+    """Class names, one per line, in label order (blank trailing lines ignored).
+
+    A blank name inside the list raises ``ValueError`` naming the file and line: it would shift
+    every later label by one.
+    """
+    names = [line.strip() for line in _text_lines(path)]
     while names and not names[-1]:
         names.pop()
+    for lineno, name in enumerate(names, start=1):
+        if not name:
+            raise ValueError(f"{path}:{lineno}: blank class name (one name per line, in label order)")
     return names
 
 
@@ -63,8 +79,11 @@ def read_inat_categories(path: str, key: str = "name") -> Tuple[List[str], List[
     The category id of an entry is its position in the JSON list (as the published code
     reads it); its label is the index of its ``key`` value among the sorted unique values.
     """
-    with open(path, "rb") as f:
-        cats = json.load(f)
+    try:
+        with open(path, "rb") as f:
+            cats = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a JSON list of categories: {exc}") from None
     names_by_id = [c[key] for c in cats]
     classnames = sorted(set(names_by_id))
     index = {n: i for i, n in enumerate(classnames)}

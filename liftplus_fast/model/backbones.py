@@ -130,12 +130,13 @@ def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
                 raise BackboneLoadError(
                     f"Could not download the {pretrained!r} weights of {name} ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); download the "
-                    f"checkpoint elsewhere and pass its local path, e.g. "
-                    f"load_clip({backbone!r}, pretrained='/path/to/{name}.pt').") from None
+                    f"checkpoint elsewhere and pass its local path: --pretrained /path/to/{name}.pt on "
+                    f"the command line, pretrained='/path/to/{name}.pt' in Python.") from None
             if not path:
                 raise BackboneLoadError(
                     f"Could not download the {pretrained!r} weights of {name}; download the "
-                    f"checkpoint elsewhere and pass its local path as pretrained=.")
+                    f"checkpoint elsewhere and pass its local path (--pretrained PATH on the command "
+                    f"line, pretrained=PATH in Python).")
         elif os.path.isfile(pretrained):
             path = pretrained
         else:

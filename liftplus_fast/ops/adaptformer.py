@@ -50,12 +50,15 @@ def adaptformer(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps: 
         down_w, down_b: ``Linear(D, r)`` parameters ``[r, D]``, ``[r]``.
         up_w, up_b: ``Linear(r, D)`` parameters ``[D, r]``, ``[D]``.
         scale: the trainable scalar ``s`` (a one-element tensor).
-        eps: LayerNorm epsilon.
+        eps: LayerNorm epsilon (> 0).
 
     Returns:
         Tensor of the shape and dtype of ``a``. Differentiable in every tensor argument.
     """
     check_adaptformer_args(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale)
+    if not (isinstance(eps, (int, float)) and 0 < eps < float("inf")):
+        # At eps <= 0 a constant row divides by zero, and the backends disagree on the result.
+        raise ValueError(f"eps must be a positive finite number; got {eps!r}")
     impl = dispatch(OP, a.device)
     return impl(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale.reshape(()), float(eps))
 

@@ -1,0 +1,123 @@
+"""The output folder of a run: what may be written into it, and when a checkpoint may be resumed.
+
+Three rules keep a folder's config, checkpoint and metrics from one and the same run:
+
+* a folder that already holds a run (a checkpoint or metrics) is written into only when the run
+  is resumed or ``overwrite`` is asked for; overwriting removes the old run's files just before
+  the new run writes its own, after every check of the new run has passed;
+* the folder is checked to be a writable folder before anything runs;
+* a run is resumed only with the options it was started with, except those in
+  :data:`RESUME_FREE_OPTIONS` (where data is read from, workers, devices, evaluation and logging),
+  so the schedule the log shows is the one config.json records.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+from .checkpoint import CHECKPOINT_NAME, OutputWriteError
+
+__all__ = ["RunExistsError", "ResumeMismatchError", "RESUME_FREE_OPTIONS", "RUN_FILES",
+           "prepare_output_dir", "clear_previous_run", "resume_conflicts", "check_resume"]
+
+# The files that make up a run (log.txt is appended to, never removed).
+RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "config.json", "per_class_accuracy.png")
+# Options that do not change what is trained: a resumed run may set them anew.
+RESUME_FREE_OPTIONS = frozenset({"root", "num_workers", "device", "deterministic", "output_dir", "model_dir",
+                                 "print_freq", "tte", "expand", "prec_test", "test_only", "dist_timeout",
+                                 "nonfinite_loss"})
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class ResumeMismatchError(ValueError):
+    """A resume was asked for with options that differ from those the run was started with."""
+
+
+def _holds_run(path: str) -> List[str]:
+    return [name for name in (CHECKPOINT_NAME, "metrics.json") if os.path.exists(os.path.join(path, name))]
+
+
+def prepare_output_dir(path: Optional[str], resume: bool = False, overwrite: bool = False) -> None:
+    """Check that ``path`` can take this run's outputs before anything is trained.
+
+    Creates the folder when missing. Raises ``ValueError`` when ``path`` is a file or both
+    ``resume`` and ``overwrite`` are set, :class:`~liftplus_fast.checkpoint.OutputWriteError`
+    when the folder cannot be created or written, and :class:`RunExistsError` when it holds a
+    run and neither ``resume`` nor ``overwrite`` is set. Writes nothing that stays.
+    """
+    if path is None:
+        return
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run in "
+                         f"{path!r}, overwrite replaces it")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"output_dir {path!r} is a file, not a folder; choose another output folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise OutputWriteError(f"output folder {path!r} cannot be written: {exc.strerror or exc}") from None
+    found = _holds_run(path)
+    if found and not (resume or overwrite):
+        raise RunExistsError(
+            f"output folder {path!r} already holds a run ({', '.join(found)}); pass --resume to "
+            "continue it or --overwrite to replace it (resume=True / overwrite=True in Python), "
+            "or choose another output folder")
+
+
+def clear_previous_run(path: str) -> List[str]:
+    """Remove the files of the run in ``path`` (see :data:`RUN_FILES`); returns those removed."""
+    removed = []
+    for name in RUN_FILES:
+        file = os.path.join(path, name)
+        if os.path.exists(file):
+            os.remove(file)
+            removed.append(name)
+    return removed
+
+
+def _flat(d: Dict[str, Any]) -> Dict[str, Any]:
+    out = {k: v for k, v in d.items() if k != "v"}
+    out.update({f"v.{k}": v for k, v in d.get("v", {}).items()})
+    # JSON form on both sides: tuples and lists, ints and floats compare as written.
+    return json.loads(json.dumps(out, default=str))
+
+
+def resume_conflicts(saved: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """``(option, saved value, current value)`` for every schedule-defining option that differs.
+
+    Both arguments are :meth:`LiftConfig.to_dict` forms. Options missing from ``saved`` (a
+    checkpoint of an older version) are not compared.
+    """
+    old, new = _flat(saved), _flat(current)
+    out = []
+    for name in sorted(new):
+        if name in RESUME_FREE_OPTIONS or name not in old:
+            continue
+        a, b = old[name], new[name]
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            same = float(a) == float(b)
+        else:
+            same = a == b
+        if not same:
+            out.append((name, a, b))
+    return out
+
+
+def check_resume(saved: Optional[Dict[str, Any]], current: Dict[str, Any], ckpt_path: str) -> None:
+    """Raise :class:`ResumeMismatchError` naming every option that differs from the saved run's."""
+    if saved is None:
+        return
+    conflicts = resume_conflicts(saved, current)
+    if conflicts:
+        changes = ", ".join(f"{name} {a!r} -> {b!r}" for name, a, b in conflicts)
+        raise ResumeMismatchError(
+            f"cannot resume {ckpt_path}: it was trained with other values of {changes}. Resume with "
+            "the run's own values, or start a new run (--overwrite, or another output folder)")

@@ -8,7 +8,7 @@ BUILD_STAMP := $(VENV)/.build-stamp
 NATIVE_SRC  := $(shell find csrc tools -type f 2>/dev/null) CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all setup build demo test bench bench-smoke clean
+.PHONY: all setup build demo test bench bench-smoke lint clean
 
 all: test
 
@@ -41,6 +41,14 @@ bench: $(BUILD_STAMP)
 
 bench-smoke: $(BUILD_STAMP)
 	$(PY) benchmarks/run.py --smoke
+
+# ruff (lint + format check) over the Python tree, clang-format over csrc/ (config: pyproject.toml,
+# .clang-format). Fix with `ruff check --fix .`, `ruff format .` and `clang-format -i`.
+CXX_SRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SRC)
 
 clean:
 	rm -rf build *.egg-info liftplus_fast/_C*.so liftplus_fast/_build_info.json $(BUILD_STAMP)

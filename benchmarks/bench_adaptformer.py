@@ -2,7 +2,7 @@
 
 Candidates: "reference" (the eager oracle, the published code's structure), "compile"
 (torch.compile of that reference) and "fused" (``liftplus_fast.ops.adaptformer`` on the native
-CPU backend). Shapes from DESIGN.md §5: N = B·197 ViT-B/16 tokens, D = 768, r ∈ {4, 8, 32, 256};
+CPU backend). Shapes (docs/benchmarks.md): N = B·197 ViT-B/16 tokens, D = 768, r ∈ {4, 8, 32, 256};
 activations fp32 or bf16, adapter parameters fp32 (the precision policy).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """End-to-end LIFT+ training step (forward, loss, backward, SGD step) on a ViT.
 
-Candidates (DESIGN.md §5): "reference" (every op on the pure-PyTorch reference path, the
+Candidates (docs/benchmarks.md): "reference" (every op on the pure-PyTorch reference path, the
 published code's structure) and "compile" (``torch.compile`` of that same step) in the default
 mixed precision (``prec_train="amp"``: bf16 autocast on CPU, fp16 on CUDA), "fused" (the
 default backends, same precision), and "reference_fp32" (the reference in full precision).

@@ -1,6 +1,6 @@
 """GPU benchmark of the fused ops: eager reference, torch.compile of it, Triton, CUDA extension.
 
-Shapes from DESIGN.md §5. Without a CUDA device (or without triton) there are no cases. Each
+Shapes as in docs/benchmarks.md. Without a CUDA device (or without triton) there are no cases. Each
 candidate does the whole work once (fwd+bwd where the op trains) and synchronises.
 """
 from __future__ import annotations

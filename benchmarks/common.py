@@ -1,7 +1,7 @@
 """Shared benchmark machinery: cases, interleaved timing, peak memory and hardware floors.
 
 Speed is claimed only as ratios of candidates measured in one process, interleaved, median of
-repeats, with the thread count fixed (DESIGN.md §5). Each ``bench_<op>.py`` module defines
+repeats, with the thread count fixed (docs/benchmarks.md). Each ``bench_<op>.py`` module defines
 ``NAME`` and ``cases(smoke) -> list[Case]``; ``run.py`` measures them.
 """
 from __future__ import annotations

@@ -17,6 +17,8 @@ from typing import Any, Dict
 
 import torch
 
+from .errors import MissingInputError, UserInputError
+
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 FORMAT = "liftplus_fast/1"
 
@@ -97,13 +99,13 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT_NAME)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found at {path!r}")
+        raise MissingInputError(f"checkpoint not found at {path!r}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"could not read checkpoint {path!r}: {_unreadable_reason(path, exc)}") from None
+        raise UserInputError(f"could not read checkpoint {path!r}: {_unreadable_reason(path, exc)}") from None
     if not isinstance(payload, dict) or "tuner" not in payload:
-        raise ValueError(f"{path!r} is not a LIFT+ tuner checkpoint (no 'tuner' entry)")
+        raise UserInputError(f"{path!r} is not a LIFT+ tuner checkpoint (no 'tuner' entry)")
     return payload
 
 

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import List, Optional
 
+from .errors import UserInputError
+
 BACKBONE_HELP = "backbone config name (clip_vit_b16, clip_vit_b32, clip_vit_l14, ...), open_clip name or tiny_vit"
 
 
@@ -76,17 +78,17 @@ def cache_options(opts: List[str]) -> dict:
     from .config import _parse_value
 
     if len(opts) % 2:
-        raise ValueError(f"options must come as 'key value' pairs; got {opts}")
+        raise UserInputError(f"options must come as 'key value' pairs; got {opts}")
     out = dict(CACHE_OPTIONS)
     for key, value in zip(opts[::2], opts[1::2]):
         if key not in CACHE_OPTIONS:
-            raise ValueError(f"unknown cache option {key!r}; known: {', '.join(CACHE_OPTIONS)}")
+            raise UserInputError(f"unknown cache option {key!r}; known: {', '.join(CACHE_OPTIONS)}")
         out[key] = _parse_value(value)
     for key in ("cache_size", "cache_quality"):
         if not isinstance(out[key], int) or isinstance(out[key], bool):
-            raise ValueError(f"{key} must be an integer; got {out[key]!r}")
+            raise UserInputError(f"{key} must be an integer; got {out[key]!r}")
     if out["num_workers"] is not None and (not isinstance(out["num_workers"], int) or out["num_workers"] < 0):
-        raise ValueError(f"num_workers must be a non-negative integer; got {out['num_workers']!r}")
+        raise UserInputError(f"num_workers must be a non-negative integer; got {out['num_workers']!r}")
     return out
 
 
@@ -162,8 +164,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "cache":
             return cmd_cache(args)
         return cmd_info(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        # One clear sentence for the user; the traceback helps nobody for bad input.
+    except (UserInputError, OSError) as exc:
+        # One clear sentence for bad input (the package's UserInputError) and for what the
+        # environment refused (OSError: a full disk, a missing permission); any other failure
+        # (a kernel bug, an assertion) is the package's and keeps its traceback.
         if os.environ.get("LIFTPLUS_FAST_DEBUG") == "1":
             raise
         print(f"liftplus-fast: error: {error_sentence(exc)}", file=sys.stderr)

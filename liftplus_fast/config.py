@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import math
 import re
 from dataclasses import InitVar, dataclass, field, fields
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+from .errors import UserInputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,9 +61,10 @@ class LiftConfig:
     """Every option of a run. Defaults are the published LIFT+ defaults (method ``lift+``).
 
     ``LiftConfig(method="lora", num_classes=K)`` applies the method's preset (:data:`METHODS`)
-    to every option still at its default, so the method named is the method built; values given
-    that differ from the defaults win. :func:`make_config` applies presets and overrides in an
-    explicit order, and :meth:`from_dict` restores a saved config as it was (no preset).
+    to every option not given, so the method named is the method built; a value given (even one
+    equal to the default, and any ``v.*`` field given in ``v=TunerConfig(...)``) always wins.
+    :func:`make_config` applies presets and overrides in an explicit order, and
+    :meth:`from_dict` restores a saved config as it was (no preset).
     """
 
     method: str = "lift+"
@@ -142,7 +146,7 @@ class LiftConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown LiftConfig option(s): {', '.join(unknown)}")
+            raise UserInputError(f"unknown LiftConfig option(s): {', '.join(unknown)}")
         for key in ("mean", "std"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -174,6 +178,7 @@ LOSSES = ("CE", "Focal", "LDAM", "CB", "GRW", "BS", "LA", "LADE")
 CLASSIFIERS = ("CosineClassifier", "LinearClassifier", "L2NormClassifier", "LayerNormClassifier")
 CLASSIFIER_INITS = ("semantic", "class_mean", "linear_probing", "random", None)
 MDA_FUNCS = ("min", "max", "linear", "convex", "concave")
+AFT_LOCS = ("attn", "mlp", "all")
 PRECISIONS_TRAIN = ("fp32", "amp", "fp16", "bf16")
 PRECISIONS_TEST = ("fp32", "fp16", "bf16", "amp")
 
@@ -182,7 +187,7 @@ def resolve_method(name: str) -> str:
     """Canonical method name, or ``ValueError`` listing the known ones."""
     key = METHOD_ALIASES.get(name.lower(), name.lower())
     if key not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
+        raise UserInputError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
     return key
 
 
@@ -210,21 +215,39 @@ def set_option(cfg: LiftConfig, key: str, value: Any) -> None:
         target, name = cfg.v, key[2:]
     known = {f.name for f in fields(target)}
     if name not in known:
-        raise ValueError(f"unknown option {key!r}; known options: "
+        raise UserInputError(f"unknown option {key!r}; known options: "
                          + ", ".join(sorted(known if target is cfg.v else known - {"v"})))
     setattr(target, name, check_option(("v." if target is cfg.v else "") + name, value))
 
 
-def _option_default(target, name: str) -> Any:
-    f = {f.name: f for f in fields(target)}[name]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+def _track_given(cls) -> None:
+    """Wrap a dataclass ``__init__`` to record which fields the caller gave (``_given``)."""
+    init = cls.__init__
+    names = [f.name for f in fields(cls)]
+
+    def __init__(self, *args, **kwargs):
+        object.__setattr__(self, "_given", frozenset(names[:len(args)]) | frozenset(kwargs))
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    __init__.__signature__ = inspect.signature(init)
+    cls.__init__ = __init__
+
+
+_track_given(TunerConfig)
+_track_given(LiftConfig)
 
 
 def _fill_preset(cfg: LiftConfig) -> None:
-    """Apply ``cfg.method``'s preset to the options still at their defaults."""
+    """Apply ``cfg.method``'s preset to the options the caller did not give."""
     for key, value in METHODS[cfg.method].items():
-        target, name = (cfg.v, key[2:]) if key.startswith("v.") else (cfg, key)
-        if getattr(target, name) == _option_default(target, name):
+        if key.startswith("v."):
+            target, name = cfg.v, key[2:]
+            given = "v" in cfg._given and name in getattr(cfg.v, "_given", ())
+        else:
+            target, name = cfg, key
+            given = name in cfg._given
+        if not given:
             setattr(target, name, value)
 
 
@@ -238,7 +261,7 @@ def make_config(method: str = "lift+", overrides: Optional[Dict[str, Any]] = Non
         set_option(cfg, key, value)
     opts = list(opts)
     if len(opts) % 2:
-        raise ValueError(f"options must come as 'key value' pairs; got {opts}")
+        raise UserInputError(f"options must come as 'key value' pairs; got {opts}")
     for key, value in zip(opts[::2], opts[1::2]):
         set_option(cfg, key, value)
     validate(cfg)
@@ -256,20 +279,25 @@ def validate(cfg: LiftConfig) -> None:
             if f.name != "v":
                 setattr(target, f.name, check_option(prefix + f.name, getattr(target, f.name)))
     if cfg.batch_size % cfg.accum_step:
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by accum_step ({cfg.accum_step})")
+        raise UserInputError(f"batch_size ({cfg.batch_size}) must be divisible by accum_step ({cfg.accum_step})")
     if cfg.augment_on_device and cfg.data_cache is None:
-        raise ValueError("augment_on_device True needs data_cache (a folder built by liftplus-fast cache)")
+        raise UserInputError("augment_on_device True needs data_cache (a folder built by liftplus-fast cache)")
 
 
 def check_option(name: str, value: Any) -> Any:
     """``value`` checked (and normalised) for option ``name``, or ``ValueError`` naming it."""
     check = OPTION_CHECKS.get(name)
     if check is None:
-        raise ValueError(f"unknown option {name!r}")
+        raise UserInputError(f"unknown option {name!r}")
     ok, out, expected = check(value)
     if not ok:
-        raise ValueError(f"option {name} must be {expected}; got {value!r}")
+        raise UserInputError(f"option {name} must be {expected}; got {value!r}")
     return out
+
+
+def check_aft_loc(loc: str) -> None:
+    """``UserInputError`` unless ``loc`` is an AFT location (:data:`AFT_LOCS`)."""
+    check_option("v.aft_loc", loc)
 
 
 def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, optional=False):
@@ -392,7 +420,7 @@ OPTION_CHECKS = {
     "dist_timeout": _number(float, lo=0, lo_open=True),
     "v.pt_len": _dim, "v.lora_dim": _dim, "v.adapter_dim": _dim, "v.adaptformer_dim": _dim,
     "v.aft_ratio": _number(float, lo=0, hi=1, lo_open=True, optional=True),
-    "v.aft_loc": _choice(("attn", "mlp", "all")),
+    "v.aft_loc": _choice(AFT_LOCS),
     "v.aft_seed": _number(int, lo=0),
 }
 for _tuner in ("fft", "bitfit", "pt", "lora", "adapter", "adaptformer", "ssf", "aft"):
@@ -405,21 +433,21 @@ def parse_layers(layers: Layers, n_layers: int) -> List[int]:
     if layers is None:
         return list(range(n_layers))
     if isinstance(layers, bool):
-        raise ValueError(f"layers must be None, an int, a list or an expression; got {layers!r}")
+        raise UserInputError(f"layers must be None, an int, a list or an expression; got {layers!r}")
     if isinstance(layers, int):
         if not 1 <= layers <= n_layers:
-            raise ValueError(f"layers={layers} selects the last k blocks; k must be in [1, {n_layers}]")
+            raise UserInputError(f"layers={layers} selects the last k blocks; k must be in [1, {n_layers}]")
         return list(range(n_layers - layers, n_layers))
     if isinstance(layers, str):
         try:
             parsed = eval(layers, {"__builtins__": {}}, {"range": range, "list": list})  # noqa: S307
         except Exception as exc:  # the expression is user text: report it whatever failed
-            raise ValueError(f"could not read layers expression {layers!r}: {exc}") from None
+            raise UserInputError(f"could not read layers expression {layers!r}: {exc}") from None
         return parse_layers(list(parsed), n_layers)
     out = [int(i) for i in layers]
     bad = [i for i in out if not -n_layers <= i < n_layers]
     if bad:
-        raise ValueError(f"layer indices {bad} are out of range for {n_layers} blocks")
+        raise UserInputError(f"layer indices {bad} are out of range for {n_layers} blocks")
     return [i % n_layers for i in out]
 
 

@@ -21,6 +21,8 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
+from .errors import UserInputError
+
 __all__ = ["DistContext", "init_distributed", "shutdown_distributed", "rank_device", "average_gradients",
            "broadcast_module", "all_reduce_sum", "gather_objects", "check_batch_split", "shard", "is_main_process",
            "rank_seed"]
@@ -51,7 +53,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer; got {text!r}") from None
+        raise UserInputError(f"environment variable {name} must be an integer; got {text!r}") from None
 
 
 def init_distributed(device: torch.device, timeout: float = 1800.0) -> DistContext:
@@ -150,7 +152,7 @@ def check_batch_split(batch_size: int, accum_step: int, ctx: DistContext) -> int
     """The per-process micro-batch size, or ``ValueError`` naming ``batch_size``."""
     parts = accum_step * ctx.world_size
     if batch_size % parts:
-        raise ValueError(f"batch_size ({batch_size}) must be divisible by accum_step ({accum_step}) "
+        raise UserInputError(f"batch_size ({batch_size}) must be divisible by accum_step ({accum_step}) "
                          f"times the number of processes ({ctx.world_size})")
     return batch_size // parts
 

@@ -18,6 +18,7 @@ import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from .checkpoint import CHECKPOINT_NAME, OutputWriteError
+from .errors import UserInputError
 
 __all__ = ["RunExistsError", "ResumeMismatchError", "RESUME_FREE_OPTIONS", "RUN_FILES",
            "prepare_output_dir", "clear_previous_run", "resume_conflicts", "check_resume"]
@@ -34,7 +35,7 @@ class RunExistsError(FileExistsError):
     """The output folder already holds a run and neither resume nor overwrite was asked for."""
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserInputError):
     """A resume was asked for with options that differ from those the run was started with."""
 
 
@@ -53,10 +54,10 @@ def prepare_output_dir(path: Optional[str], resume: bool = False, overwrite: boo
     if path is None:
         return
     if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: resume continues the run in "
+        raise UserInputError("resume and overwrite exclude each other: resume continues the run in "
                          f"{path!r}, overwrite replaces it")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"output_dir {path!r} is a file, not a folder; choose another output folder")
+        raise UserInputError(f"output_dir {path!r} is a file, not a folder; choose another output folder")
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)

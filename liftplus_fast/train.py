@@ -10,6 +10,7 @@ epoch, resumable) and a plot. Under ``torchrun`` the same loop runs data-paralle
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -37,13 +38,14 @@ from .evaluate import autocast_context, evaluate, format_accuracy
 from .model import build_lift_model, check_resolution, load_clip
 from .plotting import plot_per_class_accuracy
 from .run_folder import check_resume, clear_previous_run, prepare_output_dir
+from .errors import UserInputError
 
 __all__ = ["DivergenceError", "TrainResult", "fast_train", "resolve_device", "seed_everything"]
 
 logger = logging.getLogger("liftplus_fast")
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(UserInputError, RuntimeError):
     """Training produced a non-finite loss or parameters; the last good checkpoint is kept."""
 
 
@@ -79,7 +81,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} was requested but no CUDA device is available")
+        raise UserInputError(f"device={name!r} was requested but no CUDA device is available")
     return device
 
 
@@ -165,7 +167,8 @@ def _build_config(dataset, root, backbone, pretrained, method, output_dir, confi
     if config is not None:
         if not isinstance(config, LiftConfig):
             raise TypeError(f"config must be a LiftConfig; got {type(config).__name__}")
-        cfg = config
+        # A copy: the run fills in options (num_classes) that must not leak into the caller's.
+        cfg = copy.deepcopy(config)
         validate(cfg)
         return cfg
     base = {"dataset": dataset, "root": root, "backbone": backbone, "pretrained": pretrained,
@@ -239,7 +242,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext,
     device = rank_device(resolve_device(cfg.device), ctx)
     writes = bool(cfg.output_dir) and ctx.is_main
     if cfg.test_only and cfg.model_dir is None and not cfg.zero_shot:
-        raise ValueError("test_only needs model_dir: the folder or checkpoint file of a trained tuner "
+        raise UserInputError("test_only needs model_dir: the folder or checkpoint file of a trained tuner "
                          "(on the command line: liftplus-fast test ... model_dir PATH)")
     logger.info("liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
                 cfg.dataset, cfg.root, cfg.backbone, cfg.method, device,
@@ -255,14 +258,16 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext,
     check_split(test_set, cfg.dataset, "test")
     cls_num_list = list(train_set.cls_num_list)
     if cfg.num_classes not in (None, train_set.num_classes):
-        raise ValueError(f"num_classes={cfg.num_classes} but {cfg.dataset} has {train_set.num_classes} classes")
+        raise UserInputError(f"num_classes={cfg.num_classes} but {cfg.dataset} has {train_set.num_classes} classes")
     cfg.num_classes = train_set.num_classes
     logger.info("training images %d in %d classes (max %d, min %d); test images %d",
                 sum(cls_num_list), cfg.num_classes, max(cls_num_list), min(cls_num_list), len(test_set))
 
     clip_model, tokenizer = load_clip(cfg.backbone, cfg.pretrained, device=device)
     check_resolution(clip_model, cfg.resolution, cfg.backbone)
-    model = build_lift_model(clip_model, cfg, cls_num_list, train_set.classnames, tokenizer=tokenizer).to(device)
+    # A test-only run loads its trained tuner over the classifier: no text-encoder pass for it.
+    model = build_lift_model(clip_model, cfg, cls_num_list, train_set.classnames, tokenizer=tokenizer,
+                             init_classifier=not cfg.test_only).to(device)
     n_tuned = sum(p.numel() for p in model.tuner.parameters())
     n_total = sum(p.numel() for p in model.parameters())
     logger.info("tuned parameters: %d of %d (%.3f%%)", n_tuned, n_total, 100.0 * n_tuned / max(n_total, 1))
@@ -377,7 +382,7 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
            progress, tqdm, ctx: DistContext = DistContext()) -> List[Dict[str, float]]:
     params = [p for p in model.tuner.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"method {cfg.method!r} has nothing to train (empty tuner)")
+        raise UserInputError(f"method {cfg.method!r} has nothing to train (empty tuner)")
     optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, cfg.num_epochs)
     precision = cfg.prec_train

@@ -42,3 +42,24 @@ def test_errors_are_one_sentence(opts, match, tmp_path):
     out = run_cli("train", "-b", "tiny_vit", "--output-dir", str(tmp_path / "o"), *opts)
     assert out.returncode == 2
     assert match in out.stderr and "Traceback" not in out.stderr
+
+
+def test_only_user_input_errors_become_one_line(monkeypatch, capsys):
+    from liftplus_fast import cli
+    from liftplus_fast.errors import UserInputError
+
+    def bad_input(_args):
+        raise UserInputError("v.aft_loc must be 'attn', 'mlp' or 'all'; got 'x'")
+
+    monkeypatch.setattr(cli, "cmd_info", bad_input)
+    assert cli.main(["info"]) == 2
+    assert capsys.readouterr().err.strip() == "liftplus-fast: error: v.aft_loc must be 'attn', 'mlp' or 'all'; got 'x'"
+
+    for internal in (AssertionError("kernel invariant"), ValueError("an internal shape bug"),
+                     RuntimeError("a kernel failure")):
+        def fail(_args, exc=internal):
+            raise exc
+
+        monkeypatch.setattr(cli, "cmd_info", fail)
+        with pytest.raises(type(internal), match=str(internal)):
+            cli.main(["info"])

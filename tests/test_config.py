@@ -94,6 +94,13 @@ def test_direct_construction_builds_the_named_method():
     assert zs.zero_shot and zs.classifier is None
     # Given values that differ from the defaults win over the preset.
     assert LiftConfig(method="lift", lr=0.05).lr == 0.05
+    # ... and so do given values equal to the defaults (lr=0.02 and mda=True are the defaults).
+    given = LiftConfig(method="lift", lr=0.02, mda=True)
+    assert (given.lr, given.mda, given.num_epochs) == (0.02, True, 10)
+    from liftplus_fast.config import TunerConfig
+
+    assert not LiftConfig(method="lora", v=TunerConfig(lora=False)).v.lora
+    assert LiftConfig(method="lora", v=TunerConfig(lora_dim=8)).v.lora
     assert LiftConfig(method="lora", num_classes=10).v.lora
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         LiftConfig(method="magic")

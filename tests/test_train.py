@@ -117,3 +117,12 @@ def test_resume_without_checkpoint_says_so_and_starts_over(tmp_path):
         train_mod.logger.removeHandler(handler)
     assert any("no checkpoint at" in m and "fresh" in m for m in seen), seen
     assert [h["epoch"] for h in r.history] == [1]
+
+
+def test_a_given_config_is_not_changed_by_the_run():
+    opts = {k: v for k, v in TINY.items() if k != "progress"}
+    cfg = lf.make_config("zs", opts)
+    before = cfg.to_dict()
+    r = lf.fast_train(config=cfg, progress=False)
+    assert cfg.to_dict() == before and cfg.num_classes is None
+    assert r.config.num_classes == 10 and r.config is not cfg

@@ -27,6 +27,7 @@ from .cache_store import (MAGIC, VERSION, CacheError, CacheOptions, CachedImageD
 from .images import load_rgb_image
 from .list_datasets import ImageFileDataset
 from .registry import build_dataset
+from ..errors import UserInputError
 
 logger = logging.getLogger("liftplus_fast")
 
@@ -228,12 +229,12 @@ def build_cache(dataset: str, root: str, cache_dir: str, split_dir: Optional[str
     """
     options = CacheOptions(int(cache_size), str(cache_format), int(quality))
     if not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be a non-negative integer; got {workers!r}")
+        raise UserInputError(f"workers must be a non-negative integer; got {workers!r}")
     out = {}
     for split in splits:
         source = build_dataset(dataset, root, split, None, split_dir)
         if not isinstance(source, ImageFileDataset):
-            raise ValueError(f"the decode-once cache reads image files; dataset {dataset!r} is not an "
+            raise UserInputError(f"the decode-once cache reads image files; dataset {dataset!r} is not an "
                              "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)")
         out[split] = build_split(source, dataset, split, cache_dir, options, workers, progress)
     return out
@@ -250,6 +251,6 @@ def open_source_cache(dataset: str, root: str, split: str, cache_dir: str, split
     options = CacheOptions(int(header["cache_size"]), header["cache_format"], int(header["quality"]))
     source = build_dataset(dataset, root, split, None, split_dir)
     if not isinstance(source, ImageFileDataset):
-        raise ValueError(f"data_cache applies to image-file data sets; {dataset!r} is not one")
+        raise UserInputError(f"data_cache applies to image-file data sets; {dataset!r} is not one")
     fp = source_fingerprint(dataset, split, source.root, source.paths, source.labels, source.classnames, options)
     return CachedImageDataset(cache_dir, split, transform, fingerprint=fp, allow_skipped=allow_skipped)

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .splits import count_per_class
+from ..errors import UserInputError
 
 MAGIC = "liftplus_fast.decode_once_cache"
 VERSION = 1
@@ -45,7 +46,7 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-class CacheError(ValueError):
+class CacheError(UserInputError):
     """A cache that is missing, incomplete, truncated, stale or not a cache of this package."""
 
 
@@ -74,11 +75,11 @@ class CacheOptions:
 
     def __post_init__(self):
         if not isinstance(self.cache_size, int) or self.cache_size < 1:
-            raise ValueError(f"cache_size must be a positive integer (short side in pixels); got {self.cache_size!r}")
+            raise UserInputError(f"cache_size must be a positive integer (short side in pixels); got {self.cache_size!r}")
         if self.cache_format not in CACHE_FORMATS:
-            raise ValueError(f"cache_format must be one of {CACHE_FORMATS}; got {self.cache_format!r}")
+            raise UserInputError(f"cache_format must be one of {CACHE_FORMATS}; got {self.cache_format!r}")
         if not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
-            raise ValueError(f"cache quality must be an integer in [1, 100]; got {self.quality!r}")
+            raise UserInputError(f"cache quality must be an integer in [1, 100]; got {self.quality!r}")
 
 
 def source_fingerprint(dataset: str, split: str, root: str, paths: Sequence[str], labels: Sequence[int],

@@ -12,13 +12,14 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from torchvision.datasets import CIFAR100
 
+from ..errors import UserInputError
 from .splits import count_per_class
 
 NUM_CLASSES = 100
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UserInputError, RuntimeError):
     """The data set is not on disk and could not be downloaded."""
 
 
@@ -68,9 +69,9 @@ class CIFAR100LT(CIFAR100):
     def __init__(self, root: str, imb_factor: Optional[float] = None, split: str = "train",
                  transform: Optional[Callable] = None, download: bool = True, seed: int = 0):
         if split not in ("train", "test"):
-            raise ValueError(f"CIFAR-100: unknown split {split!r}; expected 'train' or 'test'")
+            raise UserInputError(f"CIFAR-100: unknown split {split!r}; expected 'train' or 'test'")
         if imb_factor is not None and not 0 < imb_factor <= 1:
-            raise ValueError(f"imb_factor must be in (0, 1] (1 / imbalance ratio); got {imb_factor!r}")
+            raise UserInputError(f"imb_factor must be in (0, 1] (1 / imbalance ratio); got {imb_factor!r}")
         try:
             super().__init__(root, train=(split == "train"), transform=transform, download=download)
         except (OSError, RuntimeError) as exc:  # URLError is an OSError; torchvision raises both

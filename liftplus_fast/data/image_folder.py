@@ -6,6 +6,7 @@ from typing import Callable, List, Optional
 
 from .list_datasets import ImageFileDataset
 from .splits import count_per_class
+from ..errors import MissingInputError, UserInputError
 
 # What PIL decodes that image folders commonly hold; other files (notes, .DS_Store) are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -37,27 +38,27 @@ class ImageFolderLT(ImageFileDataset):
 
     def __init__(self, root: str, split: str = "train", transform: Optional[Callable] = None):
         if split not in ("train", "val", "test"):
-            raise ValueError(f"imagefolder: unknown split {split!r}; expected 'train', 'val' or 'test'")
+            raise UserInputError(f"imagefolder: unknown split {split!r}; expected 'train', 'val' or 'test'")
         train_root = os.path.join(root, "train")
         if not os.path.isdir(train_root):
-            raise FileNotFoundError(f"imagefolder: {train_root!r} not found; expected "
+            raise MissingInputError(f"imagefolder: {train_root!r} not found; expected "
                                     "root/train/<class>/<image> and root/test/<class>/<image> (or root/val/)")
         folders = _class_folders(train_root)
         if not folders:
-            raise ValueError(f"imagefolder: {train_root!r} holds no class folders")
+            raise UserInputError(f"imagefolder: {train_root!r} holds no class folders")
         if split == "train":
             split_root = train_root
         else:
             names = (split,) if split == "val" else TEST_FOLDERS
             split_root = next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), None)
             if split_root is None:
-                raise FileNotFoundError(f"imagefolder: no {' or '.join(names)} folder in {root!r}; "
+                raise MissingInputError(f"imagefolder: no {' or '.join(names)} folder in {root!r}; "
                                         "expected root/test/<class>/<image> (or root/val/)")
         index = {name: i for i, name in enumerate(folders)}
         split_folders = _class_folders(split_root)
         unknown = sorted(set(split_folders) - set(index))
         if unknown:
-            raise ValueError(f"imagefolder: {split_root!r} has class folders that are not in "
+            raise UserInputError(f"imagefolder: {split_root!r} has class folders that are not in "
                              f"{train_root!r}: {unknown[:5]}")
         self.root = root
         self.split = split
@@ -72,5 +73,5 @@ class ImageFolderLT(ImageFileDataset):
             self.paths.extend(files)
             self.labels.extend([index[name]] * len(files))
         if not self.paths:
-            raise ValueError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_root!r}")
+            raise UserInputError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_root!r}")
         self.cls_num_list: List[int] = count_per_class(self.labels, self.num_classes)

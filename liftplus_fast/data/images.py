@@ -13,8 +13,10 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import MissingInputError, UserInputError
 
-class CorruptImageError(ValueError):
+
+class CorruptImageError(UserInputError):
     """An image file exists but cannot be decoded. ``path`` holds the file.
 
     ``CorruptImageError(message)`` (one argument) is accepted too, so the error survives being
@@ -50,7 +52,7 @@ def load_rgb_image(path: str) -> Image.Image:
     including images above Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path!r}")
+        raise MissingInputError(f"image file not found: {path!r}")
     try:
         with open(path, "rb") as f:
             img = Image.open(f)

@@ -15,6 +15,8 @@ from .images import load_rgb_image
 from .splits import (count_per_class, read_classnames, read_inat_categories, read_list_file,
                      resolve_split_file, split_files)
 
+from ..errors import MissingInputError, UserInputError
+
 
 class ImageFileDataset(Dataset):
     """Images on disk given as ``paths`` with ``labels``, loaded lazily as RGB PIL images.
@@ -63,13 +65,13 @@ class LongTailListDataset(ImageFileDataset):
         self.classnames: List[str] = list(classnames)
         self.num_classes = len(self.classnames)
         if not os.path.isfile(list_file):
-            raise FileNotFoundError(f"list file not found: {list_file!r} (expected "
+            raise MissingInputError(f"list file not found: {list_file!r} (expected "
                                     "'relative/path label' lines)")
         rel_paths, raw, linenos = read_list_file(list_file)
         n_raw = len(label_map) if label_map is not None else self.num_classes
         for y, lineno in zip(raw, linenos):
             if not 0 <= y < n_raw:
-                raise ValueError(f"{list_file}:{lineno}: label {y} is out of range for "
+                raise UserInputError(f"{list_file}:{lineno}: label {y} is out of range for "
                                  f"{n_raw} classes (expected 0..{n_raw - 1})")
         self.labels: List[int] = list(raw) if label_map is None else [int(label_map[y]) for y in raw]
         self.paths: List[str] = [os.path.join(root, p) for p in rel_paths]

@@ -10,6 +10,7 @@ from .cifar import CIFAR100LT
 from .digits import DigitsLT
 from .image_folder import ImageFolderLT
 from .list_datasets import ImageNetLT, INaturalist2018, ListFileDataset, PlacesLT
+from ..errors import MissingInputError, UserInputError
 
 
 def _cifar(imb_factor):
@@ -57,7 +58,7 @@ def build_dataset(name: str, root: str, split: str = "train", transform: Optiona
     """
     key = name.lower()
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        raise UserInputError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     return DATASETS[key](root, split, transform, split_dir, download)
 
 
@@ -71,10 +72,10 @@ def check_split(dataset: Dataset, name: str, split: str, min_classes: int = 1, m
     """
     if len(dataset) == 0:
         where = getattr(dataset, "list_file", None)
-        raise ValueError(f"{name}: the {split} split has no images" + (f" ({where} is empty)" if where else ""))
+        raise UserInputError(f"{name}: the {split} split has no images" + (f" ({where} is empty)" if where else ""))
     num_classes = getattr(dataset, "num_classes", None)
     if num_classes is not None and num_classes < min_classes:
-        raise ValueError(f"{name}: the {split} split has {num_classes} class(es); long-tailed "
+        raise UserInputError(f"{name}: the {split} split has {num_classes} class(es); long-tailed "
                          f"classification needs at least {min_classes}")
     paths = getattr(dataset, "paths", None)
     if paths is None:
@@ -84,5 +85,5 @@ def check_split(dataset: Dataset, name: str, split: str, min_classes: int = 1, m
         where = getattr(dataset, "list_file", f"the {split} split")
         shown = ", ".join(repr(p) for p in missing[:max_missing_shown])
         more = f" and {len(missing) - max_missing_shown} more" if len(missing) > max_missing_shown else ""
-        raise FileNotFoundError(f"{name}: {len(missing)} of {len(paths)} images listed in {where} "
+        raise MissingInputError(f"{name}: {len(missing)} of {len(paths)} images listed in {where} "
                                 f"are missing: {shown}{more}")

@@ -5,6 +5,8 @@ import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
+from ..errors import MissingInputError, UserInputError
+
 LIST_FORMAT = "one 'relative/path label' pair per line"
 
 
@@ -15,7 +17,7 @@ def resolve_split_file(split_dir: str, filename: str, dataset: str, what: str) -
     """
     path = os.path.join(split_dir, filename)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{dataset}: {what} file not found: {path!r}. Expected the split files "
             f"(train.txt / val.txt / test.txt with {LIST_FORMAT}, plus classnames.txt or "
             f"categories.json) in split_dir={split_dir!r}; pass split_dir= to point elsewhere.")
@@ -29,7 +31,7 @@ def _text_lines(path: str) -> List[str]:
         with open(path, "r", encoding="utf-8-sig") as f:
             return f.read().splitlines()
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+        raise UserInputError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
                          f"{exc.start}); save it as UTF-8") from None
 
 
@@ -47,11 +49,11 @@ def read_list_file(list_file: str) -> Tuple[List[str], List[int], List[int]]:
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2:
-            raise ValueError(f"{list_file}:{lineno}: expected {LIST_FORMAT}; got {line!r}")
+            raise UserInputError(f"{list_file}:{lineno}: expected {LIST_FORMAT}; got {line!r}")
         try:
             label = int(parts[1])
         except ValueError:
-            raise ValueError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer") from None
+            raise UserInputError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer") from None
         paths.append(parts[0])
         labels.append(label)
         lines.append(lineno)
@@ -69,7 +71,7 @@ def read_classnames(path: str) -> List[str]:
         names.pop()
     for lineno, name in enumerate(names, start=1):
         if not name:
-            raise ValueError(f"{path}:{lineno}: blank class name (one name per line, in label order)")
+            raise UserInputError(f"{path}:{lineno}: blank class name (one name per line, in label order)")
     return names
 
 
@@ -83,7 +85,7 @@ def read_inat_categories(path: str, key: str = "name") -> Tuple[List[str], List[
         with open(path, "rb") as f:
             cats = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not a JSON list of categories: {exc}") from None
+        raise UserInputError(f"{path} is not a JSON list of categories: {exc}") from None
     names_by_id = [c[key] for c in cats]
     classnames = sorted(set(names_by_id))
     index = {n: i for i, n in enumerate(classnames)}
@@ -101,5 +103,5 @@ def count_per_class(labels: Sequence[int], num_classes: int) -> List[int]:
 def split_files(mapping: Dict[str, str], split: str, dataset: str) -> str:
     """The file name of ``split`` in ``mapping``, or ``ValueError`` listing the known splits."""
     if split not in mapping:
-        raise ValueError(f"{dataset}: unknown split {split!r}; expected one of {sorted(mapping)}")
+        raise UserInputError(f"{dataset}: unknown split {split!r}; expected one of {sorted(mapping)}")
     return mapping[split]

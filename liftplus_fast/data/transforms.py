@@ -9,7 +9,13 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import get_dimensions, resized_crop
 
-MDA_FUNCS = ("min", "max", "linear", "convex", "concave")
+from ..config import MDA_FUNCS
+
+
+def check_mda_func(func: str) -> None:
+    """``ValueError`` unless ``func`` names an MDA schedule (:data:`MDA_FUNCS`)."""
+    if func not in MDA_FUNCS:
+        raise ValueError(f"unknown MDA schedule {func!r}; expected one of {MDA_FUNCS}")
 
 
 def _schedule(func: str, t: float) -> float:
@@ -21,9 +27,8 @@ def _schedule(func: str, t: float) -> float:
         return t
     if func == "convex":
         return 1.0 - math.sqrt(max(0.0, 1.0 - t * t))
-    if func == "concave":
-        return math.sqrt(max(0.0, 1.0 - (1.0 - t) ** 2))
-    raise ValueError(f"unknown MDA schedule {func!r}; expected one of {MDA_FUNCS}")
+    check_mda_func(func)
+    return math.sqrt(max(0.0, 1.0 - (1.0 - t) ** 2))  # concave
 
 
 def mda_min_scale(epoch: int, num_epochs: int, func: str = "convex",
@@ -35,8 +40,7 @@ def mda_min_scale(epoch: int, num_epochs: int, func: str = "convex",
     (sqrt(1 - (1 - t)^2)). With ``num_epochs == 1`` the published formula divides by zero;
     here ``t = 0`` then, i.e. the single epoch uses the schedule's starting point.
     """
-    if func not in MDA_FUNCS:
-        raise ValueError(f"unknown MDA schedule {func!r}; expected one of {MDA_FUNCS}")
+    check_mda_func(func)
     if num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1; got {num_epochs!r}")
     if not 0 <= epoch <= num_epochs - 1:
@@ -78,8 +82,7 @@ class MinimalistRandomResizedCrop(T.RandomResizedCrop):
                  interpolation: InterpolationMode = InterpolationMode.BICUBIC, antialias: bool = True):
         super().__init__(size, scale=scale, ratio=(1.0, 1.0), interpolation=interpolation,
                          antialias=antialias)
-        if sched_func not in MDA_FUNCS:
-            raise ValueError(f"unknown MDA schedule {sched_func!r}; expected one of {MDA_FUNCS}")
+        check_mda_func(sched_func)
         if num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1; got {num_epochs!r}")
         self.num_epochs = int(num_epochs)

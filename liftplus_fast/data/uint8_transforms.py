@@ -29,6 +29,7 @@ from torch.utils.data import Sampler
 from torchvision.transforms import InterpolationMode
 
 from .transforms import MDA_FUNCS, mda_min_scale, sample_square_box
+from ..errors import UserInputError
 
 HW = Tuple[int, int]
 
@@ -72,9 +73,9 @@ class CachedMDACrop:
     def __init__(self, size: int, num_epochs: int, sched_func: str = "convex",
                  scale: Tuple[float, float] = (0.08, 1.0)):
         if sched_func not in MDA_FUNCS:
-            raise ValueError(f"unknown MDA schedule {sched_func!r}; expected one of {MDA_FUNCS}")
+            raise UserInputError(f"unknown MDA schedule {sched_func!r}; expected one of {MDA_FUNCS}")
         if num_epochs < 1:
-            raise ValueError(f"num_epochs must be >= 1; got {num_epochs!r}")
+            raise UserInputError(f"num_epochs must be >= 1; got {num_epochs!r}")
         self.size = int(size)
         self.num_epochs = int(num_epochs)
         self.sched_func = sched_func
@@ -83,7 +84,7 @@ class CachedMDACrop:
     def sample(self, orig_hw: HW, epoch: int) -> Tuple[int, int, int, int]:
         """The crop box on the source image (the reference's draws)."""
         if epoch is None:
-            raise ValueError("CachedMDACrop needs the epoch: index the data set with (epoch, index), "
+            raise UserInputError("CachedMDACrop needs the epoch: index the data set with (epoch, index), "
                              "e.g. through EpochTaggedSampler")
         lo = mda_min_scale(int(epoch), self.num_epochs, self.sched_func, self.scale[0], self.scale[1])
         return sample_square_box(int(orig_hw[0]), int(orig_hw[1]), lo, self.scale[1])
@@ -123,7 +124,7 @@ class CachedResizeCrop:
 def build_cached_train_transform(cfg):
     """The cached counterpart of :func:`~liftplus_fast.data.transforms.build_train_transform` (MDA only)."""
     if not cfg.mda:
-        raise ValueError("data_cache trains with MDA (mda True); the RandomResizedCrop + flip "
+        raise UserInputError("data_cache trains with MDA (mda True); the RandomResizedCrop + flip "
                          "augmentation of mda False runs on the reference path (data_cache None)")
     return CachedMDACrop(cfg.resolution, cfg.num_epochs, cfg.mda_func)
 

@@ -12,6 +12,8 @@ import os
 import tempfile
 from typing import Optional, Tuple
 
+from ..errors import UserInputError
+
 
 __all__ = ["BackboneLoadError", "PUBLISHED_BACKBONES", "TINY_VIT", "load_clip", "known_backbones",
            "check_resolution"]
@@ -48,7 +50,7 @@ _TINY_VIT_CFG = {
 }
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(UserInputError, RuntimeError):
     """The backbone's weights could not be obtained (download failed, or no such file)."""
 
 
@@ -92,7 +94,7 @@ def _resolve(backbone: str) -> Tuple[str, bool]:
         return PUBLISHED_BACKBONES[key], True
     if key in open_clip.list_models():
         return key, False
-    raise ValueError(
+    raise UserInputError(
         f"unknown backbone {backbone!r}; known names: {', '.join(known_backbones())}, "
         f"or any open_clip model name (open_clip.list_models(), {len(open_clip.list_models())} names)")
 
@@ -169,5 +171,5 @@ def check_resolution(clip_model, resolution: int, backbone: str) -> None:
         return
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     if (h, w) != (resolution, resolution):
-        raise ValueError(f"resolution={resolution} but backbone {backbone!r} takes {h}x{w} images; "
+        raise UserInputError(f"resolution={resolution} but backbone {backbone!r} takes {h}x{w} images; "
                          f"set resolution {h}")

@@ -18,10 +18,6 @@ from .tuners import install_tuners
 
 __all__ = ["LiftModel", "TunerRoot", "build_lift_model"]
 
-# Loss types that are exactly CE(cosine logits + tau * log prior) and can use the fused op.
-_FUSED_TAU = {"LA": None, "BS": 1.0, "CE": 0.0}
-
-
 class TunerRoot(nn.Module):
     """Everything that is trained, laid out like the published ``PEFT_Model.tuner``:
     ``image_encoder.blocks[i].<tuner>`` and ``classifier``."""
@@ -43,7 +39,7 @@ class LiftModel(nn.Module):
     """
 
     def __init__(self, clip_model: nn.Module, cfg: LiftConfig, cls_num_list: Sequence[int],
-                 classnames: Sequence[str], tokenizer=None):
+                 classnames: Sequence[str], tokenizer=None, init_classifier: bool = True):
         super().__init__()
         num_classes = cfg.num_classes if cfg.num_classes is not None else len(cls_num_list)
         if len(cls_num_list) != num_classes:
@@ -78,7 +74,7 @@ class LiftModel(nn.Module):
 
         device = clip_model.visual.conv1.weight.device
         if use_classifier:
-            if cfg.classifier_init == "semantic" and not cfg.test_only:
+            if cfg.classifier_init == "semantic" and init_classifier:
                 if self.classnames is None:
                     raise ValueError("classifier_init='semantic' needs classnames")
                 with torch.no_grad():
@@ -132,12 +128,12 @@ class LiftModel(nn.Module):
 
     # --- training -------------------------------------------------------------------------------
     def _fused_tau(self) -> Optional[float]:
+        # The loss says whether it is CE(logits + tau * log prior) (its prior_tau); with a cosine
+        # head that is exactly what the fused op computes.
         if not isinstance(self.classifier, CosineClassifier):
             return None
-        if self.cfg.loss_type not in _FUSED_TAU:
-            return None
-        tau = _FUSED_TAU[self.cfg.loss_type]
-        return float(self.cfg.la_tau) if tau is None else tau
+        tau = getattr(self.loss_fn, "prior_tau", None)
+        return None if tau is None else float(tau)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor):
         """``(loss, logits)``: the configured loss and the unadjusted (detached) logits.
@@ -191,11 +187,13 @@ class LiftModel(nn.Module):
 
 
 def build_lift_model(clip_model: nn.Module, cfg: LiftConfig, cls_num_list: Sequence[int],
-                     classnames: Sequence[str], tokenizer=None) -> LiftModel:
+                     classnames: Sequence[str], tokenizer=None, init_classifier: bool = True) -> LiftModel:
     """Build a :class:`LiftModel` from an open_clip CLIP model (used in place, frozen).
 
     ``tokenizer`` defaults to open_clip's CLIP tokenizer with the model's context length. The
-    classifier gets the semantic init when ``cfg.classifier_init == "semantic"``; ``class_mean``
+    classifier gets the semantic init when ``cfg.classifier_init == "semantic"`` and
+    ``init_classifier`` (pass ``False`` when trained weights will be loaded over it); ``class_mean``
     and ``linear_probing`` need image features, see :meth:`LiftModel.init_classifier_from_features`.
+    The model reads only model options of ``cfg`` (method, tuners ``v``, classifier, loss).
     """
-    return LiftModel(clip_model, cfg, cls_num_list, classnames, tokenizer)
+    return LiftModel(clip_model, cfg, cls_num_list, classnames, tokenizer, init_classifier)

@@ -42,6 +42,10 @@ def log_prior(cls_num_list) -> torch.Tensor:
 class CrossEntropyLoss(nn.Module):
     """Plain cross-entropy."""
 
+    # A loss with ``prior_tau`` is exactly CE(logits + prior_tau * log prior): the model may run
+    # it through the fused op (``ops.la_cosine_cross_entropy``) instead of ``forward``.
+    prior_tau = 0.0
+
     def forward(self, logits, labels):
         """Mean CE."""
         return F.cross_entropy(logits.float(), labels)
@@ -117,6 +121,11 @@ class LogitAdjustedLoss(nn.Module):
         super().__init__()
         self.register_buffer("log_prior", log_prior(cls_num_list))
         self.tau = float(tau)
+
+    @property
+    def prior_tau(self) -> float:
+        """The logit-adjustment strength τ (see :attr:`CrossEntropyLoss.prior_tau`)."""
+        return self.tau
 
     def forward(self, logits, labels):
         """Mean logit-adjusted CE."""

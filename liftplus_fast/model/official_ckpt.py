@@ -11,6 +11,8 @@ from typing import Dict, Mapping
 import torch
 import torch.nn as nn
 
+from ..errors import UserInputError
+
 __all__ = ["export_official", "import_official"]
 
 
@@ -43,11 +45,11 @@ def import_official(tuner: nn.Module, state_dict: Mapping, strict: bool = True) 
             parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        raise ValueError("checkpoint does not match this model's tuner (different tuner, backbone "
+        raise UserInputError("checkpoint does not match this model's tuner (different tuner, backbone "
                          "depth or method?): " + "; ".join(parts))
     for k, v in src.items():
         if k in own and tuple(torch.as_tensor(v).shape) != tuple(own[k].shape):
-            raise ValueError(f"checkpoint key {k!r} has shape {tuple(torch.as_tensor(v).shape)} but the "
+            raise UserInputError(f"checkpoint key {k!r} has shape {tuple(torch.as_tensor(v).shape)} but the "
                              f"model expects {tuple(own[k].shape)} (different backbone width, "
                              "bottleneck or class count?)")
     with torch.no_grad():

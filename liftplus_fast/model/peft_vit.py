@@ -1,9 +1,9 @@
 """Block-level surgery on an open_clip ViT image encoder.
 
 Each open_clip ``ResidualAttentionBlock`` is wrapped (not modified) by :class:`PEFTBlock`, which
-recomputes the block from its own weights with the tuners of a :class:`BlockTuner` attached at
-named sites. Attention is recomputed from ``in_proj_weight`` so LoRA/SSF/AFT can act between the
-input projection and the attention. Backbone LayerNorms run in fp32.
+recomputes the block from its own weights and calls the tuners attached at its named sites.
+Attention is recomputed from ``in_proj_weight`` so LoRA/SSF/AFT can act between the input
+projection and the attention. Backbone LayerNorms run in fp32.
 """
 from __future__ import annotations
 
@@ -23,7 +23,20 @@ def _ln(ln: nn.Module, x):
 
 
 class PEFTBlock(nn.Module):
-    """An open_clip ViT block run with the tuners of ``self.tuner`` attached."""
+    """An open_clip ViT block run with tuners attached at its named sites.
+
+    Sites (see :mod:`liftplus_fast.model.tuners` for the hook each one calls): ``tokens`` (block
+    input), ``attn_in`` / ``attn_out`` / ``mlp_in`` / ``mlp_out`` (the four projections), ``mlp``
+    (the MLP branch before the residual) and ``residual`` (the block output). The trained tensors
+    live in ``self.tuner`` (a :class:`BlockTuner`, the checkpoint layout); :meth:`attach` only says
+    where they act.
+    """
+
+    SITES = ("tokens", "attn_in", "attn_out", "mlp_in", "mlp_out", "mlp", "residual")
+    _HOOKS = {"tokens": ("tune_tokens",), "attn_in": ("tune_weight", "tune_output"),
+              "attn_out": ("tune_weight", "tune_output"), "mlp_in": ("tune_weight", "tune_output"),
+              "mlp_out": ("tune_weight", "tune_output"), "mlp": ("tune_output",),
+              "residual": ("tune_residual",)}
 
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -37,18 +50,36 @@ class PEFTBlock(nn.Module):
         self.tuner = BlockTuner()
         self.batch_first = bool(block.attn.batch_first)
         self.num_heads = block.attn.num_heads
+        # (site, hook name) -> bound hooks, in attach order. A plain dict, not submodules: the
+        # modules are already owned (and saved) by self.tuner.
+        self._hooks = {(site, hook): [] for site, hooks in self._HOOKS.items() for hook in hooks}
+
+    def attach(self, site: str, tuner) -> None:
+        """Make ``tuner`` act at ``site`` through the hook methods it defines for that site."""
+        if site not in self._HOOKS:
+            raise ValueError(f"site must be one of {', '.join(self.SITES)}; got {site!r}")
+        found = [hook for hook in self._HOOKS[site] if hasattr(tuner, hook)]
+        if not found:
+            raise TypeError(f"{type(tuner).__name__} defines none of {self._HOOKS[site]} for site {site!r}")
+        if site == "residual" and self._hooks[(site, "tune_residual")]:
+            raise ValueError("site 'residual' already has a tuner; the block output has one owner")
+        for hook in found:
+            self._hooks[(site, hook)].append(getattr(tuner, hook))
+
+    def attached(self, site: str) -> bool:
+        """Whether any tuner acts at ``site``."""
+        return any(self._hooks[(site, hook)] for hook in self._HOOKS[site])
 
     def _linear(self, site: str, x, weight, bias):
-        t = self.tuner
-        if t.has("aft") and site in t.aft:
-            weight, bias = (w.to(x.dtype) for w in t.aft[site].weight_and_bias())
-        return F.linear(x, weight, bias)
+        for tune in self._hooks[(site, "tune_weight")]:
+            weight, bias = tune(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return self._output(site, x, y)
 
-    def _ssf(self, site: str, x):
-        t = self.tuner
-        if t.has("ssf") and site in t.ssf:
-            return t.ssf[site](x)
-        return x
+    def _output(self, site: str, x, y):
+        for tune in self._hooks[(site, "tune_output")]:
+            y = tune(x, y)
+        return y
 
     def _split_heads(self, x):
         # -> [batch, heads, seq, head_dim] whatever the block layout is
@@ -64,52 +95,28 @@ class PEFTBlock(nn.Module):
             return x.transpose(1, 2).reshape(b, n, h * hd)
         return x.permute(2, 0, 1, 3).reshape(n, b, h * hd)
 
-    def _insert_prompt(self, x, raw_len: int):
-        seq = 1 if self.batch_first else 0
-        batch = 0 if self.batch_first else 1
-        prompt = self.tuner.prompt.to(x.dtype).unsqueeze(batch)
-        shape = list(x.shape)
-        shape[seq] = prompt.shape[seq]
-        prompt = prompt.expand(shape)
-        cls_tok = x.narrow(seq, 0, 1)
-        # The last raw_len-1 tokens are the patches; anything between CLS and them is the
-        # previous block's prompt, which this block's prompt replaces (VPT-deep).
-        patches = x.narrow(seq, x.shape[seq] - (raw_len - 1), raw_len - 1)
-        return torch.cat([cls_tok, prompt, patches], dim=seq)
-
     def forward(self, x, raw_len: int):
         """Run the block on ``x`` (the block's layout); ``raw_len`` = tokens without prompts."""
-        blk, t = self.block, self.tuner
-        if t.has("prompt"):
-            x = self._insert_prompt(x, raw_len)
+        blk = self.block
+        for tune in self._hooks[("tokens", "tune_tokens")]:
+            x = tune(x, raw_len, self.batch_first)
 
         h = _ln(blk.ln_1, x)
         qkv = self._linear("attn_in", h, blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-        if t.has("lora") or (t.has("ssf") and "attn_in" in t.ssf):
-            q, k, v = qkv.chunk(3, dim=-1)
-            if t.has("lora"):
-                q = q + t.lora["q"](h)
-                v = v + t.lora["v"](h)
-            qkv = self._ssf("attn_in", torch.cat([q, k, v], dim=-1))
         q, k, v = (self._split_heads(z) for z in qkv.chunk(3, dim=-1))
         o = self._merge_heads(F.scaled_dot_product_attention(q, k, v))
         o = self._linear("attn_out", o, blk.attn.out_proj.weight, blk.attn.out_proj.bias)
-        o = self._ssf("attn_out", o)
         x = x + blk.ls_1(o) if hasattr(blk, "ls_1") else x + o
 
         h = _ln(blk.ln_2, x)
         m = self._linear("mlp_in", h, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias)
-        m = self._ssf("mlp_in", m)
         m = blk.mlp.gelu(m)
         m = self._linear("mlp_out", m, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)
-        m = self._ssf("mlp_out", m)
         if hasattr(blk, "ls_2"):
             m = blk.ls_2(m)
-        if t.has("adapter"):
-            m = m + t.adapter(m)
-        if t.has("adaptformer"):
-            return t.adaptformer.block_output(x, m)
-        return x + m
+        m = self._output("mlp", h, m)
+        residual = self._hooks[("residual", "tune_residual")]
+        return residual[0](x, m) if residual else x + m
 
 
 class PEFTVisionTransformer(nn.Module):

@@ -1,8 +1,22 @@
 """Parameter-efficient tuner modules and the registry that installs them into ViT blocks.
 
-Each tuner module acts on the last (feature) dimension only, so it does not care whether the
-backbone runs batch-first or sequence-first. Parameter names follow the published LIFT+ code so
-that the tuner's ``state_dict()`` is the official checkpoint layout.
+A tuner attaches to the site of the block it tunes (as HF PEFT's layers wrap the module they
+tune): :class:`~liftplus_fast.model.peft_vit.PEFTBlock` names its sites (``SITES``) and calls
+whatever is attached there; it never asks which tuners exist. A tuner module implements the
+hook of its site:
+
+* linear sites ``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``: ``tune_weight(x, weight,
+  bias) -> (weight, bias)`` (before the projection) and/or ``tune_output(x, y) -> y`` (after
+  it; ``x`` is the projection's input);
+* ``mlp``: ``tune_output(h, m) -> m`` on the MLP branch (``h`` the ``ln_2`` output);
+* ``tokens``: ``tune_tokens(x, raw_len, batch_first) -> x`` on the block input;
+* ``residual``: ``tune_residual(x, m) -> x + m'``, the block output (one tuner at most).
+
+Adding a tuner: one module implementing its hook, one installer that stores it in the block's
+:class:`BlockTuner` under its published name and calls ``block.attach(site, module)``, and one
+entry in :data:`TUNERS`. Each tuner module acts on the last (feature) dimension only, so it does
+not care whether the backbone runs batch-first or sequence-first. Parameter names follow the
+published LIFT+ code so that the tuner's ``state_dict()`` is the official checkpoint layout.
 """
 from __future__ import annotations
 
@@ -14,11 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import bottleneck_dim, parse_layers
+from ..config import bottleneck_dim, check_aft_loc, parse_layers
 
 __all__ = [
-    "AdaptFormer", "Adapter", "BlockTuner", "LoRA", "MaskedLinear", "MaskedParameter", "SSF",
-    "TUNERS", "fp32_layer_norm", "install_tuners",
+    "AdaptFormer", "Adapter", "BlockTuner", "DeepPrompt", "LoRA", "MaskedLinear", "MaskedParameter",
+    "QVLoRA", "SSF", "TUNERS", "fp32_layer_norm", "install_tuners",
 ]
 
 
@@ -29,8 +43,8 @@ def fp32_layer_norm(x, weight, bias, eps):
                         None if bias is None else bias.float(), eps).to(x.dtype)
 
 
-class Adapter(nn.Module):
-    """Bottleneck ``up(relu(down(LN(x))))``; LN weight 1/bias 0, down kaiming, up zero."""
+class _Bottleneck(nn.Module):
+    """``norm``, ``down``, ``up`` of a bottleneck: LN weight 1/bias 0, down kaiming, up zero."""
 
     def __init__(self, dim: int, bottle_dim: int):
         super().__init__()
@@ -42,6 +56,10 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+
+class Adapter(_Bottleneck):
+    """Bottleneck ``up(relu(down(LN(x))))`` in series after the MLP."""
+
     def forward(self, x):
         """The bottleneck output (without the residual), in the dtype of ``x``."""
         dt = x.dtype
@@ -49,20 +67,21 @@ class Adapter(nn.Module):
         h = F.relu(F.linear(h, self.down.weight.to(dt), self.down.bias.to(dt)))
         return F.linear(h, self.up.weight.to(dt), self.up.bias.to(dt))
 
+    def tune_output(self, h, m):
+        """Site ``mlp``: the adapter in series after the MLP, ``m + adapter(m)``."""
+        return m + self(m)
 
-class AdaptFormer(Adapter):
-    """Adapter parallel to the MLP with a trainable scalar ``scale`` (init 1)."""
+
+class AdaptFormer(_Bottleneck):
+    """Bottleneck parallel to the MLP with a trainable scalar ``scale`` (init 1), run by the
+    fused :func:`liftplus_fast.ops.adaptformer` (whose reference states the math)."""
 
     def __init__(self, dim: int, bottle_dim: int):
         super().__init__(dim, bottle_dim)
         self.scale = nn.Parameter(torch.ones([]))
 
-    def forward(self, x):
-        """The scaled branch ``scale * up(relu(down(LN(x))))`` alone."""
-        return super().forward(x) * self.scale.to(x.dtype)
-
-    def block_output(self, a, mlp_out):
-        """``a + (mlp_out + branch(a))`` through the fused op (kernel or reference)."""
+    def tune_residual(self, a, mlp_out):
+        """Site ``residual``: ``a + (mlp_out + scale * up(relu(down(LN(a)))))``."""
         return ops.adaptformer(a, mlp_out, self.norm.weight, self.norm.bias, self.down.weight,
                                self.down.bias, self.up.weight, self.up.bias, self.scale,
                                self.norm.eps)
@@ -85,6 +104,18 @@ class LoRA(nn.Module):
         return (x @ self.down.to(x.dtype)) @ self.up.to(x.dtype) * self.scale
 
 
+class QVLoRA(nn.ModuleDict):
+    """LoRA on the query and value projections (``q``, ``v``), at site ``attn_in``."""
+
+    def __init__(self, dim: int, bottle_dim: int):
+        super().__init__({"q": LoRA(dim, bottle_dim), "v": LoRA(dim, bottle_dim)})
+
+    def tune_output(self, h, qkv):
+        """Add the low-rank deltas of ``h`` to the q and v thirds of the packed projection."""
+        q, k, v = qkv.chunk(3, dim=-1)
+        return torch.cat([q + self["q"](h), k, v + self["v"](h)], dim=-1)
+
+
 class SSF(nn.Module):
     """Per-feature affine ``x * scale + shift`` (scale ~ N(1, .02), shift ~ N(0, .02))."""
 
@@ -98,6 +129,10 @@ class SSF(nn.Module):
     def forward(self, x):
         """Scale and shift the last dimension of ``x``."""
         return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+    def tune_output(self, x, y):
+        """Linear sites: scale and shift the projection's output."""
+        return self(y)
 
 
 class MaskedParameter(nn.Module):
@@ -129,9 +164,37 @@ class MaskedLinear(nn.Module):
         """The effective ``(weight, bias)``."""
         return self.masked_weight(), self.masked_bias()
 
+    def tune_weight(self, x, weight, bias):
+        """Linear sites: the backbone's weight and bias with the trained entries, in ``x``'s dtype."""
+        return tuple(t.to(x.dtype) for t in self.weight_and_bias())
+
+
+class DeepPrompt:
+    """Site ``tokens`` of VPT-deep: replaces the previous block's prompt by this block's.
+
+    Not a module: the trained tensor is ``BlockTuner.prompt`` (the published name); this only
+    reads it at the site.
+    """
+
+    def __init__(self, tuner: nn.Module):
+        self.tuner = tuner
+
+    def tune_tokens(self, x, raw_len: int, batch_first: bool):
+        seq, batch = (1, 0) if batch_first else (0, 1)
+        prompt = self.tuner.prompt.to(x.dtype).unsqueeze(batch)
+        shape = list(x.shape)
+        shape[seq] = prompt.shape[seq]
+        prompt = prompt.expand(shape)
+        cls_tok = x.narrow(seq, 0, 1)
+        # The last raw_len-1 tokens are the patches; anything between CLS and them is the
+        # previous block's prompt, which this block's prompt replaces.
+        patches = x.narrow(seq, x.shape[seq] - (raw_len - 1), raw_len - 1)
+        return torch.cat([cls_tok, prompt, patches], dim=seq)
+
 
 class BlockTuner(nn.Module):
-    """Per-block container of trained things, named as in the published ``PEFT_Block.tuner``.
+    """Per-block container of trained things, named as in the published ``PEFT_Block.tuner``
+    (the state-dict layout); where they act is set by ``PEFTBlock.attach``.
 
     Attributes appear only when a tuner is installed: ``prompt``, ``lora`` (``q``, ``v``),
     ``adapter``, ``adaptformer``, ``ssf`` (``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``),
@@ -193,43 +256,37 @@ def _install_pt(blocks, layers, v, k):
         prompt = nn.Parameter(torch.empty(length, _width(blocks[i].block)))
         nn.init.normal_(prompt, std=0.02)
         blocks[i].tuner.prompt = prompt
+        blocks[i].attach("tokens", DeepPrompt(blocks[i].tuner))
     return f"VPT-deep, prompt length {length}, blocks {layers}"
 
 
-def _install_lora(blocks, layers, v, k):
-    r = v.lora_dim or bottleneck_dim(k, len(layers), 4)
-    for i in layers:
-        d = _width(blocks[i].block)
-        blocks[i].tuner.lora = nn.ModuleDict({"q": LoRA(d, r), "v": LoRA(d, r)})
-    return f"LoRA r={r} on blocks {layers}"
+def _bottleneck_installer(name: str, module: Callable, site: str, divisor: int, label: str) -> Callable:
+    """Installer of a tuner with a bottleneck ``v.<name>_dim`` (published rule when unset)."""
 
+    def install(blocks, layers, v, k):
+        r = getattr(v, f"{name}_dim") or bottleneck_dim(k, len(layers), divisor)
+        for i in layers:
+            tuner = module(_width(blocks[i].block), r)
+            setattr(blocks[i].tuner, name, tuner)
+            blocks[i].attach(site, tuner)
+        return f"{label} r={r} on blocks {layers}"
 
-def _install_adapter(blocks, layers, v, k):
-    r = v.adapter_dim or bottleneck_dim(k, len(layers), 2)
-    for i in layers:
-        blocks[i].tuner.adapter = Adapter(_width(blocks[i].block), r)
-    return f"Adapter r={r} on blocks {layers}"
-
-
-def _install_adaptformer(blocks, layers, v, k):
-    r = v.adaptformer_dim or bottleneck_dim(k, len(layers), 2)
-    for i in layers:
-        blocks[i].tuner.adaptformer = AdaptFormer(_width(blocks[i].block), r)
-    return f"AdaptFormer r={r} on blocks {layers}"
+    return install
 
 
 def _install_ssf(blocks, layers, v, k):
     for i in layers:
         sites = _linear_sites(blocks[i].block)
         blocks[i].tuner.ssf = nn.ModuleDict({s: SSF(w.shape[0]) for s, (w, _) in sites.items()})
+        for site, ssf in blocks[i].tuner.ssf.items():
+            blocks[i].attach(site, ssf)
     return f"SSF on blocks {layers}"
 
 
 def aft_ratio(num_classes: int, n_layers: int, width: int, loc: str) -> float:
     """Published default mask ratio: about K trained weights per selected block."""
+    check_aft_loc(loc)
     per = {"attn": width * 4 + 4, "mlp": width * 8 + 5, "all": width * 12 + 9}
-    if loc not in per:
-        raise ValueError(f"v.aft_loc must be 'attn', 'mlp' or 'all'; got {loc!r}")
     return num_classes / (n_layers * per[loc])
 
 
@@ -257,6 +314,7 @@ def _install_aft(blocks, layers, v, k):
             wm = mask_like(w)
             bm = mask_like(b)
             aft[s] = MaskedLinear(w, b, wm, bm)
+            blocks[i].attach(s, aft[s])
         blocks[i].tuner.aft = aft
     return f"arbitrary fine-tuning ({loc}, ratio {ratio:.3g}) on blocks {layers}"
 
@@ -267,9 +325,9 @@ TUNERS: Dict[str, Callable] = {
     "fft": _install_fft,
     "bitfit": _install_bitfit,
     "pt": _install_pt,
-    "lora": _install_lora,
-    "adapter": _install_adapter,
-    "adaptformer": _install_adaptformer,
+    "lora": _bottleneck_installer("lora", QVLoRA, "attn_in", 4, "LoRA"),
+    "adapter": _bottleneck_installer("adapter", Adapter, "mlp", 2, "Adapter"),
+    "adaptformer": _bottleneck_installer("adaptformer", AdaptFormer, "residual", 2, "AdaptFormer"),
     "ssf": _install_ssf,
     "aft": _install_aft,
 }

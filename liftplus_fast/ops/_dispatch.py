@@ -18,6 +18,7 @@ from typing import Callable, Dict
 
 import torch
 
+from ..errors import UserInputError
 from ._native import has_kernel, native_status
 
 logger = logging.getLogger("liftplus_fast")
@@ -33,6 +34,10 @@ _NATIVE_NAMES: Dict[str, str] = {}
 _CHOICES: Dict[tuple, str] = {}
 
 
+class BackendUnavailableError(UserInputError, RuntimeError):
+    """The backend ``LIFTPLUS_FAST_BACKEND`` asks for cannot run an op on these tensors."""
+
+
 def register(op: str, backend: str, fn: Callable, native_name: str | None = None) -> None:
     """Register ``fn`` as the ``backend`` implementation of ``op``."""
     if backend not in BACKENDS[1:]:
@@ -43,11 +48,17 @@ def register(op: str, backend: str, fn: Callable, native_name: str | None = None
         _NATIVE_NAMES[op] = native_name
 
 
+def register_native(op: str, fn: Callable, native_name: str) -> None:
+    """Register ``fn`` (a call of ``liftplus_fast::native_name``) as the cpu and cuda backends."""
+    for backend in ("cpu", "cuda"):
+        register(op, backend, fn, native_name=native_name)
+
+
 def requested_backend() -> str:
     """The backend asked for through ``LIFTPLUS_FAST_BACKEND`` (validated)."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}; got {value!r}")
+        raise UserInputError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}; got {value!r}")
     return value
 
 
@@ -109,7 +120,7 @@ def choose(op: str, device: torch.device) -> str:
     if requested != "auto":
         ok, why = _available(op, requested, device_type)
         if not ok:
-            raise RuntimeError(f"{ENV_VAR}={requested} cannot run {op}: {why}")
+            raise BackendUnavailableError(f"{ENV_VAR}={requested} cannot run {op}: {why}")
         return requested
     if device_type == "cuda":
         order = ("triton", "cuda", "reference")

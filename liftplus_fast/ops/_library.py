@@ -76,3 +76,9 @@ def register_autograd(namespace: str, name: str, make_backward: Callable, setup_
     """
     torch.library.register_autograd(f"{namespace}::{name}", make_backward(namespace),
                                     setup_context=setup_context)
+
+
+def register_fakes(namespace: str, **fakes: Callable) -> None:
+    """Register the fake (meta) kernel of each ``namespace::<name>`` given as ``name=fake``."""
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"{namespace}::{name}")(fake)

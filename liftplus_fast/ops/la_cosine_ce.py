@@ -14,7 +14,7 @@ import torch
 
 from . import _library, reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import dispatch, register
+from ._dispatch import dispatch, register, register_native
 from ._native import native_status
 
 OP = "la_cosine_cross_entropy"
@@ -162,8 +162,6 @@ def register_backend(namespace: str) -> None:
 
 
 if native_status().loaded:
-    torch.library.register_fake(f"{_library.NATIVE}::la_cosine_ce_fwd")(_fake_fwd)
-    torch.library.register_fake(f"{_library.NATIVE}::la_cosine_ce_bwd")(_fake_bwd)
+    _library.register_fakes(_library.NATIVE, la_cosine_ce_fwd=_fake_fwd, la_cosine_ce_bwd=_fake_bwd)
     register_backend(_library.NATIVE)
-    for _device in ("cpu", "cuda"):
-        register(OP, _device, kernel_call(_library.NATIVE), native_name="la_cosine_ce_fwd")
+    register_native(OP, kernel_call(_library.NATIVE), "la_cosine_ce_fwd")

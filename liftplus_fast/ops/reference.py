@@ -5,7 +5,8 @@ kernel is tested against. They follow the structure of the published LIFT+ code 
 fp32, everything else in the input dtype, parameters cast to the input dtype as autocast
 would) so that their numbers are the published numbers. Autograd comes from PyTorch.
 
-The math of each op is written out in ``DESIGN.md`` section 4.
+The math of each op (forward, backward, saved tensors, precision, tolerances) is written out
+in ``docs/ops.md``.
 """
 from __future__ import annotations
 

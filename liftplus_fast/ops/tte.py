@@ -1,11 +1,14 @@
-"""Public test-time-ensembling ops: crop-logit aggregation and the feature-space shortcut."""
+"""Public test-time-ensembling ops: crop-logit aggregation and the feature-space shortcut.
+
+Math: ``docs/ops.md``, "Test-time ensembling".
+"""
 from __future__ import annotations
 
 import torch
 
 from . import _library, reference
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ._dispatch import dispatch, register
+from ._dispatch import dispatch, register, register_native
 from ._native import native_status
 from .reference import TTEResult
 
@@ -80,9 +83,7 @@ def _fake_unit_mean(crop_feats):
 
 
 if native_status().loaded:
-    torch.library.register_fake(f"{_library.NATIVE}::tte_aggregate")(_fake_tte)
-    torch.library.register_fake(f"{_library.NATIVE}::tte_mean_unit_features")(_fake_unit_mean)
+    _library.register_fakes(_library.NATIVE, tte_aggregate=_fake_tte, tte_mean_unit_features=_fake_unit_mean)
     _aggregate, _unit_mean = kernel_calls(_library.NATIVE)
-    for _backend in ("cpu", "cuda"):
-        register(OP, _backend, _aggregate, native_name="tte_aggregate")
-        register(OP_FEATURES, _backend, _unit_mean, native_name="tte_mean_unit_features")
+    register_native(OP, _aggregate, "tte_aggregate")
+    register_native(OP_FEATURES, _unit_mean, "tte_mean_unit_features")

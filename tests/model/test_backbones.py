@@ -70,7 +70,7 @@ def test_resnet_visual_is_refused_clearly():
 
 
 def test_model_built_from_an_openai_state_dict_wraps_and_trains():
-    """DESIGN.md §3: clip_model may come from open_clip.model.build_model_from_openai_state_dict."""
+    """The public contract: clip_model may come from open_clip.model.build_model_from_openai_state_dict."""
     import open_clip
 
     import liftplus_fast as lf

@@ -126,3 +126,46 @@ def test_low_precision_backbone_keeps_fp32_tuner(method, fresh_clip, tokenizer, 
     assert torch.isfinite(loss)
     for name, p in model.tuner.named_parameters():
         assert p.dtype == torch.float32 and p.grad is not None, name
+
+
+class _Double:
+    """A toy tuner for site ``mlp_in``: doubles the projection's output."""
+
+    def tune_output(self, x, y):
+        return 2 * y
+
+
+def test_a_new_tuner_attaches_to_its_site_without_touching_the_block(fresh_clip, tokenizer, images):
+    from liftplus_fast.model.peft_vit import PEFTBlock
+
+    model = build_lift_model(fresh_clip, cfg_for("lp"), COUNTS, CLASSNAMES, tokenizer)
+    blk = model.image_encoder.blocks[0]
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        before = blk(x, 5)
+        # The same as doubling the MLP input projection's weight and bias.
+        fc = blk.block.mlp.c_fc
+        fc.weight.mul_(2)
+        fc.bias.mul_(2)
+        expected = blk(x, 5)
+        fc.weight.div_(2)
+        fc.bias.div_(2)
+        assert not blk.attached("mlp_in")
+        blk.attach("mlp_in", _Double())
+        assert blk.attached("mlp_in")
+        after = blk(x, 5)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="site must be one of"):
+        blk.attach("mlp_middle", _Double())
+    with pytest.raises(TypeError, match="defines none of"):
+        blk.attach("residual", _Double())
+    assert "tokens" in PEFTBlock.SITES
+
+
+def test_the_block_output_has_one_owner(fresh_clip, tokenizer):
+    model = build_lift_model(fresh_clip, cfg_for("lift+"), COUNTS, CLASSNAMES, tokenizer)
+    blk = model.image_encoder.blocks[0]
+    assert blk.attached("residual")
+    with pytest.raises(ValueError, match="already has a tuner"):
+        blk.attach("residual", blk.tuner.adaptformer)

@@ -1,6 +1,6 @@
 """AdaptFormer op: the native CPU kernel against the reference, forward and all 9 gradients.
 
-Tolerances (DESIGN.md §6): fp32 relative to the largest magnitude, 1e-5 (1e-4 for sums over
+Tolerances (docs/ops.md): fp32 relative to the largest magnitude, 1e-5 (1e-4 for sums over
 more than 1e4 terms); bf16/fp16 in flash-attention style, max|K − R| ≤ 2·max|P − R| + atol with
 R the fp32 reference on upcast inputs and P the reference run in the low precision.
 """
@@ -68,7 +68,7 @@ def check_fp32(inputs, grad_out, with_grad=True):
     assert rel_err(yk, yr) <= 1e-5, "y"
     rows = inputs[0].numel() // inputs[0].shape[-1]
     d, r = inputs[0].shape[-1], inputs[2 + 2].shape[0]
-    # Number of terms each gradient sums over (DESIGN §6: 1e-4 beyond 1e4 terms).
+    # Number of terms each gradient sums over (docs/ops.md: 1e-4 beyond 1e4 terms).
     terms = {"a": r + d, "mlp_out": 1, "ln_w": rows, "ln_b": rows, "down_w": rows, "down_b": rows,
              "up_w": rows, "up_b": rows, "scale": rows * d}
     for name, k, ref, inp in zip(GRAD_NAMES, gk, gr, inputs):

@@ -1,6 +1,6 @@
 """CUDA kernels of the native extension.
 
-Two layers (DESIGN.md §6: GPU code that cannot run here is still built):
+Two layers (GPU code that cannot run here is still built; docs/gpu.md):
 * build checks that run everywhere the extension was built with CUDA: every op the library
   defines has a CUDA kernel registered;
 * equivalence tests of the CUDA kernels against the reference (forward and all gradients,

@@ -1,5 +1,6 @@
 """la_cosine_cross_entropy (fused CPU kernel) against the reference: values, gradients, chunking,
-low precision, float64 gradcheck, opcheck, torch.compile and argument errors."""
+low precision, float64 gradcheck, opcheck, torch.compile and argument errors. Math and
+tolerances: docs/ops.md."""
 import contextlib
 import math
 import os

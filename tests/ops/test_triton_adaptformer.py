@@ -1,20 +1,5 @@
-"""Triton AdaptFormer kernels against the reference, on CPU through Triton's interpreter.
-
-Running them needs ``TRITON_INTERPRET=1`` *before* ``triton.language`` is imported: Triton's
-own ``tl.sum``/``tl.zeros`` are ``@triton.jit`` functions decorated at import, and in a full
-pytest session torch or another test has usually imported them already in compiled mode. So
-unless this process is already an interpreter process, the CPU tests skip here and
-``test_cpu_tests_under_interpreter`` runs this file in a fresh ``pytest`` subprocess with the
-variable set (leaving the parent process's environment untouched).
-
-Tolerances (DESIGN §6): fp32 — max|K−R| ≤ 1e-5·max|R| per tensor. The interpreter runs the
-kernel with numpy fp32 arithmetic in another summation order than PyTorch; measured errors
-are ≤ 1e-6 of the tensor's scale, and an elementwise relative test is meaningless for entries
-that are sums cancelling to ~0. Low precision — flash-attention style against the fp32
-reference R and the reference run in the same precision P:
-max|K−R| ≤ 2·max|P−R| + eps(dtype)·max|R| (atol = one rounding of the output dtype at the
-tensor's scale: K rounds its output once, so near-exact P could otherwise fail it).
-"""
+"""Triton AdaptFormer kernels: saved tensors, determinism, limits and GPU sizes. Equivalence on every
+backend: test_op_equivalence.py; CPU tests run under the interpreter (triton_interp)."""
 
 import pytest
 import torch
@@ -24,14 +9,13 @@ from liftplus_fast.ops import reference
 triton = pytest.importorskip("triton")
 T = pytest.importorskip("liftplus_fast.ops.triton.adaptformer")
 
-from .triton_interp import IN_INTERP, cpu_tests_need_interpreter, run_under_interpreter  # noqa: E402,F401
+from .op_tester import assert_matches  # noqa: E402
+from .triton_interp import cpu_tests_need_interpreter, interpreter_runner  # noqa: E402,F401
 
 HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.mark.skipif(IN_INTERP, reason="already in an interpreter process")
-def test_cpu_tests_under_interpreter():
-    run_under_interpreter(__file__)
+test_cpu_tests_under_interpreter = interpreter_runner(__file__)
 
 
 def _params(d, r, g, device="cpu"):
@@ -53,47 +37,6 @@ def _run(fn, a, m, ps, gy):
 NAMES = ["y", "a", "mlp_out", "ln_w", "ln_b", "down_w", "down_b", "up_w", "up_b", "scale"]
 
 
-def _check(kern, ref32, lowp=None, dtype=None):
-    for name, k, r, *p in zip(NAMES, kern, ref32, *([lowp] if lowp else [])):
-        k, r = k.float(), r.float()
-        scale = r.abs().max().item() + 1e-12
-        err = (k - r).abs().max().item()
-        if lowp is None:
-            assert err <= 1e-5 * scale, f"{name}: max|K-R| = {err:.3g} vs scale {scale:.3g}"
-        else:
-            # atol: one rounding of the low-precision dtype at the tensor's scale.
-            bound = 2 * (p[0].float() - r).abs().max().item() + torch.finfo(dtype).eps * scale
-            assert err <= bound, f"{name}: max|K-R| = {err:.3g} > 2 max|P-R| + atol = {bound:.3g}"
-
-
-# Ragged everywhere: rows not a multiple of BLOCK_N (16 under the interpreter), D not a
-# multiple of BLOCK_D (32), r below, at and above one 16-wide tile.
-@pytest.mark.parametrize("shape,r", [((37, 45), 5), ((3, 7, 40), 16), ((19, 33), 20)])
-def test_fp32_matches_reference(shape, r):
-    g = torch.Generator().manual_seed(r)
-    a = torch.randn(shape, generator=g) + 0.5
-    m = torch.randn(shape, generator=g)
-    gy = torch.randn(shape, generator=g)
-    ps = _params(shape[-1], r, g)
-    _check(_run(T.adaptformer, a, m, ps, gy), _run(reference.adaptformer, a, m, ps, gy))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_matches_reference(dtype):
-    g = torch.Generator().manual_seed(3)
-    shape, r = (37, 45), 6
-    a = (torch.randn(shape, generator=g) + 0.5).to(dtype)
-    m = torch.randn(shape, generator=g).to(dtype)
-    gy = torch.randn(shape, generator=g).to(dtype)
-    ps = _params(shape[-1], r, g)
-    kern = _run(T.adaptformer, a, m, ps, gy)
-    assert kern[0].dtype == dtype and kern[1].dtype == dtype
-    assert all(k.dtype == torch.float32 for k in kern[3:])
-    ref32 = _run(reference.adaptformer, a.float(), m.float(), ps, gy.float())
-    lowp = _run(reference.adaptformer, a, m, ps, gy)
-    _check(kern, ref32, lowp, dtype)
-
-
 def test_saved_tensors_and_deterministic_backward():
     g = torch.Generator().manual_seed(5)
     a, m = torch.randn(21, 40, generator=g), torch.randn(21, 40, generator=g)
@@ -108,18 +51,6 @@ def test_saved_tensors_and_deterministic_backward():
     first = _run(T.adaptformer, a, m, ps, gy)
     second = _run(T.adaptformer, a, m, ps, gy)
     assert all(torch.equal(x, y) for x, y in zip(first, second))
-
-
-def test_public_op_dispatches_to_triton(monkeypatch):
-    import liftplus_fast as lf
-
-    monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", "triton")
-    assert lf.ops.choose("adaptformer", torch.device("cpu")) == "triton"
-    g = torch.Generator().manual_seed(6)
-    a, m = torch.randn(2, 9, 24, generator=g), torch.randn(2, 9, 24, generator=g)
-    ps = _params(24, 3, g)
-    out = lf.ops.adaptformer(a, m, *ps[:-1], ps[-1].reshape(1))
-    torch.testing.assert_close(out, reference.adaptformer(a, m, *ps), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input_is_rejected_before_launch(monkeypatch):
@@ -158,11 +89,11 @@ def test_gpu_full_size(dtype, r):
     kern = _run(T.adaptformer, a, m, ps, gy)
     ref32 = _run(reference.adaptformer, a.float(), m.float(), ps, gy.float())
     if dtype == torch.float32:
-        # Reductions over N = 6304 rows and D = 768 in other orders than cuBLAS: 1e-4 (§6).
+        # Reductions over N = 6304 rows and D = 768 in other orders than cuBLAS: 1e-4 (docs/ops.md).
         for name, k, r_ in zip(NAMES, kern, ref32):
             assert (k - r_).abs().max() <= 1e-4 * r_.abs().max(), name
     else:
-        _check(kern, ref32, _run(reference.adaptformer, a, m, ps, gy), dtype)
+        assert_matches(NAMES, kern, ref32, _run(reference.adaptformer, a, m, ps, gy), dtype)
 
 
 @pytest.mark.gpu

@@ -1,15 +1,5 @@
-"""Triton TTE aggregation and unit-feature mean against the reference, on CPU via the interpreter.
-
-Running them needs ``TRITON_INTERPRET=1`` *before* ``triton.language`` is imported (Triton's
-``tl.sum``/``tl.zeros`` are jitted at import); in a full pytest session they usually are
-already, in compiled mode. So unless this process is an interpreter process, the CPU tests skip
-here and ``test_cpu_tests_under_interpreter`` runs this file in a fresh ``pytest`` subprocess
-with the variable set, leaving the parent's environment untouched.
-
-Tolerances: fp32 1e-5 relative; bf16/fp16 logits within one rounding of the dtype (the kernel
-and the reference both average in fp32 and round once, in different summation orders).
-Predictions are checked as the first maximum of the kernel's own rounded mean, counts exactly.
-"""
+"""Triton TTE kernels: chunked first maximum, strides, labels and GPU sizes. Equivalence on every
+backend: test_op_equivalence.py; CPU tests run under the interpreter (triton_interp)."""
 
 import pytest
 import torch
@@ -19,35 +9,15 @@ from liftplus_fast.ops import reference
 triton = pytest.importorskip("triton")
 T = pytest.importorskip("liftplus_fast.ops.triton.tte")
 
-from .triton_interp import IN_INTERP, cpu_tests_need_interpreter, run_under_interpreter  # noqa: E402,F401
+from .triton_interp import cpu_tests_need_interpreter, interpreter_runner  # noqa: E402,F401
 
 HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.mark.skipif(IN_INTERP, reason="already in an interpreter process")
-def test_cpu_tests_under_interpreter():
-    run_under_interpreter(__file__)
-
+test_cpu_tests_under_interpreter = interpreter_runner(__file__)
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5, 7, 37), (1, 3, 2), (3, 9, 50)])
-def test_aggregate_matches_reference(shape, dtype):
-    g = torch.Generator().manual_seed(shape[2])
-    x = torch.randn(shape, generator=g).to(dtype)
-    y = torch.randint(0, shape[2], (shape[1],), generator=g)
-    out = T.tte_aggregate(x, y)
-    ref = reference.tte_aggregate(x, y)
-    assert out.logits.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
-    torch.testing.assert_close(out.logits.float(), ref.logits.float(), rtol=tol, atol=tol)
-    assert torch.equal(out.pred, out.logits.argmax(-1))
-    correct, total = reference.per_class_hits(out.pred, y, shape[2])
-    assert torch.equal(out.correct, correct) and torch.equal(out.total, total)
-    assert out.correct.dtype == torch.int64
 
 
 def test_first_maximum_wins_across_chunks():
@@ -68,30 +38,6 @@ def test_noncontiguous_input():
     ref = reference.tte_aggregate(x.contiguous(), y)
     torch.testing.assert_close(out.logits, ref.logits)
     assert torch.equal(out.pred, ref.pred) and torch.equal(out.correct, ref.correct)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5, 6, 40), (1, 2, 3)])
-def test_mean_unit_features_matches_reference(shape, dtype):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(shape, generator=g).to(dtype)
-    out = T.tte_mean_unit_features(x)
-    ref = reference.tte_mean_unit_features(x)
-    assert out.dtype == dtype and out.shape == ref.shape
-    tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
-    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
-
-
-def test_public_ops_dispatch_to_triton(monkeypatch):
-    import liftplus_fast as lf
-
-    monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", "triton")
-    assert lf.ops.choose("tte_aggregate", torch.device("cpu")) == "triton"
-    assert lf.ops.choose("tte_mean_unit_features", torch.device("cpu")) == "triton"
-    x = torch.randn(5, 4, 13)
-    y = torch.randint(0, 13, (4,))
-    out = lf.ops.tte_aggregate(x, y)
-    assert torch.equal(out.correct, reference.tte_aggregate(x, y).correct)
 
 
 def test_bad_input_is_rejected_before_launch(monkeypatch):

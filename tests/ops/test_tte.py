@@ -1,4 +1,7 @@
-"""tte_aggregate and tte_mean_unit_features against the reference, on every available backend."""
+"""tte_aggregate and tte_mean_unit_features against the reference, on every available backend.
+
+Math and tolerances: docs/ops.md.
+"""
 import pytest
 import torch
 
@@ -6,21 +9,6 @@ import liftplus_fast as lf
 from liftplus_fast.ops import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5, 1, 2), (5, 7, 11), (3, 64, 1000), (1, 4, 3)])
-def test_tte_aggregate_matches_reference(shape, dtype):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g).to(dtype)
-    y = torch.randint(0, shape[2], (shape[1],), generator=g)
-    out = lf.ops.tte_aggregate(x, y)
-    ref = reference.tte_aggregate(x, y)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-6)
-    assert out.logits.dtype == dtype
-    assert torch.equal(out.pred, ref.pred)
-    assert torch.equal(out.correct, ref.correct) and torch.equal(out.total, ref.total)
-    assert int(out.total.sum()) == shape[1]
 
 
 def test_tte_first_maximum_wins():

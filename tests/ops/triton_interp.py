@@ -37,11 +37,23 @@ def cpu_tests_need_interpreter(request):
         pytest.skip(f"runs in the TRITON_INTERPRET=1 subprocess of {RUNNER_TEST}")
 
 
-def run_under_interpreter(test_file: str) -> None:
-    """Run ``test_file``'s CPU tests in a pytest subprocess with ``TRITON_INTERPRET=1``."""
+def run_under_interpreter(test_file: str, *pytest_args: str) -> None:
+    """Run ``test_file``'s CPU tests (``pytest_args`` select among them) in a pytest subprocess
+    with ``TRITON_INTERPRET=1``."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("LIFTPLUS_FAST_BACKEND", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-                           os.path.abspath(test_file)], cwd=ROOT, env=env, capture_output=True,
+                           *pytest_args, os.path.abspath(test_file)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def interpreter_runner(test_file: str, *pytest_args: str):
+    """The test that reruns ``test_file``'s CPU tests under the interpreter (skipped inside one)."""
+
+    @pytest.mark.skipif(IN_INTERP, reason="already in an interpreter process")
+    def test_cpu_tests_under_interpreter():
+        pytest.importorskip("triton")
+        run_under_interpreter(test_file, *pytest_args)
+
+    return test_cpu_tests_under_interpreter

@@ -1,4 +1,4 @@
-// Element-wise AdaptFormer math shared by the CPU and CUDA kernels (DESIGN.md §4). Backends
+// Element-wise AdaptFormer math shared by the CPU and CUDA kernels (docs/ops.md). Backends
 // differ in how they tile rows and reduce, never in these formulas, so the CPU tests cover the
 // arithmetic the CUDA kernels run.
 #pragma once

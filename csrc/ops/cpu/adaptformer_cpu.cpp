@@ -1,4 +1,4 @@
-// Fused AdaptFormer forward/backward on CPU.
+// Fused AdaptFormer forward/backward on CPU. Math and saved tensors: docs/ops.md, "AdaptFormer".
 //
 // Rows are split into one contiguous chunk per thread and each chunk is streamed in tiles of
 // a few rows whose fp32 working set (H, Â, G, dH: tile × D each) stays in L2. Per tile the

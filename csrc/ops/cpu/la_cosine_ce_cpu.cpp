@@ -1,4 +1,5 @@
 // Fused logit-adjusted cosine cross-entropy on CPU (forward, and the gradients in the same call).
+// Math and saved tensors: docs/ops.md, "Logit-adjusted cosine cross-entropy".
 //
 // Work plan (B rows, K classes, D features; GEMMs on MKL through at::mm, the rest fused here):
 //   * F and W are normalised row by row; only the inverse norms are kept. In fp32/fp64 the

@@ -1,4 +1,5 @@
 // Test-time-ensembling aggregation on CPU: one pass over [C, B, K] crop logits per image row.
+// Math: docs/ops.md, "Test-time ensembling".
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// Fused AdaptFormer forward/backward on CUDA.
+// Fused AdaptFormer forward/backward on CUDA. Math and saved tensors: docs/ops.md, "AdaptFormer".
 //
 // Small path (r <= 64, D <= 1024; ViT-B/L with every published bottleneck up to 64): one warp
 // per row, the row held in registers (lane l owns columns l, l+32, ...). Per row the forward

@@ -1,4 +1,5 @@
 // Fused logit-adjusted cosine cross-entropy on CUDA (forward, and the gradients in the same call).
+// Math and saved tensors: docs/ops.md, "Logit-adjusted cosine cross-entropy".
 //
 // Same plan and schema as the CPU kernel (la_cosine_ce_cpu.cpp): the three GEMMs run on cuBLAS
 // through ATen, everything between them is fused here.

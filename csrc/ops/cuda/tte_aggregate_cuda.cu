@@ -1,4 +1,5 @@
 // Test-time-ensembling aggregation on CUDA: one block per image row, fp32 accumulation.
+// Math: docs/ops.md, "Test-time ensembling".
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

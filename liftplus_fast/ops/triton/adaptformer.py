@@ -18,7 +18,6 @@ ViT-B/16, iNaturalist): the ``BLOCK_N × r`` accumulators live in registers.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton

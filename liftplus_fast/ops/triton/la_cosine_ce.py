@@ -1,5 +1,7 @@
 """Triton logit-adjusted cosine cross-entropy, chunked over classes with an online logsumexp.
 
+Math: ``docs/ops.md``, "Logit-adjusted cosine cross-entropy".
+
 ``C = s·F̂Ŵᵀ`` is never materialised beyond one ``BLOCK_M × BLOCK_K`` tile: the row and
 class norms are accumulated in the same D loop as the dot product and applied to the tile
 (``C = s·(F·Wᵀ)·(1/‖F‖)·(1/‖W‖)``), so normalisation costs no extra pass over F or W.
@@ -22,7 +24,6 @@ in SRAM/registers.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton

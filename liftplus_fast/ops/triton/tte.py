@@ -1,4 +1,4 @@
-"""Triton test-time-ensembling ops.
+"""Triton test-time-ensembling ops (math: ``docs/ops.md``, "Test-time ensembling").
 
 * ``_aggregate``: one program per block of images; streams K in chunks, averages the C crops
   in fp32, rounds the mean to the input dtype (the reference takes the argmax of the rounded
@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton

@@ -1,27 +1,43 @@
 """End-to-end LIFT+ training step (forward, loss, backward, SGD step) on a ViT.
 
-Candidates (docs/benchmarks.md): "reference" (every op on the pure-PyTorch reference path, the
-published code's structure) and "compile" (``torch.compile`` of that same step) in the default
-mixed precision (``prec_train="amp"``: bf16 autocast on CPU, fp16 on CUDA), "fused" (the
-default backends, same precision), and "reference_fp32" (the reference in full precision).
-Full mode uses CLIP ViT-B/16 at 224 px with K = 100 classes and B = 8 images (randomly
-initialised: the weights do not change the cost); smoke mode a tiny ViT. The flops column
-counts the GEMMs of the step so the measured GEMM throughput gives the compute floor.
+Candidates, interleaved in one process on models with the same weights and tuner:
+
+* ``reference_fp32``: every op on the pure-PyTorch reference path (the published code's
+  structure: SDPA attention, QuickGELU as three ops, eager AdaptFormer and loss, per-tensor SGD)
+  in fp32;
+* ``reference``: the same under bf16 autocast (what the published code's one autocast line
+  gives on CPU; autocast re-casts every frozen weight at every step);
+* ``compile``: ``torch.compile`` of that bf16 reference loss;
+* ``fast_fp32`` / ``fast_bf16``: the package's default path with the precision owned by the
+  model (``prec_train="fp32"`` / ``"bf16"``; the default ``"amp"`` is bf16 on CPU, the same
+  path): frozen weights stored once in bf16, the fused attention, bias+GELU, AdaptFormer and
+  loss kernels, one multi-tensor SGD update.
+
+Full mode: CLIP ViT-B/16 at 224 px, B = 32, K = 100 and K = 1000 (random weights: they do not
+change the cost). ``--quick``: B = 8, K = 100 (under ~3 minutes on 2 cores). Smoke mode (CI,
+through ``run.py``): a tiny ViT. The flops column counts the GEMMs of the step, so the measured
+GEMM rate gives the compute floor; ``--profile`` prints where the fast bf16 step spends its
+time. Run standalone: ``python benchmarks/bench_train_step.py [--quick] [--profile]``.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import json
 import os
+import sys
 
 import torch
 
-import common
-from liftplus_fast import build_lift_model, load_clip, make_config
-from liftplus_fast.evaluate import autocast_context
-from liftplus_fast.ops._dispatch import ENV_VAR
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
+from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
+from liftplus_fast.train import make_optimizer  # noqa: E402
 
 NAME = "train_step"
+BF16 = ("reference", "compile", "fast_bf16")
 
 
 @contextlib.contextmanager
@@ -37,13 +53,15 @@ def backend(name):
             os.environ[ENV_VAR] = previous
 
 
-def _step_fn(model, images, labels, backend_name, precision, compile_loss=False):
+def _step_fn(model, images, labels, backend_name, autocast, compile_loss=False, fast_optim=False):
     params = [p for p in model.tuner.parameters() if p.requires_grad]
-    optim = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=5e-4)
-    device = images.device
+    cfg = model.cfg
+    optim = make_optimizer(params, cfg) if fast_optim else \
+        torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def loss_fn(x, y):
-        with autocast_context(device, precision):
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
             return model.training_loss(x, y)[0]
 
     if compile_loss:
@@ -69,30 +87,178 @@ def _vit_gemm_flops(width, layers, tokens, batch, r, k):
     return frozen + adapter + 3 * 2 * batch * k * width
 
 
-def cases(smoke: bool):
-    name, size, batch, k = ("tiny_vit", 32, 4, 10) if smoke else ("ViT-B-16", 224, 8, 100)
+def _models(name, k, size):
     torch.manual_seed(0)
     clip, tokenizer = load_clip(name, None)
-    counts = [max(1, int(500 * 0.01 ** (i / (k - 1)))) for i in range(k)]
-    cfg = make_config("lift+", {"num_classes": k, "resolution": size})
+    counts = [max(1, int(500 * 0.01 ** (i / max(1, k - 1)))) for i in range(k)]
     classnames = [f"class {i}" for i in range(k)]
-    ref_model = build_lift_model(clip, cfg, counts, classnames, tokenizer)
-    fused_model = copy.deepcopy(ref_model)
-    compile_model = copy.deepcopy(ref_model)
-    fp32_model = copy.deepcopy(ref_model)
+    models = {}
+    first = None
+    for cand, prec in (("reference_fp32", "fp32"), ("reference", "fp32"), ("compile", "fp32"),
+                       ("fast_fp32", "fp32"), ("fast_bf16", "bf16")):
+        cfg = make_config("lift+", {"num_classes": k, "resolution": size, "prec_train": prec,
+                                    "classifier_init": "random"})
+        model = build_lift_model(copy.deepcopy(clip), cfg, counts, classnames, tokenizer)
+        for attr in ("transformer", "token_embedding", "ln_final"):  # text tower: unused here
+            if hasattr(model.clip, attr):
+                delattr(model.clip, attr)
+        if first is None:
+            first = model
+        else:
+            model.tuner.load_state_dict(first.tuner.state_dict())
+        models[cand] = model
+    return clip, models
+
+
+def make_case(name, size, batch, k):
+    clip, models = _models(name, k, size)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g)
     labels = torch.randint(0, k, (batch,), generator=g)
-    candidates = {"reference": _step_fn(ref_model, images, labels, "reference", "amp"),
-                  "compile": _step_fn(compile_model, images, labels, "reference", "amp", compile_loss=True),
-                  "fused": _step_fn(fused_model, images, labels, "auto", "amp"),
-                  "reference_fp32": _step_fn(fp32_model, images, labels, "reference", "fp32")}
+    candidates = {
+        "reference_fp32": _step_fn(models["reference_fp32"], images, labels, "reference", False),
+        "reference": _step_fn(models["reference"], images, labels, "reference", True),
+        "compile": _step_fn(models["compile"], images, labels, "reference", True, compile_loss=True),
+        "fast_fp32": _step_fn(models["fast_fp32"], images, labels, "auto", False, fast_optim=True),
+        "fast_bf16": _step_fn(models["fast_bf16"], images, labels, "auto", False, fast_optim=True),
+    }
     v = clip.visual
     width, layers = v.conv1.weight.shape[0], len(v.transformer.resblocks)
     tokens = (size // v.conv1.weight.shape[-1]) ** 2 + 1
-    r = fused_model.image_encoder.blocks[0].tuner.adaptformer.down.weight.shape[0]
-    case = common.Case(f"{name} B={batch} K={k} amp step", {"backbone": name, "B": batch, "K": k},
+    r = models["fast_bf16"].image_encoder.blocks[0].tuner.adaptformer.down.weight.shape[0]
+    case = common.Case(f"{name} B={batch} K={k} step", {"backbone": name, "B": batch, "K": k},
                        candidates, flops=_vit_gemm_flops(width, layers, tokens, batch, r, k))
-    case.notes.append("GEMM-bound: the fused ops can only remove the non-GEMM share of the step; "
-                      "amp = bf16 autocast on CPU")
-    yield case
+    case.notes.append("reference/compile/fast_bf16 are bf16 (reference = bf16 autocast); "
+                      "fast_bf16 is also the default prec_train=amp on CPU")
+    return case, models, images, labels
+
+
+def cases(smoke: bool):
+    shape = ("tiny_vit", 32, 4, 10) if smoke else ("ViT-B-16", 224, 8, 100)
+    yield make_case(*shape)[0]
+
+
+# --- standalone run -----------------------------------------------------------------------------
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul",
+            "aten::mkldnn_convolution", "aten::convolution")
+
+
+def _category(name: str) -> str:
+    n = name.lower()
+    if n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "GEMMs (mm/addmm/bmm)"
+    if "attention" in n:
+        return "attention (fused kernel fwd+bwd)" if "liftplus_fast" in n else "SDPA attention"
+    if "bias_gelu" in n:
+        return "bias + QuickGELU (fused fwd+bwd)"
+    if "adaptformer" in n:
+        return "AdaptFormer (fused fwd+bwd)"
+    if "la_cosine" in n:
+        return "LA cosine CE (fused)"
+    if "layer_norm" in n:
+        return "LayerNorm (fp32) fwd+bwd"
+    if "copy" in n or "to_copy" in n or "clone" in n or "contiguous" in n:
+        return "copies / casts"
+    if "convolution" in n or "conv" in n:
+        return "patch embedding conv"
+    if "sgd" in n or "foreach" in n:
+        return "optimiser"
+    if n in ("aten::mul", "aten::sigmoid", "aten::sigmoid_backward", "aten::gelu", "aten::gelu_backward"):
+        return "QuickGELU (mul/sigmoid, eager)"
+    if n in ("aten::add", "aten::add_", "aten::sum", "aten::fill_", "aten::zero_", "aten::empty"):
+        return "element-wise add / sum / fill"
+    return "other"
+
+
+def profile_table(step, steps: int = 2):
+    """Self-CPU-time share of each category of op over ``steps`` steps (one warm-up first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with common._quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    shares, total = {}, 0.0
+    calls = {}
+    for ev in prof.key_averages():
+        t = ev.self_cpu_time_total
+        total += t
+        cat = _category(ev.key)
+        shares[cat] = shares.get(cat, 0.0) + t
+        calls[cat] = calls.get(cat, 0) + ev.count
+    rows = sorted(shares.items(), key=lambda kv: -kv[1])
+    return [(cat, 100.0 * t / total, t / 1e3 / steps, calls[cat] // steps) for cat, t in rows], total / 1e3 / steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="B = 8, K = 100 only (a few minutes)")
+    parser.add_argument("--smoke", action="store_true", help="tiny ViT (seconds)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="profile table of the fast bf16 step")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "train_step_standalone.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        shapes = [("tiny_vit", 32, 4, 10)]
+    elif args.quick:
+        shapes = [("ViT-B-16", 224, 8, 100)]
+    else:
+        shapes = [("ViT-B-16", 224, 32, 100), ("ViT-B-16", 224, 32, 1000)]
+    repeats = args.repeats or (3 if (args.quick or args.smoke) else 5)
+    gemm = {"fp32": common.gemm_throughput("cpu", torch.float32),
+            "bf16": common.gemm_throughput("cpu", torch.bfloat16)}
+    print(f"measured GEMM rate: fp32 {gemm['fp32'] / 1e9:.0f} GFLOP/s, bf16 {gemm['bf16'] / 1e9:.0f} GFLOP/s "
+          f"({args.threads} threads)")
+    results = []
+    for shape in shapes:
+        case, models, images, labels = make_case(*shape)
+        times = common.time_interleaved(case.candidates, repeats=repeats, warmup=1)
+        med = {n: common.median(t) for n, t in times.items()}
+        mem = {} if args.no_memory else {n: common.peak_memory_bytes(fn) for n, fn in case.candidates.items()}
+        batch = shape[2]
+        print(f"\n## {case.name} ({repeats} interleaved repeats, median)")
+        print(f"{'candidate':16s} {'s/step':>8s} {'img/s':>7s} {'peak MB':>8s} {'GEMM floor':>10s}")
+        row = {"case": case.name, "s": med, "images_per_s": {n: batch / t for n, t in med.items()},
+               "peak_mb": {n: m / 2 ** 20 for n, m in mem.items()}, "gemm_floor_fraction": {}}
+        for n, t in med.items():
+            rate = gemm["bf16"] if n in BF16 else gemm["fp32"]
+            floor = case.flops / rate / t
+            row["gemm_floor_fraction"][n] = floor
+            pm = f"{mem[n] / 2 ** 20:8.0f}" if n in mem else f"{'-':>8s}"
+            print(f"{n:16s} {t:8.3f} {batch / t:7.2f} {pm} {floor:10.2f}")
+        ratios = {
+            "fast_bf16 / reference (bf16 autocast)": med["reference"] / med["fast_bf16"],
+            "fast_bf16 / compile (bf16)": med["compile"] / med["fast_bf16"],
+            "fast_fp32 / reference_fp32": med["reference_fp32"] / med["fast_fp32"],
+            "fast_bf16 (= amp) / reference_fp32": med["reference_fp32"] / med["fast_bf16"],
+        }
+        if mem:
+            ratios["peak memory fast_bf16 / reference"] = mem["fast_bf16"] / max(1, mem["reference"])
+            ratios["peak memory fast_fp32 / reference_fp32"] = mem["fast_fp32"] / max(1, mem["reference_fp32"])
+        for label, value in ratios.items():
+            print(f"  {label}: {value:.2f}")
+        row["ratios"] = ratios
+        if args.profile:
+            table, total_ms = profile_table(case.candidates["fast_bf16"])
+            print(f"\nprofile of fast_bf16 ({total_ms:.0f} ms of op self time per step)")
+            print("| op | share | ms/step | calls/step |\n| --- | --- | --- | --- |")
+            for cat, share, ms, n in table:
+                print(f"| {cat} | {share:.1f} % | {ms:.0f} | {n} |")
+            row["profile_fast_bf16"] = table
+        results.append(row)
+        del case, models
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"gemm_flops_per_s": gemm, "threads": args.threads, "rows": results}, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

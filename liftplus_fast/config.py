@@ -93,8 +93,8 @@ class LiftConfig:
     seed: Optional[int] = 0
     deterministic: bool = True
     device: str = "auto"
-    # Mixed precision, as the published code: "amp" trains with fp16 autocast and a gradient
-    # scaler on CUDA, bf16 autocast on CPU (the CPU's fast half type); "fp16"/"bf16" name the
+    # Mixed precision, owned by the model (frozen weights stored once in the half type): "amp"
+    # trains in fp16 with a gradient scaler on CUDA, in bf16 on CPU (the CPU's fast half type); "fp16"/"bf16" name the
     # half type; "fp32" is full precision (use it to reproduce fp32 numbers exactly).
     prec_train: str = "amp"  # fp32 / amp / fp16 / bf16
     prec_test: str = "fp16"  # fp32 / fp16 / bf16 (half precision is bf16 on CPU)

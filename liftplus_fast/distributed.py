@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from .errors import UserInputError
 
-__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "rank_device", "average_gradients",
+__all__ = ["CollectiveTimeoutError", "DistContext", "explain_timeout", "init_distributed", "shutdown_distributed",
+           "rank_device", "average_gradients",
            "broadcast_module", "all_reduce_sum", "gather_objects", "check_batch_split", "shard", "is_main_process",
            "rank_seed"]
 
@@ -79,6 +80,28 @@ def init_distributed(device: torch.device, timeout: float = 1800.0) -> DistConte
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=float(timeout)))
     return DistContext(rank, world, local_rank, owns_group=True)
+
+
+class CollectiveTimeoutError(TimeoutError, RuntimeError):
+    """A collective waited longer than ``dist_timeout`` for another process.
+
+    A ``TimeoutError`` (the environment failed, not the input: the command line prints it as one
+    line) and a ``RuntimeError`` (what torch.distributed raised before it was explained).
+    """
+
+
+def explain_timeout(exc: BaseException, timeout: float) -> BaseException:
+    """``exc`` as one sentence naming ``dist_timeout`` when it is a collective's timeout, else ``exc``.
+
+    Gloo and NCCL report a stalled peer as "Timed out waiting 3000ms for recv ..." with a
+    source location; the user needs to know which process setting ran out.
+    """
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(w in text.lower() for w in ("timed out", "timeout")):
+        return exc
+    first = text.strip().splitlines()[0].split("] ", 1)[-1]
+    return CollectiveTimeoutError(f"a collective waited longer than dist_timeout ({timeout:g} s) for another "
+                                  f"process, which is stalled or gone ({first})")
 
 
 def shutdown_distributed(ctx: DistContext) -> None:

@@ -16,8 +16,9 @@ import torch
 from . import ops
 from .distributed import all_reduce_sum
 from .data import group_accuracies
+from .model.precision import half_dtype_of
 
-__all__ = ["evaluate", "metrics_from_counts", "autocast_context", "format_accuracy"]
+__all__ = ["evaluate", "metrics_from_counts", "autocast_context", "precision_context", "format_accuracy"]
 
 
 def format_accuracy(value) -> str:
@@ -41,6 +42,23 @@ def autocast_context(device: torch.device, precision: str):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def precision_context(model, device: torch.device, precision: Optional[str]):
+    """What to wrap ``model``'s evaluation in for ``precision``.
+
+    A model that owns its precision (a :class:`~liftplus_fast.model.LiftModel` built with a
+    half ``prec_train``) already computes in its dtype: nothing is needed when ``precision``
+    asks for that dtype, or for fp32 (its frozen weights were rounded once; an fp32 pass over
+    them would not recover the fp32 numbers). Other models and other half types get autocast.
+    """
+    own = getattr(model, "compute_dtype", None)
+    if precision is None or own is None:
+        return contextlib.nullcontext() if precision in (None, "fp32") else autocast_context(device, precision)
+    wanted = half_dtype_of(precision, device)
+    if wanted is None or wanted == own:
+        return contextlib.nullcontext()
+    return autocast_context(device, precision)
 
 
 def metrics_from_counts(correct: torch.Tensor, total: torch.Tensor, cls_num_list: Sequence[int]) -> dict:
@@ -98,7 +116,9 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
         cls_num_list: training-set class sizes (for the many/med/few groups).
         tte: force (True) or forbid (False) TTE; ``None`` follows the shape of the images.
         device: where to run; default the model's device.
-        precision: "fp32", or a half precision ("fp16"/"amp"/"bf16"; bf16 on CPU).
+        precision: "fp32", or a half precision ("fp16"/"amp"/"bf16"; bf16 on CPU). A model
+            built with a half ``prec_train`` runs in its own dtype unless another half type
+            is asked for (see :func:`precision_context`).
         progress: show a tqdm bar.
         feature_tte: average normalised crop features (exact for cosine classifiers).
         distributed: ``loader`` holds this process's shard of the test set; the per-class
@@ -122,7 +142,7 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast_context(device, precision):
+        with torch.inference_mode(), precision_context(model, device, precision):
             for images, labels in tqdm(loader, desc="Testing", disable=not progress, leave=False):
                 if tte is True and images.dim() != 5:
                     raise ValueError("tte=True needs [B, C, 3, H, W] crops from the test transform "

@@ -30,3 +30,20 @@ def test_demo_writes_the_comparison_plot(demo):
     png = out / "per_class_accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "run1_lift+" / "metrics.json").exists() and (out / "run2_lp" / "metrics.json").exists()
+
+
+def test_bf16_trains_the_demo_like_fp32(demo, tmp_path):
+    # The embedded demo's LIFT+ run again with the frozen backbone stored in bf16 (the path the
+    # default prec_train="amp" takes on CPU): same loss trajectory within 2 %, same final
+    # accuracy within 1 point.
+    from liftplus_fast.demo import DEMO_EPOCHS, DEMO_SETTINGS
+    from liftplus_fast.train import fast_train
+
+    _, results = demo
+    fp32 = results["LIFT+ (AdaptFormer, cosine, LA)"]
+    settings = dict(DEMO_SETTINGS, num_epochs=DEMO_EPOCHS, prec_train="bf16", prec_test="bf16")
+    bf16 = fast_train(method="lift+", output_dir=str(tmp_path / "bf16"), progress=False, **settings)
+    assert len(bf16.history) == len(fp32.history) == DEMO_EPOCHS
+    worst = max(abs(b["loss"] - f["loss"]) / f["loss"] for b, f in zip(bf16.history, fp32.history))
+    assert worst <= 0.02, [(round(b["loss"], 4), round(f["loss"], 4)) for b, f in zip(bf16.history, fp32.history)]
+    assert abs(bf16.metrics["overall"] - fp32.metrics["overall"]) <= 1.0, (bf16.metrics["overall"], fp32.metrics["overall"])

@@ -99,7 +99,7 @@ def test_feature_space_tte_equals_crop_logit_averaging_on_a_lift_model():
 
     torch.manual_seed(0)
     clip, tok = lf.load_clip("tiny_vit", None)
-    cfg = lf.make_config("lift+", {"num_classes": 5, "resolution": 32})
+    cfg = lf.make_config("lift+", {"num_classes": 5, "resolution": 32, "prec_train": "fp32"})
     model = lf.build_lift_model(clip, cfg, [200, 50, 50, 10, 5], [f"c{i}" for i in range(5)], tok)
     assert model.supports_feature_tte
     batches = [(torch.randn(6, 5, 3, 32, 32), torch.randint(0, 5, (6,))) for _ in range(3)]

@@ -14,6 +14,7 @@ from .inits import class_mean_weights, class_text_features, linear_probing_weigh
 from .losses import build_loss, check_cls_num_list, log_prior
 from .official_ckpt import export_official, import_official
 from .peft_vit import PEFTVisionTransformer
+from .precision import compute_dtype, convert_frozen, needs_grad_scaler
 from .tuners import install_tuners
 
 __all__ = ["LiftModel", "TunerRoot", "build_lift_model"]
@@ -35,7 +36,11 @@ class LiftModel(nn.Module):
 
     Build it with :func:`build_lift_model`. ``tuner`` holds exactly the trained parameters
     (all with ``requires_grad=True``); every other backbone parameter is frozen. The CLIP model
-    passed in is used in place (not copied): its parameters' ``requires_grad`` flags change.
+    passed in is used in place (not copied): its parameters' ``requires_grad`` flags change,
+    and with ``cfg.prec_train`` other than ``fp32`` its image encoder's frozen weights are
+    stored in the compute dtype (``compute_dtype``; LayerNorms stay fp32, see
+    :mod:`liftplus_fast.model.precision`), so forward and ``training_loss`` run in that
+    precision with no autocast around them.
     """
 
     def __init__(self, clip_model: nn.Module, cfg: LiftConfig, cls_num_list: Sequence[int],
@@ -86,6 +91,15 @@ class LiftModel(nn.Module):
                                  class_text_features(clip_model, self.classnames, tokenizer),
                                  persistent=False)
         self.to(device)
+        self.precision = cfg.prec_train
+        self.compute_dtype = compute_dtype(cfg.prec_train, device)
+        if self.compute_dtype != torch.float32:
+            convert_frozen(clip_model.visual, self.compute_dtype, self.tuner.parameters())
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """Whether training needs a gradient scaler (fp16 on CUDA)."""
+        return needs_grad_scaler(self.compute_dtype, self.log_prior.device)
 
     # --- features and logits ------------------------------------------------------------------
     @property
@@ -120,7 +134,8 @@ class LiftModel(nn.Module):
         if not self.supports_feature_tte:
             raise ValueError("feature-space TTE needs a CosineClassifier head")
         w = F.normalize(self.classifier.weight, dim=-1)
-        return F.linear(self.classifier.scale * unit, w.to(unit.dtype))
+        # fp32 like the classifier head itself, whatever the backbone's compute dtype.
+        return F.linear(self.classifier.scale * unit.float(), w.float())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Unadjusted logits ``[B, K]``."""

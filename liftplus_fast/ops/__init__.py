@@ -6,6 +6,8 @@ the native CPU/CUDA kernels, the Triton kernels or :mod:`liftplus_fast.ops.refer
 from . import reference
 from ._dispatch import BACKENDS, choose, requested_backend
 from .adaptformer import adaptformer
+from .attention import attention
+from .linear_gelu import linear_gelu, linear_gelu_kind
 from .la_cosine_ce import la_cosine_cross_entropy
 from .reference import TTEResult, cosine_logits
 from .tte import tte_aggregate, tte_mean_unit_features
@@ -14,9 +16,12 @@ __all__ = [
     "BACKENDS",
     "TTEResult",
     "adaptformer",
+    "attention",
     "choose",
     "cosine_logits",
     "la_cosine_cross_entropy",
+    "linear_gelu",
+    "linear_gelu_kind",
     "reference",
     "requested_backend",
     "tte_aggregate",

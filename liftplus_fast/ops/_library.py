@@ -50,6 +50,27 @@ SCHEMAS: Dict[str, str] = {
     "tte_mean_unit_features": "(Tensor crop_feats) -> Tensor",
 }
 
+
+# Ops with CPU kernels only (native namespace only): on GPUs PyTorch's own kernels are the
+# fast path for them (flash / cuDNN SDPA; element-wise GELU fused by the GEMM epilogue or
+# torch.compile), so they have neither CUDA nor Triton kernels.
+CPU_ONLY_SCHEMAS: Dict[str, str] = {
+    # Multi-head self-attention from the packed in-projection qkv ([B, N, 3D], or [N, B, 3D]
+    # when not batch_first): out in qkv's layout ([B, N, D] / [N, B, D]) and the per-row
+    # log-sum-exp of the scaled scores ([B, H, N], fp32; fp64 for fp64), all the backward keeps.
+    "attention_fwd": "(Tensor qkv, int num_heads, float scale, bool batch_first) -> (Tensor out, Tensor lse)",
+    "attention_bwd": (
+        "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, "
+        "bool batch_first) -> Tensor grad_qkv"),
+    # Whether the CPU attention kernel has its bf16 micro-kernel (AVX512-BF16 at build time);
+    # without it bf16 runs the fp32 fallback, which is slower than PyTorch's SDPA.
+    "attention_bf16_kernel": "() -> bool",
+    # y = gelu(x + bias) for the MLP (x: the bias-free GEMM output [..., F]); kind 0 =
+    # QuickGELU u·sigmoid(1.702u), 1 = GELU (erf), 2 = GELU (tanh). The backward needs only x.
+    "bias_gelu_fwd": "(Tensor x, Tensor bias, int kind) -> Tensor",
+    "bias_gelu_bwd": "(Tensor grad_y, Tensor x, Tensor bias, int kind) -> (Tensor grad_x, Tensor grad_bias)",
+}
+
 _NATIVE_LIB = None
 
 
@@ -58,7 +79,7 @@ def define_native() -> None:
     global _NATIVE_LIB
     if _NATIVE_LIB is None:
         lib = torch.library.Library(NATIVE, "DEF")
-        for name, schema in SCHEMAS.items():
+        for name, schema in {**SCHEMAS, **CPU_ONLY_SCHEMAS}.items():
             lib.define(name + schema)
         _NATIVE_LIB = lib
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 __all__ = [
     "TTEResult",
     "adaptformer",
+    "attention",
     "adaptformer_branch",
     "cosine_logits",
     "la_cosine_cross_entropy",
@@ -45,6 +46,33 @@ def adaptformer(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps: 
     branch = adaptformer_branch(a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps)
     # Same association as the published block: identity + (mlp + adapter).
     return a + (mlp_out + branch)
+
+
+def split_heads(x, num_heads: int, batch_first: bool = True):
+    """``[B, N, D]`` (or ``[N, B, D]``) -> ``[B, heads, N, D / heads]`` (a view)."""
+    if not batch_first:
+        x = x.transpose(0, 1)
+    b, n, d = x.shape
+    return x.view(b, n, num_heads, d // num_heads).transpose(1, 2)
+
+
+def merge_heads(x, batch_first: bool = True):
+    """``[B, heads, N, hd]`` -> ``[B, N, heads * hd]`` (or ``[N, B, ...]``)."""
+    b, h, n, hd = x.shape
+    if batch_first:
+        return x.transpose(1, 2).reshape(b, n, h * hd)
+    return x.permute(2, 0, 1, 3).reshape(n, b, h * hd)
+
+
+def attention(qkv, num_heads: int, batch_first: bool = True, scale: Optional[float] = None):
+    """Multi-head self-attention from the packed in-projection output ``qkv`` ``[B, N, 3D]``.
+
+    Split into heads, PyTorch's ``scaled_dot_product_attention`` (flash / math kernels), merge:
+    the structure of the published code's ``nn.MultiheadAttention`` recomputation. Returns
+    ``[B, N, D]`` (``[N, B, D]`` for sequence-first input).
+    """
+    q, k, v = (split_heads(t, num_heads, batch_first) for t in qkv.chunk(3, dim=-1))
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, scale=scale), batch_first)
 
 
 def cosine_logits(feat, weight, scale: float = 25.0):

@@ -37,8 +37,8 @@ def images():
 
 
 def cfg_for(method="lift+", **overrides):
-    """A config for the tiny model with K classes."""
-    return make_config(method, overrides={"num_classes": K, **overrides})
+    """A config for the tiny model with K classes, in fp32 (these tests compare fp32 numbers)."""
+    return make_config(method, overrides={"num_classes": K, "prec_train": "fp32", **overrides})
 
 
 def plain_preproj_feature(clip_model, images):

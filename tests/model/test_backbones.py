@@ -86,7 +86,7 @@ def test_model_built_from_an_openai_state_dict_wraps_and_trains():
         proj, clip.visual.proj = clip.visual.proj, None
         plain = clip.visual(x)  # open_clip's own pre-projection feature, before any surgery
         clip.visual.proj = proj
-    model = lf.build_lift_model(clip, lf.LiftConfig(method="lift+", num_classes=4, resolution=32),
+    model = lf.build_lift_model(clip, lf.LiftConfig(method="lift+", num_classes=4, resolution=32, prec_train="fp32"),
                                 cls_num_list=[8, 4, 2, 1], classnames=list("abcd"),
                                 tokenizer=open_clip.get_tokenizer("ViT-B-16"))
     model.eval()

@@ -37,8 +37,12 @@ CUDA_OPS = [
 
 
 def _library_ops():
+    # Ops the library declares CPU-only (PyTorch's kernels are the GPU path) are not expected here.
+    from liftplus_fast.ops._library import CPU_ONLY_SCHEMAS
+
     prefix = NAMESPACE + "::"
-    return sorted({s.name[len(prefix):] for s in torch._C._jit_get_all_schemas() if s.name.startswith(prefix)})
+    return sorted({s.name[len(prefix):] for s in torch._C._jit_get_all_schemas()
+                   if s.name.startswith(prefix) and s.name[len(prefix):] not in CPU_ONLY_SCHEMAS})
 
 
 @needs_cuda_build

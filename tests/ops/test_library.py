@@ -14,11 +14,11 @@ def _schema_text(namespace, name):
 
 
 def _expected(name):
-    return str(torch._C.parse_schema(name + _library.SCHEMAS[name]))
+    return str(torch._C.parse_schema(name + {**_library.SCHEMAS, **_library.CPU_ONLY_SCHEMAS}[name]))
 
 
 @pytest.mark.skipif(not native_status().loaded, reason="native extension not built")
-@pytest.mark.parametrize("name", sorted(_library.SCHEMAS))
+@pytest.mark.parametrize("name", sorted(_library.SCHEMAS) + sorted(_library.CPU_ONLY_SCHEMAS))
 def test_native_kernels_register_against_the_one_schema(name):
     assert _schema_text(_library.NATIVE, name) == _expected(name)
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{_library.NATIVE}::{name}", "CPU")
@@ -40,3 +40,11 @@ def test_ops_with_a_backward_have_autograd_in_both_namespaces():
     for fwd in ("adaptformer_fwd", "la_cosine_ce_fwd"):
         for ns in namespaces:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{fwd}", "Autograd"), (ns, fwd)
+
+
+@pytest.mark.skipif(not native_status().loaded, reason="native extension not built")
+def test_cpu_only_ops_have_autograd():
+    import liftplus_fast.ops  # noqa: F401  (registers the autograd of every op)
+
+    for fwd in ("attention_fwd", "bias_gelu_fwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{_library.NATIVE}::{fwd}", "Autograd"), fwd

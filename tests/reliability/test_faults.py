@@ -192,4 +192,4 @@ def test_fp16_on_cpu_is_logged_as_the_bf16_it_runs(tmp_path):
     finally:
         train_mod.logger.removeHandler(handler)
     line = next(m for m in seen if "precision train" in m)
-    assert "precision train bf16 (asked fp16; CPU autocast is bf16)" in line, line
+    assert "precision train bf16 (asked fp16; half precision is bf16 on CPU)" in line, line

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 WORKER = textwrap.dedent("""
     import os, signal, sys, time, torch
-    from liftplus_fast.distributed import all_reduce_sum, init_distributed
+    from liftplus_fast.distributed import all_reduce_sum, explain_timeout, init_distributed
     ctx = init_distributed(torch.device("cpu"), timeout=float(sys.argv[1]))
     if ctx.rank == 1:
         os.kill(os.getpid(), signal.SIGSTOP)   # a stalled process: alive, silent
@@ -25,7 +25,7 @@ WORKER = textwrap.dedent("""
     try:
         all_reduce_sum(torch.ones(1))
     except RuntimeError as exc:
-        print(f"collective failed after {time.perf_counter() - t0:.1f}s: {str(exc).splitlines()[0]}")
+        print(f"collective failed after {time.perf_counter() - t0:.1f}s: {explain_timeout(exc, 3)}")
         sys.exit(3)
     print("collective finished")
 """)
@@ -57,6 +57,8 @@ def test_stalled_rank_ends_the_collective_after_the_timeout(tmp_path):
     assert procs[0].returncode == 3, (out, err)
     waited = float(out.split("after ")[1].split("s:")[0])
     assert 2.0 <= waited < 60.0, out
+    assert "a collective waited longer than dist_timeout (3 s) for another process, which is stalled or gone" in out
+    assert "\n" not in out.strip()
 
 
 def test_dist_timeout_reaches_the_process_group(monkeypatch):
@@ -73,3 +75,14 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
         lf.fast_train(dataset="digits_lt", backbone="tiny_vit", pretrained=None, output_dir=None,
                       dist_timeout=42, device="cpu", progress=False)
     assert seen["timeout"] == datetime.timedelta(seconds=42) and seen["backend"] == "gloo"
+
+
+def test_other_errors_pass_through_explain_timeout():
+    from liftplus_fast.distributed import CollectiveTimeoutError, explain_timeout
+
+    other = RuntimeError("Connection reset by peer")
+    assert explain_timeout(other, 5) is other
+    assert explain_timeout(ValueError("timed out"), 5).__class__ is ValueError
+    nccl = RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(...) ran for 600000 ms")
+    assert "dist_timeout (600 s)" in str(explain_timeout(nccl, 600))
+    assert isinstance(explain_timeout(nccl, 600), CollectiveTimeoutError)

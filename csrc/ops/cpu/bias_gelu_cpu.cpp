@@ -1,0 +1,158 @@
+// Bias + GELU of the ViT MLP on CPU: y = gelu(x + b) in one pass over x (the bias-free GEMM
+// output), and its backward: grad_x = g · gelu'(x + b), grad_b = colsum(grad_x), again one pass.
+// Eager PyTorch runs QuickGELU as three element-wise ops forward (mul, sigmoid, mul) and three
+// backward, each a full read and write of the [N, 4D] activation, and saves two such tensors; this
+// saves only x. Math in fp32 (fp64 for fp64) for every input dtype, output in the input dtype.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "liftplus_fast/checks.h"
+#include "liftplus_fast/rows.h"
+
+namespace liftplus_fast {
+namespace {
+
+using checks::describe;
+
+// kind: 0 = QuickGELU u·σ(1.702u) (OpenAI CLIP), 1 = GELU (erf), 2 = GELU (tanh approximation).
+template <typename A>
+inline A sigmoid(A z) {
+  return A(1) / (A(1) + rows::exp_fast(-z));
+}
+
+template <int kKind, typename A>
+inline A gelu(A u) {
+  if constexpr (kKind == 0) {
+    return u * sigmoid<A>(A(1.702) * u);
+  } else if constexpr (kKind == 1) {
+    return A(0.5) * u * (A(1) + std::erf(u * A(M_SQRT1_2)));
+  } else {
+    const A k = A(0.7978845608028654);  // sqrt(2 / pi)
+    const A t = A(2) * sigmoid<A>(A(2) * k * (u + A(0.044715) * u * u * u)) - A(1);  // tanh
+    return A(0.5) * u * (A(1) + t);
+  }
+}
+
+template <int kKind, typename A>
+inline A gelu_grad(A u) {
+  if constexpr (kKind == 0) {
+    const A s = sigmoid<A>(A(1.702) * u);
+    return s + A(1.702) * u * s * (A(1) - s);
+  } else if constexpr (kKind == 1) {
+    const A cdf = A(0.5) * (A(1) + std::erf(u * A(M_SQRT1_2)));
+    const A pdf = std::exp(A(-0.5) * u * u) * A(0.3989422804014327);
+    return cdf + u * pdf;
+  } else {
+    const A k = A(0.7978845608028654);
+    const A t = A(2) * sigmoid<A>(A(2) * k * (u + A(0.044715) * u * u * u)) - A(1);
+    return A(0.5) * (A(1) + t) + A(0.5) * u * (A(1) - t * t) * k * (A(1) + A(3) * A(0.044715) * u * u);
+  }
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& bias, int64_t kind) {
+  TORCH_CHECK(x.device().is_cpu(), "bias_gelu (CPU kernel): x must be a CPU tensor; got ", describe(x));
+  TORCH_CHECK(x.dim() >= 1 && checks::is_float_like(x) && x.size(-1) > 0,
+              "bias_gelu: x must be a float tensor [..., F] with F >= 1; got ", describe(x));
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == x.size(-1) && checks::is_float_like(bias) &&
+                  bias.device() == x.device(),
+              "bias_gelu: bias must be a float tensor [", x.size(-1), "] on ", x.device(), "; got ", describe(bias));
+  TORCH_CHECK(kind >= 0 && kind <= 2, "bias_gelu: kind must be 0 (QuickGELU), 1 (GELU erf) or 2 (GELU tanh); got ",
+              kind);
+}
+
+template <typename F>
+void with_kind(int64_t kind, F&& f) {
+  if (kind == 0) f(std::integral_constant<int, 0>{});
+  else if (kind == 1) f(std::integral_constant<int, 1>{});
+  else f(std::integral_constant<int, 2>{});
+}
+
+at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x_in, const at::Tensor& bias_in, int64_t kind) {
+  check_args(x_in, bias_in, kind);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t F = x.size(-1), rows_n = x.numel() / F;
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_fwd", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const at::Tensor b = bias_in.to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+    const A* bp = b.const_data_ptr<A>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    with_kind(kind, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      at::parallel_for(0, rows_n, std::max<int64_t>(1, 16384 / F), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* xr = xp + r * F;
+          scalar_t* yr = yp + r * F;
+          for (int64_t j = 0; j < F; ++j) yr[j] = static_cast<scalar_t>(gelu<K, A>(static_cast<A>(xr[j]) + bp[j]));
+        }
+      });
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                     const at::Tensor& bias_in, int64_t kind) {
+  check_args(x_in, bias_in, kind);
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
+              "bias_gelu_bwd: grad_y must match x (", describe(x_in), "); got ", describe(grad_in));
+  const at::Tensor x = x_in.contiguous(), g = grad_in.contiguous();
+  const int64_t F = x.size(-1), rows_n = x.numel() / F;
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gb;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_bwd", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::Tensor b = bias_in.to(acc).contiguous();
+    const A* bp = b.const_data_ptr<A>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    // Column sums per chunk of rows, added in chunk order: deterministic for a thread count.
+    const int64_t grain = std::max<int64_t>(1, 16384 / F);
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, (rows_n + grain - 1) / grain));
+    const int64_t per = (rows_n + chunks - 1) / chunks;
+    at::Tensor partial = at::zeros({chunks, F}, x.options().dtype(acc));
+    A* pp = partial.data_ptr<A>();
+    with_kind(kind, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          A* colsum = pp + c * F;
+          const int64_t r_end = std::min(rows_n, (c + 1) * per);
+          for (int64_t r = c * per; r < r_end; ++r) {
+            const scalar_t* xr = xp + r * F;
+            const scalar_t* gr = gp + r * F;
+            scalar_t* out = gxp + r * F;
+            for (int64_t j = 0; j < F; ++j) {
+              const A d = static_cast<A>(gr[j]) * gelu_grad<K, A>(static_cast<A>(xr[j]) + bp[j]);
+              out[j] = static_cast<scalar_t>(d);
+              colsum[j] += d;
+            }
+          }
+        }
+      });
+    });
+    gb = partial.sum(0).to(bias_in.scalar_type());
+  });
+  return {gx, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(liftplus_fast, CPU, m) {
+  m.impl("bias_gelu_fwd", &bias_gelu_fwd_cpu);
+  m.impl("bias_gelu_bwd", &bias_gelu_bwd_cpu);
+}
+
+}  // namespace liftplus_fast

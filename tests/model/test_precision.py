@@ -1,0 +1,108 @@
+"""Precision owned by the model: frozen weights converted once, LayerNorms and tuner fp32, and
+`amp` computing what bf16 autocast computes, without autocast."""
+import contextlib
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import liftplus_fast as lf
+from liftplus_fast.ops._dispatch import ENV_VAR
+
+from .conftest import CLASSNAMES, COUNTS, cfg_for
+
+
+@contextlib.contextmanager
+def backend(name):
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        os.environ.pop(ENV_VAR) if old is None else os.environ.__setitem__(ENV_VAR, old)
+
+
+def build(clip, tok, **overrides):
+    return lf.build_lift_model(clip, cfg_for(**overrides), COUNTS, CLASSNAMES, tok)
+
+
+# On CPU every half precision is bf16 (fp16 GEMMs have no fast path there), as before.
+@pytest.mark.parametrize("prec,dtype", [("bf16", torch.bfloat16), ("amp", torch.bfloat16),
+                                        ("fp16", torch.bfloat16), ("fp32", torch.float32)])
+def test_frozen_weights_stored_once_in_the_compute_dtype(fresh_clip, tokenizer, images, prec, dtype):
+    model = build(fresh_clip, tokenizer, prec_train=prec)
+    assert model.compute_dtype == dtype and not model.needs_grad_scaler
+    trained = {id(p) for p in model.tuner.parameters()}
+    assert all(p.dtype == torch.float32 for p in model.tuner.parameters())
+    for mod in model.clip.visual.modules():
+        for p in mod.parameters(recurse=False):
+            if id(p) in trained:
+                continue
+            expected = torch.float32 if isinstance(mod, nn.LayerNorm) else dtype
+            assert p.dtype == expected, (type(mod).__name__, p.shape)
+    labels = torch.tensor([0, 3, 5])
+    loss, logits = model.training_loss(images, labels)  # no autocast around it
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.tuner.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+class _CastRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_casts_no_frozen_weight(fresh_clip, tokenizer, images):
+    model = build(fresh_clip, tokenizer, prec_train="amp")
+    trained = {id(p) for p in model.tuner.parameters()}
+    frozen = {tuple(p.shape) for p in model.clip.visual.parameters() if id(p) not in trained and p.dim() == 2}
+    with _CastRecorder() as rec:
+        loss, _ = model.training_loss(images, torch.tensor([0, 1, 2]))
+        loss.backward()
+    # Autocast would cast every one of them at every step (it caches only weights that train).
+    assert frozen and rec.shapes and not frozen & set(rec.shapes)
+
+
+def test_amp_computes_what_bf16_autocast_computes(tiny_clip_and_tok, images):
+    clip, tok = tiny_clip_and_tok
+    labels = torch.tensor([1, 4, 2])
+    with backend("reference"):
+        torch.manual_seed(3)
+        fp32 = build(copy.deepcopy(clip), tok, prec_train="fp32")
+        amp = build(copy.deepcopy(clip), tok, prec_train="amp")
+        amp.tuner.load_state_dict(fp32.tuner.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_ac, logits_ac = fp32.training_loss(images, labels)
+        loss_ac.backward()
+        loss_amp, logits_amp = amp.training_loss(images, labels)
+        loss_amp.backward()
+    # The classifier/loss run in fp32 in both; the backbone in bf16 with the same roundings.
+    torch.testing.assert_close(loss_amp, loss_ac.float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(logits_amp.float(), logits_ac.float(), rtol=2e-2, atol=2e-2)
+    for (name, a), b in zip(amp.tuner.named_parameters(), fp32.tuner.parameters()):
+        scale = float(b.grad.abs().max()) + 1e-12
+        assert float((a.grad - b.grad).abs().max()) <= 2e-2 * scale, name
+
+
+def test_evaluate_runs_a_half_model_in_its_own_dtype(fresh_clip, tokenizer):
+    from liftplus_fast.evaluate import precision_context
+
+    model = build(fresh_clip, tokenizer, prec_train="bf16")
+    cpu = torch.device("cpu")
+    for prec in ("fp16", "amp", "bf16", "fp32"):
+        with precision_context(model, cpu, prec):
+            assert not torch.is_autocast_enabled("cpu")
+    plain = nn.Linear(2, 2)
+    with precision_context(plain, cpu, "fp16"):
+        assert torch.is_autocast_enabled("cpu")

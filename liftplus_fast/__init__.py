@@ -30,6 +30,7 @@ _LAZY = {
     "load_tuner": ".model",
     "LiftModel": ".model",
     "build_dataset": ".data",
+    "build_cache": ".data",
     "run_demo": ".demo",
 }
 

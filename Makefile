@@ -5,10 +5,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEPS_STAMP  := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
-NATIVE_SRC  := $(shell find csrc tools -type f 2>/dev/null) CMakeLists.txt setup.py pyproject.toml
+NATIVE_SRC  := $(shell find csrc -type f 2>/dev/null) tools/torch_cmake_vars.py CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all setup build demo test bench bench-smoke lint clean
+.PHONY: all setup build demo test bench bench-smoke gpu-check lint clean
 
 all: test
 
@@ -41,6 +41,14 @@ bench: $(BUILD_STAMP)
 
 bench-smoke: $(BUILD_STAMP)
 	$(PY) benchmarks/run.py --smoke
+
+# One unattended check on a CUDA machine without network (docs/gpu.md): installs what is missing
+# from WHEELS, builds for the local GPU, runs the GPU tests, benchmarks and a training step, and
+# writes summary.json + gpu_check.log into OUT. Uses the Python that holds torch, not .venv.
+OUT    ?= gpu-check-out
+WHEELS ?=
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(OUT) $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
 
 # ruff (lint + format check) over the Python tree, clang-format over csrc/ (config: pyproject.toml,
 # .clang-format). Fix with `ruff check --fix .`, `ruff format .` and `clang-format -i`.

@@ -1,6 +1,7 @@
 """Build driver: setuptools hands the native extension to CMake (CMakeLists.txt) with Ninja.
 
 `pip install --no-build-isolation .` builds liftplus_fast/_C*.so against the installed torch
+(any release from the floor in pyproject.toml on)
 and writes liftplus_fast/_build_info.json (torch version, CUDA on/off, arch list) beside it.
 Environment: LIFTPLUS_FAST_CUDA=0/1, TORCH_CUDA_ARCH_LIST, LIFTPLUS_FAST_BUILD_TYPE,
 LIFTPLUS_FAST_NO_EXTENSION=1 (pure-Python install), MAX_JOBS.
@@ -37,7 +38,15 @@ class CMakeBuild(build_ext):
         super().run()
 
     def build_extension(self, ext):
-        import torch
+        try:
+            import torch
+        except ImportError:
+            # pip's isolated build environment has no torch (pyproject.toml does not pull one in,
+            # so the library is never compiled against a torch the user does not run).
+            raise RuntimeError(
+                "liftplus_fast's native extension is compiled against the installed torch, which this "
+                "build cannot import: install torch first, then build without isolation: "
+                "pip install --no-build-isolation . (or set LIFTPLUS_FAST_NO_EXTENSION=1)") from None
 
         output = os.path.abspath(self.get_ext_fullpath(ext.name))
         # A fixed build folder keeps CMake's incremental builds across (editable) reinstalls.

@@ -35,6 +35,14 @@ class Case:
     # Optional: candidate -> max relative error of its outputs (and gradients) against a
     # float64 evaluation of the reference, measured once outside the timed loop.
     accuracy: Optional[Callable[[], Dict[str, float]]] = None
+    # Whole-pipeline cases (DataLoader workers, training runs) opt out of the profiler's
+    # peak-memory pass and set their own repeat count.
+    measure_memory: bool = True
+    repeats: Optional[int] = None
+    # Items (images) one call processes: the row then gets items_per_s per candidate.
+    items: Optional[int] = None
+    # Optional: extra row fields computed after timing (e.g. timings the candidates recorded).
+    report: Optional[Callable[[], dict]] = None
 
 
 def synchronize(device: str) -> None:
@@ -181,4 +189,6 @@ def summarize(case: Case, times: Dict[str, List[float]], memory: Dict[str, int])
         row["floor_fraction"] = {n: floor / t for n, t in med.items()}
     if case.flops:
         row["gflops"] = {n: case.flops / t / 1e9 for n, t in med.items()}
+    if case.items:
+        row["items_per_s"] = {n: case.items / t for n, t in med.items()}
     return row

@@ -61,6 +61,8 @@ def print_table(name, rows):
                   f"{(f'{mem:9.1f}' if mem is not None else '        -')} "
                   f"{(f'{floor:6.2f}' if floor is not None else '     -')} "
                   f"{(f'{err:8.1e}' if err is not None else '       -')}")
+        if "items_per_s" in row:
+            print("    images/s: " + ", ".join(f"{c} {v:.0f}" for c, v in row["items_per_s"].items()))
         for note in row.get("notes", []):
             print(f"    note: {note}")
 
@@ -101,20 +103,28 @@ def main(argv=None):
             if args.filter and not all(f in case.name for f in args.filter):
                 continue
             t0 = time.perf_counter()
-            times = common.time_interleaved(case.candidates, repeats=repeats, warmup=warmup, device=case.device)
-            memory = {} if args.no_memory else {
+            case_repeats = args.repeats or (min(case.repeats, repeats) if case.repeats else repeats)
+            times = common.time_interleaved(case.candidates, repeats=case_repeats,
+                                            warmup=1 if case.repeats else warmup, device=case.device)
+            memory = {} if args.no_memory or not case.measure_memory else {
                 n: common.peak_memory_bytes(fn, case.device) for n, fn in case.candidates.items()}
             row = common.summarize(case, times, memory)
+            if case.report is not None:
+                extra = case.report()
+                row["notes"] = list(row["notes"]) + extra.pop("notes", [])
+                row.update(extra)
             if case.accuracy is not None:
                 row["max_rel_err"] = case.accuracy()
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
+            # After every case: a run stopped by a time limit keeps the rows it measured.
+            write_json(os.path.join(args.out, f"{module.NAME}.json"),
+                       {"name": module.NAME, "machine": machine, "smoke": args.smoke, "rows": rows})
+            print(f"  {module.NAME}: {row['case']} done in {row['seconds']:.1f}s", flush=True)
         if not rows:
             print(f"\n## {module.NAME}: no cases on this machine")
             continue
         print_table(module.NAME, rows)
-        write_json(os.path.join(args.out, f"{module.NAME}.json"),
-                   {"name": module.NAME, "machine": machine, "smoke": args.smoke, "rows": rows})
 
 
 if __name__ == "__main__":

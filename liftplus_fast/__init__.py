@@ -9,9 +9,15 @@ Heavy modules (open_clip, torchvision) load on first use of the names that need 
 """
 from importlib import import_module
 
-from . import ops
-from ._info import backend_info
-from .config import LiftConfig, TunerConfig, make_config
+import torch as _torch
+
+from ._torch_range import MIN_TORCH, check_torch as _check_torch
+
+_check_torch(_torch.__version__)
+
+from . import ops  # noqa: E402
+from ._info import backend_info  # noqa: E402
+from .config import LiftConfig, TunerConfig, make_config  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -21,12 +27,14 @@ _LAZY = {
     "evaluate": ".evaluate",
     "build_lift_model": ".model",
     "load_clip": ".model",
+    "load_tuner": ".model",
     "LiftModel": ".model",
     "build_dataset": ".data",
+    "build_cache": ".data",
     "run_demo": ".demo",
 }
 
-__all__ = ["__version__", "backend_info", "ops", "LiftConfig", "TunerConfig", "make_config", *_LAZY]
+__all__ = ["__version__", "MIN_TORCH", "backend_info", "ops", "LiftConfig", "TunerConfig", "make_config", *_LAZY]
 
 
 def __getattr__(name):

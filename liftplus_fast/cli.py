@@ -2,6 +2,7 @@
 
     liftplus-fast train -d cifar100_ir100 -b clip_vit_b16 -m lift+ [key value ...]
     liftplus-fast test  -d cifar100_ir100 -b clip_vit_b16 -m lift+ model_dir output/run tte True
+    liftplus-fast cache -d imagefolder --root R [split_dir S] [cache_dir C] [cache_size 256] [cache_format jpeg|raw]
     liftplus-fast demo                       # offline, embedded default, < 3 minutes on 2 cores
     liftplus-fast info                       # what was built, where each op dispatches
     torchrun --nproc_per_node=N -m liftplus_fast train ...   # data-parallel
@@ -80,6 +81,49 @@ def cmd_train(args, test_only: bool = False) -> int:
     return 0
 
 
+CACHE_OPTIONS = {"split_dir": None, "cache_dir": None, "cache_size": 256, "cache_format": "jpeg",
+                 "cache_quality": 95, "num_workers": None}
+
+
+def cache_options(opts: List[str]) -> dict:
+    """The ``key value`` options of ``liftplus-fast cache`` (:data:`CACHE_OPTIONS`), checked."""
+    from .config import _parse_value
+
+    if len(opts) % 2:
+        raise UserInputError(f"options must come as 'key value' pairs; got {opts}")
+    out = dict(CACHE_OPTIONS)
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key not in CACHE_OPTIONS:
+            raise UserInputError(f"unknown cache option {key!r}; known: {', '.join(CACHE_OPTIONS)}")
+        out[key] = _parse_value(value)
+    for key in ("cache_size", "cache_quality"):
+        if not isinstance(out[key], int) or isinstance(out[key], bool):
+            raise UserInputError(f"{key} must be an integer; got {out[key]!r}")
+    if out["num_workers"] is not None and (not isinstance(out["num_workers"], int) or out["num_workers"] < 0):
+        raise UserInputError(f"num_workers must be a non-negative integer; got {out['num_workers']!r}")
+    return out
+
+
+def cmd_cache(args) -> int:
+    from .data.cache_build import build_cache
+
+    opts = cache_options(list(args.opts))
+    root = args.root or "./data"
+    cache_dir = opts["cache_dir"] or os.path.join(root, "liftplus_fast_cache")
+    workers = opts["num_workers"] if opts["num_workers"] is not None else min(4, os.cpu_count() or 1)
+    summary = build_cache(args.data, root, cache_dir, split_dir=opts["split_dir"], cache_size=opts["cache_size"],
+                          cache_format=opts["cache_format"], quality=opts["cache_quality"], workers=workers,
+                          progress=not args.no_progress)
+    for split, s in summary.items():
+        ratio = s["data_bytes"] / max(s["source_bytes"], 1)
+        print(f"{split}: {s['images']} images, {s['skipped']} skipped, {s['data_bytes'] / 2**20:.1f} MiB "
+              f"({ratio:.2f}x the source files' {s['source_bytes'] / 2**20:.1f} MiB), {s['seconds']:.1f} s")
+        if s["skipped"]:
+            print(f"  skipped files are listed in {os.path.join(cache_dir, split + '.skipped.txt')}")
+    print(f"cache in {cache_dir}; train from it with: data_cache {cache_dir}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -103,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p_test = sub.add_parser("test", help="evaluate a trained tuner (give the published option 'model_dir PATH')")
     _add_run_args(p_test)
+    p_cache = sub.add_parser("cache", help="decode every image once into a memory-mappable cache (data_cache C)")
+    p_cache.add_argument("-d", "--data", required=True, help="image-file data set (imagefolder, listfile, imagenet_lt, places_lt, inat2018)")
+    p_cache.add_argument("--root", default=None, help="data root (default ./data)")
+    p_cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_cache.add_argument("opts", nargs=argparse.REMAINDER,
+                         help="split_dir S, cache_dir C (default ROOT/liftplus_fast_cache), cache_size 256, "
+                              "cache_format jpeg|raw, cache_quality 95, num_workers N")
     p_demo = sub.add_parser("demo", help="offline demo on the embedded long-tailed digits")
     p_demo.add_argument("--output-dir", default=None)
     p_demo.add_argument("--epochs", type=int, default=None, help="training epochs per run")
@@ -122,6 +173,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_train(args, test_only=True)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "cache":
+            return cmd_cache(args)
         return cmd_info(args)
     except (UserInputError, OSError) as exc:
         # One clear sentence for bad input (the package's UserInputError) and for what the

@@ -97,6 +97,16 @@ class LiftConfig:
     # data
     dataset: str = "cifar100_ir100"
     root: str = "./data"
+    # Folder of the split files of list-file data sets (train.txt, test.txt, classnames.txt);
+    # None: the data root.
+    split_dir: Optional[str] = None
+    # Decode-once cache folder (built by `liftplus-fast cache`); None: decode the source images.
+    data_cache: Optional[str] = None
+    # Train from a cache whose build skipped undecodable training images.
+    allow_skipped: bool = False
+    # Decode and augment cached images in batches on the training device (the GPU) rather
+    # than in the DataLoader workers.
+    augment_on_device: bool = False
     resolution: int = 224
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
@@ -338,6 +348,8 @@ def validate(cfg: LiftConfig) -> None:
                 setattr(target, f.name, check_option(prefix + f.name, getattr(target, f.name)))
     if cfg.batch_size % cfg.accum_step:
         raise UserInputError(f"batch_size ({cfg.batch_size}) must be divisible by accum_step ({cfg.accum_step})")
+    if cfg.augment_on_device and cfg.data_cache is None:
+        raise UserInputError("augment_on_device True needs data_cache (a folder built by liftplus-fast cache)")
 
 
 def check_option(name: str, value: Any) -> Any:
@@ -453,6 +465,8 @@ OPTION_CHECKS = {
     "method": _choice(tuple(METHODS)),
     "num_classes": _number(int, lo=2, optional=True),
     "dataset": _text(), "root": _text(), "backbone": _text(),
+    "split_dir": _text(optional=True), "data_cache": _text(optional=True),
+    "allow_skipped": _flag, "augment_on_device": _flag,
     "resolution": _number(int, lo=1),
     "mean": _triple(False), "std": _triple(True),
     "num_workers": _number(int, lo=0),

@@ -129,7 +129,7 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
         ``{"overall", "mean", "many", "med", "few", "per_class", "num_samples"}``, accuracies
         in percent.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log file
 
     if device is None:
         device = next(model.parameters()).device

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
 from .checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
 from .config import LiftConfig, backbone_preset, make_config, validate
@@ -31,6 +31,10 @@ from .distributed import (DistContext, all_reduce_sum, average_gradients, broadc
                           rank_seed, shard, shutdown_distributed)
 from .data import (DownSampler, build_dataset, build_plain_transform, build_test_transform,
                    build_train_transform, check_split, set_transform_epoch)
+from .data.cache_build import open_source_cache
+from .data.gpu_augment import GPUAugmentLoader, collate_encoded
+from .data.uint8_transforms import (EpochTaggedSampler, NormalizedLoader, build_cached_plain_transform,
+                                    build_cached_test_transform, build_cached_train_transform)
 from .evaluate import evaluate, format_accuracy
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .plotting import plot_per_class_accuracy
@@ -137,17 +141,58 @@ def _setup_logging(output_dir: Optional[str], is_main: bool = True) -> Optional[
     return handler
 
 
-def _loader(dataset, batch_size: int, cfg: LiftConfig, shuffle: bool, sampler=None, seed: int = 0):
+def _loader(dataset, batch_size: int, cfg: LiftConfig, shuffle: bool, sampler=None, seed: int = 0,
+            device=None):
     workers = max(0, min(cfg.num_workers, os.cpu_count() or 1))
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
-                      sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      generator=generator, persistent_workers=False)
+    cached = cfg.data_cache is not None
+    if cached and shuffle:
+        # The cached MDA crop takes the epoch with every index. The sampler is the one DataLoader
+        # would build, so the shuffling and the workers' seeds match the uncached path.
+        if sampler is None:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        sampler = EpochTaggedSampler(sampler)
+    on_device = cached and cfg.augment_on_device
+    loader = DataLoader(_encoded(dataset) if on_device else dataset, batch_size=batch_size,
+                        shuffle=shuffle if sampler is None else False, sampler=sampler, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), generator=generator, persistent_workers=False,
+                        collate_fn=collate_encoded if on_device else None)
+    if on_device:
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        return GPUAugmentLoader(loader, base.transform, base.cache_format, cfg.mean, cfg.std,
+                                device if device is not None else "cpu")
+    # Cached batches arrive as uint8: normalised once per batch, on the training device.
+    return NormalizedLoader(loader, cfg.mean, cfg.std, device) if cached else loader
+
+
+def _encoded(dataset):
+    if isinstance(dataset, Subset):
+        return Subset(dataset.dataset.encoded(), dataset.indices)
+    return dataset.encoded()
+
+
+def _datasets(cfg: LiftConfig):
+    """Training and test sets, and a maker of the classifier-initialisation set."""
+    if cfg.data_cache is None:
+        def init_set():
+            return build_dataset(cfg.dataset, cfg.root, "train", build_plain_transform(cfg), cfg.split_dir)
+        return (build_dataset(cfg.dataset, cfg.root, "train", build_train_transform(cfg), cfg.split_dir),
+                build_dataset(cfg.dataset, cfg.root, "test", build_test_transform(cfg), cfg.split_dir), init_set)
+
+    def cached(split, transform):
+        return open_source_cache(cfg.dataset, cfg.root, split, cfg.data_cache, cfg.split_dir, transform,
+                                 allow_skipped=cfg.allow_skipped)
+    train_set = cached("train", build_cached_train_transform(cfg))
+    if train_set.skipped:
+        logger.warning("data_cache: training without %d image(s) the cache build could not decode "
+                       "(allow_skipped True)", len(train_set.skipped))
+    return (train_set, cached("test", build_cached_test_transform(cfg)),
+            lambda: cached("train", build_cached_plain_transform(cfg)))
 
 
 @torch.no_grad()
 def _features(model, loader, device, progress: bool):
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log file
 
     feats, labels = [], []
     for images, y in tqdm(loader, desc="Features for classifier init", disable=not progress, leave=False):
@@ -218,7 +263,7 @@ def fast_train(dataset: str = "cifar100_ir100", root: str = "./data", backbone: 
     run is data-parallel: ``batch_size`` is the global batch, every process returns the same
     tuner and metrics, and only rank 0 writes ``output_dir``.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log file
 
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
     ctx = init_distributed(resolve_device(cfg.device), timeout=cfg.dist_timeout)
@@ -278,8 +323,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext,
                     torch.distributed.get_backend())
 
     # Data first: its errors (missing files, bad names) are the cheapest to report.
-    train_set = build_dataset(cfg.dataset, cfg.root, "train", build_train_transform(cfg))
-    test_set = build_dataset(cfg.dataset, cfg.root, "test", build_test_transform(cfg))
+    train_set, test_set, make_init_set = _datasets(cfg)
     # Every listed image of both splits must exist now, not when evaluation reaches it.
     check_split(train_set, cfg.dataset, "train", min_classes=2)
     check_split(test_set, cfg.dataset, "test")
@@ -319,9 +363,9 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext,
     elif (not (cfg.zero_shot or cfg.test_only) and cfg.classifier and ctx.is_main
           and cfg.classifier_init in ("class_mean", "linear_probing")):
         # Rank 0 alone: the broadcast below hands its classifier to the other processes.
-        init_set = build_dataset(cfg.dataset, cfg.root, "train", build_plain_transform(cfg))
+        init_set = make_init_set()
         sampler = DownSampler(init_set.labels, n_max=100, generator=torch.Generator().manual_seed(cfg.seed or 0))
-        feats, labels = _features(model, _loader(init_set, 64, cfg, False, sampler), device, progress)
+        feats, labels = _features(model, _loader(init_set, 64, cfg, False, sampler, device=device), device, progress)
         model.init_classifier_from_features(feats.to(device), labels.to(device), cfg.classifier_init)
     if ctx.enabled:
         broadcast_module(model.tuner, ctx)
@@ -348,7 +392,7 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext,
             timings["train_images_per_s"] = sum(h["images"] for h in history) / max(timings["train_s"], 1e-9)
 
     t0 = time.perf_counter()
-    test_loader = _loader(shard(test_set, ctx), 64, cfg, False)
+    test_loader = _loader(shard(test_set, ctx), 64, cfg, False, device=device)
     metrics = evaluate(model, test_loader, cls_num_list, tte=cfg.tte, device=device,
                        precision=cfg.prec_test, progress=progress, distributed=ctx.enabled)
     timings["test_s"] = time.perf_counter() - t0
@@ -435,7 +479,7 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
     # gradient all-reduces line up.
     sampler = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True,
                                  seed=cfg.seed or 0) if ctx.enabled else None
-    loader = _loader(train_set, micro, cfg, True, sampler=sampler, seed=(cfg.seed or 0))
+    loader = _loader(train_set, micro, cfg, True, sampler=sampler, seed=(cfg.seed or 0), device=device)
     num_batches = len(loader)
     history: List[Dict[str, float]] = []
     # The published per-batch report (every print_freq batches) and TensorBoard scalars.
@@ -446,8 +490,8 @@ def _train(model, cfg: LiftConfig, train_set, device, start_epoch, state, ckpt_p
     for epoch in range(start_epoch, cfg.num_epochs):
         # Each epoch re-seeds its shuffling so a resumed run sees the batches a full run would.
         loader.generator.manual_seed(rank_seed((cfg.seed or 0) + epoch, ctx))
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler, or the cache's epoch tags
+            loader.sampler.set_epoch(epoch)
         set_transform_epoch(train_set.transform, epoch)
         model.tuner.train()
         loss_sum, correct, seen, skipped, step_bad = 0.0, 0, 0, 0, None

@@ -18,7 +18,30 @@ from .splits import (count_per_class, read_classnames, read_inat_categories, rea
 from ..errors import MissingInputError, UserInputError
 
 
-class LongTailListDataset(Dataset):
+class ImageFileDataset(Dataset):
+    """Images on disk given as ``paths`` with ``labels``, loaded lazily as RGB PIL images.
+
+    The shared base of the list-file and folder data sets (and what the decode-once cache
+    reads its sources from). Subclasses set ``root``, ``paths`` (absolute), ``labels``,
+    ``classnames``, ``num_classes``, ``cls_num_list`` and ``transform``.
+    """
+
+    root: str
+    paths: List[str]
+    labels: List[int]
+    transform: Optional[Callable] = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = load_rgb_image(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+class LongTailListDataset(ImageFileDataset):
     """Images listed in a ``relative/path label`` file, loaded lazily as RGB PIL images.
 
     Args:
@@ -53,15 +76,6 @@ class LongTailListDataset(Dataset):
         self.labels: List[int] = list(raw) if label_map is None else [int(label_map[y]) for y in raw]
         self.paths: List[str] = [os.path.join(root, p) for p in rel_paths]
         self.cls_num_list: List[int] = count_per_class(self.labels, self.num_classes)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        image = load_rgb_image(self.paths[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[index]
 
 
 class _NamedListDataset(LongTailListDataset):
@@ -131,3 +145,23 @@ def inat_level_dataset(level: str) -> type:
     return type(f"INaturalist2018_{title.capitalize()}", (INaturalist2018,),
                 {"category_key": key, "display_name": f"iNaturalist 2018 ({title})",
                  "__doc__": f"iNaturalist 2018 labelled by {title} (from categories.json)."})
+
+
+class ListFileDataset(_NamedListDataset):
+    """Your own data described by list files: ``-d listfile --root R split_dir S``.
+
+    ``S/train.txt`` and ``S/test.txt`` (``S/val.txt`` when there is no ``test.txt``) hold
+    ``relative/path label`` lines relative to ``R``; ``S/classnames.txt`` the class names in
+    label order. ``split_dir`` defaults to ``root``.
+    """
+
+    display_name = "listfile"
+
+    def __init__(self, root: str, split: str = "train", transform: Optional[Callable] = None,
+                 split_dir: Optional[str] = None):
+        if split == "test":
+            folder = root if split_dir is None else split_dir
+            if (not os.path.isfile(os.path.join(folder, "test.txt"))
+                    and os.path.isfile(os.path.join(folder, "val.txt"))):
+                split = "val"
+        super().__init__(root, split, transform, split_dir)

@@ -8,7 +8,9 @@ from torch.utils.data import Dataset
 
 from .cifar import CIFAR100LT
 from .digits import DigitsLT
-from .list_datasets import INAT_LEVELS, ImageNetLT, INaturalist2018, PlacesLT, inat_level_dataset
+from .image_folder import ImageFolderLT
+from .list_datasets import (INAT_LEVELS, ImageNetLT, INaturalist2018, ListFileDataset, PlacesLT,
+                            inat_level_dataset)
 from ..errors import MissingInputError, UserInputError
 
 
@@ -24,6 +26,10 @@ def _listed(cls):
     return make
 
 
+def _folder(root, split, transform, split_dir, download):
+    return ImageFolderLT(root, split=split, transform=transform)
+
+
 def _digits(root, split, transform, split_dir, download):
     return DigitsLT(split=split, transform=transform)
 
@@ -37,6 +43,8 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
     "imagenet_lt": _listed(ImageNetLT),
     "places_lt": _listed(PlacesLT),
     "inat2018": _listed(INaturalist2018),
+    "imagefolder": _folder,
+    "listfile": _listed(ListFileDataset),
     "digits_lt": _digits,
 }
 DATASETS.update({f"inat2018_{k}": _listed(inat_level_dataset(k)) for k in INAT_LEVELS})

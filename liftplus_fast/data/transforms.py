@@ -49,6 +49,23 @@ def mda_min_scale(epoch: int, num_epochs: int, func: str = "convex",
     return lo + (hi - lo) * _schedule(func, t)
 
 
+def sample_square_box(height: int, width: int, lo: float, hi: float) -> Tuple[int, int, int, int]:
+    """``(top, left, side, side)`` of a random square crop of a ``height`` x ``width`` image.
+
+    The area fraction is uniform in ``[lo, hi]``, both capped so that the square fits; three
+    draws from torch's global generator (the fraction, then top, then left), the order of the
+    published transform. Every MDA implementation (PIL, cached uint8, GPU) draws through this.
+    """
+    area = height * width
+    cap = min(height, width) ** 2 / area
+    frac = torch.empty(1).uniform_(min(lo, cap), min(hi, cap)).item()
+    # At least one pixel: only matters for degenerate (1-2 px) inputs.
+    side = max(1, int(round(math.sqrt(area * frac))))
+    top = torch.randint(0, height - side + 1, size=(1,)).item()
+    left = torch.randint(0, width - side + 1, size=(1,)).item()
+    return top, left, side, side
+
+
 class MinimalistRandomResizedCrop(T.RandomResizedCrop):
     """MDA: a square random crop whose minimum area grows over the epochs, resized to ``size``.
 
@@ -89,14 +106,7 @@ class MinimalistRandomResizedCrop(T.RandomResizedCrop):
     def sample_square(img, lo: float, hi: float) -> Tuple[int, int, int, int]:
         """``(top, left, side, side)`` of a random square crop with area fraction in [lo, hi]."""
         _, height, width = get_dimensions(img)
-        area = height * width
-        cap = min(height, width) ** 2 / area
-        frac = torch.empty(1).uniform_(min(lo, cap), min(hi, cap)).item()
-        # At least one pixel: only matters for degenerate (1-2 px) inputs.
-        side = max(1, int(round(math.sqrt(area * frac))))
-        top = torch.randint(0, height - side + 1, size=(1,)).item()
-        left = torch.randint(0, width - side + 1, size=(1,)).item()
-        return top, left, side, side
+        return sample_square_box(height, width, lo, hi)
 
     def forward(self, img):
         """Crop ``img`` (PIL image or tensor) at the current epoch's scale and resize it."""

@@ -129,6 +129,28 @@ def _quiet_logging():
         logging.disable(previous)
 
 
+SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def open_clip_schema_name(backbone: str) -> Optional[str]:
+    """The open_clip name with a source schema for ``backbone``, or ``None``.
+
+    ``hf-hub:org/name`` (an open_clip model on the Hugging Face Hub) and ``local-dir:/path`` pass
+    through; a plain path to a folder holding ``open_clip_config.json`` (and the weights) becomes
+    ``local-dir:/path``. With a schema the weights come from that source, not from ``pretrained``.
+    """
+    if backbone.startswith(SCHEMAS):
+        if not backbone.split(":", 1)[1]:
+            raise UserInputError(f"backbone {backbone!r} names no repository or folder after the schema")
+        return backbone
+    if os.path.isdir(backbone):
+        if not os.path.isfile(os.path.join(backbone, "open_clip_config.json")):
+            raise UserInputError(f"backbone folder {backbone!r} has no open_clip_config.json (an open_clip "
+                             "model folder holds it next to the weights)")
+        return "local-dir:" + backbone
+    return None
+
+
 def _resolve(backbone: str) -> Tuple[str, bool]:
     """open_clip architecture name and whether QuickGELU must be forced."""
     import open_clip
@@ -137,8 +159,13 @@ def _resolve(backbone: str) -> Tuple[str, bool]:
     key = _PUBLISHED_ALIASES.get(backbone.lower(), backbone)
     if key in PUBLISHED_BACKBONES:
         return PUBLISHED_BACKBONES[key], True
+    schema_name = open_clip_schema_name(key)
+    if schema_name is not None:
+        return schema_name, False  # the source's config says whether it uses QuickGELU
     if key in open_clip.list_models():
         return key, False
+    if key.replace("/", "-") in open_clip.list_models():  # "ViT-B/16", as OpenAI's clip names it
+        return key.replace("/", "-"), False
     raise UserInputError(
         f"unknown backbone {backbone!r}; known names: {', '.join(known_backbones())}, "
         f"or any open_clip model name (open_clip.list_models(), {len(open_clip.list_models())} names) "
@@ -151,9 +178,12 @@ def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
     Args:
         backbone: a published config name (``clip_vit_b16``, ``clip_vit_b32``, ``clip_vit_l14``,
             ``clip_vit_l14@336px``, ``clip_rn50``, ``clip_rn101``; OpenAI weights, so QuickGELU
-            is forced), any open_clip model name, or ``"tiny_vit"``.
-        pretrained: an open_clip pretrained tag (``"openai"``), a path to a local checkpoint, or
-            ``None`` for random initialisation.
+            is forced), any open_clip model name (``ViT-B-16``; ``ViT-B/16`` too), an open_clip
+            model with its source (``hf-hub:org/name``, ``local-dir:/path`` or the path of a
+            folder holding ``open_clip_config.json`` and the weights), or ``"tiny_vit"``.
+        pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``: the
+            model/tag pairs of ``open_clip.list_pretrained()``), a path to a local checkpoint, or
+            ``None`` for random initialisation. Not used when ``backbone`` names a source.
         device: where to put the model.
 
     Returns:
@@ -167,7 +197,11 @@ def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
 
     name, quick_gelu = _resolve(backbone)
     path = None
-    if pretrained is not None:
+    schema = name.startswith(SCHEMAS)
+    if schema and pretrained is not None:
+        logging.getLogger("liftplus_fast").info(
+            "backbone %s brings its own weights; pretrained=%r is not used", name, pretrained)
+    elif pretrained is not None:
         tag_cfg = open_clip.pretrained.get_pretrained_cfg(name, pretrained)
         if tag_cfg:
             quick_gelu = quick_gelu or bool(tag_cfg.get("quick_gelu", False))
@@ -197,6 +231,12 @@ def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
             model = open_clip.create_model(name, pretrained=path, force_quick_gelu=quick_gelu,
                                            device=device)
     except Exception as exc:  # a corrupt or mismatched file: one sentence, not a hub traceback
+        if schema:
+            raise BackboneLoadError(
+                f"Could not load backbone {name!r} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no details'}). Without network, download "
+                "the model folder (open_clip_config.json and weights) elsewhere and pass its local "
+                "path as the backbone.") from None
         if path is None:
             raise
         raise BackboneLoadError(

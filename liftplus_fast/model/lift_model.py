@@ -222,6 +222,26 @@ class LiftModel(nn.Module):
         """Load a published-format tuner state dict (or a whole checkpoint with key ``tuner``)."""
         import_official(self.tuner, state_dict, strict=strict)
 
+    # --- PEFT-style tuner files ------------------------------------------------------------------
+    def save_tuner(self, path: str) -> None:
+        """Write ``path/tuner.safetensors`` (the trained tensors only) and ``path/tuner_config.json``
+        (method, options, backbone, class names and counts); rebuild with ``lf.load_tuner(path)``."""
+        from .tuner_files import save_tuner
+
+        save_tuner(self, path)
+
+    def get_nb_trainable_parameters(self) -> tuple:
+        """``(trainable, total)`` parameter counts."""
+        from .tuner_files import trainable_parameters
+
+        return trainable_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: N || all params: M || trainable%: P`` (as PEFT does)."""
+        from .tuner_files import format_trainable_parameters
+
+        print(format_trainable_parameters(self))
+
 
 def _has_text_tower(backbone: nn.Module) -> bool:
     src = backbone.text if hasattr(backbone, "text") else backbone

@@ -48,7 +48,7 @@ def test_digits_other_ratio_and_errors():
 
 def test_registry_names_and_unknown():
     assert set(DATASETS) == {"cifar100", "cifar100_ir10", "cifar100_ir50", "cifar100_ir100",
-                             "imagenet_lt", "places_lt", "inat2018", "digits_lt",
+                             "imagenet_lt", "places_lt", "inat2018", "imagefolder", "listfile", "digits_lt",
                              *(f"inat2018_{k}" for k in "kpcofgs")}
     with pytest.raises(ValueError, match="digits_lt") as info:
         build_dataset("mnist_lt", "/x")

@@ -20,13 +20,22 @@ from .test_adaptformer import GRAD_NAMES, LOW, check_fp32, check_low, make_input
 
 STATUS = native_status()
 BUILT_WITH_CUDA = STATUS.loaded and bool(STATUS.build_info.get("cuda"))
-needs_cuda_build = pytest.mark.skipif(
+_skip_without_cuda_build = pytest.mark.skipif(
     not BUILT_WITH_CUDA,
     reason=("native extension not loaded: " + STATUS.reason) if not STATUS.loaded
     else "liftplus_fast/_build_info.json says the extension was built without CUDA")
-needs_gpu = pytest.mark.skipif(
+_skip_without_gpu = pytest.mark.skipif(
     not (BUILT_WITH_CUDA and torch.cuda.is_available()),
     reason="needs a CUDA device and the extension built with CUDA")
+
+
+# Both marks carry `gpu`, so `pytest -m gpu` (make gpu-check) selects every test of this file.
+def needs_cuda_build(test):
+    return pytest.mark.gpu(_skip_without_cuda_build(test))
+
+
+def needs_gpu(test):
+    return pytest.mark.gpu(_skip_without_gpu(test))
 
 # The ops that have CUDA kernels in csrc/ops/cuda/ (one file per op family).
 CUDA_OPS = [

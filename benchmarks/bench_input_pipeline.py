@@ -1,0 +1,167 @@
+"""Input pipeline: the reference per-sample PIL pipeline against the decode-once cache.
+
+Candidates, same DataLoader worker count (``--workers``, default 2), interleaved:
+
+* ``reference``: the source JPEGs decoded with PIL, the reference transforms (MDA crop, test
+  resize + centre crop, five-crop TTE; bicubic, antialiased) and float normalisation per sample.
+* ``cached``: the decode-once cache (JPEG format, short side 256): memory-mapped, decoded with
+  torchvision, cropped and resized on uint8 tensors in the workers, normalised per batch.
+* ``cached_raw``: the same from a raw-pixel cache (no decode at all; bigger on disk).
+
+Images are generated locally (JPEG, quality 90, 375x500 to 1024x768 like ImageNet, Places and
+iNaturalist photographs) and reused between runs. One call of a candidate passes every image
+of the split through the loader once; images/s and bytes on disk are in the notes. The last
+case trains one whole ``tiny_vit`` epoch (``fast_train``, 32 px, so the data is the
+bottleneck) with and without the cache.
+
+Standalone: ``python benchmarks/bench_input_pipeline.py [--smoke]`` (under 3 minutes in full).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import common  # noqa: E402
+from liftplus_fast import fast_train, make_config  # noqa: E402
+from liftplus_fast.data import build_dataset, build_test_transform, build_train_transform  # noqa: E402
+from liftplus_fast.data.cache_build import build_cache, open_source_cache  # noqa: E402
+from liftplus_fast.data.synthetic_images import PHOTO_SIZES, write_image_folder  # noqa: E402
+from liftplus_fast.data.uint8_transforms import (EpochTaggedSampler, NormalizedLoader,  # noqa: E402
+                                                 build_cached_test_transform, build_cached_train_transform)
+
+NAME = "input_pipeline"
+WORKERS = int(os.environ.get("LIFTPLUS_FAST_BENCH_WORKERS", "2"))
+# Smoke mode checks the machinery in the main process: worker start-up would dominate it.
+_workers = WORKERS
+
+
+def _folder(smoke: bool) -> str:
+    classes, per_class, test = (4, 3, 2) if smoke else (10, 16, 6)
+    sizes = ((60, 80), (80, 60), (96, 128)) if smoke else PHOTO_SIZES
+    root = os.path.join(tempfile.gettempdir(), f"liftplus_fast_bench_input_{classes}x{per_class}_{len(sizes)}")
+    done = os.path.join(root, "DONE")
+    if not os.path.exists(done):
+        write_image_folder(root, [per_class] * classes, test_per_class=test, sizes=sizes, quality=90)
+        open(done, "w").close()
+    return root
+
+
+def _cache(root: str, fmt: str) -> str:
+    cdir = os.path.join(root, f"cache_{fmt}")
+    build_cache("imagefolder", root, cdir, cache_size=256, cache_format=fmt, workers=WORKERS, progress=False)
+    return cdir
+
+
+def _bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def _run_loader(dataset, cached: bool, cfg, epoch_tags: bool):
+    sampler = torch.utils.data.SequentialSampler(dataset)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=_workers,
+                                         sampler=EpochTaggedSampler(sampler) if epoch_tags and cached else sampler)
+    batches = NormalizedLoader(loader, cfg.mean, cfg.std) if cached else loader
+    n = 0
+    for images, _ in batches:
+        assert images.dtype == torch.float32
+        n += images.shape[0]
+    return n
+
+
+def _transform_case(name, split, cfg, root, caches, ref_transform, cached_transform, smoke):
+    ref_set = build_dataset("imagefolder", root, split, ref_transform)
+    sets = {"reference": (ref_set, False)}
+    for fmt, cdir in caches.items():
+        sets["cached" if fmt == "jpeg" else "cached_raw"] = (
+            open_source_cache("imagefolder", root, split, cdir, transform=cached_transform), True)
+    n = len(ref_set)
+    tags = split == "train"
+    candidates = {cand: (lambda ds=ds, c=c: _run_loader(ds, c, cfg, tags)) for cand, (ds, c) in sets.items()}
+    src_bytes = _bytes(os.path.join(root, split))
+    notes = [f"{n} images per call, {_workers} DataLoader workers each; source JPEGs {src_bytes / 2**20:.1f} MiB"]
+    for fmt, cdir in caches.items():
+        b = os.path.getsize(os.path.join(cdir, f"{split}.data"))
+        notes.append(f"{fmt} cache {b / 2**20:.1f} MiB ({b / src_bytes:.2f}x the source bytes)")
+    return common.Case(name=f"{name} res={cfg.resolution} n={n}", params={"images": n, "workers": _workers},
+                       candidates=candidates, notes=notes, measure_memory=False, items=n, repeats=3)
+
+
+def _epoch_case(root, cdir, smoke):
+    kwargs = dict(dataset="imagefolder", root=root, backbone="tiny_vit", pretrained=None, resolution=32,
+                  batch_size=16, num_epochs=1, num_workers=_workers, progress=False, output_dir=None,
+                  classifier_init="semantic")
+    timings: dict = {}
+
+    def run(**extra):
+        def call():
+            r = fast_train(**kwargs, **extra)
+            timings.setdefault("cached" if extra else "reference", []).append(r.timings)
+            return r
+        return call
+
+    def report():
+        import statistics
+
+        train_s = {c: statistics.median(t["train_s"] for t in ts) for c, ts in timings.items()}
+        ratio = train_s["reference"] / train_s["cached"]
+        return {"train_epoch_s": train_s, "train_epoch_speedup": ratio,
+                "notes": [f"training epoch alone: reference {train_s['reference']:.2f} s, cached "
+                          f"{train_s['cached']:.2f} s ({ratio:.2f}x)"]}
+
+    return common.Case(name="tiny_vit epoch + test (fast_train)", params={"workers": _workers},
+                       candidates={"reference": run(), "cached": run(data_cache=cdir)},
+                       notes=["one fast_train call: setup, one training epoch, evaluation"],
+                       measure_memory=False, repeats=1 if smoke else 3, report=report)
+
+
+def cases(smoke: bool):
+    """Train (MDA), test and TTE transforms, reference vs cached, and one tiny_vit epoch."""
+    import logging
+
+    global _workers
+    _workers = 0 if smoke else WORKERS
+    logging.getLogger("liftplus_fast").setLevel(logging.WARNING)
+    root = _folder(smoke)
+    caches = {"jpeg": _cache(root, "jpeg")}
+    if not smoke:
+        caches["raw"] = _cache(root, "raw")
+    res = 224
+    cfg = make_config("lift+", {"resolution": res, "num_epochs": 5})
+    tte_cfg = make_config("lift+", {"resolution": res, "tte": True})
+    out = [
+        _transform_case("train (MDA)", "train", cfg, root, caches, build_train_transform(cfg),
+                        build_cached_train_transform(cfg), smoke),
+        _transform_case("test", "test", cfg, root, caches, build_test_transform(cfg),
+                        build_cached_test_transform(cfg), smoke),
+        _transform_case("test TTE (5 crops)", "test", tte_cfg, root, caches, build_test_transform(tte_cfg),
+                        build_cached_test_transform(tte_cfg), smoke),
+        _epoch_case(root, caches["jpeg"], smoke),
+    ]
+    return out
+
+
+def main(argv=None):
+    import argparse
+
+    import run as runner
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    rc = runner.main((["--smoke"] if args.smoke else []) + ["--only", "input_pipeline", "--out", args.out])
+    print(f"input pipeline benchmark: {time.perf_counter() - t0:.0f} s")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Building the decode-once cache: parallel, resumable, reporting every file it cannot decode.
+
+The images of a split are cut into chunks. Worker processes decode each chunk with the same
+function the reference path uses (:func:`liftplus_fast.data.images.load_rgb_image`), resize
+images whose short side exceeds ``cache_size`` (PIL bicubic, antialiased, never upsampling),
+encode them and write the chunk into a build folder ``C/.<split>.build-<fingerprint>/`` (its
+pixels first, then a small manifest, each by rename, so a manifest means a finished chunk). A
+build that is interrupted resumes from the finished chunks. When every chunk is there the data
+file is assembled, then the index is written (see :mod:`liftplus_fast.data.cache_store`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .cache_store import (MAGIC, VERSION, CacheError, CacheOptions, CachedImageDataset, data_path, index_path,
+                          read_index, skipped_path, source_fingerprint, write_index)
+from .images import load_rgb_image
+from .list_datasets import ImageFileDataset
+from .registry import build_dataset
+from ..errors import UserInputError
+
+logger = logging.getLogger("liftplus_fast")
+
+CHUNK = 256
+CACHE_SPLITS = ("train", "test")
+
+
+def cached_size(height: int, width: int, cache_size: int) -> Tuple[int, int]:
+    """Stored (height, width): short side ``min(short, cache_size)``, long side ``int(cache_size * long / short)``.
+
+    The long side follows ``torchvision.transforms.Resize``'s rounding; images are never upsampled.
+    """
+    short, long = min(height, width), max(height, width)
+    if short <= cache_size:
+        return height, width
+    new_long = int(cache_size * long / short)
+    return (cache_size, new_long) if height <= width else (new_long, cache_size)
+
+
+def encode_for_cache(img: Image.Image, options: CacheOptions) -> Tuple[bytes, Tuple[int, int], Tuple[int, int]]:
+    """``(bytes, stored_hw, orig_hw)`` of one decoded RGB image."""
+    orig = (img.height, img.width)
+    h, w = cached_size(img.height, img.width, options.cache_size)
+    if (h, w) != orig:
+        img = img.resize((w, h), Image.BICUBIC)
+    if options.cache_format == "raw":
+        return np.asarray(img, dtype=np.uint8).tobytes(), (h, w), orig
+    buf = io.BytesIO()
+    # 4:4:4 chroma: subsampled chroma alone costs ~1/255 of error on colour edges.
+    img.save(buf, format="JPEG", quality=options.quality, subsampling=0)
+    return buf.getvalue(), (h, w), orig
+
+
+def _atomic_write(path: str, payload: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def build_chunk(work_dir: str, chunk: int, paths: Sequence[str], options: CacheOptions) -> Dict[str, Any]:
+    """Decode, resize and encode ``paths`` into ``work_dir/chunk_<n>.{bin,json}``; return the manifest."""
+    blobs: List[bytes] = []
+    manifest: Dict[str, Any] = {"nbytes": [], "stored_hw": [], "orig_hw": [], "ok": [], "skipped": [],
+                                "source_bytes": 0}
+    for path in paths:
+        try:
+            blob, stored, orig = encode_for_cache(load_rgb_image(path), options)
+        except Exception as exc:  # noqa: BLE001 - every undecodable file is reported, whatever failed
+            reason = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+            manifest["skipped"].append({"path": path, "reason": reason})
+            manifest["ok"].append(False)
+            continue
+        manifest["source_bytes"] += os.path.getsize(path)
+        blobs.append(blob)
+        manifest["nbytes"].append(len(blob))
+        manifest["stored_hw"].append(stored)
+        manifest["orig_hw"].append(orig)
+        manifest["ok"].append(True)
+    _atomic_write(os.path.join(work_dir, f"chunk_{chunk:06d}.bin"), b"".join(blobs))
+    _atomic_write(os.path.join(work_dir, f"chunk_{chunk:06d}.json"), json.dumps(manifest).encode())
+    return manifest
+
+
+def _load_manifest(work_dir: str, chunk: int) -> Optional[Dict[str, Any]]:
+    path = os.path.join(work_dir, f"chunk_{chunk:06d}.json")
+    blob = os.path.join(work_dir, f"chunk_{chunk:06d}.bin")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if os.path.getsize(blob) == sum(manifest["nbytes"]):
+            return manifest
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def build_split(source: ImageFileDataset, dataset: str, split: str, cache_dir: str, options: CacheOptions,
+                workers: int = 0, progress: bool = True, chunk_size: int = CHUNK) -> Dict[str, Any]:
+    """Build (or resume, or keep when up to date) one split's cache; return its summary.
+
+    The summary: ``images``, ``skipped``, ``data_bytes``, ``source_bytes``, ``seconds``,
+    ``chunks_built`` and ``chunks_reused`` (0 built when the cache was already up to date).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    os.makedirs(cache_dir, exist_ok=True)
+    fp = source_fingerprint(dataset, split, source.root, source.paths, source.labels, source.classnames, options)
+    try:
+        header, _ = read_index(cache_dir, split, fp)
+        logger.info("cache %s/%s is up to date (%d images)", cache_dir, split, header["images"])
+        return {**{k: header[k] for k in ("images", "data_bytes", "source_bytes")}, "skipped": len(header["skipped"]),
+                "seconds": time.perf_counter() - t0, "chunks_built": 0, "chunks_reused": 0}
+    except CacheError:
+        pass
+    work_dir = os.path.join(cache_dir, f".{split}.build-{fp[:16]}")
+    for name in os.listdir(cache_dir):  # builds for another source or options cannot be resumed
+        if name.startswith(f".{split}.build-") and os.path.join(cache_dir, name) != work_dir:
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+    os.makedirs(work_dir, exist_ok=True)
+    starts = list(range(0, len(source.paths), chunk_size))
+    manifests: Dict[int, Dict[str, Any]] = {}
+    for k in range(len(starts)):
+        m = _load_manifest(work_dir, k)
+        if m is not None:
+            manifests[k] = m
+    reused = len(manifests)
+    todo = [k for k in range(len(starts)) if k not in manifests]
+    bar = tqdm(total=len(source.paths), initial=sum(len(m["ok"]) for m in manifests.values()),
+               desc=f"cache {split}", unit="img", disable=not progress)
+    jobs = [(work_dir, k, source.paths[starts[k]:starts[k] + chunk_size], options) for k in todo]
+    try:
+        if workers > 0 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(build_chunk, *job): job[1] for job in jobs}
+                for future in as_completed(futures):
+                    manifests[futures[future]] = m = future.result()
+                    _report(m, bar)
+        else:
+            for job in jobs:
+                manifests[job[1]] = m = build_chunk(*job)
+                _report(m, bar)
+    finally:
+        bar.close()
+    summary = _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifests, len(starts))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    summary.update(seconds=time.perf_counter() - t0, chunks_built=len(todo), chunks_reused=reused)
+    return summary
+
+
+def _report(manifest: Dict[str, Any], bar) -> None:
+    for bad in manifest["skipped"]:
+        logger.warning("cache: skipping %s (%s)", bad["path"], bad["reason"])
+    bar.update(len(manifest["ok"]))
+
+
+def _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifests, n_chunks) -> Dict[str, Any]:
+    labels, nbytes, stored, orig, skipped = [], [], [], [], []
+    source_bytes, base = 0, 0
+    for k in range(n_chunks):
+        m = manifests[k]
+        labels.extend(source.labels[base + i] for i, ok in enumerate(m["ok"]) if ok)
+        base += len(m["ok"])
+        nbytes.extend(m["nbytes"])
+        stored.extend(m["stored_hw"])
+        orig.extend(m["orig_hw"])
+        skipped.extend(m["skipped"])
+        source_bytes += m["source_bytes"]
+    final = data_path(cache_dir, split)
+    tmp = f"{final}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as out:
+            for k in range(n_chunks):
+                with open(os.path.join(work_dir, f"chunk_{k:06d}.bin"), "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+            out.flush()
+            os.fsync(out.fileno())
+        # The old index goes first: a new data file must never pair with an old index.
+        if os.path.exists(index_path(cache_dir, split)):
+            os.remove(index_path(cache_dir, split))
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _atomic_write(skipped_path(cache_dir, split),
+                  "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped).encode())
+    sizes = np.asarray(nbytes, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
+    data_bytes = int(sizes.sum())
+    header = {"magic": MAGIC, "version": VERSION, "fingerprint": fp, "dataset": dataset.lower(), "split": split,
+              "cache_size": options.cache_size, "cache_format": options.cache_format, "quality": options.quality,
+              "data_bytes": data_bytes, "source_bytes": source_bytes, "images": len(labels),
+              "source_images": len(source.paths), "classnames": list(source.classnames), "skipped": skipped,
+              "root": os.path.abspath(source.root)}
+    arrays = {"offsets": offsets, "nbytes": sizes,
+              "stored_hw": np.asarray(stored, dtype=np.int32).reshape(-1, 2),
+              "orig_hw": np.asarray(orig, dtype=np.int32).reshape(-1, 2),
+              "labels": np.asarray(labels, dtype=np.int64)}
+    write_index(index_path(cache_dir, split), arrays, header)
+    return {"images": len(labels), "skipped": len(skipped), "data_bytes": data_bytes, "source_bytes": source_bytes}
+
+
+def build_cache(dataset: str, root: str, cache_dir: str, split_dir: Optional[str] = None,
+                cache_size: int = 256, cache_format: str = "jpeg", quality: int = 95, workers: int = 0,
+                splits: Sequence[str] = CACHE_SPLITS, progress: bool = True) -> Dict[str, Dict[str, Any]]:
+    """Build the decode-once cache of ``dataset``'s ``splits`` in ``cache_dir``; summaries per split.
+
+    ``dataset`` must be an image-file data set (``imagefolder``, ``listfile``, ``imagenet_lt``,
+    ``places_lt``, ``inat2018``). ``workers`` processes decode in parallel (0: in this process).
+    Up-to-date splits are kept, interrupted builds resume, stale ones are rebuilt. Files that
+    cannot be decoded are logged, listed in ``<split>.skipped.txt`` and left out.
+    """
+    options = CacheOptions(int(cache_size), str(cache_format), int(quality))
+    if not isinstance(workers, int) or workers < 0:
+        raise UserInputError(f"workers must be a non-negative integer; got {workers!r}")
+    out = {}
+    for split in splits:
+        source = build_dataset(dataset, root, split, None, split_dir)
+        if not isinstance(source, ImageFileDataset):
+            raise UserInputError(f"the decode-once cache reads image files; dataset {dataset!r} is not an "
+                             "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)")
+        out[split] = build_split(source, dataset, split, cache_dir, options, workers, progress)
+    return out
+
+
+def open_source_cache(dataset: str, root: str, split: str, cache_dir: str, split_dir: Optional[str] = None,
+                      transform=None, allow_skipped: bool = False):
+    """The cached split of ``dataset``, checked against the current source list (stale caches refused).
+
+    The options the cache was built with are read from its index; the fingerprint of the
+    current list under those options must match.
+    """
+    header, _ = read_index(cache_dir, split)
+    options = CacheOptions(int(header["cache_size"]), header["cache_format"], int(header["quality"]))
+    source = build_dataset(dataset, root, split, None, split_dir)
+    if not isinstance(source, ImageFileDataset):
+        raise UserInputError(f"data_cache applies to image-file data sets; {dataset!r} is not one")
+    fp = source_fingerprint(dataset, split, source.root, source.paths, source.labels, source.classnames, options)
+    return CachedImageDataset(cache_dir, split, transform, fingerprint=fp, allow_skipped=allow_skipped)

@@ -1,0 +1,265 @@
+"""The decode-once cache on disk: its layout, fingerprint, validation and the data set reading it.
+
+One split of a cache folder ``C`` is two files:
+
+* ``C/<split>.data``: every image once, decoded and resized so its short side is at most
+  ``cache_size``, stored back to back (``raw``: H x W x 3 uint8 pixels; ``jpeg``: one JPEG
+  each). A plain file, memory-mapped by each DataLoader worker.
+* ``C/<split>.index.npz``: per image its offset and byte count in the data file, its stored
+  and original (height, width) and its label, plus a JSON header: format version, the
+  fingerprint of the source list and options, the data file's size, the class names and the
+  files that could not be decoded (also listed in ``C/<split>.skipped.txt``).
+
+The index is written last, by rename, after the data file is complete, so an interrupted or
+failed build never leaves a split that opens. Opening checks the header, the data file's size
+and (when the caller knows the source) the fingerprint, and refuses with :class:`CacheError`
+otherwise.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .splits import count_per_class
+from ..errors import UserInputError
+
+MAGIC = "liftplus_fast.decode_once_cache"
+VERSION = 1
+CACHE_FORMATS = ("jpeg", "raw")
+DEFAULT_CACHE_SIZE = 256
+DEFAULT_JPEG_QUALITY = 95
+
+
+# torchvision 0.29 flags its image codecs as deprecated in favour of TorchCodec; they are the
+# ones that decode on the GPU, and the warning would repeat for every cached image.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
+class CacheError(UserInputError):
+    """A cache that is missing, incomplete, truncated, stale or not a cache of this package."""
+
+
+def data_path(cache_dir: str, split: str) -> str:
+    """The data file of ``split``."""
+    return os.path.join(cache_dir, f"{split}.data")
+
+
+def index_path(cache_dir: str, split: str) -> str:
+    """The index file of ``split`` (present only once the split is complete)."""
+    return os.path.join(cache_dir, f"{split}.index.npz")
+
+
+def skipped_path(cache_dir: str, split: str) -> str:
+    """The list of source files the build of ``split`` could not decode."""
+    return os.path.join(cache_dir, f"{split}.skipped.txt")
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """What a cache is built with; part of its fingerprint."""
+
+    cache_size: int = DEFAULT_CACHE_SIZE
+    cache_format: str = "jpeg"
+    quality: int = DEFAULT_JPEG_QUALITY
+
+    def __post_init__(self):
+        if not isinstance(self.cache_size, int) or self.cache_size < 1:
+            raise UserInputError(f"cache_size must be a positive integer (short side in pixels); got {self.cache_size!r}")
+        if self.cache_format not in CACHE_FORMATS:
+            raise UserInputError(f"cache_format must be one of {CACHE_FORMATS}; got {self.cache_format!r}")
+        if not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
+            raise UserInputError(f"cache quality must be an integer in [1, 100]; got {self.quality!r}")
+
+
+def source_fingerprint(dataset: str, split: str, root: str, paths: Sequence[str], labels: Sequence[int],
+                       classnames: Sequence[str], options: CacheOptions) -> str:
+    """SHA-256 over the source list (paths relative to ``root``, labels, class names) and options.
+
+    Paths enter relative to the root, so moving the data root keeps the cache valid; a changed
+    list, label, class name or option gives another fingerprint (a stale cache). Image contents
+    are not hashed (that would read the whole data set): rebuild after editing images in place.
+    """
+    h = hashlib.sha256()
+    head = {"magic": MAGIC, "version": VERSION, "dataset": dataset.lower(), "split": split,
+            "cache_size": options.cache_size, "cache_format": options.cache_format,
+            "quality": options.quality if options.cache_format == "jpeg" else None,
+            "classnames": list(classnames)}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for path, label in zip(paths, labels):
+        h.update(f"{os.path.relpath(path, root)}\t{int(label)}\n".encode())
+    return h.hexdigest()
+
+
+def write_index(path: str, arrays: Dict[str, np.ndarray], header: Dict[str, Any]) -> None:
+    """Write an index atomically (temporary file, fsync, rename)."""
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+INDEX_ARRAYS = ("offsets", "nbytes", "stored_hw", "orig_hw", "labels")
+
+
+def read_index(cache_dir: str, split: str, fingerprint: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """``(header, arrays)`` of a complete, intact split, or :class:`CacheError` saying what is wrong.
+
+    With ``fingerprint`` (of the source the caller is about to train on), a cache built from
+    another list or with other options is refused as stale.
+    """
+    ipath, dpath = index_path(cache_dir, split), data_path(cache_dir, split)
+    rebuild = f"build it with: liftplus-fast cache -d <dataset> --root <root> cache_dir {cache_dir}"
+    if not os.path.isfile(ipath):
+        if os.path.exists(dpath) or any(n.startswith(f".{split}.build-") for n in _listdir(cache_dir)):
+            raise CacheError(f"the {split!r} cache in {cache_dir!r} is incomplete (an interrupted or failed "
+                             f"build: {ipath!r} is missing); run the cache command again to resume it")
+        raise CacheError(f"no {split!r} cache in {cache_dir!r} ({ipath!r} not found); {rebuild}")
+    try:
+        with np.load(ipath, allow_pickle=False) as z:
+            header = json.loads(bytes(z["header"]).decode())
+            arrays = {k: z[k] for k in INDEX_ARRAYS}
+    except Exception as exc:  # any unreadable index is the same problem for the user
+        raise CacheError(f"{ipath!r} is not a readable cache index ({type(exc).__name__}: {exc}); "
+                         f"delete the folder and {rebuild}") from None
+    if header.get("magic") != MAGIC:
+        raise CacheError(f"{ipath!r} is not a liftplus_fast cache index")
+    if header.get("version") != VERSION:
+        raise CacheError(f"{ipath!r} has cache format version {header.get('version')}, this package "
+                         f"reads version {VERSION}; rebuild it with the cache command")
+    if not os.path.isfile(dpath):
+        raise CacheError(f"the {split!r} cache data file {dpath!r} is missing; rebuild it with the cache command")
+    size = os.path.getsize(dpath)
+    if size != header["data_bytes"]:
+        raise CacheError(f"the {split!r} cache data file {dpath!r} is truncated or was replaced "
+                         f"({size} bytes, the index expects {header['data_bytes']}); rebuild it with the cache command")
+    n = len(arrays["labels"])
+    if any(len(arrays[k]) != n for k in INDEX_ARRAYS) or (n and int((arrays["offsets"] + arrays["nbytes"]).max()) > size):
+        raise CacheError(f"{ipath!r} is inconsistent with its data file; rebuild it with the cache command")
+    if fingerprint is not None and header["fingerprint"] != fingerprint:
+        raise CacheError(f"the {split!r} cache in {cache_dir!r} is stale: it was built from another image list "
+                         f"or with other options (dataset {header.get('dataset')!r}, cache_size "
+                         f"{header.get('cache_size')}, cache_format {header.get('cache_format')!r}); "
+                         "rebuild it with the cache command")
+    return header, arrays
+
+
+def _listdir(folder: str) -> List[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def decode_stored(buffer: np.ndarray, height: int, width: int, cache_format: str) -> torch.Tensor:
+    """A stored image as a ``[3, H, W]`` uint8 tensor (``buffer``: its bytes, e.g. a memmap slice)."""
+    if cache_format == "raw":
+        return torch.from_numpy(np.array(buffer)).view(height, width, 3).permute(2, 0, 1)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(torch.from_numpy(np.array(buffer)), mode=ImageReadMode.RGB)
+
+
+class CachedImageDataset(Dataset):
+    """One split of a decode-once cache, as a data set of uint8 images.
+
+    ``dataset[i]`` or ``dataset[(epoch, i)]`` (the form :class:`EpochTaggedSampler` yields)
+    returns ``(image, label)``: with ``transform=None`` the stored ``[3, h, w]`` uint8 tensor,
+    otherwise ``transform(image, orig_hw, epoch)`` where ``orig_hw`` is the source image's
+    (height, width), so crop boxes are drawn as on the source and mapped onto the stored image.
+
+    Args:
+        cache_dir: the cache folder.
+        split: ``"train"`` or ``"test"``.
+        transform: a transform of :mod:`liftplus_fast.data.uint8_transforms` (or ``None``).
+        fingerprint: the fingerprint of the source the caller expects (``None``: not checked).
+        allow_skipped: accept a training split whose build skipped undecodable files.
+
+    Attributes: ``labels``, ``classnames``, ``num_classes``, ``cls_num_list``, ``orig_hw``,
+    ``stored_hw``, ``cache_format``, ``skipped`` (list of ``{"path", "reason"}``).
+    """
+
+    def __init__(self, cache_dir: str, split: str, transform: Optional[Callable] = None,
+                 fingerprint: Optional[str] = None, allow_skipped: bool = False):
+        header, arrays = read_index(cache_dir, split, fingerprint)
+        self.skipped: List[Dict[str, str]] = list(header.get("skipped", []))
+        if self.skipped and split == "train" and not allow_skipped:
+            raise CacheError(f"the training cache in {cache_dir!r} skipped {len(self.skipped)} image(s) that "
+                             f"could not be decoded (listed in {skipped_path(cache_dir, split)!r}, first: "
+                             f"{self.skipped[0]['path']!r}); fix or remove them and rebuild, or pass "
+                             "allow_skipped True to train without them")
+        self.cache_dir = cache_dir
+        self.split = split
+        self.transform = transform
+        self.header = header
+        self.cache_format: str = header["cache_format"]
+        self.cache_size: int = int(header["cache_size"])
+        self.offsets = arrays["offsets"].astype(np.int64)
+        self.nbytes = arrays["nbytes"].astype(np.int64)
+        self.stored_hw = arrays["stored_hw"].astype(np.int64)
+        self.orig_hw = arrays["orig_hw"].astype(np.int64)
+        self.labels: List[int] = [int(y) for y in arrays["labels"]]
+        self.classnames: List[str] = list(header["classnames"])
+        self.num_classes = len(self.classnames)
+        self.cls_num_list: List[int] = count_per_class(self.labels, self.num_classes)
+        self._data: Optional[np.memmap] = None
+        self._encoded = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self):
+        # Each DataLoader worker maps the file itself rather than pickling the mapping.
+        state = dict(self.__dict__)
+        state["_data"] = None
+        return state
+
+    def read(self, index: int) -> torch.Tensor:
+        """The stored image ``index`` as a ``[3, h, w]`` uint8 tensor."""
+        if self._data is None:
+            self._data = np.memmap(data_path(self.cache_dir, self.split), dtype=np.uint8, mode="r")
+        start = int(self.offsets[index])
+        h, w = (int(v) for v in self.stored_hw[index])
+        return decode_stored(self._data[start:start + int(self.nbytes[index])], h, w, self.cache_format)
+
+    def encoded(self) -> "CachedImageDataset":
+        """A view whose items are the stored bytes, undecoded: ``((bytes, stored_hw, orig_hw, epoch), label)``.
+
+        For decoding and augmenting on the GPU (:mod:`liftplus_fast.data.gpu_augment`): the
+        workers only slice the memory map.
+        """
+        view = copy.copy(self)
+        view._encoded = True
+        return view
+
+    def __getitem__(self, item):
+        epoch, index = item if isinstance(item, tuple) else (None, item)
+        if self._encoded:
+            if self._data is None:
+                self._data = np.memmap(data_path(self.cache_dir, self.split), dtype=np.uint8, mode="r")
+            start = int(self.offsets[index])
+            blob = torch.from_numpy(np.array(self._data[start:start + int(self.nbytes[index])]))
+            return (blob, tuple(int(v) for v in self.stored_hw[index]),
+                    tuple(int(v) for v in self.orig_hw[index]), epoch), self.labels[index]
+        image = self.read(index)
+        if self.transform is not None:
+            image = self.transform(image, tuple(int(v) for v in self.orig_hw[index]), epoch)
+        return image, self.labels[index]

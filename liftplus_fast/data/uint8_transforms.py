@@ -1,0 +1,212 @@
+"""MDA, test and five-crop TTE transforms on uint8 tensors of cached images, and batched normalisation.
+
+The reference transforms (:mod:`liftplus_fast.data.transforms`) work on the decoded source
+image with PIL and return normalised float tensors. These work on the image stored in the
+decode-once cache (short side at most ``cache_size``) and return uint8 tensors, normalised
+later per batch (:func:`normalize_batch`, in the main process or on the GPU), which also
+moves 4x fewer bytes from the DataLoader workers.
+
+* Crop boxes are drawn exactly as the reference draws them: the same function
+  (:func:`~liftplus_fast.data.transforms.sample_square_box`), with the *source* image's size,
+  so a seeded run draws the same boxes with and without the cache; the box is then mapped onto
+  the stored image (the identity when the cache kept the image at full size).
+* The test resize keeps the reference's output size (computed from the source size), so the
+  centre crop and the five TTE crops have exactly the reference geometry.
+* The MDA schedule takes the epoch as an argument (tagged onto every index by
+  :class:`EpochTaggedSampler`), so persistent workers and GPU-side augmentation need no
+  per-epoch call into a worker.
+
+Resizes are bicubic with antialiasing (torchvision's uint8 kernels, which match PIL's to
+~0.1/255 mean absolute error) and run on whatever device the image tensor is on.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Tuple
+
+import torch
+import torchvision.transforms.v2.functional as F
+from torch.utils.data import Sampler
+from torchvision.transforms import InterpolationMode
+
+from .transforms import MDA_FUNCS, mda_min_scale, sample_square_box
+from ..errors import UserInputError
+
+HW = Tuple[int, int]
+
+
+def resized_output_size(orig_hw: HW, short: int) -> HW:
+    """``torchvision.transforms.Resize(short)``'s output (height, width) for an image of ``orig_hw``."""
+    h, w = orig_hw
+    lo, hi = min(h, w), max(h, w)
+    new_long = int(short * hi / lo)
+    return (short, new_long) if h <= w else (new_long, short)
+
+
+def map_box(box: Tuple[int, int, int, int], orig_hw: HW, stored_hw: HW) -> Tuple[int, int, int, int]:
+    """A ``(top, left, height, width)`` box on the source image, on the stored image instead.
+
+    Edges are scaled and rounded to the nearest stored pixel (at least one pixel wide); the
+    identity when the image was stored at full size.
+    """
+    if tuple(orig_hw) == tuple(stored_hw):
+        return box
+    top, left, h, w = box
+    sy, sx = stored_hw[0] / orig_hw[0], stored_hw[1] / orig_hw[1]
+    t, b = int(round(top * sy)), int(round((top + h) * sy))
+    l, r = int(round(left * sx)), int(round((left + w) * sx))
+    t, l = min(t, stored_hw[0] - 1), min(l, stored_hw[1] - 1)
+    return t, l, max(1, b - t), max(1, r - l)
+
+
+def _resize(image: torch.Tensor, hw: HW) -> torch.Tensor:
+    return F.resize(image, list(hw), interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+
+class CachedMDACrop:
+    """MDA's square random-resized crop on a stored uint8 image; call with the epoch.
+
+    ``crop(image, orig_hw, epoch)`` draws ``(top, left, side, side)`` for the source size
+    ``orig_hw`` at ``mda_min_scale(epoch, num_epochs, sched_func)``, maps it onto ``image``
+    and returns the ``[3, size, size]`` uint8 crop.
+    """
+
+    def __init__(self, size: int, num_epochs: int, sched_func: str = "convex",
+                 scale: Tuple[float, float] = (0.08, 1.0)):
+        if sched_func not in MDA_FUNCS:
+            raise UserInputError(f"unknown MDA schedule {sched_func!r}; expected one of {MDA_FUNCS}")
+        if num_epochs < 1:
+            raise UserInputError(f"num_epochs must be >= 1; got {num_epochs!r}")
+        self.size = int(size)
+        self.num_epochs = int(num_epochs)
+        self.sched_func = sched_func
+        self.scale = tuple(scale)
+
+    def sample(self, orig_hw: HW, epoch: int) -> Tuple[int, int, int, int]:
+        """The crop box on the source image (the reference's draws)."""
+        if epoch is None:
+            raise UserInputError("CachedMDACrop needs the epoch: index the data set with (epoch, index), "
+                             "e.g. through EpochTaggedSampler")
+        lo = mda_min_scale(int(epoch), self.num_epochs, self.sched_func, self.scale[0], self.scale[1])
+        return sample_square_box(int(orig_hw[0]), int(orig_hw[1]), lo, self.scale[1])
+
+    def __call__(self, image: torch.Tensor, orig_hw: HW, epoch: int) -> torch.Tensor:
+        top, left, h, w = map_box(self.sample(orig_hw, epoch), orig_hw, tuple(image.shape[-2:]))
+        return F.resized_crop(image, top, left, h, w, [self.size, self.size],
+                              interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, num_epochs={self.num_epochs}, "
+                f"sched_func={self.sched_func!r}, scale={self.scale})")
+
+
+class CachedResizeCrop:
+    """Resize the short side to ``resize_to`` (the reference's output size), then crop ``size``.
+
+    ``five_crop=False``: the centre crop, ``[3, size, size]``; ``True``: the five crops of
+    ``torchvision.transforms.FiveCrop`` in its order, ``[5, 3, size, size]``.
+    """
+
+    def __init__(self, size: int, resize_to: int, five_crop: bool = False):
+        self.size = int(size)
+        self.resize_to = int(resize_to)
+        self.five_crop = bool(five_crop)
+
+    def __call__(self, image: torch.Tensor, orig_hw: HW, epoch: Optional[int] = None) -> torch.Tensor:
+        image = _resize(image, resized_output_size(orig_hw, self.resize_to))
+        if self.five_crop:
+            return torch.stack(F.five_crop(image, [self.size, self.size]))
+        return F.center_crop(image, [self.size, self.size])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, resize_to={self.resize_to}, five_crop={self.five_crop})"
+
+
+def build_cached_train_transform(cfg):
+    """The cached counterpart of :func:`~liftplus_fast.data.transforms.build_train_transform` (MDA only)."""
+    if not cfg.mda:
+        raise UserInputError("data_cache trains with MDA (mda True); the RandomResizedCrop + flip "
+                         "augmentation of mda False runs on the reference path (data_cache None)")
+    return CachedMDACrop(cfg.resolution, cfg.num_epochs, cfg.mda_func)
+
+
+def build_cached_test_transform(cfg) -> CachedResizeCrop:
+    """The cached counterpart of :func:`~liftplus_fast.data.transforms.build_test_transform`."""
+    res = cfg.resolution
+    if cfg.tte:
+        return CachedResizeCrop(res, res + (cfg.expand if cfg.expand is not None else 24), five_crop=True)
+    return CachedResizeCrop(res, res + (cfg.expand if cfg.expand is not None else res // 7))
+
+
+def build_cached_plain_transform(cfg) -> CachedResizeCrop:
+    """The cached counterpart of :func:`~liftplus_fast.data.transforms.build_plain_transform`."""
+    return CachedResizeCrop(cfg.resolution, cfg.resolution)
+
+
+def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` images to ``(x / 255 - mean) / std`` in ``dtype`` (one fused pass per batch)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_batch expects uint8 images; got {images.dtype}")
+    shape = (3, 1, 1)
+    m = torch.as_tensor(mean, dtype=dtype, device=images.device).view(shape)
+    s = torch.as_tensor(std, dtype=dtype, device=images.device).view(shape)
+    # (x / 255 - m) / s == x * (1 / (255 s)) - m / s, in place on the one float copy (an
+    # out-of-place addcmul allocates a second batch-sized buffer and is ~1.8x slower).
+    return images.to(dtype).mul_(1.0 / (255.0 * s)).add_(-m / s)
+
+
+class EpochTaggedSampler(Sampler):
+    """Yields ``(epoch, index)`` for each index of ``sampler``, so transforms receive the epoch.
+
+    :meth:`set_epoch` sets the tag (and forwards to the wrapped sampler when it has one, e.g.
+    ``DistributedSampler``). The order of the wrapped sampler is unchanged.
+    """
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tag the following indices with ``epoch``."""
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class NormalizedLoader:
+    """Wraps a DataLoader of uint8 batches: moves each batch to ``device`` and normalises it there.
+
+    Iterates like the wrapped loader (``(images, labels)``); other attributes (``sampler``,
+    ``generator``, ``dataset``, ``len``) are the wrapped loader's.
+    """
+
+    def __init__(self, loader, mean: Sequence[float], std: Sequence[float], device=None):
+        self.loader = loader
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.device = torch.device(device) if device is not None else None
+
+    def __iter__(self):
+        # Start the wrapped iterator now, as iterating the loader itself would: its seed draws
+        # (and so the crops) then match those of an unwrapped loader.
+        return self._normalized(iter(self.loader))
+
+    def _normalized(self, batches):
+        for images, labels in batches:
+            if self.device is not None:
+                images = images.to(self.device, non_blocking=True)
+            yield normalize_batch(images, self.mean, self.std), labels
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        if name == "loader":  # not yet set (unpickling): avoid recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)

@@ -1,0 +1,132 @@
+"""Tuner files the PEFT way: ``tuner.safetensors`` plus ``tuner_config.json`` in one folder.
+
+``tuner.safetensors`` holds only the trained tensors, under the published checkpoint's key
+names (``image_encoder.blocks.{i}.adaptformer.*``, ``classifier.weight``). ``tuner_config.json``
+holds everything needed to rebuild the model around a CLIP: the method and every option, the
+backbone name and weights tag, the class names and training class counts. The published-format
+``checkpoint.pth.tar`` (see :mod:`liftplus_fast.checkpoint`) stays the interchange format with
+the published code; these files are for sharing and deploying a tuner without pickles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import torch
+
+from ..checkpoint import atomic_write_bytes, atomic_write_json
+from ..config import LiftConfig
+
+__all__ = ["CONFIG_NAME", "FORMAT", "TENSORS_NAME", "format_trainable_parameters", "load_tuner",
+           "read_tuner_config", "save_tuner", "trainable_parameters"]
+
+TENSORS_NAME = "tuner.safetensors"
+CONFIG_NAME = "tuner_config.json"
+FORMAT = "liftplus_fast.tuner/1"
+
+
+def trainable_parameters(model) -> tuple:
+    """``(trainable, total)`` parameter counts of ``model`` (tuner vs. everything)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_tuner(model, path: str) -> None:
+    """Write ``path/tuner.safetensors`` and ``path/tuner_config.json`` for a ``LiftModel``.
+
+    Both files are written to temporary names and renamed, the tensors first, so a reader never
+    sees a config without its tensors.
+    """
+    from safetensors.torch import save
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"path must be a folder for {TENSORS_NAME} and {CONFIG_NAME}; {path!r} is a file")
+    # safetensors refuses tensors that share storage; the export already holds separate copies.
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.official_tuner_state_dict().items()}
+    trainable, total = trainable_parameters(model)
+    config = {
+        "format": FORMAT,
+        "method": model.cfg.method,
+        "backbone": model.cfg.backbone,
+        "pretrained": model.cfg.pretrained,
+        "num_classes": model.num_classes,
+        "classnames": model.classnames,
+        "cls_num_list": [int(c) for c in model.cls_num.tolist()],
+        "feature_dim": int(model.feature_dim),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "config": model.cfg.to_dict(),
+    }
+    os.makedirs(path, exist_ok=True)
+    payload = save(tensors, metadata={"format": FORMAT})
+    atomic_write_bytes(os.path.join(path, TENSORS_NAME), lambda f: f.write(payload))
+    atomic_write_json(os.path.join(path, CONFIG_NAME), config)
+
+
+def read_tuner_config(path: str) -> dict:
+    """The parsed ``tuner_config.json`` of folder ``path`` (``FileNotFoundError``/``ValueError``
+    naming the file when it is missing or not one of these configs)."""
+    file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}: pass the folder written by model.save_tuner")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except ValueError as exc:
+        raise ValueError(f"{file!r} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{file!r} is not a liftplus_fast tuner config (format {FORMAT!r} expected)")
+    return config
+
+
+def load_tuner(path: str, clip_model=None, tokenizer=None, device=None):
+    """Rebuild the ``LiftModel`` saved by :func:`save_tuner` in folder ``path``.
+
+    Args:
+        path: the folder holding ``tuner.safetensors`` and ``tuner_config.json``.
+        clip_model: the frozen CLIP to wrap (used in place). ``None`` loads the backbone named in
+            the config with its ``pretrained`` weights (a tag or a local file).
+        tokenizer: for a zero-shot text head; defaults to the backbone's.
+        device: where the model goes; default the CLIP's device.
+
+    Returns:
+        The ``LiftModel`` with the saved tuner, in eval mode.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .backbones import load_clip
+    from .lift_model import build_lift_model
+
+    config = read_tuner_config(path)
+    tensors_file = os.path.join(path, TENSORS_NAME)
+    if not os.path.isfile(tensors_file):
+        raise FileNotFoundError(f"no {TENSORS_NAME} in {path!r} (the config is there: a partial copy?)")
+    cfg = LiftConfig.from_dict(config["config"])
+    if clip_model is None:
+        clip_model, tokenizer = load_clip(cfg.backbone, cfg.pretrained, device=device or "cpu")
+    width = clip_model.visual.conv1.weight.shape[0] if hasattr(clip_model.visual, "conv1") else None
+    if width is not None and config.get("feature_dim") not in (None, width):
+        raise ValueError(f"the tuner in {path!r} was trained on a {config['feature_dim']}-wide "
+                         f"{config['backbone']!r}; clip_model is {width} wide")
+    try:
+        state = load_file(tensors_file)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"could not read {tensors_file!r}: {exc}") from None
+    # The saved classifier replaces any initialisation: skip the text-encoder pass of "semantic".
+    build_cfg = dataclasses.replace(cfg, classifier_init=None, apply_preset=False) if cfg.classifier else cfg
+    model = build_lift_model(clip_model, build_cfg, config["cls_num_list"], config["classnames"],
+                             tokenizer=tokenizer)
+    model.cfg = cfg
+    model.load_official_tuner(state)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def format_trainable_parameters(model) -> str:
+    """``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330`` (PEFT's line)."""
+    trainable, total = trainable_parameters(model)
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100.0 * trainable / max(total, 1):.4f}")

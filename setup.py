@@ -6,6 +6,7 @@ and writes liftplus_fast/_build_info.json (torch version, CUDA on/off, arch list
 Environment: LIFTPLUS_FAST_CUDA=0/1, TORCH_CUDA_ARCH_LIST, LIFTPLUS_FAST_BUILD_TYPE,
 LIFTPLUS_FAST_NO_EXTENSION=1 (pure-Python install), MAX_JOBS.
 """
+
 import json
 import os
 import re
@@ -46,7 +47,8 @@ class CMakeBuild(build_ext):
             raise RuntimeError(
                 "liftplus_fast's native extension is compiled against the installed torch, which this "
                 "build cannot import: install torch first, then build without isolation: "
-                "pip install --no-build-isolation . (or set LIFTPLUS_FAST_NO_EXTENSION=1)") from None
+                "pip install --no-build-isolation . (or set LIFTPLUS_FAST_NO_EXTENSION=1)"
+            ) from None
 
         output = os.path.abspath(self.get_ext_fullpath(ext.name))
         # A fixed build folder keeps CMake's incremental builds across (editable) reinstalls.
@@ -56,10 +58,16 @@ class CMakeBuild(build_ext):
         ninja = _tool("ninja")
         if cmake is None:
             raise RuntimeError("cmake is required to build liftplus_fast: pip install cmake ninja")
-        args = [cmake, "-S", ROOT, "-B", build_dir,
-                f"-DPython_EXECUTABLE={sys.executable}",
-                f"-DLIFTPLUS_FAST_OUTPUT={output}",
-                f"-DCMAKE_BUILD_TYPE={os.environ.get('LIFTPLUS_FAST_BUILD_TYPE', 'Release')}"]
+        args = [
+            cmake,
+            "-S",
+            ROOT,
+            "-B",
+            build_dir,
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DLIFTPLUS_FAST_OUTPUT={output}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('LIFTPLUS_FAST_BUILD_TYPE', 'Release')}",
+        ]
         if ninja is not None:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         subprocess.check_call(args)
@@ -75,8 +83,10 @@ class CMakeBuild(build_ext):
     @staticmethod
     def _write_build_info(build_dir, out_dir, torch):
         cache = open(os.path.join(build_dir, "CMakeCache.txt")).read()
-        cuda = bool(re.search(r"^CMAKE_CUDA_COMPILER:\w+=.+$", cache, re.M)) and \
-            os.environ.get("LIFTPLUS_FAST_CUDA", "") != "0"
+        cuda = (
+            bool(re.search(r"^CMAKE_CUDA_COMPILER:\w+=.+$", cache, re.M))
+            and os.environ.get("LIFTPLUS_FAST_CUDA", "") != "0"
+        )
         info = {
             "torch_version": torch.__version__,
             "cuda": cuda,

@@ -5,11 +5,12 @@ Candidates: "reference" (the eager oracle, the published code's structure), "com
 CPU backend). Shapes (docs/benchmarks.md): N = B·197 ViT-B/16 tokens, D = 768, r ∈ {4, 8, 32, 256};
 activations fp32 or bf16, adapter parameters fp32 (the precision policy).
 """
+
 from __future__ import annotations
 
+import common
 import torch
 
-import common
 import liftplus_fast as lf
 from liftplus_fast.ops import reference
 
@@ -22,10 +23,15 @@ def _inputs(batch: int, d: int, r: int, dtype: torch.dtype, grad: bool):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(batch, TOKENS, d, generator=g).to(dtype)
     m = torch.randn(batch, TOKENS, d, generator=g).to(dtype)
-    params = [1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
-              torch.randn(r, d, generator=g) / d ** 0.5, 0.1 * torch.randn(r, generator=g),
-              torch.randn(d, r, generator=g) / r ** 0.5, 0.1 * torch.randn(d, generator=g),
-              torch.tensor(1.0)]
+    params = [
+        1 + 0.1 * torch.randn(d, generator=g),
+        0.1 * torch.randn(d, generator=g),
+        torch.randn(r, d, generator=g) / d**0.5,
+        0.1 * torch.randn(r, generator=g),
+        torch.randn(d, r, generator=g) / r**0.5,
+        0.1 * torch.randn(d, generator=g),
+        torch.tensor(1.0),
+    ]
     tensors = [a, m] + params
     for t in tensors:
         t.requires_grad_(grad)
@@ -36,11 +42,11 @@ def bytes_moved(n: int, d: int, r: int, dtype: torch.dtype, backward: bool) -> i
     """Compulsory traffic of the fused op: activations once each way, saved stats and Z."""
     e = torch.tensor([], dtype=dtype).element_size()
     params = 4 * (4 * d + 2 * r * d + r + 1)
-    saved = 4 * (2 * n + n * r)                 # mean, rstd, z (fp32)
-    fwd = 3 * n * d * e + saved + params         # read A, M; write Y
+    saved = 4 * (2 * n + n * r)  # mean, rstd, z (fp32)
+    fwd = 3 * n * d * e + saved + params  # read A, M; write Y
     if not backward:
         return fwd
-    bwd = 3 * n * d * e + saved + 2 * params     # read G, A; write dA (dM is G itself)
+    bwd = 3 * n * d * e + saved + 2 * params  # read G, A; write dA (dM is G itself)
     return fwd + bwd
 
 
@@ -65,10 +71,12 @@ def _candidates(fn_ref, fn_compiled, make_inputs, backward: bool):
 
     def make(fn):
         if not backward:
+
             def run():
                 tensors, _ = make_inputs()
                 with torch.no_grad():
                     return fn(*tensors)
+
             return run
 
         def run_bwd():
@@ -76,6 +84,7 @@ def _candidates(fn_ref, fn_compiled, make_inputs, backward: bool):
             fn(*tensors).backward(grad_out)
             for t in tensors:
                 t.grad = None
+
         return run_bwd
 
     return {"reference": make(fn_ref), "compile": make(fn_compiled), "fused": make(fused)}
@@ -103,6 +112,7 @@ def _away_from_kink(tensors, margin: float = 1e-5):
 
 def _accuracy(make_inputs, candidates):
     """Max relative error of the output and all gradients against the float64 reference."""
+
     def measure():
         timed, grad_out = make_inputs()
         tensors = _away_from_kink(timed)
@@ -118,6 +128,7 @@ def _accuracy(make_inputs, candidates):
             y.backward(grad_out)
             errors[name] = common.max_rel_error([y] + [t.grad for t in tensors], truth)
         return errors
+
     return measure
 
 
@@ -129,6 +140,7 @@ def _case(batch: int, r: int, dtype: torch.dtype, backward: bool, d: int = D):
         def build():
             tensors = _inputs(batch, d, r, dtype, backward)
             return tensors, torch.randn_like(tensors[0])
+
         return _lazy_inputs(key, build)
 
     mode = "fwd+bwd" if backward else "fwd"

@@ -16,6 +16,7 @@ bottleneck) with and without the cache.
 
 Standalone: ``python benchmarks/bench_input_pipeline.py [--smoke]`` (under 3 minutes in full).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,12 +31,17 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
+
 from liftplus_fast import fast_train, make_config  # noqa: E402
 from liftplus_fast.data import build_dataset, build_test_transform, build_train_transform  # noqa: E402
 from liftplus_fast.data.cache_build import build_cache, open_source_cache  # noqa: E402
 from liftplus_fast.data.synthetic_images import PHOTO_SIZES, write_image_folder  # noqa: E402
-from liftplus_fast.data.uint8_transforms import (EpochTaggedSampler, NormalizedLoader,  # noqa: E402
-                                                 build_cached_test_transform, build_cached_train_transform)
+from liftplus_fast.data.uint8_transforms import (  # noqa: E402
+    EpochTaggedSampler,
+    NormalizedLoader,
+    build_cached_test_transform,
+    build_cached_train_transform,
+)
 
 NAME = "input_pipeline"
 WORKERS = int(os.environ.get("LIFTPLUS_FAST_BENCH_WORKERS", "2"))
@@ -66,8 +72,12 @@ def _bytes(folder: str) -> int:
 
 def _run_loader(dataset, cached: bool, cfg, epoch_tags: bool):
     sampler = torch.utils.data.SequentialSampler(dataset)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=_workers,
-                                         sampler=EpochTaggedSampler(sampler) if epoch_tags and cached else sampler)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=32,
+        num_workers=_workers,
+        sampler=EpochTaggedSampler(sampler) if epoch_tags and cached else sampler,
+    )
     batches = NormalizedLoader(loader, cfg.mean, cfg.std) if cached else loader
     n = 0
     for images, _ in batches:
@@ -81,7 +91,9 @@ def _transform_case(name, split, cfg, root, caches, ref_transform, cached_transf
     sets = {"reference": (ref_set, False)}
     for fmt, cdir in caches.items():
         sets["cached" if fmt == "jpeg" else "cached_raw"] = (
-            open_source_cache("imagefolder", root, split, cdir, transform=cached_transform), True)
+            open_source_cache("imagefolder", root, split, cdir, transform=cached_transform),
+            True,
+        )
     n = len(ref_set)
     tags = split == "train"
     candidates = {cand: (lambda ds=ds, c=c: _run_loader(ds, c, cfg, tags)) for cand, (ds, c) in sets.items()}
@@ -90,14 +102,31 @@ def _transform_case(name, split, cfg, root, caches, ref_transform, cached_transf
     for fmt, cdir in caches.items():
         b = os.path.getsize(os.path.join(cdir, f"{split}.data"))
         notes.append(f"{fmt} cache {b / 2**20:.1f} MiB ({b / src_bytes:.2f}x the source bytes)")
-    return common.Case(name=f"{name} res={cfg.resolution} n={n}", params={"images": n, "workers": _workers},
-                       candidates=candidates, notes=notes, measure_memory=False, items=n, repeats=3)
+    return common.Case(
+        name=f"{name} res={cfg.resolution} n={n}",
+        params={"images": n, "workers": _workers},
+        candidates=candidates,
+        notes=notes,
+        measure_memory=False,
+        items=n,
+        repeats=3,
+    )
 
 
 def _epoch_case(root, cdir, smoke):
-    kwargs = dict(dataset="imagefolder", root=root, backbone="tiny_vit", pretrained=None, resolution=32,
-                  batch_size=16, num_epochs=1, num_workers=_workers, progress=False, output_dir=None,
-                  classifier_init="semantic")
+    kwargs = dict(
+        dataset="imagefolder",
+        root=root,
+        backbone="tiny_vit",
+        pretrained=None,
+        resolution=32,
+        batch_size=16,
+        num_epochs=1,
+        num_workers=_workers,
+        progress=False,
+        output_dir=None,
+        classifier_init="semantic",
+    )
     timings: dict = {}
 
     def run(**extra):
@@ -105,6 +134,7 @@ def _epoch_case(root, cdir, smoke):
             r = fast_train(**kwargs, **extra)
             timings.setdefault("cached" if extra else "reference", []).append(r.timings)
             return r
+
         return call
 
     def report():
@@ -112,14 +142,24 @@ def _epoch_case(root, cdir, smoke):
 
         train_s = {c: statistics.median(t["train_s"] for t in ts) for c, ts in timings.items()}
         ratio = train_s["reference"] / train_s["cached"]
-        return {"train_epoch_s": train_s, "train_epoch_speedup": ratio,
-                "notes": [f"training epoch alone: reference {train_s['reference']:.2f} s, cached "
-                          f"{train_s['cached']:.2f} s ({ratio:.2f}x)"]}
+        return {
+            "train_epoch_s": train_s,
+            "train_epoch_speedup": ratio,
+            "notes": [
+                f"training epoch alone: reference {train_s['reference']:.2f} s, cached "
+                f"{train_s['cached']:.2f} s ({ratio:.2f}x)"
+            ],
+        }
 
-    return common.Case(name="tiny_vit epoch + test (fast_train)", params={"workers": _workers},
-                       candidates={"reference": run(), "cached": run(data_cache=cdir)},
-                       notes=["one fast_train call: setup, one training epoch, evaluation"],
-                       measure_memory=False, repeats=1 if smoke else 3, report=report)
+    return common.Case(
+        name="tiny_vit epoch + test (fast_train)",
+        params={"workers": _workers},
+        candidates={"reference": run(), "cached": run(data_cache=cdir)},
+        notes=["one fast_train call: setup, one training epoch, evaluation"],
+        measure_memory=False,
+        repeats=1 if smoke else 3,
+        report=report,
+    )
 
 
 def cases(smoke: bool):
@@ -137,12 +177,29 @@ def cases(smoke: bool):
     cfg = make_config("lift+", {"resolution": res, "num_epochs": 5})
     tte_cfg = make_config("lift+", {"resolution": res, "tte": True})
     out = [
-        _transform_case("train (MDA)", "train", cfg, root, caches, build_train_transform(cfg),
-                        build_cached_train_transform(cfg), smoke),
-        _transform_case("test", "test", cfg, root, caches, build_test_transform(cfg),
-                        build_cached_test_transform(cfg), smoke),
-        _transform_case("test TTE (5 crops)", "test", tte_cfg, root, caches, build_test_transform(tte_cfg),
-                        build_cached_test_transform(tte_cfg), smoke),
+        _transform_case(
+            "train (MDA)",
+            "train",
+            cfg,
+            root,
+            caches,
+            build_train_transform(cfg),
+            build_cached_train_transform(cfg),
+            smoke,
+        ),
+        _transform_case(
+            "test", "test", cfg, root, caches, build_test_transform(cfg), build_cached_test_transform(cfg), smoke
+        ),
+        _transform_case(
+            "test TTE (5 crops)",
+            "test",
+            tte_cfg,
+            root,
+            caches,
+            build_test_transform(tte_cfg),
+            build_cached_test_transform(tte_cfg),
+            smoke,
+        ),
         _epoch_case(root, caches["jpeg"], smoke),
     ]
     return out

@@ -12,13 +12,14 @@ Peak memory (the driver's ``peak_memory_bytes``: profiler allocation events, all
 frees in time order, above the level at the call) includes the gradients, which are outputs;
 the note of each forward+backward case gives the extra memory without them.
 """
+
 from __future__ import annotations
 
 import os
 
+import common
 import torch
 
-import common
 from liftplus_fast import ops as lf_ops
 from liftplus_fast.ops import reference
 
@@ -39,15 +40,18 @@ def _inputs(b, k, dtype, seed=0):
 
 def _candidate(fn, feat, weight, labels, log_prior, backward):
     if backward:
+
         def run():
             loss = fn(feat, weight, labels, log_prior, 25.0, 1.0, False)
             loss.backward()
             feat.grad = None
             weight.grad = None
     else:
+
         def run():
             with torch.no_grad():
                 return fn(feat, weight, labels, log_prior, 25.0, 1.0, False)
+
     return run
 
 
@@ -68,15 +72,23 @@ def make_case(b, k, dtype, backward):
         bytes_moved, flops = in_bytes, gemm
     tag = "fwd_bwd" if backward else "fwd"
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    case = common.Case(f"{tag} B={b} K={k} {dt}", {"B": b, "K": k, "D": D, "dtype": dt, "pass": tag},
-                       candidates, bytes_moved=bytes_moved, flops=flops)
+    case = common.Case(
+        f"{tag} B={b} K={k} {dt}",
+        {"B": b, "K": k, "D": D, "dtype": dt, "pass": tag},
+        candidates,
+        bytes_moved=bytes_moved,
+        flops=flops,
+    )
     if backward and b * k > STORE_BUDGET:
-        case.notes.append("fused: B·K above the single-chunk budget, the logits GEMM is recomputed "
-                          "per chunk (4 GEMMs instead of 3) to keep O(B·chunk) memory")
+        case.notes.append(
+            "fused: B·K above the single-chunk budget, the logits GEMM is recomputed "
+            "per chunk (4 GEMMs instead of 3) to keep O(B·chunk) memory"
+        )
     if backward:
         grads_mb = common.tensor_bytes(feat, weight) / 2**20
-        case.notes.append(f"peak memory includes the gradients ({grads_mb:.1f} MB, outputs); "
-                          f"extra = peak − {grads_mb:.1f} MB")
+        case.notes.append(
+            f"peak memory includes the gradients ({grads_mb:.1f} MB, outputs); extra = peak − {grads_mb:.1f} MB"
+        )
     return case
 
 

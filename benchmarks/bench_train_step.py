@@ -19,6 +19,7 @@ through ``run.py``): a tiny ViT. The flops column counts the GEMMs of the step, 
 GEMM rate gives the compute floor; ``--profile`` prints where the fast bf16 step spends its
 time. Run standalone: ``python benchmarks/bench_train_step.py [--quick] [--profile]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
 from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
 from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
 from liftplus_fast.train import make_optimizer  # noqa: E402
@@ -56,8 +58,11 @@ def backend(name):
 def _step_fn(model, images, labels, backend_name, autocast, compile_loss=False, fast_optim=False):
     params = [p for p in model.tuner.parameters() if p.requires_grad]
     cfg = model.cfg
-    optim = make_optimizer(params, cfg) if fast_optim else \
-        torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optim = (
+        make_optimizer(params, cfg)
+        if fast_optim
+        else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    )
 
     def loss_fn(x, y):
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -74,6 +79,7 @@ def _step_fn(model, images, labels, backend_name, autocast, compile_loss=False, 
             loss.backward()
             optim.step()
             optim.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -94,10 +100,16 @@ def _models(name, k, size):
     classnames = [f"class {i}" for i in range(k)]
     models = {}
     first = None
-    for cand, prec in (("reference_fp32", "fp32"), ("reference", "fp32"), ("compile", "fp32"),
-                       ("fast_fp32", "fp32"), ("fast_bf16", "bf16")):
-        cfg = make_config("lift+", {"num_classes": k, "resolution": size, "prec_train": prec,
-                                    "classifier_init": "random"})
+    for cand, prec in (
+        ("reference_fp32", "fp32"),
+        ("reference", "fp32"),
+        ("compile", "fp32"),
+        ("fast_fp32", "fp32"),
+        ("fast_bf16", "bf16"),
+    ):
+        cfg = make_config(
+            "lift+", {"num_classes": k, "resolution": size, "prec_train": prec, "classifier_init": "random"}
+        )
         model = build_lift_model(copy.deepcopy(clip), cfg, counts, classnames, tokenizer)
         for attr in ("transformer", "token_embedding", "ln_final"):  # text tower: unused here
             if hasattr(model.clip, attr):
@@ -126,10 +138,16 @@ def make_case(name, size, batch, k):
     width, layers = v.conv1.weight.shape[0], len(v.transformer.resblocks)
     tokens = (size // v.conv1.weight.shape[-1]) ** 2 + 1
     r = models["fast_bf16"].image_encoder.blocks[0].tuner.adaptformer.down.weight.shape[0]
-    case = common.Case(f"{name} B={batch} K={k} step", {"backbone": name, "B": batch, "K": k},
-                       candidates, flops=_vit_gemm_flops(width, layers, tokens, batch, r, k))
-    case.notes.append("reference/compile/fast_bf16 are bf16 (reference = bf16 autocast); "
-                      "fast_bf16 is also the default prec_train=amp on CPU")
+    case = common.Case(
+        f"{name} B={batch} K={k} step",
+        {"backbone": name, "B": batch, "K": k},
+        candidates,
+        flops=_vit_gemm_flops(width, layers, tokens, batch, r, k),
+    )
+    case.notes.append(
+        "reference/compile/fast_bf16 are bf16 (reference = bf16 autocast); "
+        "fast_bf16 is also the default prec_train=amp on CPU"
+    )
     return case, models, images, labels
 
 
@@ -140,8 +158,16 @@ def cases(smoke: bool):
 
 # --- standalone run -----------------------------------------------------------------------------
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul",
-            "aten::mkldnn_convolution", "aten::convolution")
+GEMM_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::linear",
+    "aten::matmul",
+    "aten::mkldnn_convolution",
+    "aten::convolution",
+)
 
 
 def _category(name: str) -> str:
@@ -199,8 +225,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="profile table of the fast bf16 step")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "train_step_standalone.json"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step_standalone.json"),
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -210,10 +238,11 @@ def main(argv=None):
     else:
         shapes = [("ViT-B-16", 224, 32, 100), ("ViT-B-16", 224, 32, 1000)]
     repeats = args.repeats or (3 if (args.quick or args.smoke) else 5)
-    gemm = {"fp32": common.gemm_throughput("cpu", torch.float32),
-            "bf16": common.gemm_throughput("cpu", torch.bfloat16)}
-    print(f"measured GEMM rate: fp32 {gemm['fp32'] / 1e9:.0f} GFLOP/s, bf16 {gemm['bf16'] / 1e9:.0f} GFLOP/s "
-          f"({args.threads} threads)")
+    gemm = {"fp32": common.gemm_throughput("cpu", torch.float32), "bf16": common.gemm_throughput("cpu", torch.bfloat16)}
+    print(
+        f"measured GEMM rate: fp32 {gemm['fp32'] / 1e9:.0f} GFLOP/s, bf16 {gemm['bf16'] / 1e9:.0f} GFLOP/s "
+        f"({args.threads} threads)"
+    )
     results = []
     for shape in shapes:
         case, models, images, labels = make_case(*shape)
@@ -223,13 +252,18 @@ def main(argv=None):
         batch = shape[2]
         print(f"\n## {case.name} ({repeats} interleaved repeats, median)")
         print(f"{'candidate':16s} {'s/step':>8s} {'img/s':>7s} {'peak MB':>8s} {'GEMM floor':>10s}")
-        row = {"case": case.name, "s": med, "images_per_s": {n: batch / t for n, t in med.items()},
-               "peak_mb": {n: m / 2 ** 20 for n, m in mem.items()}, "gemm_floor_fraction": {}}
+        row = {
+            "case": case.name,
+            "s": med,
+            "images_per_s": {n: batch / t for n, t in med.items()},
+            "peak_mb": {n: m / 2**20 for n, m in mem.items()},
+            "gemm_floor_fraction": {},
+        }
         for n, t in med.items():
             rate = gemm["bf16"] if n in BF16 else gemm["fp32"]
             floor = case.flops / rate / t
             row["gemm_floor_fraction"][n] = floor
-            pm = f"{mem[n] / 2 ** 20:8.0f}" if n in mem else f"{'-':>8s}"
+            pm = f"{mem[n] / 2**20:8.0f}" if n in mem else f"{'-':>8s}"
             print(f"{n:16s} {t:8.3f} {batch / t:7.2f} {pm} {floor:10.2f}")
         ratios = {
             "fast_bf16 / reference (bf16 autocast)": med["reference"] / med["fast_bf16"],

@@ -3,11 +3,12 @@
 Cases: C = 5, B ∈ {64, 256}, K ∈ {1000, 8142}, fp32 and bf16, with labels (per-class hits).
 Bytes moved: read C·B·K logits, write B·K mean logits (+ B predictions and 2·K counts).
 """
+
 from __future__ import annotations
 
+import common
 import torch
 
-import common
 from liftplus_fast import ops as lf_ops
 from liftplus_fast.ops import reference
 
@@ -27,12 +28,16 @@ def make_case(b, k, dtype):
     }
     bytes_moved = common.tensor_bytes(x) + b * k * x.element_size() + 8 * (b + 2 * k)
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    return common.Case(f"C={C} B={b} K={k} {dt}", {"C": C, "B": b, "K": k, "dtype": dt}, candidates,
-                       bytes_moved=bytes_moved, flops=C * b * k)
+    return common.Case(
+        f"C={C} B={b} K={k} {dt}",
+        {"C": C, "B": b, "K": k, "dtype": dt},
+        candidates,
+        bytes_moved=bytes_moved,
+        flops=C * b * k,
+    )
 
 
 def cases(smoke: bool) -> list:
     if smoke:
         return [make_case(8, 100, torch.float32)]
-    return [make_case(b, k, dt) for dt in (torch.float32, torch.bfloat16)
-            for b in (64, 256) for k in (1000, 8142)]
+    return [make_case(b, k, dt) for dt in (torch.float32, torch.bfloat16) for b in (64, 256) for k in (1000, 8142)]

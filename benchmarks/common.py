@@ -4,13 +4,14 @@ Speed is claimed only as ratios of candidates measured in one process, interleav
 repeats, with the thread count fixed (docs/benchmarks.md). Each ``bench_<op>.py`` module defines
 ``NAME`` and ``cases(smoke) -> list[Case]``; ``run.py`` measures them.
 """
+
 from __future__ import annotations
 
 import contextlib
 import gc
 import os
-import sys
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -50,8 +51,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(candidates: Dict[str, Callable[[], object]], repeats: int = 15,
-                     warmup: int = 3, device: str = "cpu") -> Dict[str, List[float]]:
+def time_interleaved(
+    candidates: Dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3, device: str = "cpu"
+) -> Dict[str, List[float]]:
     """Seconds per call of each candidate; candidates alternate within every repeat.
 
     The order rotates each repeat so that no candidate always follows the same neighbour
@@ -133,8 +135,9 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
     return _FLOORS[key]
 
 
-def gemm_throughput(device: str = "cpu", dtype: torch.dtype = torch.float32,
-                    m: int = 6304, k: int = 768, n: int = 768) -> float:
+def gemm_throughput(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, m: int = 6304, k: int = 768, n: int = 768
+) -> float:
     """Measured GEMM throughput in flop/s at a ViT-B/16-like shape, cached."""
     key = f"gemm:{device}:{dtype}"
     if key not in _FLOORS:
@@ -178,8 +181,13 @@ def max_rel_error(got: List[torch.Tensor], truth: List[torch.Tensor]) -> float:
 def summarize(case: Case, times: Dict[str, List[float]], memory: Dict[str, int]) -> dict:
     """Row of the results table for one case."""
     med = {name: median(ts) for name, ts in times.items()}
-    row = {"case": case.name, "params": case.params, "ms": {n: 1e3 * t for n, t in med.items()},
-           "peak_mem_mb": {n: m / 2**20 for n, m in memory.items()}, "notes": case.notes}
+    row = {
+        "case": case.name,
+        "params": case.params,
+        "ms": {n: 1e3 * t for n, t in med.items()},
+        "peak_mem_mb": {n: m / 2**20 for n, m in memory.items()},
+        "notes": case.notes,
+    }
     for peer in (REFERENCE, COMPILE):
         if peer in med:
             row[f"speedup_vs_{peer}"] = {n: med[peer] / t for n, t in med.items() if n != peer}

@@ -6,6 +6,7 @@
 
 Writes ``benchmarks/results/<name>.json`` (written to a temporary file, then renamed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,7 @@ import common  # noqa: E402
 
 
 def discover(only=None):
-    names = sorted(f[len("bench_"):-3] for f in os.listdir(HERE)
-                   if f.startswith("bench_") and f.endswith(".py"))
+    names = sorted(f[len("bench_") : -3] for f in os.listdir(HERE) if f.startswith("bench_") and f.endswith(".py"))
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
@@ -45,10 +45,14 @@ def fmt_ratio(row, peer, name):
 def print_table(name, rows):
     print(f"\n## {name}")
     if any("max_rel_err" in row for row in rows):
-        print("rel err: max |x - x64| / max |x64| over the output and every gradient, against the "
-              "reference evaluated in float64")
-    header = (f"{'case':44s} {'candidate':14s} {'ms':>9s} {'vs ref':>8s} {'vs compile':>10s} {'peak MB':>9s} "
-              f"{'floor':>6s} {'rel err':>8s}")
+        print(
+            "rel err: max |x - x64| / max |x64| over the output and every gradient, against the "
+            "reference evaluated in float64"
+        )
+    header = (
+        f"{'case':44s} {'candidate':14s} {'ms':>9s} {'vs ref':>8s} {'vs compile':>10s} {'peak MB':>9s} "
+        f"{'floor':>6s} {'rel err':>8s}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -56,11 +60,13 @@ def print_table(name, rows):
             floor = row.get("floor_fraction", {}).get(cand)
             mem = row["peak_mem_mb"].get(cand)
             err = row.get("max_rel_err", {}).get(cand)
-            print(f"{row['case'][:44]:44s} {cand:14s} {ms:9.3f} {fmt_ratio(row, 'reference', cand):>8s} "
-                  f"{fmt_ratio(row, 'compile', cand):>10s} "
-                  f"{(f'{mem:9.1f}' if mem is not None else '        -')} "
-                  f"{(f'{floor:6.2f}' if floor is not None else '     -')} "
-                  f"{(f'{err:8.1e}' if err is not None else '       -')}")
+            print(
+                f"{row['case'][:44]:44s} {cand:14s} {ms:9.3f} {fmt_ratio(row, 'reference', cand):>8s} "
+                f"{fmt_ratio(row, 'compile', cand):>10s} "
+                f"{(f'{mem:9.1f}' if mem is not None else '        -')} "
+                f"{(f'{floor:6.2f}' if floor is not None else '     -')} "
+                f"{(f'{err:8.1e}' if err is not None else '       -')}"
+            )
         if "items_per_s" in row:
             print("    images/s: " + ", ".join(f"{c} {v:.0f}" for c, v in row["items_per_s"].items()))
         for note in row.get("notes", []):
@@ -89,13 +95,19 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.smoke else 15)
     warmup = 1 if args.smoke else 3
-    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    machine = {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     if not args.smoke:
         machine["copy_bandwidth_GBps"] = common.copy_bandwidth() / 1e9
         machine["fp32_gemm_GFLOPs"] = common.gemm_throughput() / 1e9
-        print(f"copy bandwidth {machine['copy_bandwidth_GBps']:.1f} GB/s, "
-              f"fp32 GEMM {machine['fp32_gemm_GFLOPs']:.1f} GFLOP/s, threads {args.threads}")
+        print(
+            f"copy bandwidth {machine['copy_bandwidth_GBps']:.1f} GB/s, "
+            f"fp32 GEMM {machine['fp32_gemm_GFLOPs']:.1f} GFLOP/s, threads {args.threads}"
+        )
     # A benchmark that fails raises: its traceback and a non-zero exit status are the report.
     for module in discover(args.only):
         rows = []
@@ -104,10 +116,14 @@ def main(argv=None):
                 continue
             t0 = time.perf_counter()
             case_repeats = args.repeats or (min(case.repeats, repeats) if case.repeats else repeats)
-            times = common.time_interleaved(case.candidates, repeats=case_repeats,
-                                            warmup=1 if case.repeats else warmup, device=case.device)
-            memory = {} if args.no_memory or not case.measure_memory else {
-                n: common.peak_memory_bytes(fn, case.device) for n, fn in case.candidates.items()}
+            times = common.time_interleaved(
+                case.candidates, repeats=case_repeats, warmup=1 if case.repeats else warmup, device=case.device
+            )
+            memory = (
+                {}
+                if args.no_memory or not case.measure_memory
+                else {n: common.peak_memory_bytes(fn, case.device) for n, fn in case.candidates.items()}
+            )
             row = common.summarize(case, times, memory)
             if case.report is not None:
                 extra = case.report()
@@ -118,8 +134,10 @@ def main(argv=None):
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             # After every case: a run stopped by a time limit keeps the rows it measured.
-            write_json(os.path.join(args.out, f"{module.NAME}.json"),
-                       {"name": module.NAME, "machine": machine, "smoke": args.smoke, "rows": rows})
+            write_json(
+                os.path.join(args.out, f"{module.NAME}.json"),
+                {"name": module.NAME, "machine": machine, "smoke": args.smoke, "rows": rows},
+            )
             print(f"  {module.NAME}: {row['case']} done in {row['seconds']:.1f}s", flush=True)
         if not rows:
             print(f"\n## {module.NAME}: no cases on this machine")

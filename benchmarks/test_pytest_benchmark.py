@@ -4,6 +4,7 @@ Each (case, candidate) becomes one pytest-benchmark measurement. Ratios are clai
 ``run.py``, which interleaves candidates in one run; this file is for pytest-benchmark's own
 tooling (histograms, comparisons across commits with ``--benchmark-autosave``).
 """
+
 import os
 import sys
 

@@ -7,11 +7,13 @@
 
 Heavy modules (open_clip, torchvision) load on first use of the names that need them.
 """
+
 from importlib import import_module
 
 import torch as _torch
 
-from ._torch_range import MIN_TORCH, check_torch as _check_torch
+from ._torch_range import MIN_TORCH
+from ._torch_range import check_torch as _check_torch
 
 _check_torch(_torch.__version__)
 

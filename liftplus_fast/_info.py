@@ -1,4 +1,5 @@
 """What was built and which backend each op dispatches to."""
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,7 @@ def backend_info() -> dict:
         "torch": torch.__version__,
         "requested": requested_backend(),
         "cuda_available": torch.cuda.is_available(),
-        "native": {"loaded": status.loaded, "reason": status.reason, "path": status.path,
-                   **status.build_info},
+        "native": {"loaded": status.loaded, "reason": status.reason, "path": status.path, **status.build_info},
         "triton": {dev: triton_usable(dev)[0] for dev in ("cuda", "cpu")},
         "ops": describe(),
     }

@@ -5,6 +5,7 @@
 ``register_fake`` and ``opcheck`` (2.4), ``torch.amp.GradScaler("cuda")`` (2.3). There is no
 upper bound: the native extension is compiled against whichever torch is installed.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,5 +23,7 @@ def _release(version: str) -> tuple:
 def check_torch(version: str) -> None:
     """``ImportError`` when torch ``version`` is older than :data:`MIN_TORCH`."""
     if _release(version) < _release(MIN_TORCH):
-        raise ImportError(f"liftplus_fast needs torch >= {MIN_TORCH}; this environment has torch "
-                          f"{version}. Upgrade torch (pip install 'torch>={MIN_TORCH}').")
+        raise ImportError(
+            f"liftplus_fast needs torch >= {MIN_TORCH}; this environment has torch "
+            f"{version}. Upgrade torch (pip install 'torch>={MIN_TORCH}')."
+        )

@@ -5,6 +5,7 @@ dict (so the published ``load_model`` reads it). liftplus_fast adds the training
 resume (``epoch``, ``optimizer``, ``scheduler``, ``config``) under other keys, which the
 published loader ignores. Nothing of the frozen backbone is stored.
 """
+
 from __future__ import annotations
 
 import json
@@ -118,7 +119,9 @@ def _unreadable_reason(path: str, exc: Exception) -> str:
     if not zipfile.is_zipfile(path):
         return f"not a PyTorch checkpoint ({size} bytes, not a zip archive: truncated or another format)"
     if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
-        return ("it holds Python objects other than tensors and plain containers, which the safe "
-                "loader refuses (liftplus_fast and the published LIFT+ code store only tensors)")
+        return (
+            "it holds Python objects other than tensors and plain containers, which the safe "
+            "loader refuses (liftplus_fast and the published LIFT+ code store only tensors)"
+        )
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"the archive is damaged or truncated ({first})"

@@ -1,12 +1,13 @@
 """``liftplus-fast``: the command line, mirroring the published ``main.py``.
 
-    liftplus-fast train -d cifar100_ir100 -b clip_vit_b16 -m lift+ [key value ...]
-    liftplus-fast test  -d cifar100_ir100 -b clip_vit_b16 -m lift+ model_dir output/run tte True
-    liftplus-fast cache -d imagefolder --root R [split_dir S] [cache_dir C] [cache_size 256] [cache_format jpeg|raw]
-    liftplus-fast demo                       # offline, embedded default, < 3 minutes on 2 cores
-    liftplus-fast info                       # what was built, where each op dispatches
-    torchrun --nproc_per_node=N -m liftplus_fast train ...   # data-parallel
+liftplus-fast train -d cifar100_ir100 -b clip_vit_b16 -m lift+ [key value ...]
+liftplus-fast test  -d cifar100_ir100 -b clip_vit_b16 -m lift+ model_dir output/run tte True
+liftplus-fast cache -d imagefolder --root R [split_dir S] [cache_dir C] [cache_size 256] [cache_format jpeg|raw]
+liftplus-fast demo                       # offline, embedded default, < 3 minutes on 2 cores
+liftplus-fast info                       # what was built, where each op dispatches
+torchrun --nproc_per_node=N -m liftplus_fast train ...   # data-parallel
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,10 @@ from typing import List, Optional
 
 from .errors import UserInputError
 
-BACKBONE_HELP = ("backbone config name (clip_vit_b16, clip_vit_l14@336px, clip_rn50, in21k_vit_b16, in1k_rn50, "
-                 "...), open_clip or timm model name, or tiny_vit")
+BACKBONE_HELP = (
+    "backbone config name (clip_vit_b16, clip_vit_l14@336px, clip_rn50, in21k_vit_b16, in1k_rn50, "
+    "...), open_clip or timm model name, or tiny_vit"
+)
 
 
 def _output_dir(args, opts: List[str], suffix: str = "") -> str:
@@ -29,16 +32,33 @@ def _output_dir(args, opts: List[str], suffix: str = "") -> str:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-d", "--data", required=True, help="data set name (cifar100_ir100, imagenet_lt, places_lt, inat2018, digits_lt, ...)")
+    p.add_argument(
+        "-d",
+        "--data",
+        required=True,
+        help="data set name (cifar100_ir100, imagenet_lt, places_lt, inat2018, digits_lt, ...)",
+    )
     p.add_argument("-b", "--backbone", default="clip_vit_b16", help=BACKBONE_HELP)
-    p.add_argument("-m", "--method", default="lift+", help="method (lift+, lift, zs, lp, fft, bitfit, vpt, lora, adapter, adaptformer, ssf, aft, coop)")
+    p.add_argument(
+        "-m",
+        "--method",
+        default="lift+",
+        help="method (lift+, lift, zs, lp, fft, bitfit, vpt, lora, adapter, adaptformer, ssf, aft, coop)",
+    )
     p.add_argument("--root", default=None, help="data root (default ./data)")
-    p.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint path (default: openai for CLIP backbones)")
-    p.add_argument("--output-dir", default=None, help="output folder (default output/<data>_<backbone>_<method>_<opts>)")
+    p.add_argument(
+        "--pretrained", default=None, help="open_clip tag or local checkpoint path (default: openai for CLIP backbones)"
+    )
+    p.add_argument(
+        "--output-dir", default=None, help="output folder (default output/<data>_<backbone>_<method>_<opts>)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run an existing output folder holds (otherwise refused)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="published-style 'key value' overrides, e.g. num_epochs 15 tte True")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run an existing output folder holds (otherwise refused)"
+    )
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="published-style 'key value' overrides, e.g. num_epochs 15 tte True"
+    )
 
 
 def _pretrained_default(args) -> Optional[str]:
@@ -59,8 +79,15 @@ def resolve_command(args, test_only: bool = False):
     overrides = {"test_only": True} if test_only else {}
     if args.root is not None:
         overrides["root"] = args.root
-    return build_run_config(dataset=args.data, backbone=args.backbone, pretrained=_pretrained_default(args),
-                            method=args.method, output_dir=_output_dir(args, opts), opts=opts, **overrides)
+    return build_run_config(
+        dataset=args.data,
+        backbone=args.backbone,
+        pretrained=_pretrained_default(args),
+        method=args.method,
+        output_dir=_output_dir(args, opts),
+        opts=opts,
+        **overrides,
+    )
 
 
 def cmd_train(args, test_only: bool = False) -> int:
@@ -69,8 +96,9 @@ def cmd_train(args, test_only: bool = False) -> int:
     from .train import fast_train
 
     cfg = resolve_command(args, test_only)
-    result = fast_train(config=cfg, progress=not args.no_progress, resume=getattr(args, "resume", False),
-                        overwrite=args.overwrite)
+    result = fast_train(
+        config=cfg, progress=not args.no_progress, resume=getattr(args, "resume", False), overwrite=args.overwrite
+    )
     if not is_main_process():
         return 0  # under torchrun, rank 0 reports
     m = {k: format_accuracy(v) for k, v in result.metrics.items() if k != "per_class"}
@@ -81,8 +109,14 @@ def cmd_train(args, test_only: bool = False) -> int:
     return 0
 
 
-CACHE_OPTIONS = {"split_dir": None, "cache_dir": None, "cache_size": 256, "cache_format": "jpeg",
-                 "cache_quality": 95, "num_workers": None}
+CACHE_OPTIONS = {
+    "split_dir": None,
+    "cache_dir": None,
+    "cache_size": 256,
+    "cache_format": "jpeg",
+    "cache_quality": 95,
+    "num_workers": None,
+}
 
 
 def cache_options(opts: List[str]) -> dict:
@@ -111,13 +145,23 @@ def cmd_cache(args) -> int:
     root = args.root or "./data"
     cache_dir = opts["cache_dir"] or os.path.join(root, "liftplus_fast_cache")
     workers = opts["num_workers"] if opts["num_workers"] is not None else min(4, os.cpu_count() or 1)
-    summary = build_cache(args.data, root, cache_dir, split_dir=opts["split_dir"], cache_size=opts["cache_size"],
-                          cache_format=opts["cache_format"], quality=opts["cache_quality"], workers=workers,
-                          progress=not args.no_progress)
+    summary = build_cache(
+        args.data,
+        root,
+        cache_dir,
+        split_dir=opts["split_dir"],
+        cache_size=opts["cache_size"],
+        cache_format=opts["cache_format"],
+        quality=opts["cache_quality"],
+        workers=workers,
+        progress=not args.no_progress,
+    )
     for split, s in summary.items():
         ratio = s["data_bytes"] / max(s["source_bytes"], 1)
-        print(f"{split}: {s['images']} images, {s['skipped']} skipped, {s['data_bytes'] / 2**20:.1f} MiB "
-              f"({ratio:.2f}x the source files' {s['source_bytes'] / 2**20:.1f} MiB), {s['seconds']:.1f} s")
+        print(
+            f"{split}: {s['images']} images, {s['skipped']} skipped, {s['data_bytes'] / 2**20:.1f} MiB "
+            f"({ratio:.2f}x the source files' {s['source_bytes'] / 2**20:.1f} MiB), {s['seconds']:.1f} s"
+        )
         if s["skipped"]:
             print(f"  skipped files are listed in {os.path.join(cache_dir, split + '.skipped.txt')}")
     print(f"cache in {cache_dir}; train from it with: data_cache {cache_dir}")
@@ -127,8 +171,9 @@ def cmd_cache(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(output_dir=args.output_dir or os.path.join("output", "demo"), epochs=args.epochs,
-             progress=not args.no_progress)
+    run_demo(
+        output_dir=args.output_dir or os.path.join("output", "demo"), epochs=args.epochs, progress=not args.no_progress
+    )
     return 0
 
 
@@ -148,12 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_test = sub.add_parser("test", help="evaluate a trained tuner (give the published option 'model_dir PATH')")
     _add_run_args(p_test)
     p_cache = sub.add_parser("cache", help="decode every image once into a memory-mappable cache (data_cache C)")
-    p_cache.add_argument("-d", "--data", required=True, help="image-file data set (imagefolder, listfile, imagenet_lt, places_lt, inat2018)")
+    p_cache.add_argument(
+        "-d",
+        "--data",
+        required=True,
+        help="image-file data set (imagefolder, listfile, imagenet_lt, places_lt, inat2018)",
+    )
     p_cache.add_argument("--root", default=None, help="data root (default ./data)")
     p_cache.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p_cache.add_argument("opts", nargs=argparse.REMAINDER,
-                         help="split_dir S, cache_dir C (default ROOT/liftplus_fast_cache), cache_size 256, "
-                              "cache_format jpeg|raw, cache_quality 95, num_workers N")
+    p_cache.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="split_dir S, cache_dir C (default ROOT/liftplus_fast_cache), cache_size 256, "
+        "cache_format jpeg|raw, cache_quality 95, num_workers N",
+    )
     p_demo = sub.add_parser("demo", help="offline demo on the embedded long-tailed digits")
     p_demo.add_argument("--output-dir", default=None)
     p_demo.add_argument("--epochs", type=int, default=None, help="training epochs per run")

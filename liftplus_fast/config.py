@@ -4,6 +4,7 @@
 command line) to its preset; :func:`make_config` applies a method preset and ``key value``
 overrides (``v.adaptformer_dim 8`` style, as the published command line takes them).
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,12 +29,19 @@ _CLIP_PRESET = {"resolution": 224, "mean": CLIP_MEAN, "std": CLIP_STD, "classifi
 _IN21K_PRESET = {"resolution": 224, "mean": HALF_MEAN_STD, "std": HALF_MEAN_STD, "classifier_init": "class_mean"}
 _IN1K_PRESET = {"resolution": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "classifier_init": "class_mean"}
 BACKBONE_PRESETS: Dict[str, Dict[str, Any]] = {
-    "clip_vit_b16": _CLIP_PRESET, "clip_vit_b32": _CLIP_PRESET, "clip_vit_l14": _CLIP_PRESET,
+    "clip_vit_b16": _CLIP_PRESET,
+    "clip_vit_b32": _CLIP_PRESET,
+    "clip_vit_l14": _CLIP_PRESET,
     "clip_vit_l14@336px": {**_CLIP_PRESET, "resolution": 336},
-    "clip_rn50": _CLIP_PRESET, "clip_rn101": _CLIP_PRESET,
-    "in21k_vit_b16": _IN21K_PRESET, "in21k_vit_b16@384px": {**_IN21K_PRESET, "resolution": 384},
-    "in21k_vit_l16": _IN21K_PRESET, "in21k_vit_l16@384px": {**_IN21K_PRESET, "resolution": 384},
-    "in1k_rn50": _IN1K_PRESET, "in1k_rn101": _IN1K_PRESET, "in1k_rn152": _IN1K_PRESET,
+    "clip_rn50": _CLIP_PRESET,
+    "clip_rn101": _CLIP_PRESET,
+    "in21k_vit_b16": _IN21K_PRESET,
+    "in21k_vit_b16@384px": {**_IN21K_PRESET, "resolution": 384},
+    "in21k_vit_l16": _IN21K_PRESET,
+    "in21k_vit_l16@384px": {**_IN21K_PRESET, "resolution": 384},
+    "in1k_rn50": _IN1K_PRESET,
+    "in1k_rn101": _IN1K_PRESET,
+    "in1k_rn152": _IN1K_PRESET,
 }
 
 Layers = Union[None, int, str, Sequence[int]]
@@ -193,8 +201,7 @@ class LiftConfig:
 # TunerConfig.x. Names follow the published configs plus one name per compared tuner.
 METHODS: Dict[str, Dict[str, Any]] = {
     "lift+": {"classifier": "CosineClassifier", "v.adaptformer": True},
-    "lift": {"classifier": "CosineClassifier", "v.adaptformer": True, "num_epochs": 10,
-             "lr": 0.01, "mda": False},
+    "lift": {"classifier": "CosineClassifier", "v.adaptformer": True, "num_epochs": 10, "lr": 0.01, "mda": False},
     "zs": {"zero_shot": True, "classifier": None},
     "lp": {"classifier": "CosineClassifier"},
     "fft": {"classifier": "CosineClassifier", "v.fft": True},
@@ -207,11 +214,18 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "aft": {"classifier": "CosineClassifier", "v.aft": True},
     "ce": {"classifier": "CosineClassifier", "v.adaptformer": True, "loss_type": "CE"},
     # configs/method/coop.yaml: prompt learning with the CLIP text head (no classifier).
-    "coop": {"coop": True, "classifier": None, "num_epochs": 50, "batch_size": 32, "lr": 0.002,
-             "mda": False},
+    "coop": {"coop": True, "classifier": None, "num_epochs": 50, "batch_size": 32, "lr": 0.002, "mda": False},
 }
-METHOD_ALIASES = {"zero_shot": "zs", "zeroshot": "zs", "linear_probe": "lp", "full": "fft",
-                  "full_finetune": "fft", "vpt_deep": "vpt", "arbitrary": "aft", "liftplus": "lift+"}
+METHOD_ALIASES = {
+    "zero_shot": "zs",
+    "zeroshot": "zs",
+    "linear_probe": "lp",
+    "full": "fft",
+    "full_finetune": "fft",
+    "vpt_deep": "vpt",
+    "arbitrary": "aft",
+    "liftplus": "lift+",
+}
 
 LOSSES = ("CE", "Focal", "LDAM", "CB", "GRW", "BS", "LA", "LADE")
 CLASSIFIERS = ("CosineClassifier", "LinearClassifier", "L2NormClassifier", "LayerNormClassifier")
@@ -262,8 +276,10 @@ def set_option(cfg: LiftConfig, key: str, value: Any) -> None:
         target, name = cfg.l, key[2:]
     known = {f.name for f in fields(target)}
     if name not in known:
-        raise UserInputError(f"unknown option {key!r}; known options: "
-                             + ", ".join(sorted(known if isinstance(target, TunerConfig) else known - {"v", "l"})))
+        raise UserInputError(
+            f"unknown option {key!r}; known options: "
+            + ", ".join(sorted(known if isinstance(target, TunerConfig) else known - {"v", "l"}))
+        )
     prefix = "v." if target is cfg.v else "l." if target is cfg.l else ""
     setattr(target, name, check_option(prefix + name, value))
 
@@ -274,7 +290,7 @@ def _track_given(cls) -> None:
     names = [f.name for f in fields(cls)]
 
     def __init__(self, *args, **kwargs):
-        object.__setattr__(self, "_given", frozenset(names[:len(args)]) | frozenset(kwargs))
+        object.__setattr__(self, "_given", frozenset(names[: len(args)]) | frozenset(kwargs))
         init(self, *args, **kwargs)
 
     __init__.__doc__ = init.__doc__
@@ -309,8 +325,9 @@ def _fill_preset(cfg: LiftConfig) -> None:
             setattr(target, name, value)
 
 
-def make_config(method: str = "lift+", overrides: Optional[Dict[str, Any]] = None,
-                opts: Iterable[str] = ()) -> LiftConfig:
+def make_config(
+    method: str = "lift+", overrides: Optional[Dict[str, Any]] = None, opts: Iterable[str] = ()
+) -> LiftConfig:
     """A :class:`LiftConfig` for ``method`` with keyword ``overrides`` and ``key value`` ``opts``.
 
     Applied in the published merge order: the method preset, the backbone preset (see
@@ -394,6 +411,7 @@ def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, optional=False
         if hi is not None and (value > hi or (hi_open and value == hi)):
             return False, value, what
         return True, value, what
+
     return check
 
 
@@ -402,6 +420,7 @@ def _choice(values, optional=False):
 
     def check(value):
         return (value is None and optional) or (isinstance(value, str) and value in values), value, what
+
     return check
 
 
@@ -416,6 +435,7 @@ def _text(optional=False, nonempty=True):
         if value is None:
             return optional, value, what
         return isinstance(value, str) and (bool(value.strip()) or not nonempty), value, what
+
     return check
 
 
@@ -423,17 +443,25 @@ def _triple(positive):
     what = "three finite numbers (one per RGB channel)" + (", all > 0" if positive else "")
 
     def check(value):
-        if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
-                isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
-                or (positive and x <= 0) for x in value):
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 3
+            or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or (positive and x <= 0)
+                for x in value
+            )
+        ):
             return False, value, what
         return True, tuple(float(x) for x in value), what
+
     return check
 
 
 def _layers(value):
-    what = ("None, a block count k >= 0 (0: none), a list of block indices, 'deep' (all) or an "
-            "expression such as 'range(3)'")
+    what = (
+        "None, a block count k >= 0 (0: none), a list of block indices, 'deep' (all) or an "
+        "expression such as 'range(3)'"
+    )
     if value is None:
         return True, value, what
     if isinstance(value, bool):
@@ -464,41 +492,66 @@ _dim = _number(int, lo=1, optional=True)
 OPTION_CHECKS = {
     "method": _choice(tuple(METHODS)),
     "num_classes": _number(int, lo=2, optional=True),
-    "dataset": _text(), "root": _text(), "backbone": _text(),
-    "split_dir": _text(optional=True), "data_cache": _text(optional=True),
-    "allow_skipped": _flag, "augment_on_device": _flag,
+    "dataset": _text(),
+    "root": _text(),
+    "backbone": _text(),
+    "split_dir": _text(optional=True),
+    "data_cache": _text(optional=True),
+    "allow_skipped": _flag,
+    "augment_on_device": _flag,
     "resolution": _number(int, lo=1),
-    "mean": _triple(False), "std": _triple(True),
+    "mean": _triple(False),
+    "std": _triple(True),
     "num_workers": _number(int, lo=0),
     "pretrained": _text(optional=True),
     "seed": _number(int, lo=0, optional=True),
     "deterministic": _flag,
     "device": _device,
-    "prec_train": _choice(PRECISIONS_TRAIN), "prec_test": _choice(PRECISIONS_TEST),
-    "num_epochs": _number(int, lo=1), "batch_size": _number(int, lo=1), "accum_step": _number(int, lo=1),
-    "lr": _number(float, lo=0, lo_open=True), "weight_decay": _number(float, lo=0),
+    "prec_train": _choice(PRECISIONS_TRAIN),
+    "prec_test": _choice(PRECISIONS_TEST),
+    "num_epochs": _number(int, lo=1),
+    "batch_size": _number(int, lo=1),
+    "accum_step": _number(int, lo=1),
+    "lr": _number(float, lo=0, lo_open=True),
+    "weight_decay": _number(float, lo=0),
     "momentum": _number(float, lo=0, hi=1),
-    "loss_type": _choice(LOSSES), "la_tau": _number(float, lo=0),
-    "mda": _flag, "mda_func": _choice(MDA_FUNCS), "tte": _flag,
+    "loss_type": _choice(LOSSES),
+    "la_tau": _number(float, lo=0),
+    "mda": _flag,
+    "mda_func": _choice(MDA_FUNCS),
+    "tte": _flag,
     "expand": _number(int, lo=0, optional=True),
     "zero_shot": _flag,
     "classifier": _choice(CLASSIFIERS, optional=True),
     "classifier_scale": _number(float, lo=0, lo_open=True),
     "classifier_init": _choice(tuple(c for c in CLASSIFIER_INITS if c is not None), optional=True),
-    "test_only": _flag, "model_dir": _text(optional=True), "output_dir": _text(optional=True),
+    "test_only": _flag,
+    "model_dir": _text(optional=True),
+    "output_dir": _text(optional=True),
     "print_freq": _number(int, lo=1),
     "nonfinite_loss": _choice(("error", "skip")),
     "dist_timeout": _number(float, lo=0, lo_open=True),
-    "v.pt_len": _dim, "v.lora_dim": _dim, "v.adapter_dim": _dim, "v.adaptformer_dim": _dim,
+    "v.pt_len": _dim,
+    "v.lora_dim": _dim,
+    "v.adapter_dim": _dim,
+    "v.adaptformer_dim": _dim,
     "v.aft_ratio": _number(float, lo=0, hi=1, lo_open=True, optional=True),
     "v.aft_loc": _choice(AFT_LOCS),
     "v.aft_seed": _number(int, lo=0),
 }
-OPTION_CHECKS.update({
-    "coop": _flag, "coop_init": _choice(("photo",), optional=True), "coop_ctx_len": _number(int, lo=1),
-    "coop_cls_pos": _choice(("front", "middle", "end")), "proj_tuning": _flag, "clip_adapter": _flag,
-    "clip_adapter_dim": _number(int, lo=1), "v.unfreeze_bn": _flag, "l.unfreeze_bn": _flag,
-})
+OPTION_CHECKS.update(
+    {
+        "coop": _flag,
+        "coop_init": _choice(("photo",), optional=True),
+        "coop_ctx_len": _number(int, lo=1),
+        "coop_cls_pos": _choice(("front", "middle", "end")),
+        "proj_tuning": _flag,
+        "clip_adapter": _flag,
+        "clip_adapter_dim": _number(int, lo=1),
+        "v.unfreeze_bn": _flag,
+        "l.unfreeze_bn": _flag,
+    }
+)
 for _part in ("v", "l"):  # image (v.*) and text (l.*) encoder tuners share their options
     for _tuner in ("fft", "bitfit", "pt", "lora", "adapter", "adaptformer", "ssf", "aft"):
         OPTION_CHECKS[f"{_part}.{_tuner}"] = _flag

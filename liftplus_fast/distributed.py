@@ -11,6 +11,7 @@ update a single process makes on the whole global batch. Launch with
 per-class counts are summed, so the metrics are those of the whole test set. NCCL is used for
 CUDA, Gloo for CPU. Only rank 0 prints progress and writes the output folder.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -23,10 +24,22 @@ import torch.distributed as dist
 
 from .errors import UserInputError
 
-__all__ = ["CollectiveTimeoutError", "DistContext", "explain_timeout", "init_distributed", "shutdown_distributed",
-           "rank_device", "average_gradients",
-           "broadcast_module", "all_reduce_sum", "gather_objects", "check_batch_split", "shard", "is_main_process",
-           "rank_seed"]
+__all__ = [
+    "CollectiveTimeoutError",
+    "DistContext",
+    "explain_timeout",
+    "init_distributed",
+    "shutdown_distributed",
+    "rank_device",
+    "average_gradients",
+    "broadcast_module",
+    "all_reduce_sum",
+    "gather_objects",
+    "check_batch_split",
+    "shard",
+    "is_main_process",
+    "rank_seed",
+]
 
 
 @dataclass
@@ -77,8 +90,9 @@ def init_distributed(device: torch.device, timeout: float = 1800.0) -> DistConte
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=float(timeout)))
+    dist.init_process_group(
+        backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=float(timeout))
+    )
     return DistContext(rank, world, local_rank, owns_group=True)
 
 
@@ -100,8 +114,10 @@ def explain_timeout(exc: BaseException, timeout: float) -> BaseException:
     if not isinstance(exc, RuntimeError) or not any(w in text.lower() for w in ("timed out", "timeout")):
         return exc
     first = text.strip().splitlines()[0].split("] ", 1)[-1]
-    return CollectiveTimeoutError(f"a collective waited longer than dist_timeout ({timeout:g} s) for another "
-                                  f"process, which is stalled or gone ({first})")
+    return CollectiveTimeoutError(
+        f"a collective waited longer than dist_timeout ({timeout:g} s) for another "
+        f"process, which is stalled or gone ({first})"
+    )
 
 
 def shutdown_distributed(ctx: DistContext) -> None:
@@ -131,7 +147,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter], ctx: DistContext) ->
         flat.div_(ctx.world_size)
         offset = 0
         for g in group:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
 
@@ -175,8 +191,10 @@ def check_batch_split(batch_size: int, accum_step: int, ctx: DistContext) -> int
     """The per-process micro-batch size, or ``ValueError`` naming ``batch_size``."""
     parts = accum_step * ctx.world_size
     if batch_size % parts:
-        raise UserInputError(f"batch_size ({batch_size}) must be divisible by accum_step ({accum_step}) "
-                         f"times the number of processes ({ctx.world_size})")
+        raise UserInputError(
+            f"batch_size ({batch_size}) must be divisible by accum_step ({accum_step}) "
+            f"times the number of processes ({ctx.world_size})"
+        )
     return batch_size // parts
 
 

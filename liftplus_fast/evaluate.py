@@ -5,17 +5,18 @@ encoder in one forward; with a cosine classifier the crops' normalised features 
 first (one classifier GEMM instead of C, exact up to rounding), otherwise the crops' logits are
 averaged by the fused ``tte_aggregate`` op. Per-class hits are counted by the same op.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from . import ops
-from .distributed import all_reduce_sum
 from .data import group_accuracies
+from .distributed import all_reduce_sum
 from .model.precision import half_dtype_of
 
 __all__ = ["evaluate", "metrics_from_counts", "autocast_context", "precision_context", "format_accuracy"]
@@ -90,8 +91,9 @@ def _batch_logits(model, images: torch.Tensor, use_feature_tte: bool) -> torch.T
     if images.dim() == 4:
         return model(images)
     if images.dim() != 5:
-        raise ValueError(f"test images must be [B, 3, H, W] or [B, C, 3, H, W] (TTE crops); "
-                         f"got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"test images must be [B, 3, H, W] or [B, C, 3, H, W] (TTE crops); got shape {tuple(images.shape)}"
+        )
     b, c = images.shape[:2]
     flat = images.flatten(0, 1)  # every crop in one forward
     if use_feature_tte:
@@ -102,9 +104,17 @@ def _batch_logits(model, images: torch.Tensor, use_feature_tte: bool) -> torch.T
     return ops.tte_aggregate(logits.contiguous()).logits
 
 
-def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional[bool] = None,
-             device=None, precision: str = "fp32", progress: bool = True,
-             feature_tte: bool = True, distributed: bool = False) -> dict:
+def evaluate(
+    model,
+    loader: Iterable,
+    cls_num_list: Sequence[int],
+    tte: Optional[bool] = None,
+    device=None,
+    precision: str = "fp32",
+    progress: bool = True,
+    feature_tte: bool = True,
+    distributed: bool = False,
+) -> dict:
     """Evaluate ``model`` on ``loader`` and return the metrics dict.
 
     Args:
@@ -137,16 +147,19 @@ def evaluate(model, loader: Iterable, cls_num_list: Sequence[int], tte: Optional
     k = len(cls_num_list)
     correct = torch.zeros(k, dtype=torch.int64)
     total = torch.zeros(k, dtype=torch.int64)
-    use_feature_tte = feature_tte and hasattr(model, "classifier_logits_from_unit") and \
-        getattr(model, "supports_feature_tte", False)
+    use_feature_tte = (
+        feature_tte and hasattr(model, "classifier_logits_from_unit") and getattr(model, "supports_feature_tte", False)
+    )
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), precision_context(model, device, precision):
             for images, labels in tqdm(loader, desc="Testing", disable=not progress, leave=False):
                 if tte is True and images.dim() != 5:
-                    raise ValueError("tte=True needs [B, C, 3, H, W] crops from the test transform "
-                                     f"(build it with tte=True); got shape {tuple(images.shape)}")
+                    raise ValueError(
+                        "tte=True needs [B, C, 3, H, W] crops from the test transform "
+                        f"(build it with tte=True); got shape {tuple(images.shape)}"
+                    )
                 if tte is False and images.dim() == 5:
                     images = images[:, -1]  # the centre crop (FiveCrop's last)
                 images = images.to(device, non_blocking=True)

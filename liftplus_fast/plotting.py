@@ -1,4 +1,5 @@
 """Per-class test accuracy against training-set class size, with many/medium/few bands."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,9 @@ from .checkpoint import atomic_write_bytes
 FEW_MAX, MANY_MIN = 20, 100
 
 
-def plot_per_class_accuracy(path: str, cls_num_list: Sequence[int], runs: Dict[str, dict],
-                            title: str = "Per-class test accuracy") -> str:
+def plot_per_class_accuracy(
+    path: str, cls_num_list: Sequence[int], runs: Dict[str, dict], title: str = "Per-class test accuracy"
+) -> str:
     """Write a PNG of per-class accuracy (y) against training images per class (x, log scale).
 
     ``runs`` maps a label (e.g. "LIFT+") to a metrics dict with ``per_class`` and the group
@@ -26,8 +28,11 @@ def plot_per_class_accuracy(path: str, cls_num_list: Sequence[int], runs: Dict[s
     counts = list(cls_num_list)
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     lo, hi = max(min(counts) * 0.8, 0.5), max(counts) * 1.25
-    bands = [(lo, FEW_MAX, "few (<20)", "#fde0dd"), (FEW_MAX, MANY_MIN + 0.5, "medium (20-100)", "#fff7bc"),
-             (MANY_MIN + 0.5, hi, "many (>100)", "#e5f5e0")]
+    bands = [
+        (lo, FEW_MAX, "few (<20)", "#fde0dd"),
+        (FEW_MAX, MANY_MIN + 0.5, "medium (20-100)", "#fff7bc"),
+        (MANY_MIN + 0.5, hi, "many (>100)", "#e5f5e0"),
+    ]
     for start, end, label, colour in bands:
         if end > lo and start < hi:
             ax.axvspan(max(start, lo), min(end, hi), color=colour, alpha=0.8, lw=0)
@@ -37,12 +42,11 @@ def plot_per_class_accuracy(path: str, cls_num_list: Sequence[int], runs: Dict[s
         pts = [(c, a) for c, a in zip(counts, metrics["per_class"]) if a is not None]
         xs, ys = zip(*pts) if pts else ((), ())
 
-        def fmt(key):
+        def fmt(key, metrics=metrics):
             v = metrics.get(key)
             return "n/a" if v is None or v != v else f"{v:.1f}"
 
-        label = (f"{name}: overall {fmt('overall')}, many {fmt('many')}, "
-                 f"med {fmt('med')}, few {fmt('few')}")
+        label = f"{name}: overall {fmt('overall')}, many {fmt('many')}, med {fmt('med')}, few {fmt('few')}"
         ax.scatter(xs, ys, s=18, marker=markers[i % len(markers)], alpha=0.75, label=label)
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)

@@ -6,6 +6,7 @@ file, so it writes a plain line instead every ``LIFTPLUS_FAST_PROGRESS_INTERVAL`
 (default 60): ``epoch 2/5: 120/391 (31%) 4.1 it/s, elapsed 29s, eta 66s, loss=1.2345``. Loops
 shorter than the interval write nothing; the training log's per-epoch lines report those.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,9 @@ class PlainProgress:
     """Iterates ``iterable`` and writes a progress line to ``stream`` at most every ``interval``
     seconds. Offers the parts of tqdm's interface the package uses (``set_postfix``, ``close``)."""
 
-    def __init__(self, iterable: Iterable, desc: str, total: Optional[int], stream: TextIO,
-                 interval: float, clock=time.monotonic):
+    def __init__(
+        self, iterable: Iterable, desc: str, total: Optional[int], stream: TextIO, interval: float, clock=time.monotonic
+    ):
         self.iterable = iterable
         self.desc = desc
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
@@ -87,8 +89,14 @@ class PlainProgress:
         """Nothing to clean up (kept for tqdm compatibility)."""
 
 
-def progress_bar(iterable: Iterable, desc: str = "", total: Optional[int] = None, disable: bool = False,
-                 leave: bool = False, stream: Optional[TextIO] = None):
+def progress_bar(
+    iterable: Iterable,
+    desc: str = "",
+    total: Optional[int] = None,
+    disable: bool = False,
+    leave: bool = False,
+    stream: Optional[TextIO] = None,
+):
     """A tqdm bar on a terminal, :class:`PlainProgress` lines otherwise, a silent wrapper when
     ``disable``; called like ``tqdm`` (``leave`` is tqdm's). ``stream`` defaults to standard error."""
     stream = sys.stderr if stream is None else stream

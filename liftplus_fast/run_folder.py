@@ -10,6 +10,7 @@ Three rules keep a folder's config, checkpoint and metrics from one and the same
   :data:`RESUME_FREE_OPTIONS` (where data is read from, workers, devices, evaluation and logging),
   so the schedule the log shows is the one config.json records.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,15 +22,37 @@ from typing import Any, Dict, List, Optional, Tuple
 from .checkpoint import CHECKPOINT_NAME, OutputWriteError
 from .errors import UserInputError
 
-__all__ = ["RunExistsError", "ResumeMismatchError", "RESUME_FREE_OPTIONS", "RUN_FILES",
-           "prepare_output_dir", "clear_previous_run", "resume_conflicts", "check_resume"]
+__all__ = [
+    "RunExistsError",
+    "ResumeMismatchError",
+    "RESUME_FREE_OPTIONS",
+    "RUN_FILES",
+    "prepare_output_dir",
+    "clear_previous_run",
+    "resume_conflicts",
+    "check_resume",
+]
 
 # The files that make up a run (log.txt is appended to, never removed).
 RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "config.json", "per_class_accuracy.png")
 # Options that do not change what is trained: a resumed run may set them anew.
-RESUME_FREE_OPTIONS = frozenset({"root", "num_workers", "device", "deterministic", "output_dir", "model_dir",
-                                 "print_freq", "tte", "expand", "prec_test", "test_only", "dist_timeout",
-                                 "nonfinite_loss"})
+RESUME_FREE_OPTIONS = frozenset(
+    {
+        "root",
+        "num_workers",
+        "device",
+        "deterministic",
+        "output_dir",
+        "model_dir",
+        "print_freq",
+        "tte",
+        "expand",
+        "prec_test",
+        "test_only",
+        "dist_timeout",
+        "nonfinite_loss",
+    }
+)
 
 
 class RunExistsError(FileExistsError):
@@ -55,8 +78,9 @@ def prepare_output_dir(path: Optional[str], resume: bool = False, overwrite: boo
     if path is None:
         return
     if resume and overwrite:
-        raise UserInputError("resume and overwrite exclude each other: resume continues the run in "
-                         f"{path!r}, overwrite replaces it")
+        raise UserInputError(
+            f"resume and overwrite exclude each other: resume continues the run in {path!r}, overwrite replaces it"
+        )
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserInputError(f"output_dir {path!r} is a file, not a folder; choose another output folder")
     try:
@@ -71,7 +95,8 @@ def prepare_output_dir(path: Optional[str], resume: bool = False, overwrite: boo
         raise RunExistsError(
             f"output folder {path!r} already holds a run ({', '.join(found)}); pass --resume to "
             "continue it or --overwrite to replace it (resume=True / overwrite=True in Python), "
-            "or choose another output folder")
+            "or choose another output folder"
+        )
 
 
 def clear_previous_run(path: str) -> List[str]:
@@ -126,4 +151,5 @@ def check_resume(saved: Optional[Dict[str, Any]], current: Dict[str, Any], ckpt_
         changes = ", ".join(f"{name} {a!r} -> {b!r}" for name, a, b in conflicts)
         raise ResumeMismatchError(
             f"cannot resume {ckpt_path}: it was trained with other values of {changes}. Resume with "
-            "the run's own values, or start a new run (--overwrite, or another output folder)")
+            "the run's own values, or start a new run (--overwrite, or another output folder)"
+        )

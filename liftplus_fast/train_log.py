@@ -5,6 +5,7 @@ scalars for every batch in ``<output_dir>/tensorboard``.
 The running values are exponential moving averages (weight 0.9 on the past, starting at the
 first value), per class for the class accuracies, as the published meters compute them.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -43,8 +44,14 @@ class TrainingLog:
         tensorboard_dir: where the event file goes; ``None`` writes none.
     """
 
-    def __init__(self, cls_num_list: Sequence[int], print_freq: int, num_batches: int, num_epochs: int,
-                 tensorboard_dir: Optional[str] = None):
+    def __init__(
+        self,
+        cls_num_list: Sequence[int],
+        print_freq: int,
+        num_batches: int,
+        num_epochs: int,
+        tensorboard_dir: Optional[str] = None,
+    ):
         counts = torch.as_tensor(list(cls_num_list))
         self.groups = {"many": counts > 100, "med": (counts >= 20) & (counts <= 100), "few": counts < 20}
         self.cls_avg = torch.zeros(len(counts), dtype=torch.float64)
@@ -64,8 +71,9 @@ class TrainingLog:
     def _group_mean(self, mask: torch.Tensor) -> float:
         return float(self.cls_avg[mask].mean()) if bool(mask.any()) else float("nan")
 
-    def update(self, epoch: int, batch_idx: int, loss: float, logits: torch.Tensor, labels: torch.Tensor,
-               lr: float) -> None:
+    def update(
+        self, epoch: int, batch_idx: int, loss: float, logits: torch.Tensor, labels: torch.Tensor, lr: float
+    ) -> None:
         """Record one (micro-)batch; ``epoch`` and ``batch_idx`` count from 0."""
         now = time.perf_counter()
         self.batch_time.update(now - self._end)
@@ -82,17 +90,39 @@ class TrainingLog:
             done = epoch * self.num_batches + batch_idx + 1
             remain = self.num_epochs * self.num_batches - done
             eta = datetime.timedelta(seconds=int(self.batch_time_sum / done * remain))
-            logger.info("epoch [%d/%d] batch [%d/%d] time %.3f (%.3f) loss %.4f (%.4f) acc %.2f (%.2f) "
-                        "(mean %.2f many %.2f med %.2f few %.2f) lr %.4e eta %s",
-                        epoch + 1, self.num_epochs, batch_idx + 1, self.num_batches, self.batch_time.val,
-                        self.batch_time.avg, self.loss.val, self.loss.avg, self.acc.val, self.acc.avg,
-                        mean, groups["many"], groups["med"], groups["few"], lr, eta)
+            logger.info(
+                "epoch [%d/%d] batch [%d/%d] time %.3f (%.3f) loss %.4f (%.4f) acc %.2f (%.2f) "
+                "(mean %.2f many %.2f med %.2f few %.2f) lr %.4e eta %s",
+                epoch + 1,
+                self.num_epochs,
+                batch_idx + 1,
+                self.num_batches,
+                self.batch_time.val,
+                self.batch_time.avg,
+                self.loss.val,
+                self.loss.avg,
+                self.acc.val,
+                self.acc.avg,
+                mean,
+                groups["many"],
+                groups["med"],
+                groups["few"],
+                lr,
+                eta,
+            )
         if self.writer is not None:
             step = epoch * self.num_batches + batch_idx
-            for tag, value in (("lr", lr), ("loss.val", self.loss.val), ("loss.avg", self.loss.avg),
-                               ("acc.val", self.acc.val), ("acc.avg", self.acc.avg), ("mean_acc", mean),
-                               ("many_acc", groups["many"]), ("med_acc", groups["med"]),
-                               ("few_acc", groups["few"])):
+            for tag, value in (
+                ("lr", lr),
+                ("loss.val", self.loss.val),
+                ("loss.avg", self.loss.avg),
+                ("acc.val", self.acc.val),
+                ("acc.avg", self.acc.avg),
+                ("mean_acc", mean),
+                ("many_acc", groups["many"]),
+                ("med_acc", groups["med"]),
+                ("few_acc", groups["few"]),
+            ):
                 self.writer.add_scalar(f"train/{tag}", value, step)
         self._end = time.perf_counter()
 

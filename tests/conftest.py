@@ -1,4 +1,5 @@
 """Shared test set-up: deterministic threads and paths to the shared split files."""
+
 import os
 
 import pytest
@@ -15,11 +16,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # The real split files sit beside the checkout (../shared/data); a clone elsewhere finds them
 # through LIFTPLUS_FAST_SHARED_DATA or the workspace's fixed location.
-_CANDIDATES = [os.environ.get("LIFTPLUS_FAST_SHARED_DATA", ""),
-               os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
-               "/work/shared/data"]
-SHARED_DATA = next((os.path.abspath(p) for p in _CANDIDATES if p and os.path.isdir(p)),
-                   os.path.abspath(_CANDIDATES[1]))
+_CANDIDATES = [
+    os.environ.get("LIFTPLUS_FAST_SHARED_DATA", ""),
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
+    "/work/shared/data",
+]
+SHARED_DATA = next((os.path.abspath(p) for p in _CANDIDATES if p and os.path.isdir(p)), os.path.abspath(_CANDIDATES[1]))
 
 
 @pytest.fixture(scope="session")

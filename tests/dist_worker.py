@@ -2,6 +2,7 @@
 
 Writes ``rank<R>.pt`` into the folder given as the first argument; the test compares the files.
 """
+
 import copy
 import os
 import sys
@@ -45,7 +46,7 @@ def main(out_dir: str) -> None:
     params = [p for p in model.tuner.parameters() if p.requires_grad]
     full = copy.deepcopy(model)
     full.training_loss(images, labels)[0].backward()
-    model.training_loss(images[ctx.rank::2], labels[ctx.rank::2])[0].backward()
+    model.training_loss(images[ctx.rank :: 2], labels[ctx.rank :: 2])[0].backward()
     D.average_gradients(params, ctx)
     full_params = [p for p in full.tuner.parameters() if p.requires_grad]
     result["grad_err"] = max(float((p.grad - q.grad).abs().max()) for p, q in zip(params, full_params))
@@ -65,9 +66,18 @@ def main(out_dir: str) -> None:
     result["eval_whole"] = lf.evaluate(model, whole, counts, progress=False)
 
     # 4. fast_train inside the caller's group: same tuner and metrics on both processes.
-    run = lf.fast_train(dataset="digits_lt", backbone="tiny_vit", pretrained=None, resolution=32,
-                        batch_size=32, num_epochs=1, num_workers=0, prec_train="fp32",
-                        prec_test="fp32", progress=False)
+    run = lf.fast_train(
+        dataset="digits_lt",
+        backbone="tiny_vit",
+        pretrained=None,
+        resolution=32,
+        batch_size=32,
+        num_epochs=1,
+        num_workers=0,
+        prec_train="fp32",
+        prec_test="fp32",
+        progress=False,
+    )
     result["train_tuner"] = {k: v.detach().clone() for k, v in run.tuner.state_dict().items()}
     result["train_metrics"] = run.metrics
     result["train_images"] = run.history[0]["images"]

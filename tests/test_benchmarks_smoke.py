@@ -3,6 +3,7 @@
 This checks the machinery (candidates agree on what they run, the table and JSON are written);
 it claims no speed: ratios come from `make bench` on a quiet machine.
 """
+
 import json
 import os
 import subprocess
@@ -12,8 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_smoke_run(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--smoke",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("adaptformer", "la_cosine_ce", "tte"):
         payload = json.loads((tmp_path / f"{name}.json").read_text())
@@ -42,9 +47,8 @@ def test_benchmark_smoke_run(tmp_path):
 
 def test_kink_guard_moves_only_rows_near_the_relu_kink():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import torch
-
     import bench_adaptformer as bench
+    import torch
 
     tensors = bench._inputs(2, 32, 4, torch.float32, grad=False)
     a, _m, ln_w, ln_b, down_w, down_b = tensors[:6]

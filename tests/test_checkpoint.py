@@ -1,5 +1,4 @@
 """Atomic tuner checkpoints in the published format."""
-import os
 
 import pytest
 import torch
@@ -52,8 +51,15 @@ def test_json_is_strict_with_empty_groups_as_null(tmp_path):
     from liftplus_fast.checkpoint import atomic_write_json
 
     path = tmp_path / "metrics.json"
-    atomic_write_json(str(path), {"many": float("nan"), "few": 12.5, "per_class": [None, float("inf"), 1.0],
-                                  "nested": {"x": (float("-inf"), 2)}})
+    atomic_write_json(
+        str(path),
+        {
+            "many": float("nan"),
+            "few": 12.5,
+            "per_class": [None, float("inf"), 1.0],
+            "nested": {"x": (float("-inf"), 2)},
+        },
+    )
 
     def reject(constant):
         raise AssertionError(f"non-standard JSON constant {constant}")

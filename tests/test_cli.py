@@ -1,4 +1,5 @@
 """The liftplus-fast command line: smoke runs and one-sentence errors."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "liftplus_fast", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    return subprocess.run(
+        [sys.executable, "-m", "liftplus_fast", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
 
 
 def test_info_prints_backend_json():
@@ -23,21 +30,60 @@ def test_info_prints_backend_json():
 
 def test_train_then_test_smoke(tmp_path):
     out_dir = tmp_path / "cli_run"
-    out = run_cli("train", "-d", "digits_lt", "-b", "tiny_vit", "-m", "lift+", "--output-dir", str(out_dir),
-                  "--no-progress", "num_epochs", "1", "resolution", "32", "batch_size", "64", "num_workers", "0")
+    out = run_cli(
+        "train",
+        "-d",
+        "digits_lt",
+        "-b",
+        "tiny_vit",
+        "-m",
+        "lift+",
+        "--output-dir",
+        str(out_dir),
+        "--no-progress",
+        "num_epochs",
+        "1",
+        "resolution",
+        "32",
+        "batch_size",
+        "64",
+        "num_workers",
+        "0",
+    )
     assert out.returncode == 0, out.stderr
     assert "many:" in out.stdout and (out_dir / "checkpoint.pth.tar").exists()
-    test = run_cli("test", "-d", "digits_lt", "-b", "tiny_vit", "-m", "lift+", "--output-dir", str(tmp_path / "t"),
-                   "--no-progress", "model_dir", str(out_dir), "resolution", "32", "num_workers", "0", "tte", "True")
+    test = run_cli(
+        "test",
+        "-d",
+        "digits_lt",
+        "-b",
+        "tiny_vit",
+        "-m",
+        "lift+",
+        "--output-dir",
+        str(tmp_path / "t"),
+        "--no-progress",
+        "model_dir",
+        str(out_dir),
+        "resolution",
+        "32",
+        "num_workers",
+        "0",
+        "tte",
+        "True",
+    )
     assert test.returncode == 0, test.stderr
     assert "overall accuracy" in test.stdout
 
 
-@pytest.mark.parametrize("opts, match", [
-    (["-d", "nope_lt"], "nope_lt"),
-    (["-d", "digits_lt", "batch_size", "10", "accum_step", "3"], "divisible"),
-    (["-d", "digits_lt", "no_such_option", "1"], "no_such_option"),
-])
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        (["-d", "nope_lt"], "nope_lt"),
+        (["-d", "digits_lt", "batch_size", "10", "accum_step", "3"], "divisible"),
+        (["-d", "digits_lt", "no_such_option", "1"], "no_such_option"),
+    ],
+)
 def test_errors_are_one_sentence(opts, match, tmp_path):
     out = run_cli("train", "-b", "tiny_vit", "--output-dir", str(tmp_path / "o"), *opts)
     assert out.returncode == 2
@@ -55,8 +101,12 @@ def test_only_user_input_errors_become_one_line(monkeypatch, capsys):
     assert cli.main(["info"]) == 2
     assert capsys.readouterr().err.strip() == "liftplus-fast: error: v.aft_loc must be 'attn', 'mlp' or 'all'; got 'x'"
 
-    for internal in (AssertionError("kernel invariant"), ValueError("an internal shape bug"),
-                     RuntimeError("a kernel failure")):
+    for internal in (
+        AssertionError("kernel invariant"),
+        ValueError("an internal shape bug"),
+        RuntimeError("a kernel failure"),
+    ):
+
         def fail(_args, exc=internal):
             raise exc
 

@@ -1,8 +1,8 @@
 """LiftConfig, method presets, published-style overrides and the published size rules."""
+
 import pytest
 
-from liftplus_fast.config import (LiftConfig, METHODS, bottleneck_dim, make_config, parse_layers,
-                                  resolve_method)
+from liftplus_fast.config import METHODS, LiftConfig, bottleneck_dim, make_config, parse_layers, resolve_method
 
 
 def test_lift_plus_defaults_are_the_published_recipe():
@@ -19,20 +19,36 @@ def test_lift_preset_differs_as_published():
 
 
 def test_published_style_opts_and_nested_keys():
-    cfg = make_config("lift+", opts=["num_epochs", "15", "tte", "True", "v.adaptformer_dim", "8",
-                                     "v.adaptformer_layers", "[0, 2]", "output_dir", "None"])
+    cfg = make_config(
+        "lift+",
+        opts=[
+            "num_epochs",
+            "15",
+            "tte",
+            "True",
+            "v.adaptformer_dim",
+            "8",
+            "v.adaptformer_layers",
+            "[0, 2]",
+            "output_dir",
+            "None",
+        ],
+    )
     assert cfg.num_epochs == 15 and cfg.tte is True
     assert cfg.v.adaptformer_dim == 8 and cfg.v.adaptformer_layers == [0, 2]
     assert cfg.output_dir is None
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"loss_type": "Hinge"}, "loss_type"),
-    ({"batch_size": 10, "accum_step": 3}, "divisible"),
-    ({"mda_func": "cubic"}, "mda_func"),
-    ({"num_epochs": 0}, "num_epochs"),
-    ({"prec_train": "int8"}, "prec_train"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"loss_type": "Hinge"}, "loss_type"),
+        ({"batch_size": 10, "accum_step": 3}, "divisible"),
+        ({"mda_func": "cubic"}, "mda_func"),
+        ({"num_epochs": 0}, "num_epochs"),
+        ({"prec_train": "int8"}, "prec_train"),
+    ],
+)
 def test_bad_options_name_the_option(bad, match):
     with pytest.raises(ValueError, match=match):
         make_config("lift+", bad)
@@ -78,9 +94,9 @@ def test_adaptformer_bottleneck_rule_vit_b16(k, r):
 
 
 def test_lora_and_prompt_rules():
-    assert bottleneck_dim(1000, 12, 4) == 16   # LoRA r for ImageNet-LT
-    assert bottleneck_dim(1000, 12, 1) == 64   # VPT prompt length
-    assert bottleneck_dim(10, 12, 2) == 1      # never below 1
+    assert bottleneck_dim(1000, 12, 4) == 16  # LoRA r for ImageNet-LT
+    assert bottleneck_dim(1000, 12, 1) == 64  # VPT prompt length
+    assert bottleneck_dim(10, 12, 2) == 1  # never below 1
 
 
 def test_direct_construction_builds_the_named_method():
@@ -115,7 +131,12 @@ def test_direct_config_gives_adaptformer_in_every_block():
     from liftplus_fast.model import load_clip
 
     clip, tok = load_clip("tiny_vit")
-    model = lf.build_lift_model(clip, lf.LiftConfig(method="lift+", num_classes=4, resolution=32),
-                                cls_num_list=[8, 4, 2, 1], classnames=list("abcd"), tokenizer=tok)
+    model = lf.build_lift_model(
+        clip,
+        lf.LiftConfig(method="lift+", num_classes=4, resolution=32),
+        cls_num_list=[8, 4, 2, 1],
+        classnames=list("abcd"),
+        tokenizer=tok,
+    )
     blocks = {k.split(".")[2] for k in model.official_tuner_state_dict() if ".adaptformer." in k}
     assert blocks == {str(i) for i in range(len(clip.visual.transformer.resblocks))}

@@ -1,5 +1,4 @@
 """The embedded-default demo: LIFT+ learns from a random tiny ViT and LA helps the tail."""
-import os
 
 import pytest
 
@@ -46,4 +45,7 @@ def test_bf16_trains_the_demo_like_fp32(demo, tmp_path):
     assert len(bf16.history) == len(fp32.history) == DEMO_EPOCHS
     worst = max(abs(b["loss"] - f["loss"]) / f["loss"] for b, f in zip(bf16.history, fp32.history))
     assert worst <= 0.02, [(round(b["loss"], 4), round(f["loss"], 4)) for b, f in zip(bf16.history, fp32.history)]
-    assert abs(bf16.metrics["overall"] - fp32.metrics["overall"]) <= 1.0, (bf16.metrics["overall"], fp32.metrics["overall"])
+    assert abs(bf16.metrics["overall"] - fp32.metrics["overall"]) <= 1.0, (
+        bf16.metrics["overall"],
+        fp32.metrics["overall"],
+    )

@@ -1,4 +1,5 @@
 """Data-parallel training under torchrun (two CPU processes, Gloo)."""
+
 import json
 import os
 import subprocess
@@ -87,10 +88,35 @@ def test_fast_train_gives_every_process_the_same_tuner_and_metrics(worker_result
 
 def test_torchrun_cli_trains_writes_once_and_reloads(tmp_path):
     out = tmp_path / "run"
-    proc = torchrun("-m", "liftplus_fast", "train", "-d", "digits_lt", "-b", "tiny_vit", "-m", "lift+",
-                    "--pretrained", "none", "--output-dir", str(out), "--no-progress",
-                    "num_epochs", "2", "batch_size", "32", "resolution", "32", "num_workers", "0",
-                    "prec_train", "fp32", "prec_test", "fp32", cwd=str(tmp_path))
+    proc = torchrun(
+        "-m",
+        "liftplus_fast",
+        "train",
+        "-d",
+        "digits_lt",
+        "-b",
+        "tiny_vit",
+        "-m",
+        "lift+",
+        "--pretrained",
+        "none",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "num_epochs",
+        "2",
+        "batch_size",
+        "32",
+        "resolution",
+        "32",
+        "num_workers",
+        "0",
+        "prec_train",
+        "fp32",
+        "prec_test",
+        "fp32",
+        cwd=str(tmp_path),
+    )
     # Only rank 0 reports.
     assert proc.stdout.count("* overall accuracy") == 1
     log = (out / "log.txt").read_text()
@@ -99,9 +125,19 @@ def test_torchrun_cli_trains_writes_once_and_reloads(tmp_path):
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=False)
     assert ckpt["epoch"] == 2 and len(ckpt["torch_rng_ranks"]) == 2
     # A single process evaluating the saved tuner gets the distributed run's numbers.
-    again = lf.fast_train(dataset="digits_lt", backbone="tiny_vit", pretrained=None, method="lift+",
-                          resolution=32, num_workers=0, prec_test="fp32", test_only=True,
-                          model_dir=str(out), progress=False, root=str(tmp_path / "data"))
+    again = lf.fast_train(
+        dataset="digits_lt",
+        backbone="tiny_vit",
+        pretrained=None,
+        method="lift+",
+        resolution=32,
+        num_workers=0,
+        prec_test="fp32",
+        test_only=True,
+        model_dir=str(out),
+        progress=False,
+        root=str(tmp_path / "data"),
+    )
     assert again.metrics["per_class"] == saved["metrics"]["per_class"]
     assert saved["metrics"]["num_samples"] == again.metrics["num_samples"]
 

@@ -1,4 +1,5 @@
 """Evaluation metrics and TTE paths against a hand-computed oracle."""
+
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from liftplus_fast.evaluate import evaluate, metrics_from_counts
 
 
 def test_metrics_from_counts_groups_by_training_size():
-    cls_num_list = [500, 150, 60, 25, 10, 3]          # many, many, med, med, few, few
+    cls_num_list = [500, 150, 60, 25, 10, 3]  # many, many, med, med, few, few
     correct = torch.tensor([9, 8, 5, 4, 1, 0])
     total = torch.tensor([10, 10, 10, 10, 10, 10])
     m = metrics_from_counts(correct, total, cls_num_list)
@@ -49,8 +50,11 @@ class CosineToy(torch.nn.Module):
 def _oracle(model, batches, k):
     correct, total = torch.zeros(k), torch.zeros(k)
     for images, labels in batches:
-        logits = torch.stack([model(images[:, c]) for c in range(images.shape[1])]).mean(0) \
-            if images.dim() == 5 else model(images)
+        logits = (
+            torch.stack([model(images[:, c]) for c in range(images.shape[1])]).mean(0)
+            if images.dim() == 5
+            else model(images)
+        )
         pred = logits.argmax(-1)
         for y, p in zip(labels.tolist(), pred.tolist()):
             total[y] += 1

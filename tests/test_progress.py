@@ -1,4 +1,5 @@
 """Progress output: tqdm on a terminal, periodic plain lines in log files."""
+
 import io
 
 import pytest
@@ -57,7 +58,10 @@ def test_interval_from_the_environment(monkeypatch):
     assert len(bar) == 3 and list(bar) == [1, 2, 3]
     lines = out.getvalue().splitlines()
     assert [line.split(" it/s")[0].rsplit(" ", 1)[0] for line in lines] == [
-        "Features: 1/3 (33%)", "Features: 2/3 (67%)", "Features: 3/3 (100%)"]
+        "Features: 1/3 (33%)",
+        "Features: 2/3 (67%)",
+        "Features: 3/3 (100%)",
+    ]
     monkeypatch.setenv("LIFTPLUS_FAST_PROGRESS_INTERVAL", "soon")
     with pytest.raises(ValueError, match="LIFTPLUS_FAST_PROGRESS_INTERVAL must be a number"):
         progress_interval()
@@ -67,9 +71,19 @@ def test_training_in_a_log_file_writes_lines_not_frames(tmp_path, capfd, monkeyp
     import liftplus_fast as lf
 
     monkeypatch.setenv("LIFTPLUS_FAST_PROGRESS_INTERVAL", "0")  # a line per batch, to see them all
-    lf.fast_train(dataset="digits_lt", root=str(tmp_path / "data"), backbone="tiny_vit", pretrained=None,
-                  resolution=32, batch_size=128, num_workers=0, num_epochs=1, prec_train="fp32",
-                  prec_test="fp32", progress=True)
+    lf.fast_train(
+        dataset="digits_lt",
+        root=str(tmp_path / "data"),
+        backbone="tiny_vit",
+        pretrained=None,
+        resolution=32,
+        batch_size=128,
+        num_workers=0,
+        num_epochs=1,
+        prec_train="fp32",
+        prec_test="fp32",
+        progress=True,
+    )
     err = capfd.readouterr().err
     assert "\r" not in err
     assert "epoch 1/1: 1/3 (33%)" in err and "loss=" in err and "Testing: 1/" in err

@@ -6,6 +6,7 @@ The commands below are written down from the published repository's ``scripts/*.
 distinct set-up (data set x backbone x method x model options) is built on a small random
 backbone of the same depth and kind, then run forward and backward once.
 """
+
 import copy
 import itertools
 
@@ -25,84 +26,161 @@ INAT = "num_epochs 15"
 def _cmds():
     """``{script: [command options after 'python main.py', ...]}`` as published."""
     s = {}
-    abl = ["v.adaptformer False classifier_init None mda False tte False",
-           "v.adaptformer True classifier_init None mda False tte False",
-           "v.adaptformer True classifier_init semantic mda False tte False",
-           "v.adaptformer True classifier_init semantic mda True tte False",
-           "v.adaptformer True classifier_init semantic mda True tte True"]
+    abl = [
+        "v.adaptformer False classifier_init None mda False tte False",
+        "v.adaptformer True classifier_init None mda False tte False",
+        "v.adaptformer True classifier_init semantic mda False tte False",
+        "v.adaptformer True classifier_init semantic mda True tte False",
+        "v.adaptformer True classifier_init semantic mda True tte True",
+    ]
     s["run_ablation"] = [f"-d {d} -b clip_vit_b16 -m lp {o}" for d in DATA2 for o in abl]
     ratios = ("0.001", "0.002", "0.005", "0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1.0")
     lrs6 = ("0.03", "0.02", "0.01", "0.005", "0.002", "0.001")
-    s["run_aft_ratio"] = [f"-d {d} -b clip_vit_b16 -m aft v.aft_ratio {r} lr {lr}"
-                          for d in DATA2 for r in ratios for lr in lrs6]
+    s["run_aft_ratio"] = [
+        f"-d {d} -b clip_vit_b16 -m aft v.aft_ratio {r} lr {lr}" for d in DATA2 for r in ratios for lr in lrs6
+    ]
     s["run_backbones"] = [
         *(f"-d {d} -b clip_vit_l14 -m lift+ accum_step 4{t}" for d in DATA2 for t in ("", " test_only True tte True")),
         *(f"-d inat2018 -b clip_vit_l14 -m lift+ {INAT} accum_step 4{t}" for t in ("", " test_only True tte True")),
-        *(f"-d inat2018 -b clip_vit_l14@336px -m lift+ {INAT} accum_step 8{t}" for t in ("", " test_only True tte True")),
-        *(f"-d {d} -b clip_rn50 -m lp v.{m} True" for d in DATA2 for m in ("ssf", "bitfit"))]
+        *(
+            f"-d inat2018 -b clip_vit_l14@336px -m lift+ {INAT} accum_step 8{t}"
+            for t in ("", " test_only True tte True")
+        ),
+        *(f"-d {d} -b clip_rn50 -m lp v.{m} True" for d in DATA2 for m in ("ssf", "bitfit")),
+    ]
     s["run_bottle_dim"] = [
-        *(f"-d {d} -b clip_vit_b16 -m lift+ {o} tte True" for d in DATA2
-          for o in ["v.adaptformer False"] + [f"v.adaptformer_dim {2 ** i}" for i in range(9)]),
-        *(f"-d inat2018 -b clip_vit_b16 -m lift+ {INAT} {o} tte True"
-          for o in ["v.adaptformer False"] + [f"v.adaptformer_dim {r}" for r in range(64, 513, 64)])]
-    cls = ["classifier LinearClassifier", "classifier L2NormClassifier",
-           *(f"classifier CosineClassifier classifier_scale {c}" for c in (15, 20, 25, 30, 35))]
-    s["run_classifiers"] = [f"-d {d} -b clip_vit_b16 -m lift+{' ' + INAT if d == 'inat2018' else ''} {o} tte True"
-                            for d in DATA3 for o in cls]
-    ep = {("lift", "imagenet_lt"): "5 0.02 10 0.01 15 0.0066 20 0.005 25 0.004 30 0.0033",
-          ("lift", "places_lt"): "5 0.02 10 0.01 15 0.0066 20 0.005 25 0.004 30 0.0033",
-          ("lift", "inat2018"): "5 0.04 10 0.02 15 0.0133 20 0.01 25 0.008 30 0.0066 35 0.0057 40 0.005 "
-                                "45 0.0044 50 0.004",
-          ("lift+", "imagenet_lt"): "5 0.02 10 0.01 15 0.0066 20 0.005 25 0.004 30 0.0033",
-          ("lift+", "places_lt"): "5 0.02 10 0.01 15 0.0066 20 0.005 25 0.004 30 0.0033",
-          ("lift+", "inat2018"): "5 0.06 10 0.03 15 0.02 20 0.015 25 0.012 30 0.01 35 0.0085 40 0.0075 "
-                                 "45 0.0066 50 0.006"}
+        *(
+            f"-d {d} -b clip_vit_b16 -m lift+ {o} tte True"
+            for d in DATA2
+            for o in ["v.adaptformer False"] + [f"v.adaptformer_dim {2**i}" for i in range(9)]
+        ),
+        *(
+            f"-d inat2018 -b clip_vit_b16 -m lift+ {INAT} {o} tte True"
+            for o in ["v.adaptformer False"] + [f"v.adaptformer_dim {r}" for r in range(64, 513, 64)]
+        ),
+    ]
+    cls = [
+        "classifier LinearClassifier",
+        "classifier L2NormClassifier",
+        *(f"classifier CosineClassifier classifier_scale {c}" for c in (15, 20, 25, 30, 35)),
+    ]
+    s["run_classifiers"] = [
+        f"-d {d} -b clip_vit_b16 -m lift+{' ' + INAT if d == 'inat2018' else ''} {o} tte True"
+        for d in DATA3
+        for o in cls
+    ]
+    ep = {
+        ("lift", "imagenet_lt"): "5 0.02 10 0.01 15 0.0066 20 0.005 25 0.004 30 0.0033",
+        ("lift", "places_lt"): "5 0.02 10 0.01 15 0.0066 20 0.005 25 0.004 30 0.0033",
+        ("lift", "inat2018"): "5 0.04 10 0.02 15 0.0133 20 0.01 25 0.008 30 0.0066 35 0.0057 40 0.005 "
+        "45 0.0044 50 0.004",
+        ("lift+", "imagenet_lt"): "5 0.02 10 0.01 15 0.0066 20 0.005 25 0.004 30 0.0033",
+        ("lift+", "places_lt"): "5 0.02 10 0.01 15 0.0066 20 0.005 25 0.004 30 0.0033",
+        ("lift+", "inat2018"): "5 0.06 10 0.03 15 0.02 20 0.015 25 0.012 30 0.01 35 0.0085 40 0.0075 "
+        "45 0.0066 50 0.006",
+    }
     s["run_epochs"] = []
     for (m, d), pairs in ep.items():
         p = pairs.split()
-        s["run_epochs"] += [f"-d {d} -b clip_vit_b16 -m {m} num_epochs {e} lr {lr} tte True"
-                            for e, lr in zip(p[::2], p[1::2])]
+        s["run_epochs"] += [
+            f"-d {d} -b clip_vit_b16 -m {m} num_epochs {e} lr {lr} tte True" for e, lr in zip(p[::2], p[1::2])
+        ]
     expand = range(0, 49, 4)
     s["run_expand"] = [
-        *(f"-d {d} -b clip_vit_b16 -m lift+ test_only True tte {t} tte_expand {e}"
-          for d in DATA2 for t in ("False", "True") for e in expand),
+        *(
+            f"-d {d} -b clip_vit_b16 -m lift+ test_only True tte {t} tte_expand {e}"
+            for d in DATA2
+            for t in ("False", "True")
+            for e in expand
+        ),
         *(f"-d inat2018 -b clip_vit_b16 -m lift+ {INAT} test_only True tte False tte_expand {e}" for e in expand),
-        *(f"-d inat2018 -b clip_vit_b16 -m lift+ {INAT} test_only True tte True expand {e}" for e in expand)]
+        *(f"-d inat2018 -b clip_vit_b16 -m lift+ {INAT} test_only True tte True expand {e}" for e in expand),
+    ]
     s["run_ft_methods"] = [
-        f"-d {d} -b clip_vit_b16 -m {o} tte True" for d in DATA2 for o in (
-            "zs", "lp lr 0.03", f"fft v.fft_layers 12 lr {'0.001' if d == 'imagenet_lt' else '0.002'}",
-            "aft v.aft_ratio 0.005 lr 0.02", "lp v.bitfit True", "lp v.pt True", "lp v.adapter True", "lp v.lora True", "lp v.adaptformer True")]
-    s["run_init_methds"] = [f"-d {d} -b clip_vit_b16 -m lift+ classifier_init {i} tte True"
-                            for d in DATA2 for i in ("None", "linear_probing", "class_mean", "semantic")]
-    s["run_losses"] = [f"-d {d} -b clip_vit_b16 -m lift+{' ' + INAT if d == 'inat2018' else ''} loss_type {loss} tte True"
-                       for d in DATA3 for loss in ("CE", "Focal", "LDAM", "CB", "GRW", "LADE", "LA")]
+        f"-d {d} -b clip_vit_b16 -m {o} tte True"
+        for d in DATA2
+        for o in (
+            "zs",
+            "lp lr 0.03",
+            f"fft v.fft_layers 12 lr {'0.001' if d == 'imagenet_lt' else '0.002'}",
+            "aft v.aft_ratio 0.005 lr 0.02",
+            "lp v.bitfit True",
+            "lp v.pt True",
+            "lp v.adapter True",
+            "lp v.lora True",
+            "lp v.adaptformer True",
+        )
+    ]
+    s["run_init_methds"] = [
+        f"-d {d} -b clip_vit_b16 -m lift+ classifier_init {i} tte True"
+        for d in DATA2
+        for i in ("None", "linear_probing", "class_mean", "semantic")
+    ]
+    s["run_losses"] = [
+        f"-d {d} -b clip_vit_b16 -m lift+{' ' + INAT if d == 'inat2018' else ''} loss_type {loss} tte True"
+        for d in DATA3
+        for loss in ("CE", "Focal", "LDAM", "CB", "GRW", "LADE", "LA")
+    ]
     tt = ("", " test_only True tte True")
     s["run_main"] = [
         *(f"-d {d} -b clip_vit_b16 -m lift+{t}" for d in DATA2 for t in tt),
         *(f"-d places_lt -b in21k_vit_b16 -m lift+{t}" for t in tt),
         *(f"-d inat2018 -b {b} -m lift+ {INAT}{t}" for b in ("clip_vit_b16", "in21k_vit_b16") for t in tt),
         *(f"-d cifar100_ir{r} -b clip_vit_b16 -m lift+{t}" for t in tt for r in (100, 50, 10)),
-        *(f"-d cifar100_ir{r} -b in21k_vit_b16 -m lift+{t}" for t in tt for r in (100, 50, 10))]
-    s["run_mda_func"] = [f"-d {d} -b clip_vit_b16 -m lift+{' ' + INAT if d == 'inat2018' else ''} mda_func {f} tte True"
-                         for d in DATA3 for f in ("min", "convex", "linear", "concave", "max")]
-    s["run_partial"] = [f"-d {d} -b clip_vit_b16 -m fft{' ' + INAT if d == 'inat2018' else ''} v.fft_layers {k} lr {lr}"
-                        for d in DATA3 for k in (0, 1, 2, 3, 6, 9, 12) for lr in lrs6]
-    s["run_zsclip"] = [*(f"-d {d} -b clip_vit_b16 -m {m}" for d in DATA2 for m in ("zs", "lp lr 0.03")),
-                       *(f"-d inat2018_{k} -b clip_vit_b16 -m zs" for k in "kpcofgs"),
-                       "-d inat2018 -b clip_vit_b16 -m zs"]
+        *(f"-d cifar100_ir{r} -b in21k_vit_b16 -m lift+{t}" for t in tt for r in (100, 50, 10)),
+    ]
+    s["run_mda_func"] = [
+        f"-d {d} -b clip_vit_b16 -m lift+{' ' + INAT if d == 'inat2018' else ''} mda_func {f} tte True"
+        for d in DATA3
+        for f in ("min", "convex", "linear", "concave", "max")
+    ]
+    s["run_partial"] = [
+        f"-d {d} -b clip_vit_b16 -m fft{' ' + INAT if d == 'inat2018' else ''} v.fft_layers {k} lr {lr}"
+        for d in DATA3
+        for k in (0, 1, 2, 3, 6, 9, 12)
+        for lr in lrs6
+    ]
+    s["run_zsclip"] = [
+        *(f"-d {d} -b clip_vit_b16 -m {m}" for d in DATA2 for m in ("zs", "lp lr 0.03")),
+        *(f"-d inat2018_{k} -b clip_vit_b16 -m zs" for k in "kpcofgs"),
+        "-d inat2018 -b clip_vit_b16 -m zs",
+    ]
     return s
 
 
 SCRIPTS = _cmds()
-PUBLISHED_COUNTS = {"run_ablation": 10, "run_aft_ratio": 120, "run_backbones": 12, "run_bottle_dim": 29,
-                    "run_classifiers": 21, "run_epochs": 44, "run_expand": 78, "run_ft_methods": 18,
-                    "run_init_methds": 8, "run_losses": 21, "run_main": 22, "run_mda_func": 15,
-                    "run_partial": 126, "run_zsclip": 12}
+PUBLISHED_COUNTS = {
+    "run_ablation": 10,
+    "run_aft_ratio": 120,
+    "run_backbones": 12,
+    "run_bottle_dim": 29,
+    "run_classifiers": 21,
+    "run_epochs": 44,
+    "run_expand": 78,
+    "run_ft_methods": 18,
+    "run_init_methds": 8,
+    "run_losses": 21,
+    "run_main": 22,
+    "run_mda_func": 15,
+    "run_partial": 126,
+    "run_zsclip": 12,
+}
 COMMANDS = [c for cmds in SCRIPTS.values() for c in cmds]
-NUM_CLASSES = {"imagenet_lt": 1000, "places_lt": 365, "inat2018": 8142, "cifar100_ir100": 100,
-               "cifar100_ir50": 100, "cifar100_ir10": 100, "inat2018_k": 6, "inat2018_p": 25,
-               "inat2018_c": 57, "inat2018_o": 272, "inat2018_f": 1118, "inat2018_g": 4401,
-               "inat2018_s": 8142}
+NUM_CLASSES = {
+    "imagenet_lt": 1000,
+    "places_lt": 365,
+    "inat2018": 8142,
+    "cifar100_ir100": 100,
+    "cifar100_ir50": 100,
+    "cifar100_ir10": 100,
+    "inat2018_k": 6,
+    "inat2018_p": 25,
+    "inat2018_c": 57,
+    "inat2018_o": 272,
+    "inat2018_f": 1118,
+    "inat2018_g": 4401,
+    "inat2018_s": 8142,
+}
 # Options that change the run but not the model that is built.
 RUN_ONLY = {"lr", "num_epochs", "accum_step", "mda", "mda_func", "tte", "expand", "tte_expand", "test_only"}
 
@@ -162,6 +240,7 @@ def test_published_test_only_commands_find_their_training_run():
 
 # --- building every distinct set-up on small random backbones of the same depth -----------------
 
+
 def _small_backbone(name):
     import open_clip
     import timm
@@ -177,8 +256,9 @@ def _small_backbone(name):
         vision = {"image_size": 224, "layers": (3, 4, 6, 3), "width": 8, "head_width": 64}
         return open_clip.model.CLIP(16, vision, text, quick_gelu=True).eval()
     if name == "in21k_vit_b16":
-        return timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=32, num_heads=2,
-                                 num_classes=0).eval()
+        return timm.create_model(
+            "vit_base_patch16_224", pretrained=False, embed_dim=32, num_heads=2, num_classes=0
+        ).eval()
     raise AssertionError(name)
 
 
@@ -274,8 +354,7 @@ def test_every_distinct_published_setup_builds_and_trains(small_backbones, memo_
 
 def test_published_backbone_depths(small_backbones):
     # "the same depth": 12 blocks for B/16, 24 for L/14, RN50's (3, 4, 6, 3) bottlenecks
-    depth = {"clip_vit_b16": 12, "clip_vit_l14": 24, "clip_vit_l14@336px": 24, "in21k_vit_b16": 12,
-             "clip_rn50": 16}
+    depth = {"clip_vit_b16": 12, "clip_vit_l14": 24, "clip_vit_l14@336px": 24, "in21k_vit_b16": 12, "clip_rn50": 16}
     for name, model in small_backbones.items():
         from liftplus_fast.model.encoders import build_image_encoder
 
@@ -286,4 +365,6 @@ def test_published_script_matrix_is_consistent():
     # one cell of each grid really differs from its neighbours (the loops above are not no-ops)
     assert len(set(SCRIPTS["run_aft_ratio"])) == 120 and len(set(SCRIPTS["run_partial"])) == 126
     assert sum(1 for c in COMMANDS if "test_only True" in c) == 78 + 11 + 4
-    assert list(itertools.islice((c for c in COMMANDS if "in21k" in c), 1)) == ["-d places_lt -b in21k_vit_b16 -m lift+"]
+    assert list(itertools.islice((c for c in COMMANDS if "in21k" in c), 1)) == [
+        "-d places_lt -b in21k_vit_b16 -m lift+"
+    ]

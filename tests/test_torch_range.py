@@ -1,4 +1,5 @@
 """The supported torch range: one floor, declared in pyproject.toml and enforced at import."""
+
 import os
 import re
 
@@ -40,23 +41,26 @@ def test_floor_is_public():
     assert liftplus_fast.MIN_TORCH == MIN_TORCH
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "liftplus_fast", "_build_info.json")),
-                    reason="no native build here")
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(ROOT, "liftplus_fast", "_build_info.json")), reason="no native build here"
+)
 def test_a_library_built_for_another_torch_warns_once_at_import_and_falls_back():
     import json
     import subprocess
     import sys
 
-    code = ("import json, warnings, torch\n"
-            "torch.__version__ = '2.99.0'  # as if another torch release were installed\n"
-            "with warnings.catch_warnings(record=True) as caught:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import liftplus_fast as lf\n"
-            "    imported = [str(w.message) for w in caught]\n"
-            "    r = lf.ops.tte_aggregate(torch.randn(2, 3, 4))\n"
-            "    lf.backend_info()\n"
-            "print(json.dumps({'at_import': imported, 'all': [str(w.message) for w in caught],\n"
-            "                  'loaded': lf.backend_info()['native']['loaded'], 'shape': list(r.logits.shape)}))\n")
+    code = (
+        "import json, warnings, torch\n"
+        "torch.__version__ = '2.99.0'  # as if another torch release were installed\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import liftplus_fast as lf\n"
+        "    imported = [str(w.message) for w in caught]\n"
+        "    r = lf.ops.tte_aggregate(torch.randn(2, 3, 4))\n"
+        "    lf.backend_info()\n"
+        "print(json.dumps({'at_import': imported, 'all': [str(w.message) for w in caught],\n"
+        "                  'loaded': lf.backend_info()['native']['loaded'], 'shape': list(r.logits.shape)}))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     mismatch = [m for m in result["all"] if "built for torch" in m]

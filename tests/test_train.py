@@ -1,4 +1,5 @@
 """fast_train end to end on the embedded default: outputs, resume, test-only, bad input."""
+
 import json
 import os
 
@@ -9,8 +10,15 @@ import liftplus_fast as lf
 from liftplus_fast import checkpoint as ckpt_mod
 from liftplus_fast import train as train_mod
 
-TINY = dict(dataset="digits_lt", backbone="tiny_vit", pretrained=None, resolution=32, batch_size=64,
-            num_workers=0, progress=False)
+TINY = dict(
+    dataset="digits_lt",
+    backbone="tiny_vit",
+    pretrained=None,
+    resolution=32,
+    batch_size=64,
+    num_workers=0,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +50,14 @@ def test_outputs_and_metrics(two_epoch_run):
 
 
 def test_test_only_from_checkpoint_reproduces_metrics(two_epoch_run, tmp_path):
-    r = lf.fast_train(method="lift+", output_dir=str(tmp_path / "t"), test_only=True,
-                      model_dir=two_epoch_run.output_dir, num_epochs=2, **TINY)
+    r = lf.fast_train(
+        method="lift+",
+        output_dir=str(tmp_path / "t"),
+        test_only=True,
+        model_dir=two_epoch_run.output_dir,
+        num_epochs=2,
+        **TINY,
+    )
     assert r.metrics["overall"] == pytest.approx(two_epoch_run.metrics["overall"])
     assert r.metrics["per_class"] == two_epoch_run.metrics["per_class"]
 
@@ -68,14 +82,17 @@ def test_resume_after_interruption_matches_uninterrupted_run(two_epoch_run, tmp_
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(dataset="imagenet_1k"), ValueError, "imagenet_1k"),
-    (dict(backbone="resnet9000"), ValueError, "resnet9000"),
-    (dict(method="magic"), ValueError, "magic"),
-    (dict(batch_size=64, accum_step=5), ValueError, "divisible"),
-    (dict(resolution=224), ValueError, r"resolution=224 .* takes 32x32 images; set resolution 32"),
-    (dict(test_only=True), ValueError, "test_only needs model_dir"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(dataset="imagenet_1k"), ValueError, "imagenet_1k"),
+        (dict(backbone="resnet9000"), ValueError, "resnet9000"),
+        (dict(method="magic"), ValueError, "magic"),
+        (dict(batch_size=64, accum_step=5), ValueError, "divisible"),
+        (dict(resolution=224), ValueError, r"resolution=224 .* takes 32x32 images; set resolution 32"),
+        (dict(test_only=True), ValueError, "test_only needs model_dir"),
+    ],
+)
 def test_bad_input_is_a_clear_error(kwargs, exc, match, tmp_path):
     args = dict(TINY, method="lift+", output_dir=None, num_epochs=1)
     args.update(kwargs)
@@ -85,8 +102,7 @@ def test_bad_input_is_a_clear_error(kwargs, exc, match, tmp_path):
 
 @pytest.mark.parametrize("method", ["zs", "lp", "fft", "bitfit", "vpt", "lora", "adapter", "ssf", "aft", "lift"])
 def test_every_method_runs_end_to_end(method, tmp_path):
-    r = lf.fast_train(method=method, output_dir=str(tmp_path / method), num_epochs=1,
-                      **dict(TINY, batch_size=128))
+    r = lf.fast_train(method=method, output_dir=str(tmp_path / method), num_epochs=1, **dict(TINY, batch_size=128))
     assert 0.0 <= r.metrics["overall"] <= 100.0 and len(r.metrics["per_class"]) == 10
     if method == "zs":
         # Zero-shot trains nothing: no history, an empty tuner, the CLIP text head.
@@ -98,8 +114,7 @@ def test_every_method_runs_end_to_end(method, tmp_path):
 
 @pytest.mark.parametrize("init", ["class_mean", "linear_probing", "random"])
 def test_classifier_inits_run(init, tmp_path):
-    r = lf.fast_train(method="lift+", output_dir=None, num_epochs=1, classifier_init=init,
-                      **dict(TINY, batch_size=128))
+    r = lf.fast_train(method="lift+", output_dir=None, num_epochs=1, classifier_init=init, **dict(TINY, batch_size=128))
     w = r.model.classifier.weight.detach()
     assert torch.isfinite(w).all() and r.metrics["overall"] >= 0.0
 

@@ -1,4 +1,5 @@
 """The published per-batch training report: print_freq lines and TensorBoard scalars."""
+
 import logging
 import os
 
@@ -21,8 +22,8 @@ def test_running_group_accuracy_and_lines(caplog):
     log = TrainingLog(counts, print_freq=2, num_batches=4, num_epochs=1)
     logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0]])
     with caplog.at_level(logging.INFO, logger="liftplus_fast"):
-        log.update(0, 0, 1.0, logits, torch.tensor([0, 1, 2]), 0.02)   # many, med right; few wrong
-        log.update(0, 1, 0.5, logits, torch.tensor([0, 0, 2]), 0.02)   # class 0: right then wrong
+        log.update(0, 0, 1.0, logits, torch.tensor([0, 1, 2]), 0.02)  # many, med right; few wrong
+        log.update(0, 1, 0.5, logits, torch.tensor([0, 0, 2]), 0.02)  # class 0: right then wrong
     lines = [r.getMessage() for r in caplog.records if "batch [" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("epoch [1/1] batch [2/4]")
     # class 0: 100 then 0 -> 90; class 1: 100; class 2: 0 then 0
@@ -34,9 +35,21 @@ def test_fast_train_writes_tensorboard_and_batch_lines(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    r = lf.fast_train(dataset="digits_lt", backbone="tiny_vit", pretrained=None, resolution=32, batch_size=64,
-                      num_workers=0, progress=False, method="lift+", output_dir=str(out), num_epochs=1,
-                      print_freq=2, prec_train="fp32", prec_test="fp32")
+    r = lf.fast_train(
+        dataset="digits_lt",
+        backbone="tiny_vit",
+        pretrained=None,
+        resolution=32,
+        batch_size=64,
+        num_workers=0,
+        progress=False,
+        method="lift+",
+        output_dir=str(out),
+        num_epochs=1,
+        print_freq=2,
+        prec_train="fp32",
+        prec_test="fp32",
+    )
     assert r.history
     events = [f for f in os.listdir(out / "tensorboard") if f.startswith("events.out.tfevents")]
     assert len(events) == 1

@@ -13,6 +13,7 @@ part runs in its own subprocess under a time limit taken from one overall budget
 ``summary.json`` (rewritten after every part), ``gpu_check.log`` (everything the parts printed),
 ``junit.xml``, ``bench/triton_gpu.json`` and ``tables.md`` (the benchmark rows as Markdown).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("env", "install", "build", "tests", "e2e", "bench")
 # (distribution, import name): what the package and its tests import beyond torch, triton and
 # numpy. open_clip imports huggingface_hub and timm only when asked for hub models or timm towers.
-REQUIRED = [("torchvision", "torchvision"), ("open_clip_torch", "open_clip"), ("ftfy", "ftfy"), ("wcwidth", "wcwidth"),
-            ("regex", "regex"), ("tqdm", "tqdm"), ("safetensors", "safetensors"),
-            ("pytest", "pytest"), ("iniconfig", "iniconfig"), ("pluggy", "pluggy"),
-            ("packaging", "packaging"), ("pygments", "pygments"),
-            ("hypothesis", "hypothesis"), ("sortedcontainers", "sortedcontainers")]
+REQUIRED = [
+    ("torchvision", "torchvision"),
+    ("open_clip_torch", "open_clip"),
+    ("ftfy", "ftfy"),
+    ("wcwidth", "wcwidth"),
+    ("regex", "regex"),
+    ("tqdm", "tqdm"),
+    ("safetensors", "safetensors"),
+    ("pytest", "pytest"),
+    ("iniconfig", "iniconfig"),
+    ("pluggy", "pluggy"),
+    ("packaging", "packaging"),
+    ("pygments", "pygments"),
+    ("hypothesis", "hypothesis"),
+    ("sortedcontainers", "sortedcontainers"),
+]
 # Each part's own cap in seconds for the default budget (scaled with --budget, and never past
 # what is left of it); bench takes what is left.
 DEFAULT_BUDGET = 450.0
-CAPS = {"env": 60, "install": 90, "build": 240, "tests": 150, "e2e": 75, "bench": 10 ** 6}
+CAPS = {"env": 60, "install": 90, "build": 240, "tests": 150, "e2e": 75, "bench": 10**6}
 
 
 def download_command(dest: str, python_version: str, required=REQUIRED, torch_version: str = "2.11") -> list:
@@ -53,9 +65,26 @@ def download_command(dest: str, python_version: str, required=REQUIRED, torch_ve
     tag = "cp" + python_version.replace(".", "")
     major, minor = (int(x) for x in torch_version.split(".")[:2])
     pins = {"torchvision": f"torchvision==0.{minor + 15}.*"} if major == 2 else {}
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", dest,
-           "--python-version", python_version, "--implementation", "cp",
-           "--abi", tag, "--abi", "abi3", "--abi", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        dest,
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        "--abi",
+        tag,
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+    ]
     for plat in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"):
         cmd += ["--platform", plat]
     return cmd + [pins.get(dist, dist) for dist, _ in required]
@@ -92,8 +121,12 @@ class Check:
         """Run ``cmd`` (output into the log, last lines returned); rc 124 when it ran out of time."""
         shown = " ".join(c if len(c) < 120 else c[:60] + "..." for c in cmd).replace("\n", " ")
         self.say("$ " + shown)
-        full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                        PYTHONUNBUFFERED="1", **(env or {}))
+        full_env = dict(
+            os.environ,
+            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            PYTHONUNBUFFERED="1",
+            **(env or {}),
+        )
         tail: list = []
 
         def pump(stream):
@@ -103,9 +136,16 @@ class Check:
                 del tail[:-40]
 
         # A new session so a timeout can end the whole process group (compilers, pytest workers).
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace",
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
         reader = threading.Thread(target=pump, args=(proc.stdout,), daemon=True)
         reader.start()
         deadline = time.monotonic() + max(timeout, 1.0)
@@ -127,19 +167,22 @@ class Check:
 
 # --- parts: each returns a dict with "ok" and what it found ------------------------------------
 
+
 def part_env(check: Check, args) -> dict:
-    code = ("import json, torch, platform\n"
-            "info = {'python': platform.python_version(), 'torch': torch.__version__,\n"
-            "        'torch_cuda': torch.version.cuda, 'cuda_available': torch.cuda.is_available()}\n"
-            "try:\n    import triton; info['triton'] = triton.__version__\n"
-            "except ImportError as e:\n    info['triton'] = None\n"
-            "try:\n    import torchvision; info['torchvision'] = torchvision.__version__\n"
-            "except Exception as e:\n    info['torchvision'] = 'not importable: %s' % e\n"
-            "if torch.cuda.is_available():\n"
-            "    p = torch.cuda.get_device_properties(0)\n"
-            "    info.update(gpu=p.name, capability='%d.%d' % (p.major, p.minor),\n"
-            "                gpu_memory_gb=round(p.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count())\n"
-            "print('ENV ' + json.dumps(info))\n")
+    code = (
+        "import json, torch, platform\n"
+        "info = {'python': platform.python_version(), 'torch': torch.__version__,\n"
+        "        'torch_cuda': torch.version.cuda, 'cuda_available': torch.cuda.is_available()}\n"
+        "try:\n    import triton; info['triton'] = triton.__version__\n"
+        "except ImportError as e:\n    info['triton'] = None\n"
+        "try:\n    import torchvision; info['torchvision'] = torchvision.__version__\n"
+        "except Exception as e:\n    info['torchvision'] = 'not importable: %s' % e\n"
+        "if torch.cuda.is_available():\n"
+        "    p = torch.cuda.get_device_properties(0)\n"
+        "    info.update(gpu=p.name, capability='%d.%d' % (p.major, p.minor),\n"
+        "                gpu_memory_gb=round(p.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count())\n"
+        "print('ENV ' + json.dumps(info))\n"
+    )
     rc, tail = check.run([sys.executable, "-c", code], check.cap("env"))
     info = next((json.loads(line[4:]) for line in tail.splitlines() if line.startswith("ENV ")), {})
     info["cpus"] = os.cpu_count()
@@ -171,8 +214,9 @@ def missing_distributions(required=REQUIRED) -> list:
 def find_wheel(wheels: str, dist: str):
     """The newest wheel of ``dist`` in folder ``wheels`` (names normalised as in PEP 427), or None."""
     norm = dist.lower().replace("-", "_").replace(".", "_")
-    names = sorted(f for f in os.listdir(wheels)
-                   if f.endswith(".whl") and f.split("-")[0].lower().replace(".", "_") == norm)
+    names = sorted(
+        f for f in os.listdir(wheels) if f.endswith(".whl") and f.split("-")[0].lower().replace(".", "_") == norm
+    )
     return os.path.join(wheels, names[-1]) if names else None
 
 
@@ -184,17 +228,21 @@ def install_offline(check: Check, wheels, required=REQUIRED, timeout: float = 90
     if not missing:
         return {"ok": True, **result}
     if not wheels or not os.path.isdir(wheels):
-        result["error"] = (f"missing {missing} and no wheel folder (--wheels DIR); fill one with: "
-                           + " ".join(download_command("DIR", "X.Y", required)))
+        result["error"] = f"missing {missing} and no wheel folder (--wheels DIR); fill one with: " + " ".join(
+            download_command("DIR", "X.Y", required)
+        )
         return {"ok": False, **result}
     files = []
     for dist in missing:
         wheel = find_wheel(wheels, dist)
-        (files.append(wheel) or result["installed"].append(os.path.basename(wheel))) if wheel \
-            else result["no_wheel"].append(dist)
+        (files.append(wheel) or result["installed"].append(os.path.basename(wheel))) if wheel else result[
+            "no_wheel"
+        ].append(dist)
     if files:
-        rc, tail = check.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-                              "--disable-pip-version-check", *files], timeout)
+        rc, tail = check.run(
+            [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check", *files],
+            timeout,
+        )
         if rc != 0:
             result["error"] = tail[-2000:]
     importlib.invalidate_caches()
@@ -208,13 +256,11 @@ def requirements(extra) -> list:
 
 
 def part_install(check: Check, args) -> dict:
-    return install_offline(check, args.wheels, requirements(args.require),
-                           timeout=check.cap("install"))
+    return install_offline(check, args.wheels, requirements(args.require), timeout=check.cap("install"))
 
 
 def part_build(check: Check, args) -> dict:
-    env = {"LIFTPLUS_FAST_BUILD_DIR": os.path.join(ROOT, "build", "gpu-check"),
-           "MAX_JOBS": str(os.cpu_count() or 1)}
+    env = {"LIFTPLUS_FAST_BUILD_DIR": os.path.join(ROOT, "build", "gpu-check"), "MAX_JOBS": str(os.cpu_count() or 1)}
     if args.cpu:
         env["LIFTPLUS_FAST_CUDA"] = "0"
     else:
@@ -226,14 +272,15 @@ def part_build(check: Check, args) -> dict:
         if nvcc and not os.environ.get("CUDACXX"):
             env["CUDACXX"] = nvcc  # CMake looks on PATH only; toolkits often sit outside it
     t0 = time.monotonic()
-    rc, tail = check.run([sys.executable, "setup.py", "build_ext", "--inplace"],
-                         check.cap("build"), env)
+    rc, tail = check.run([sys.executable, "setup.py", "build_ext", "--inplace"], check.cap("build"), env)
     result = {"ok": rc == 0, "seconds": round(time.monotonic() - t0, 1), "env": env}
     if rc != 0:
         result["error"] = tail[-3000:]
         return result
-    probe = ("import json, liftplus_fast as lf; i = lf.backend_info(); "
-             "print('NATIVE ' + json.dumps({'native': i['native'], 'ops': i['ops']}))")
+    probe = (
+        "import json, liftplus_fast as lf; i = lf.backend_info(); "
+        "print('NATIVE ' + json.dumps({'native': i['native'], 'ops': i['ops']}))"
+    )
     rc, tail = check.run([sys.executable, "-c", probe], 60)
     found = next((json.loads(line[7:]) for line in tail.splitlines() if line.startswith("NATIVE ")), {})
     result.update(found)
@@ -259,9 +306,23 @@ def part_tests(check: Check, args) -> dict:
     # the GPU tests of the other modules.
     check.log.flush()
     start = check.log.tell()
-    rc, tail = check.run([sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider",
-                          "--continue-on-collection-errors", "-rfEs", f"--junitxml={junit}", "tests"],
-                         check.cap("tests"))
+    rc, tail = check.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-m",
+            "gpu",
+            "-p",
+            "no:cacheprovider",
+            "--continue-on-collection-errors",
+            "-rfEs",
+            f"--junitxml={junit}",
+            "tests",
+        ],
+        check.cap("tests"),
+    )
     # pytest writes the JUnit file at the end only: after a timeout count the verbose lines.
     with open(check.log_path, errors="replace") as f:
         f.seek(start)
@@ -277,11 +338,19 @@ def part_tests(check: Check, args) -> dict:
 
 def verbose_counts(lines: list) -> dict:
     """Counts from ``pytest -v`` lines (``tests/x.py::test_y PASSED [ 3%]``), failed names."""
-    status = [(p[0], p[1]) for p in (line.split() for line in lines)
-              if len(p) >= 2 and "::" in p[0] and p[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR")]
-    return {"tests": len(status), "failures": sum(s == "FAILED" for _, s in status),
-            "errors": sum(s == "ERROR" for _, s in status), "skipped": sum(s == "SKIPPED" for _, s in status),
-            "failed_names": [n for n, s in status if s in ("FAILED", "ERROR")][:50], "timed_out": True}
+    status = [
+        (p[0], p[1])
+        for p in (line.split() for line in lines)
+        if len(p) >= 2 and "::" in p[0] and p[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR")
+    ]
+    return {
+        "tests": len(status),
+        "failures": sum(s == "FAILED" for _, s in status),
+        "errors": sum(s == "ERROR" for _, s in status),
+        "skipped": sum(s == "SKIPPED" for _, s in status),
+        "failed_names": [n for n, s in status if s in ("FAILED", "ERROR")][:50],
+        "timed_out": True,
+    }
 
 
 def junit_counts(path: str) -> dict:
@@ -293,15 +362,20 @@ def junit_counts(path: str) -> dict:
     root = ET.parse(path).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    counts["failed_names"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                              if c.find("failure") is not None or c.find("error") is not None][:50]
+    counts["failed_names"] = [
+        f"{c.get('classname')}::{c.get('name')}"
+        for c in suite.iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
+    ][:50]
     return counts
 
 
 def part_e2e(check: Check, args) -> dict:
     out_json = os.path.join(check.out, "e2e.json")
-    rc, tail = check.run([sys.executable, os.path.abspath(__file__), "--e2e", out_json]
-                         + (["--cpu"] if args.cpu else []), check.cap("e2e"))
+    rc, tail = check.run(
+        [sys.executable, os.path.abspath(__file__), "--e2e", out_json] + (["--cpu"] if args.cpu else []),
+        check.cap("e2e"),
+    )
     result = json.load(open(out_json)) if os.path.exists(out_json) else {}
     result["ok"] = rc == 0 and bool(result.get("ok"))
     if rc != 0:
@@ -319,8 +393,13 @@ def part_bench(check: Check, args) -> dict:
     tables = markdown_tables(rows)
     with open(os.path.join(check.out, "tables.md"), "w") as f:
         f.write(tables)
-    return {"ok": rc == 0 and (bool(rows) or args.cpu), "rc": rc, "cases": len(rows),
-            "complete": rc == 0, "tables_md": "tables.md"}
+    return {
+        "ok": rc == 0 and (bool(rows) or args.cpu),
+        "rc": rc,
+        "cases": len(rows),
+        "complete": rc == 0,
+        "tables_md": "tables.md",
+    }
 
 
 def markdown_tables(rows: list) -> str:
@@ -328,18 +407,27 @@ def markdown_tables(rows: list) -> str:
     if not rows:
         return "(no benchmark rows)\n"
     cands = sorted({c for row in rows for c in row["ms"]}, key=lambda c: (c != "reference", c != "compile", c))
-    head = "| case | " + " | ".join(f"{c} ms" for c in cands) + " | " + \
-           " | ".join(f"{c} vs eager" for c in cands if c != "reference") + " |"
+    head = (
+        "| case | "
+        + " | ".join(f"{c} ms" for c in cands)
+        + " | "
+        + " | ".join(f"{c} vs eager" for c in cands if c != "reference")
+        + " |"
+    )
     lines = [head, "|" + " --- |" * (1 + len(cands) + len([c for c in cands if c != "reference"]))]
     for row in rows:
         ms = [f"{row['ms'][c]:.3f}" if c in row["ms"] else "-" for c in cands]
-        ratio = [f"{row['speedup_vs_reference'][c]:.2f}x"
-                 if c in row.get("speedup_vs_reference", {}) else "-" for c in cands if c != "reference"]
+        ratio = [
+            f"{row['speedup_vs_reference'][c]:.2f}x" if c in row.get("speedup_vs_reference", {}) else "-"
+            for c in cands
+            if c != "reference"
+        ]
         lines.append(f"| {row['case']} | " + " | ".join(ms + ratio) + " |")
     return "\n".join(lines) + "\n"
 
 
 # --- the end-to-end step (its own process) ------------------------------------------------------
+
 
 def e2e(out_json: str, cpu: bool) -> int:
     """A LIFT+ model on a randomly initialised CLIP: timed training steps with the fused ops and
@@ -352,8 +440,14 @@ def e2e(out_json: str, cpu: bool) -> int:
 
     device = torch.device("cpu" if cpu else "cuda")
     backbone, size, batch, k, steps = ("tiny_vit", 32, 8, 10, 3) if cpu else ("ViT-B-16", 224, 64, 1000, 10)
-    result: dict = {"device": str(device), "backbone": backbone, "batch": batch, "classes": k,
-                    "precision": "amp", "steps": steps}
+    result: dict = {
+        "device": str(device),
+        "backbone": backbone,
+        "batch": batch,
+        "classes": k,
+        "precision": "amp",
+        "steps": steps,
+    }
     counts = [max(1, int(500 * 0.01 ** (i / (k - 1)))) for i in range(k)]
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g).to(device)
@@ -381,12 +475,23 @@ def e2e(out_json: str, cpu: bool) -> int:
         ok = ok and run["first_loss_rel_diff"] < 1e-2 and math.isfinite(run["last_loss"])
     _write_json(out_json, result)
     try:
-        train = lf.fast_train(dataset="digits_lt", root=os.path.join(os.path.dirname(out_json), "data"),
-                              backbone="tiny_vit", pretrained=None, method="lift+", progress=False,
-                              num_epochs=1, batch_size=32, resolution=32, num_workers=0,
-                              device=str(device))
-        result["fast_train_digits"] = {"metrics": {m: v for m, v in train.metrics.items() if m != "per_class"},
-                                       "timings": train.timings}
+        train = lf.fast_train(
+            dataset="digits_lt",
+            root=os.path.join(os.path.dirname(out_json), "data"),
+            backbone="tiny_vit",
+            pretrained=None,
+            method="lift+",
+            progress=False,
+            num_epochs=1,
+            batch_size=32,
+            resolution=32,
+            num_workers=0,
+            device=str(device),
+        )
+        result["fast_train_digits"] = {
+            "metrics": {m: v for m, v in train.metrics.items() if m != "per_class"},
+            "timings": train.timings,
+        }
         ok = ok and math.isfinite(train.metrics["overall"])
     except Exception as exc:  # scikit-learn (the digits) may be missing on a bare machine
         result["fast_train_digits"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -428,9 +533,13 @@ def _timed_steps(lf, device, backbone, size, k, counts, images, labels, steps) -
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     median = sorted(times[2:])[len(times[2:]) // 2]
-    return {"ms_per_step": 1e3 * median, "images_per_s": images.shape[0] / median,
-            "first_loss": losses[0], "last_loss": losses[-1],
-            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}
+    return {
+        "ms_per_step": 1e3 * median,
+        "images_per_s": images.shape[0] / median,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
 
 
 def _write_json(path: str, payload) -> None:
@@ -448,19 +557,26 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds for everything (default 450)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--smoke", action="store_true", help="one benchmark case per op")
-    parser.add_argument("--require", action="append", default=[], metavar="DIST[:MODULE]",
-                        help="also install this distribution from the wheels when missing (e.g. timm)")
+    parser.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="DIST[:MODULE]",
+        help="also install this distribution from the wheels when missing (e.g. timm)",
+    )
     parser.add_argument("--download-wheels", metavar="DIR", help="fill DIR with the wheels (needs network)")
     parser.add_argument("--python-version", default="3.12", help="target Python of --download-wheels")
-    parser.add_argument("--torch-version", default="2.11", help="target torch of --download-wheels "
-                        "(picks the paired torchvision)")
+    parser.add_argument(
+        "--torch-version", default="2.11", help="target torch of --download-wheels (picks the paired torchvision)"
+    )
     parser.add_argument("--e2e", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.e2e:
         return e2e(args.e2e, args.cpu)
     if args.download_wheels:
-        return subprocess.call(download_command(args.download_wheels, args.python_version,
-                                                requirements(args.require), args.torch_version))
+        return subprocess.call(
+            download_command(args.download_wheels, args.python_version, requirements(args.require), args.torch_version)
+        )
     if not args.out:
         parser.error("OUT (the result folder) is required")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -486,8 +602,10 @@ def main(argv=None) -> int:
     check.summary["ok"] = all(p["ok"] for p in check.summary["parts"].values())
     check.summary["seconds"] = round(time.monotonic() - check.t0, 1)
     check.write_summary()
-    check.say(f"done in {check.summary['seconds']}s: " + ", ".join(
-        f"{n} {'ok' if p['ok'] else 'FAILED'}" for n, p in check.summary["parts"].items()))
+    check.say(
+        f"done in {check.summary['seconds']}s: "
+        + ", ".join(f"{n} {'ok' if p['ok'] else 'FAILED'}" for n, p in check.summary["parts"].items())
+    )
     return 0 if check.summary["ok"] else 1
 
 

@@ -2,6 +2,7 @@
 
 Usage: python tools/torch_cmake_vars.py OUT.cmake
 """
+
 import sys
 
 import torch

@@ -8,6 +8,7 @@ pixels first, then a small manifest, each by rename, so a manifest means a finis
 build that is interrupted resumes from the finished chunks. When every chunk is there the data
 file is assembled, then the index is written (see :mod:`liftplus_fast.data.cache_store`).
 """
+
 from __future__ import annotations
 
 import io
@@ -22,12 +23,23 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .cache_store import (MAGIC, VERSION, CacheError, CacheOptions, CachedImageDataset, data_path, index_path,
-                          read_index, skipped_path, source_fingerprint, write_index)
+from ..errors import UserInputError
+from .cache_store import (
+    MAGIC,
+    VERSION,
+    CachedImageDataset,
+    CacheError,
+    CacheOptions,
+    data_path,
+    index_path,
+    read_index,
+    skipped_path,
+    source_fingerprint,
+    write_index,
+)
 from .images import load_rgb_image
 from .list_datasets import ImageFileDataset
 from .registry import build_dataset
-from ..errors import UserInputError
 
 logger = logging.getLogger("liftplus_fast")
 
@@ -77,8 +89,14 @@ def _atomic_write(path: str, payload: bytes) -> None:
 def build_chunk(work_dir: str, chunk: int, paths: Sequence[str], options: CacheOptions) -> Dict[str, Any]:
     """Decode, resize and encode ``paths`` into ``work_dir/chunk_<n>.{bin,json}``; return the manifest."""
     blobs: List[bytes] = []
-    manifest: Dict[str, Any] = {"nbytes": [], "stored_hw": [], "orig_hw": [], "ok": [], "skipped": [],
-                                "source_bytes": 0}
+    manifest: Dict[str, Any] = {
+        "nbytes": [],
+        "stored_hw": [],
+        "orig_hw": [],
+        "ok": [],
+        "skipped": [],
+        "source_bytes": 0,
+    }
     for path in paths:
         try:
             blob, stored, orig = encode_for_cache(load_rgb_image(path), options)
@@ -111,8 +129,16 @@ def _load_manifest(work_dir: str, chunk: int) -> Optional[Dict[str, Any]]:
     return None
 
 
-def build_split(source: ImageFileDataset, dataset: str, split: str, cache_dir: str, options: CacheOptions,
-                workers: int = 0, progress: bool = True, chunk_size: int = CHUNK) -> Dict[str, Any]:
+def build_split(
+    source: ImageFileDataset,
+    dataset: str,
+    split: str,
+    cache_dir: str,
+    options: CacheOptions,
+    workers: int = 0,
+    progress: bool = True,
+    chunk_size: int = CHUNK,
+) -> Dict[str, Any]:
     """Build (or resume, or keep when up to date) one split's cache; return its summary.
 
     The summary: ``images``, ``skipped``, ``data_bytes``, ``source_bytes``, ``seconds``,
@@ -126,8 +152,13 @@ def build_split(source: ImageFileDataset, dataset: str, split: str, cache_dir: s
     try:
         header, _ = read_index(cache_dir, split, fp)
         logger.info("cache %s/%s is up to date (%d images)", cache_dir, split, header["images"])
-        return {**{k: header[k] for k in ("images", "data_bytes", "source_bytes")}, "skipped": len(header["skipped"]),
-                "seconds": time.perf_counter() - t0, "chunks_built": 0, "chunks_reused": 0}
+        return {
+            **{k: header[k] for k in ("images", "data_bytes", "source_bytes")},
+            "skipped": len(header["skipped"]),
+            "seconds": time.perf_counter() - t0,
+            "chunks_built": 0,
+            "chunks_reused": 0,
+        }
     except CacheError:
         pass
     work_dir = os.path.join(cache_dir, f".{split}.build-{fp[:16]}")
@@ -143,9 +174,14 @@ def build_split(source: ImageFileDataset, dataset: str, split: str, cache_dir: s
             manifests[k] = m
     reused = len(manifests)
     todo = [k for k in range(len(starts)) if k not in manifests]
-    bar = tqdm(total=len(source.paths), initial=sum(len(m["ok"]) for m in manifests.values()),
-               desc=f"cache {split}", unit="img", disable=not progress)
-    jobs = [(work_dir, k, source.paths[starts[k]:starts[k] + chunk_size], options) for k in todo]
+    bar = tqdm(
+        total=len(source.paths),
+        initial=sum(len(m["ok"]) for m in manifests.values()),
+        desc=f"cache {split}",
+        unit="img",
+        disable=not progress,
+    )
+    jobs = [(work_dir, k, source.paths[starts[k] : starts[k] + chunk_size], options) for k in todo]
     try:
         if workers > 0 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -199,27 +235,50 @@ def _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifest
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _atomic_write(skipped_path(cache_dir, split),
-                  "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped).encode())
+    _atomic_write(skipped_path(cache_dir, split), "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped).encode())
     sizes = np.asarray(nbytes, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
     data_bytes = int(sizes.sum())
-    header = {"magic": MAGIC, "version": VERSION, "fingerprint": fp, "dataset": dataset.lower(), "split": split,
-              "cache_size": options.cache_size, "cache_format": options.cache_format, "quality": options.quality,
-              "data_bytes": data_bytes, "source_bytes": source_bytes, "images": len(labels),
-              "source_images": len(source.paths), "classnames": list(source.classnames), "skipped": skipped,
-              "root": os.path.abspath(source.root)}
-    arrays = {"offsets": offsets, "nbytes": sizes,
-              "stored_hw": np.asarray(stored, dtype=np.int32).reshape(-1, 2),
-              "orig_hw": np.asarray(orig, dtype=np.int32).reshape(-1, 2),
-              "labels": np.asarray(labels, dtype=np.int64)}
+    header = {
+        "magic": MAGIC,
+        "version": VERSION,
+        "fingerprint": fp,
+        "dataset": dataset.lower(),
+        "split": split,
+        "cache_size": options.cache_size,
+        "cache_format": options.cache_format,
+        "quality": options.quality,
+        "data_bytes": data_bytes,
+        "source_bytes": source_bytes,
+        "images": len(labels),
+        "source_images": len(source.paths),
+        "classnames": list(source.classnames),
+        "skipped": skipped,
+        "root": os.path.abspath(source.root),
+    }
+    arrays = {
+        "offsets": offsets,
+        "nbytes": sizes,
+        "stored_hw": np.asarray(stored, dtype=np.int32).reshape(-1, 2),
+        "orig_hw": np.asarray(orig, dtype=np.int32).reshape(-1, 2),
+        "labels": np.asarray(labels, dtype=np.int64),
+    }
     write_index(index_path(cache_dir, split), arrays, header)
     return {"images": len(labels), "skipped": len(skipped), "data_bytes": data_bytes, "source_bytes": source_bytes}
 
 
-def build_cache(dataset: str, root: str, cache_dir: str, split_dir: Optional[str] = None,
-                cache_size: int = 256, cache_format: str = "jpeg", quality: int = 95, workers: int = 0,
-                splits: Sequence[str] = CACHE_SPLITS, progress: bool = True) -> Dict[str, Dict[str, Any]]:
+def build_cache(
+    dataset: str,
+    root: str,
+    cache_dir: str,
+    split_dir: Optional[str] = None,
+    cache_size: int = 256,
+    cache_format: str = "jpeg",
+    quality: int = 95,
+    workers: int = 0,
+    splits: Sequence[str] = CACHE_SPLITS,
+    progress: bool = True,
+) -> Dict[str, Dict[str, Any]]:
     """Build the decode-once cache of ``dataset``'s ``splits`` in ``cache_dir``; summaries per split.
 
     ``dataset`` must be an image-file data set (``imagefolder``, ``listfile``, ``imagenet_lt``,
@@ -234,14 +293,23 @@ def build_cache(dataset: str, root: str, cache_dir: str, split_dir: Optional[str
     for split in splits:
         source = build_dataset(dataset, root, split, None, split_dir)
         if not isinstance(source, ImageFileDataset):
-            raise UserInputError(f"the decode-once cache reads image files; dataset {dataset!r} is not an "
-                             "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)")
+            raise UserInputError(
+                f"the decode-once cache reads image files; dataset {dataset!r} is not an "
+                "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)"
+            )
         out[split] = build_split(source, dataset, split, cache_dir, options, workers, progress)
     return out
 
 
-def open_source_cache(dataset: str, root: str, split: str, cache_dir: str, split_dir: Optional[str] = None,
-                      transform=None, allow_skipped: bool = False):
+def open_source_cache(
+    dataset: str,
+    root: str,
+    split: str,
+    cache_dir: str,
+    split_dir: Optional[str] = None,
+    transform=None,
+    allow_skipped: bool = False,
+):
     """The cached split of ``dataset``, checked against the current source list (stale caches refused).
 
     The options the cache was built with are read from its index; the fingerprint of the

@@ -15,6 +15,7 @@ failed build never leaves a split that opens. Opening checks the header, the dat
 and (when the caller knows the source) the fingerprint, and refuses with :class:`CacheError`
 otherwise.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .splits import count_per_class
 from ..errors import UserInputError
+from .splits import count_per_class
 
 MAGIC = "liftplus_fast.decode_once_cache"
 VERSION = 1
@@ -42,8 +43,9 @@ DEFAULT_JPEG_QUALITY = 95
 
 # torchvision 0.29 flags its image codecs as deprecated in favour of TorchCodec; they are the
 # ones that decode on the GPU, and the warning would repeat for every cached image.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 
 class CacheError(UserInputError):
@@ -75,15 +77,24 @@ class CacheOptions:
 
     def __post_init__(self):
         if not isinstance(self.cache_size, int) or self.cache_size < 1:
-            raise UserInputError(f"cache_size must be a positive integer (short side in pixels); got {self.cache_size!r}")
+            raise UserInputError(
+                f"cache_size must be a positive integer (short side in pixels); got {self.cache_size!r}"
+            )
         if self.cache_format not in CACHE_FORMATS:
             raise UserInputError(f"cache_format must be one of {CACHE_FORMATS}; got {self.cache_format!r}")
         if not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
             raise UserInputError(f"cache quality must be an integer in [1, 100]; got {self.quality!r}")
 
 
-def source_fingerprint(dataset: str, split: str, root: str, paths: Sequence[str], labels: Sequence[int],
-                       classnames: Sequence[str], options: CacheOptions) -> str:
+def source_fingerprint(
+    dataset: str,
+    split: str,
+    root: str,
+    paths: Sequence[str],
+    labels: Sequence[int],
+    classnames: Sequence[str],
+    options: CacheOptions,
+) -> str:
     """SHA-256 over the source list (paths relative to ``root``, labels, class names) and options.
 
     Paths enter relative to the root, so moving the data root keeps the cache valid; a changed
@@ -91,10 +102,16 @@ def source_fingerprint(dataset: str, split: str, root: str, paths: Sequence[str]
     are not hashed (that would read the whole data set): rebuild after editing images in place.
     """
     h = hashlib.sha256()
-    head = {"magic": MAGIC, "version": VERSION, "dataset": dataset.lower(), "split": split,
-            "cache_size": options.cache_size, "cache_format": options.cache_format,
-            "quality": options.quality if options.cache_format == "jpeg" else None,
-            "classnames": list(classnames)}
+    head = {
+        "magic": MAGIC,
+        "version": VERSION,
+        "dataset": dataset.lower(),
+        "split": split,
+        "cache_size": options.cache_size,
+        "cache_format": options.cache_format,
+        "quality": options.quality if options.cache_format == "jpeg" else None,
+        "classnames": list(classnames),
+    }
     h.update(json.dumps(head, sort_keys=True).encode())
     for path, label in zip(paths, labels):
         h.update(f"{os.path.relpath(path, root)}\t{int(label)}\n".encode())
@@ -120,7 +137,9 @@ def write_index(path: str, arrays: Dict[str, np.ndarray], header: Dict[str, Any]
 INDEX_ARRAYS = ("offsets", "nbytes", "stored_hw", "orig_hw", "labels")
 
 
-def read_index(cache_dir: str, split: str, fingerprint: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+def read_index(
+    cache_dir: str, split: str, fingerprint: Optional[str] = None
+) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     """``(header, arrays)`` of a complete, intact split, or :class:`CacheError` saying what is wrong.
 
     With ``fingerprint`` (of the source the caller is about to train on), a cache built from
@@ -130,35 +149,46 @@ def read_index(cache_dir: str, split: str, fingerprint: Optional[str] = None) ->
     rebuild = f"build it with: liftplus-fast cache -d <dataset> --root <root> cache_dir {cache_dir}"
     if not os.path.isfile(ipath):
         if os.path.exists(dpath) or any(n.startswith(f".{split}.build-") for n in _listdir(cache_dir)):
-            raise CacheError(f"the {split!r} cache in {cache_dir!r} is incomplete (an interrupted or failed "
-                             f"build: {ipath!r} is missing); run the cache command again to resume it")
+            raise CacheError(
+                f"the {split!r} cache in {cache_dir!r} is incomplete (an interrupted or failed "
+                f"build: {ipath!r} is missing); run the cache command again to resume it"
+            )
         raise CacheError(f"no {split!r} cache in {cache_dir!r} ({ipath!r} not found); {rebuild}")
     try:
         with np.load(ipath, allow_pickle=False) as z:
             header = json.loads(bytes(z["header"]).decode())
             arrays = {k: z[k] for k in INDEX_ARRAYS}
     except Exception as exc:  # any unreadable index is the same problem for the user
-        raise CacheError(f"{ipath!r} is not a readable cache index ({type(exc).__name__}: {exc}); "
-                         f"delete the folder and {rebuild}") from None
+        raise CacheError(
+            f"{ipath!r} is not a readable cache index ({type(exc).__name__}: {exc}); delete the folder and {rebuild}"
+        ) from None
     if header.get("magic") != MAGIC:
         raise CacheError(f"{ipath!r} is not a liftplus_fast cache index")
     if header.get("version") != VERSION:
-        raise CacheError(f"{ipath!r} has cache format version {header.get('version')}, this package "
-                         f"reads version {VERSION}; rebuild it with the cache command")
+        raise CacheError(
+            f"{ipath!r} has cache format version {header.get('version')}, this package "
+            f"reads version {VERSION}; rebuild it with the cache command"
+        )
     if not os.path.isfile(dpath):
         raise CacheError(f"the {split!r} cache data file {dpath!r} is missing; rebuild it with the cache command")
     size = os.path.getsize(dpath)
     if size != header["data_bytes"]:
-        raise CacheError(f"the {split!r} cache data file {dpath!r} is truncated or was replaced "
-                         f"({size} bytes, the index expects {header['data_bytes']}); rebuild it with the cache command")
+        raise CacheError(
+            f"the {split!r} cache data file {dpath!r} is truncated or was replaced "
+            f"({size} bytes, the index expects {header['data_bytes']}); rebuild it with the cache command"
+        )
     n = len(arrays["labels"])
-    if any(len(arrays[k]) != n for k in INDEX_ARRAYS) or (n and int((arrays["offsets"] + arrays["nbytes"]).max()) > size):
+    if any(len(arrays[k]) != n for k in INDEX_ARRAYS) or (
+        n and int((arrays["offsets"] + arrays["nbytes"]).max()) > size
+    ):
         raise CacheError(f"{ipath!r} is inconsistent with its data file; rebuild it with the cache command")
     if fingerprint is not None and header["fingerprint"] != fingerprint:
-        raise CacheError(f"the {split!r} cache in {cache_dir!r} is stale: it was built from another image list "
-                         f"or with other options (dataset {header.get('dataset')!r}, cache_size "
-                         f"{header.get('cache_size')}, cache_format {header.get('cache_format')!r}); "
-                         "rebuild it with the cache command")
+        raise CacheError(
+            f"the {split!r} cache in {cache_dir!r} is stale: it was built from another image list "
+            f"or with other options (dataset {header.get('dataset')!r}, cache_size "
+            f"{header.get('cache_size')}, cache_format {header.get('cache_format')!r}); "
+            "rebuild it with the cache command"
+        )
     return header, arrays
 
 
@@ -197,15 +227,23 @@ class CachedImageDataset(Dataset):
     ``stored_hw``, ``cache_format``, ``skipped`` (list of ``{"path", "reason"}``).
     """
 
-    def __init__(self, cache_dir: str, split: str, transform: Optional[Callable] = None,
-                 fingerprint: Optional[str] = None, allow_skipped: bool = False):
+    def __init__(
+        self,
+        cache_dir: str,
+        split: str,
+        transform: Optional[Callable] = None,
+        fingerprint: Optional[str] = None,
+        allow_skipped: bool = False,
+    ):
         header, arrays = read_index(cache_dir, split, fingerprint)
         self.skipped: List[Dict[str, str]] = list(header.get("skipped", []))
         if self.skipped and split == "train" and not allow_skipped:
-            raise CacheError(f"the training cache in {cache_dir!r} skipped {len(self.skipped)} image(s) that "
-                             f"could not be decoded (listed in {skipped_path(cache_dir, split)!r}, first: "
-                             f"{self.skipped[0]['path']!r}); fix or remove them and rebuild, or pass "
-                             "allow_skipped True to train without them")
+            raise CacheError(
+                f"the training cache in {cache_dir!r} skipped {len(self.skipped)} image(s) that "
+                f"could not be decoded (listed in {skipped_path(cache_dir, split)!r}, first: "
+                f"{self.skipped[0]['path']!r}); fix or remove them and rebuild, or pass "
+                "allow_skipped True to train without them"
+            )
         self.cache_dir = cache_dir
         self.split = split
         self.transform = transform
@@ -238,7 +276,7 @@ class CachedImageDataset(Dataset):
             self._data = np.memmap(data_path(self.cache_dir, self.split), dtype=np.uint8, mode="r")
         start = int(self.offsets[index])
         h, w = (int(v) for v in self.stored_hw[index])
-        return decode_stored(self._data[start:start + int(self.nbytes[index])], h, w, self.cache_format)
+        return decode_stored(self._data[start : start + int(self.nbytes[index])], h, w, self.cache_format)
 
     def encoded(self) -> "CachedImageDataset":
         """A view whose items are the stored bytes, undecoded: ``((bytes, stored_hw, orig_hw, epoch), label)``.
@@ -256,9 +294,13 @@ class CachedImageDataset(Dataset):
             if self._data is None:
                 self._data = np.memmap(data_path(self.cache_dir, self.split), dtype=np.uint8, mode="r")
             start = int(self.offsets[index])
-            blob = torch.from_numpy(np.array(self._data[start:start + int(self.nbytes[index])]))
-            return (blob, tuple(int(v) for v in self.stored_hw[index]),
-                    tuple(int(v) for v in self.orig_hw[index]), epoch), self.labels[index]
+            blob = torch.from_numpy(np.array(self._data[start : start + int(self.nbytes[index])]))
+            return (
+                blob,
+                tuple(int(v) for v in self.stored_hw[index]),
+                tuple(int(v) for v in self.orig_hw[index]),
+                epoch,
+            ), self.labels[index]
         image = self.read(index)
         if self.transform is not None:
             image = self.transform(image, tuple(int(v) for v in self.orig_hw[index]), epoch)

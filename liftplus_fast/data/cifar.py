@@ -5,6 +5,7 @@ Selection replays the published procedure so the same images are chosen: class k
 numpy RandomState seeded with 0 shuffles each class's indices in class order and the first
 ``n_k`` are kept. IR 100 gives 10,847 images. The test split is the full balanced 10,000.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence
@@ -66,8 +67,15 @@ class CIFAR100LT(CIFAR100):
     long-tailed train split, ``selected_indices`` into the balanced training set.
     """
 
-    def __init__(self, root: str, imb_factor: Optional[float] = None, split: str = "train",
-                 transform: Optional[Callable] = None, download: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        root: str,
+        imb_factor: Optional[float] = None,
+        split: str = "train",
+        transform: Optional[Callable] = None,
+        download: bool = True,
+        seed: int = 0,
+    ):
         if split not in ("train", "test"):
             raise UserInputError(f"CIFAR-100: unknown split {split!r}; expected 'train' or 'test'")
         if imb_factor is not None and not 0 < imb_factor <= 1:
@@ -78,7 +86,8 @@ class CIFAR100LT(CIFAR100):
             raise DatasetUnavailableError(
                 f"CIFAR-100 is not in {root!r} and could not be downloaded ({exc}); on a machine "
                 f"without network, fetch {CIFAR100_URL} elsewhere and extract it into {root!r} "
-                "(giving cifar-100-python/)") from None
+                "(giving cifar-100-python/)"
+            ) from None
         self.split = split
         self.imb_factor = imb_factor
         self.selected_indices: Optional[np.ndarray] = None

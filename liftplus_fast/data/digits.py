@@ -6,6 +6,7 @@ images is held out first; the remaining pool is subsampled to
 ``n_k = int(150 * imbalance_ratio ** (-k / 9))`` (150, 89, 53, 32, 19, 11, 6, 4, 2, 1 at
 ratio 100: one many-shot, three medium and six few-shot classes).
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional
@@ -36,9 +37,15 @@ class DigitsLT(Dataset):
         test_per_class: held-out images per class.
     """
 
-    def __init__(self, split: str = "train", transform: Optional[Callable] = None,
-                 imbalance_ratio: float = 100, image_size: int = 32, seed: int = 0,
-                 test_per_class: int = TEST_PER_CLASS):
+    def __init__(
+        self,
+        split: str = "train",
+        transform: Optional[Callable] = None,
+        imbalance_ratio: float = 100,
+        image_size: int = 32,
+        seed: int = 0,
+        test_per_class: int = TEST_PER_CLASS,
+    ):
         from sklearn.datasets import load_digits  # deferred: only this data set needs sklearn
 
         if split not in ("train", "val", "test"):
@@ -58,9 +65,11 @@ class DigitsLT(Dataset):
             test_idx, pool = idx[:test_per_class], idx[test_per_class:]
             if split == "train":
                 if len(pool) < counts[cls]:
-                    raise ValueError(f"DigitsLT: class {cls} has {len(pool)} pool images, "
-                                     f"fewer than the {counts[cls]} requested; lower test_per_class")
-                chosen.append(pool[:counts[cls]])
+                    raise ValueError(
+                        f"DigitsLT: class {cls} has {len(pool)} pool images, "
+                        f"fewer than the {counts[cls]} requested; lower test_per_class"
+                    )
+                chosen.append(pool[: counts[cls]])
             else:
                 chosen.append(test_idx)
         keep = np.concatenate(chosen)

@@ -12,6 +12,7 @@ The boxes are drawn in the main process, in batch order, from torch's global gen
 run with workers draws other boxes than the worker path (as any change of worker count does);
 with ``num_workers=0`` both paths draw the same.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Sequence, Tuple
@@ -31,8 +32,7 @@ def decode_batch(items: Sequence[tuple], cache_format: str, device) -> List[torc
     """The stored images of ``items`` as ``[3, h, w]`` uint8 tensors on ``device``."""
     device = torch.device(device)
     if cache_format == "raw":
-        return [blob.to(device, non_blocking=True).view(hw[0], hw[1], 3).permute(2, 0, 1)
-                for blob, hw, _, _ in items]
+        return [blob.to(device, non_blocking=True).view(hw[0], hw[1], 3).permute(2, 0, 1) for blob, hw, _, _ in items]
     from torchvision.io import ImageReadMode, decode_jpeg
 
     blobs = [blob for blob, _, _, _ in items]
@@ -41,8 +41,9 @@ def decode_batch(items: Sequence[tuple], cache_format: str, device) -> List[torc
     return [decode_jpeg(b, mode=ImageReadMode.RGB) for b in blobs]
 
 
-def augment_batch(items: Sequence[tuple], transform: Callable, cache_format: str, device,
-                  mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def augment_batch(
+    items: Sequence[tuple], transform: Callable, cache_format: str, device, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """Decode, transform (``transform(image, orig_hw, epoch)``) and normalise one batch on ``device``."""
     images = decode_batch(items, cache_format, device)
     out = torch.stack([transform(img, orig, epoch) for img, (_, _, orig, epoch) in zip(images, items)])

@@ -1,12 +1,13 @@
 """Your own data as class folders: ``R/train/<class>/*`` and ``R/test/<class>/*`` (or ``R/val/``)."""
+
 from __future__ import annotations
 
 import os
 from typing import Callable, List, Optional
 
+from ..errors import MissingInputError, UserInputError
 from .list_datasets import ImageFileDataset
 from .splits import count_per_class
-from ..errors import MissingInputError, UserInputError
 
 # What PIL decodes that image folders commonly hold; other files (notes, .DS_Store) are ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -21,8 +22,11 @@ def _image_files(folder: str) -> List[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+        found.extend(
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        )
     return found
 
 
@@ -41,8 +45,10 @@ class ImageFolderLT(ImageFileDataset):
             raise UserInputError(f"imagefolder: unknown split {split!r}; expected 'train', 'val' or 'test'")
         train_root = os.path.join(root, "train")
         if not os.path.isdir(train_root):
-            raise MissingInputError(f"imagefolder: {train_root!r} not found; expected "
-                                    "root/train/<class>/<image> and root/test/<class>/<image> (or root/val/)")
+            raise MissingInputError(
+                f"imagefolder: {train_root!r} not found; expected "
+                "root/train/<class>/<image> and root/test/<class>/<image> (or root/val/)"
+            )
         folders = _class_folders(train_root)
         if not folders:
             raise UserInputError(f"imagefolder: {train_root!r} holds no class folders")
@@ -52,14 +58,17 @@ class ImageFolderLT(ImageFileDataset):
             names = (split,) if split == "val" else TEST_FOLDERS
             split_root = next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), None)
             if split_root is None:
-                raise MissingInputError(f"imagefolder: no {' or '.join(names)} folder in {root!r}; "
-                                        "expected root/test/<class>/<image> (or root/val/)")
+                raise MissingInputError(
+                    f"imagefolder: no {' or '.join(names)} folder in {root!r}; "
+                    "expected root/test/<class>/<image> (or root/val/)"
+                )
         index = {name: i for i, name in enumerate(folders)}
         split_folders = _class_folders(split_root)
         unknown = sorted(set(split_folders) - set(index))
         if unknown:
-            raise UserInputError(f"imagefolder: {split_root!r} has class folders that are not in "
-                             f"{train_root!r}: {unknown[:5]}")
+            raise UserInputError(
+                f"imagefolder: {split_root!r} has class folders that are not in {train_root!r}: {unknown[:5]}"
+            )
         self.root = root
         self.split = split
         self.transform = transform

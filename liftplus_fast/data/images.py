@@ -5,6 +5,7 @@ are scaled to 8 bits (a plain ``convert("RGB")`` clips them to near-white), CMYK
 alpha images are converted, and a file Pillow refuses as a decompression bomb is reported with
 its name.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,10 @@ def load_rgb_image(path: str) -> Image.Image:
             img.load()
             return _to_8bit(img).convert("RGB")
     except Image.DecompressionBombError as exc:
-        raise CorruptImageError(path, f"too large to decode safely ({exc}); shrink it, or raise "
-                                "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+        raise CorruptImageError(
+            path,
+            f"too large to decode safely ({exc}); shrink it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted",
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise CorruptImageError(path, f"{type(exc).__name__}: {exc}") from None

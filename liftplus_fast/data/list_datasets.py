@@ -4,6 +4,7 @@ Each list file holds ``relative/path label`` lines with paths relative to the im
 The split files live in ``split_dir`` (default ``root``) under the names ``train.txt``,
 ``val.txt``, ``test.txt``, ``classnames.txt`` / ``categories.json``.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,11 +12,16 @@ from typing import Callable, List, Optional, Sequence
 
 from torch.utils.data import Dataset
 
-from .images import load_rgb_image
-from .splits import (count_per_class, read_classnames, read_inat_categories, read_list_file,
-                     resolve_split_file, split_files)
-
 from ..errors import MissingInputError, UserInputError
+from .images import load_rgb_image
+from .splits import (
+    count_per_class,
+    read_classnames,
+    read_inat_categories,
+    read_list_file,
+    resolve_split_file,
+    split_files,
+)
 
 
 class ImageFileDataset(Dataset):
@@ -57,22 +63,28 @@ class LongTailListDataset(ImageFileDataset):
     naming the file and line; a missing or undecodable image raises when that item is loaded.
     """
 
-    def __init__(self, root: str, list_file: str, classnames: Sequence[str],
-                 transform: Optional[Callable] = None, label_map: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        root: str,
+        list_file: str,
+        classnames: Sequence[str],
+        transform: Optional[Callable] = None,
+        label_map: Optional[Sequence[int]] = None,
+    ):
         self.root = root
         self.list_file = list_file
         self.transform = transform
         self.classnames: List[str] = list(classnames)
         self.num_classes = len(self.classnames)
         if not os.path.isfile(list_file):
-            raise MissingInputError(f"list file not found: {list_file!r} (expected "
-                                    "'relative/path label' lines)")
+            raise MissingInputError(f"list file not found: {list_file!r} (expected 'relative/path label' lines)")
         rel_paths, raw, linenos = read_list_file(list_file)
         n_raw = len(label_map) if label_map is not None else self.num_classes
         for y, lineno in zip(raw, linenos):
             if not 0 <= y < n_raw:
-                raise UserInputError(f"{list_file}:{lineno}: label {y} is out of range for "
-                                 f"{n_raw} classes (expected 0..{n_raw - 1})")
+                raise UserInputError(
+                    f"{list_file}:{lineno}: label {y} is out of range for {n_raw} classes (expected 0..{n_raw - 1})"
+                )
         self.labels: List[int] = list(raw) if label_map is None else [int(label_map[y]) for y in raw]
         self.paths: List[str] = [os.path.join(root, p) for p in rel_paths]
         self.cls_num_list: List[int] = count_per_class(self.labels, self.num_classes)
@@ -84,8 +96,9 @@ class _NamedListDataset(LongTailListDataset):
     display_name = ""
     split_to_file = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
 
-    def __init__(self, root: str, split: str = "train", transform: Optional[Callable] = None,
-                 split_dir: Optional[str] = None):
+    def __init__(
+        self, root: str, split: str = "train", transform: Optional[Callable] = None, split_dir: Optional[str] = None
+    ):
         split_dir = root if split_dir is None else split_dir
         self.split = split
         fname = split_files(self.split_to_file, split, self.display_name)
@@ -131,20 +144,26 @@ class INaturalist2018(_NamedListDataset):
 
 # The published iNaturalist taxonomy data sets (inat2018_k ... inat2018_s): the same images,
 # each labelled by one taxonomy level of categories.json instead of the species.
-INAT_LEVELS = {"k": "kingdom", "p": "phylum", "c": "class", "o": "order", "f": "family",
-               "g": "genus", "s": "name"}
+INAT_LEVELS = {"k": "kingdom", "p": "phylum", "c": "class", "o": "order", "f": "family", "g": "genus", "s": "name"}
 
 
 def inat_level_dataset(level: str) -> type:
     """The iNaturalist 2018 class labelled by ``level`` (a key or value of :data:`INAT_LEVELS`)."""
     key = INAT_LEVELS.get(level, level)
     if key not in INAT_LEVELS.values():
-        raise ValueError(f"unknown iNaturalist taxonomy level {level!r}; expected one of "
-                         f"{sorted(INAT_LEVELS.values())}")
+        raise ValueError(
+            f"unknown iNaturalist taxonomy level {level!r}; expected one of {sorted(INAT_LEVELS.values())}"
+        )
     title = "species" if key == "name" else key
-    return type(f"INaturalist2018_{title.capitalize()}", (INaturalist2018,),
-                {"category_key": key, "display_name": f"iNaturalist 2018 ({title})",
-                 "__doc__": f"iNaturalist 2018 labelled by {title} (from categories.json)."})
+    return type(
+        f"INaturalist2018_{title.capitalize()}",
+        (INaturalist2018,),
+        {
+            "category_key": key,
+            "display_name": f"iNaturalist 2018 ({title})",
+            "__doc__": f"iNaturalist 2018 labelled by {title} (from categories.json).",
+        },
+    )
 
 
 class ListFileDataset(_NamedListDataset):
@@ -157,11 +176,11 @@ class ListFileDataset(_NamedListDataset):
 
     display_name = "listfile"
 
-    def __init__(self, root: str, split: str = "train", transform: Optional[Callable] = None,
-                 split_dir: Optional[str] = None):
+    def __init__(
+        self, root: str, split: str = "train", transform: Optional[Callable] = None, split_dir: Optional[str] = None
+    ):
         if split == "test":
             folder = root if split_dir is None else split_dir
-            if (not os.path.isfile(os.path.join(folder, "test.txt"))
-                    and os.path.isfile(os.path.join(folder, "val.txt"))):
+            if not os.path.isfile(os.path.join(folder, "test.txt")) and os.path.isfile(os.path.join(folder, "val.txt")):
                 split = "val"
         super().__init__(root, split, transform, split_dir)

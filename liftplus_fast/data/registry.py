@@ -1,4 +1,5 @@
 """Data sets by name: :data:`DATASETS` and :func:`build_dataset`."""
+
 from __future__ import annotations
 
 import os
@@ -6,23 +7,24 @@ from typing import Callable, Dict, Optional
 
 from torch.utils.data import Dataset
 
+from ..errors import MissingInputError, UserInputError
 from .cifar import CIFAR100LT
 from .digits import DigitsLT
 from .image_folder import ImageFolderLT
-from .list_datasets import (INAT_LEVELS, ImageNetLT, INaturalist2018, ListFileDataset, PlacesLT,
-                            inat_level_dataset)
-from ..errors import MissingInputError, UserInputError
+from .list_datasets import INAT_LEVELS, ImageNetLT, INaturalist2018, ListFileDataset, PlacesLT, inat_level_dataset
 
 
 def _cifar(imb_factor):
     def make(root, split, transform, split_dir, download):
         return CIFAR100LT(root, imb_factor=imb_factor, split=split, transform=transform, download=download)
+
     return make
 
 
 def _listed(cls):
     def make(root, split, transform, split_dir, download):
         return cls(root, split=split, transform=transform, split_dir=split_dir)
+
     return make
 
 
@@ -51,14 +53,24 @@ DATASETS.update({f"inat2018_{k}": _listed(inat_level_dataset(k)) for k in INAT_L
 
 # The published data configs' class names (configs/data/*.yaml ``dataset:``) -> our names.
 DATASET_ALIASES = {
-    "cifar100_ir10": "cifar100_ir10", "cifar100_ir50": "cifar100_ir50", "cifar100_ir100": "cifar100_ir100",
-    "imagenet_lt": "imagenet_lt", "places_lt": "places_lt", "inaturalist2018": "inat2018",
+    "cifar100_ir10": "cifar100_ir10",
+    "cifar100_ir50": "cifar100_ir50",
+    "cifar100_ir100": "cifar100_ir100",
+    "imagenet_lt": "imagenet_lt",
+    "places_lt": "places_lt",
+    "inaturalist2018": "inat2018",
     **{f"inaturalist2018_{('species' if v == 'name' else v)}": f"inat2018_{k}" for k, v in INAT_LEVELS.items()},
 }
 
 
-def build_dataset(name: str, root: str, split: str = "train", transform: Optional[Callable] = None,
-                  split_dir: Optional[str] = None, download: bool = True) -> Dataset:
+def build_dataset(
+    name: str,
+    root: str,
+    split: str = "train",
+    transform: Optional[Callable] = None,
+    split_dir: Optional[str] = None,
+    download: bool = True,
+) -> Dataset:
     """The data set ``name`` (a key of :data:`DATASETS`, case-insensitive) for ``split``.
 
     ``root`` holds the images (CIFAR: the torchvision folder); ``split_dir`` the split files
@@ -87,8 +99,10 @@ def check_split(dataset: Dataset, name: str, split: str, min_classes: int = 1, m
         raise UserInputError(f"{name}: the {split} split has no images" + (f" ({where} is empty)" if where else ""))
     num_classes = getattr(dataset, "num_classes", None)
     if num_classes is not None and num_classes < min_classes:
-        raise UserInputError(f"{name}: the {split} split has {num_classes} class(es); long-tailed "
-                         f"classification needs at least {min_classes}")
+        raise UserInputError(
+            f"{name}: the {split} split has {num_classes} class(es); long-tailed "
+            f"classification needs at least {min_classes}"
+        )
     paths = getattr(dataset, "paths", None)
     if paths is None:
         return
@@ -97,5 +111,6 @@ def check_split(dataset: Dataset, name: str, split: str, min_classes: int = 1, m
         where = getattr(dataset, "list_file", f"the {split} split")
         shown = ", ".join(repr(p) for p in missing[:max_missing_shown])
         more = f" and {len(missing) - max_missing_shown} more" if len(missing) > max_missing_shown else ""
-        raise MissingInputError(f"{name}: {len(missing)} of {len(paths)} images listed in {where} "
-                                f"are missing: {shown}{more}")
+        raise MissingInputError(
+            f"{name}: {len(missing)} of {len(paths)} images listed in {where} are missing: {shown}{more}"
+        )

@@ -1,4 +1,5 @@
 """Samplers over long-tailed data sets."""
+
 from __future__ import annotations
 
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -16,8 +17,7 @@ class DownSampler(Sampler[int]):
     matches the published sampler's call sequence. A new subset is drawn on every pass.
     """
 
-    def __init__(self, labels: Sequence[int], n_max: int = 100,
-                 generator: Optional[torch.Generator] = None):
+    def __init__(self, labels: Sequence[int], n_max: int = 100, generator: Optional[torch.Generator] = None):
         if n_max < 1:
             raise ValueError(f"n_max must be >= 1; got {n_max!r}")
         by_class: Dict[int, List[int]] = {}
@@ -29,8 +29,7 @@ class DownSampler(Sampler[int]):
         self.num_samples = sum(min(self.n_max, len(g)) for g in self._groups)
 
     def __iter__(self) -> Iterator[int]:
-        picked = [g[torch.randperm(len(g), generator=self.generator)][: self.n_max]
-                  for g in self._groups]
+        picked = [g[torch.randperm(len(g), generator=self.generator)][: self.n_max] for g in self._groups]
         if not picked:
             return iter(())
         flat = torch.cat(picked)

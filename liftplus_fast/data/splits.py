@@ -1,4 +1,5 @@
 """Split files on disk: locating them, reading list files and class names, counting classes."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,8 @@ def resolve_split_file(split_dir: str, filename: str, dataset: str, what: str) -
         raise MissingInputError(
             f"{dataset}: {what} file not found: {path!r}. Expected the split files "
             f"(train.txt / val.txt / test.txt with {LIST_FORMAT}, plus classnames.txt or "
-            f"categories.json) in split_dir={split_dir!r}; pass split_dir= to point elsewhere.")
+            f"categories.json) in split_dir={split_dir!r}; pass split_dir= to point elsewhere."
+        )
     return path
 
 
@@ -31,8 +33,9 @@ def _text_lines(path: str) -> List[str]:
         with open(path, "r", encoding="utf-8-sig") as f:
             return f.read().splitlines()
     except UnicodeDecodeError as exc:
-        raise UserInputError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                         f"{exc.start}); save it as UTF-8") from None
+        raise UserInputError(
+            f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8"
+        ) from None
 
 
 def read_list_file(list_file: str) -> Tuple[List[str], List[int], List[int]]:

@@ -3,6 +3,7 @@
 The images are smooth colour fields with a class-dependent pattern and some texture, so they
 compress and resize like photographs rather than like noise, and a model can learn them.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,17 +23,28 @@ def synthetic_image(label: int, height: int, width: int, rng: np.random.RandomSt
     freq = 2 * np.pi * (3 + label % 5) / max(height, width)
     wave = np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
     coarse = rng.uniform(0, 1, size=(4, 4, 3)).astype(np.float32)
-    texture = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC),
-                         dtype=np.float32) / 255.0
+    texture = (
+        np.asarray(
+            Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC), dtype=np.float32
+        )
+        / 255.0
+    )
     base = np.array([(label * 37) % 255, (label * 91) % 255, (label * 53) % 255], dtype=np.float32) / 255.0
     img = 0.45 * base + 0.3 * texture + 0.25 * (0.5 + 0.5 * wave[..., None])
     img += rng.normal(0, 0.03, size=img.shape).astype(np.float32)
     return Image.fromarray(np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
-def write_image_folder(root: str, train_counts: Sequence[int], test_per_class: int = 2,
-                       sizes: Sequence[Tuple[int, int]] = PHOTO_SIZES, seed: int = 0, quality: int = 90,
-                       classnames: Optional[Sequence[str]] = None, listfiles: bool = True) -> Dict[str, List[str]]:
+def write_image_folder(
+    root: str,
+    train_counts: Sequence[int],
+    test_per_class: int = 2,
+    sizes: Sequence[Tuple[int, int]] = PHOTO_SIZES,
+    seed: int = 0,
+    quality: int = 90,
+    classnames: Optional[Sequence[str]] = None,
+    listfiles: bool = True,
+) -> Dict[str, List[str]]:
     """Write ``root/{train,test}/<class>/<n>.jpg`` and, with ``listfiles``, the list files.
 
     ``train_counts[k]`` images of class k go to ``train``, ``test_per_class`` of each to

@@ -1,4 +1,5 @@
 """Train / plain / test transforms, the minimalist augmentation (MDA) and five-crop TTE."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,7 @@ def _schedule(func: str, t: float) -> float:
     return math.sqrt(max(0.0, 1.0 - (1.0 - t) ** 2))  # concave
 
 
-def mda_min_scale(epoch: int, num_epochs: int, func: str = "convex",
-                  lo: float = 0.08, hi: float = 1.0) -> float:
+def mda_min_scale(epoch: int, num_epochs: int, func: str = "convex", lo: float = 0.08, hi: float = 1.0) -> float:
     """Lower bound of the crop-area fraction at ``epoch`` (0-based) of ``num_epochs``.
 
     ``lo + (hi - lo) * s(t)`` with ``t = epoch / (num_epochs - 1)`` and ``s`` one of
@@ -77,11 +77,16 @@ class MinimalistRandomResizedCrop(T.RandomResizedCrop):
     epoch) to advance the schedule.
     """
 
-    def __init__(self, size, num_epochs: int, sched_func: str = "convex",
-                 scale: Tuple[float, float] = (0.08, 1.0),
-                 interpolation: InterpolationMode = InterpolationMode.BICUBIC, antialias: bool = True):
-        super().__init__(size, scale=scale, ratio=(1.0, 1.0), interpolation=interpolation,
-                         antialias=antialias)
+    def __init__(
+        self,
+        size,
+        num_epochs: int,
+        sched_func: str = "convex",
+        scale: Tuple[float, float] = (0.08, 1.0),
+        interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+        antialias: bool = True,
+    ):
+        super().__init__(size, scale=scale, ratio=(1.0, 1.0), interpolation=interpolation, antialias=antialias)
         check_mda_func(sched_func)
         if num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1; got {num_epochs!r}")
@@ -114,9 +119,11 @@ class MinimalistRandomResizedCrop(T.RandomResizedCrop):
         return resized_crop(img, i, j, h, w, self.size, self.interpolation, antialias=self.antialias)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(size={self.size}, num_epochs={self.num_epochs}, "
-                f"sched_func={self.sched_func!r}, scale={self.scale}, epoch={self.epoch}, "
-                f"interpolation={self.interpolation.value})")
+        return (
+            f"{type(self).__name__}(size={self.size}, num_epochs={self.num_epochs}, "
+            f"sched_func={self.sched_func!r}, scale={self.scale}, epoch={self.epoch}, "
+            f"interpolation={self.interpolation.value})"
+        )
 
 
 def _iter_transforms(transform) -> List:
@@ -164,16 +171,21 @@ def build_train_transform(cfg) -> T.Compose:
     if cfg.mda:
         crop: List[Callable] = [MinimalistRandomResizedCrop(res, cfg.num_epochs, sched_func=cfg.mda_func)]
     else:
-        crop = [T.RandomResizedCrop(res, interpolation=InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip()]
+        crop = [T.RandomResizedCrop(res, interpolation=InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
     return T.Compose(crop + [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
 
 
 def build_plain_transform(cfg) -> T.Compose:
     """Transform for classifier initialisation from training images: resize + centre crop."""
     res = cfg.resolution
-    return T.Compose([T.Resize(res, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(res),
-                      T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    return T.Compose(
+        [
+            T.Resize(res, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(res),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
 
 
 def build_test_transform(cfg) -> T.Compose:
@@ -187,8 +199,20 @@ def build_test_transform(cfg) -> T.Compose:
     res = cfg.resolution
     if cfg.tte:
         expand = cfg.expand if cfg.expand is not None else 24
-        return T.Compose([T.Resize(res + expand, interpolation=InterpolationMode.BICUBIC),
-                          T.FiveCrop(res), StackCrops(), T.Normalize(cfg.mean, cfg.std)])
+        return T.Compose(
+            [
+                T.Resize(res + expand, interpolation=InterpolationMode.BICUBIC),
+                T.FiveCrop(res),
+                StackCrops(),
+                T.Normalize(cfg.mean, cfg.std),
+            ]
+        )
     expand = cfg.expand if cfg.expand is not None else res // 7
-    return T.Compose([T.Resize(res + expand, interpolation=InterpolationMode.BICUBIC),
-                      T.CenterCrop(res), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    return T.Compose(
+        [
+            T.Resize(res + expand, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(res),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )

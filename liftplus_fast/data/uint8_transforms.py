@@ -19,6 +19,7 @@ moves 4x fewer bytes from the DataLoader workers.
 Resizes are bicubic with antialiasing (torchvision's uint8 kernels, which match PIL's to
 ~0.1/255 mean absolute error) and run on whatever device the image tensor is on.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence, Tuple
@@ -28,8 +29,8 @@ import torchvision.transforms.v2.functional as F
 from torch.utils.data import Sampler
 from torchvision.transforms import InterpolationMode
 
-from .transforms import MDA_FUNCS, mda_min_scale, sample_square_box
 from ..errors import UserInputError
+from .transforms import MDA_FUNCS, mda_min_scale, sample_square_box
 
 HW = Tuple[int, int]
 
@@ -53,9 +54,9 @@ def map_box(box: Tuple[int, int, int, int], orig_hw: HW, stored_hw: HW) -> Tuple
     top, left, h, w = box
     sy, sx = stored_hw[0] / orig_hw[0], stored_hw[1] / orig_hw[1]
     t, b = int(round(top * sy)), int(round((top + h) * sy))
-    l, r = int(round(left * sx)), int(round((left + w) * sx))
-    t, l = min(t, stored_hw[0] - 1), min(l, stored_hw[1] - 1)
-    return t, l, max(1, b - t), max(1, r - l)
+    lft, r = int(round(left * sx)), int(round((left + w) * sx))
+    t, lft = min(t, stored_hw[0] - 1), min(lft, stored_hw[1] - 1)
+    return t, lft, max(1, b - t), max(1, r - lft)
 
 
 def _resize(image: torch.Tensor, hw: HW) -> torch.Tensor:
@@ -70,8 +71,9 @@ class CachedMDACrop:
     and returns the ``[3, size, size]`` uint8 crop.
     """
 
-    def __init__(self, size: int, num_epochs: int, sched_func: str = "convex",
-                 scale: Tuple[float, float] = (0.08, 1.0)):
+    def __init__(
+        self, size: int, num_epochs: int, sched_func: str = "convex", scale: Tuple[float, float] = (0.08, 1.0)
+    ):
         if sched_func not in MDA_FUNCS:
             raise UserInputError(f"unknown MDA schedule {sched_func!r}; expected one of {MDA_FUNCS}")
         if num_epochs < 1:
@@ -84,19 +86,23 @@ class CachedMDACrop:
     def sample(self, orig_hw: HW, epoch: int) -> Tuple[int, int, int, int]:
         """The crop box on the source image (the reference's draws)."""
         if epoch is None:
-            raise UserInputError("CachedMDACrop needs the epoch: index the data set with (epoch, index), "
-                             "e.g. through EpochTaggedSampler")
+            raise UserInputError(
+                "CachedMDACrop needs the epoch: index the data set with (epoch, index), e.g. through EpochTaggedSampler"
+            )
         lo = mda_min_scale(int(epoch), self.num_epochs, self.sched_func, self.scale[0], self.scale[1])
         return sample_square_box(int(orig_hw[0]), int(orig_hw[1]), lo, self.scale[1])
 
     def __call__(self, image: torch.Tensor, orig_hw: HW, epoch: int) -> torch.Tensor:
         top, left, h, w = map_box(self.sample(orig_hw, epoch), orig_hw, tuple(image.shape[-2:]))
-        return F.resized_crop(image, top, left, h, w, [self.size, self.size],
-                              interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return F.resized_crop(
+            image, top, left, h, w, [self.size, self.size], interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(size={self.size}, num_epochs={self.num_epochs}, "
-                f"sched_func={self.sched_func!r}, scale={self.scale})")
+        return (
+            f"{type(self).__name__}(size={self.size}, num_epochs={self.num_epochs}, "
+            f"sched_func={self.sched_func!r}, scale={self.scale})"
+        )
 
 
 class CachedResizeCrop:
@@ -124,8 +130,10 @@ class CachedResizeCrop:
 def build_cached_train_transform(cfg):
     """The cached counterpart of :func:`~liftplus_fast.data.transforms.build_train_transform` (MDA only)."""
     if not cfg.mda:
-        raise UserInputError("data_cache trains with MDA (mda True); the RandomResizedCrop + flip "
-                         "augmentation of mda False runs on the reference path (data_cache None)")
+        raise UserInputError(
+            "data_cache trains with MDA (mda True); the RandomResizedCrop + flip "
+            "augmentation of mda False runs on the reference path (data_cache None)"
+        )
     return CachedMDACrop(cfg.resolution, cfg.num_epochs, cfg.mda_func)
 
 
@@ -142,8 +150,9 @@ def build_cached_plain_transform(cfg) -> CachedResizeCrop:
     return CachedResizeCrop(cfg.resolution, cfg.resolution)
 
 
-def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize_batch(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """uint8 ``[..., 3, H, W]`` images to ``(x / 255 - mean) / std`` in ``dtype`` (one fused pass per batch)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_batch expects uint8 images; got {images.dtype}")

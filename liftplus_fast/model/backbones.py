@@ -3,6 +3,7 @@
 Published LIFT+ configs name backbones ``clip_vit_b16`` etc.; they all mean OpenAI weights,
 which need QuickGELU. ``tiny_vit`` is a tiny randomly initialised CLIP for tests and demos.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,16 @@ from typing import Optional, Tuple
 
 from ..errors import UserInputError
 
-
-__all__ = ["BackboneLoadError", "PUBLISHED_BACKBONES", "TINY_VIT", "load_backbone", "load_clip",
-           "known_backbones", "check_resolution", "backbone_input_config"]
+__all__ = [
+    "BackboneLoadError",
+    "PUBLISHED_BACKBONES",
+    "TINY_VIT",
+    "load_backbone",
+    "load_clip",
+    "known_backbones",
+    "check_resolution",
+    "backbone_input_config",
+]
 
 # Published config name -> open_clip architecture. All are OpenAI CLIP models (QuickGELU).
 PUBLISHED_BACKBONES = {
@@ -44,8 +52,7 @@ TINY_VIT = "tiny_vit"
 _TINY_VIT_CFG = {
     "embed_dim": 64,
     "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8,
-                   "no_ln_pre": True},
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8, "no_ln_pre": True},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 
@@ -145,8 +152,10 @@ def open_clip_schema_name(backbone: str) -> Optional[str]:
         return backbone
     if os.path.isdir(backbone):
         if not os.path.isfile(os.path.join(backbone, "open_clip_config.json")):
-            raise UserInputError(f"backbone folder {backbone!r} has no open_clip_config.json (an open_clip "
-                             "model folder holds it next to the weights)")
+            raise UserInputError(
+                f"backbone folder {backbone!r} has no open_clip_config.json (an open_clip "
+                "model folder holds it next to the weights)"
+            )
         return "local-dir:" + backbone
     return None
 
@@ -169,7 +178,8 @@ def _resolve(backbone: str) -> Tuple[str, bool]:
     raise UserInputError(
         f"unknown backbone {backbone!r}; known names: {', '.join(known_backbones())}, "
         f"or any open_clip model name (open_clip.list_models(), {len(open_clip.list_models())} names) "
-        "or timm model name (timm.list_models())")
+        "or timm model name (timm.list_models())"
+    )
 
 
 def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
@@ -200,7 +210,8 @@ def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
     schema = name.startswith(SCHEMAS)
     if schema and pretrained is not None:
         logging.getLogger("liftplus_fast").info(
-            "backbone %s brings its own weights; pretrained=%r is not used", name, pretrained)
+            "backbone %s brings its own weights; pretrained=%r is not used", name, pretrained
+        )
     elif pretrained is not None:
         tag_cfg = open_clip.pretrained.get_pretrained_cfg(name, pretrained)
         if tag_cfg:
@@ -213,35 +224,39 @@ def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
                     f"Could not download the {pretrained!r} weights of {name} ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); download the "
                     f"checkpoint elsewhere and pass its local path: --pretrained /path/to/{name}.pt on "
-                    f"the command line, pretrained='/path/to/{name}.pt' in Python.") from None
+                    f"the command line, pretrained='/path/to/{name}.pt' in Python."
+                ) from None
             if not path:
                 raise BackboneLoadError(
                     f"Could not download the {pretrained!r} weights of {name}; download the "
                     f"checkpoint elsewhere and pass its local path (--pretrained PATH on the command "
-                    f"line, pretrained=PATH in Python).")
+                    f"line, pretrained=PATH in Python)."
+                )
         elif os.path.isfile(pretrained):
             path = pretrained
         else:
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise BackboneLoadError(
                 f"pretrained={pretrained!r} is neither an existing file nor a known open_clip tag "
-                f"for {name} (tags: {', '.join(tags) if tags else 'none'}).")
+                f"for {name} (tags: {', '.join(tags) if tags else 'none'})."
+            )
     try:
         with _quiet_logging():
-            model = open_clip.create_model(name, pretrained=path, force_quick_gelu=quick_gelu,
-                                           device=device)
+            model = open_clip.create_model(name, pretrained=path, force_quick_gelu=quick_gelu, device=device)
     except Exception as exc:  # a corrupt or mismatched file: one sentence, not a hub traceback
         if schema:
             raise BackboneLoadError(
                 f"Could not load backbone {name!r} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else 'no details'}). Without network, download "
                 "the model folder (open_clip_config.json and weights) elsewhere and pass its local "
-                "path as the backbone.") from None
+                "path as the backbone."
+            ) from None
         if path is None:
             raise
         raise BackboneLoadError(
             f"Could not load the weights file {path!r} into {name}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     return model, tokenizer
@@ -262,5 +277,6 @@ def check_resolution(clip_model, resolution: int, backbone: str) -> None:
         return
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     if (h, w) != (resolution, resolution):
-        raise UserInputError(f"resolution={resolution} but backbone {backbone!r} takes {h}x{w} images; "
-                         f"set resolution {h}")
+        raise UserInputError(
+            f"resolution={resolution} but backbone {backbone!r} takes {h}x{w} images; set resolution {h}"
+        )

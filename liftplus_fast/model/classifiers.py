@@ -1,4 +1,5 @@
 """Classifier heads on the pre-projection image feature (weights kept in fp32)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,14 @@ import torch.nn.functional as F
 
 from .. import ops
 
-__all__ = ["CLASSIFIERS", "CosineClassifier", "L2NormClassifier", "LayerNormClassifier",
-           "LinearClassifier", "build_classifier"]
+__all__ = [
+    "CLASSIFIERS",
+    "CosineClassifier",
+    "L2NormClassifier",
+    "LayerNormClassifier",
+    "LinearClassifier",
+    "build_classifier",
+]
 
 
 class LinearClassifier(nn.Linear):
@@ -64,8 +71,7 @@ class LayerNormClassifier(LinearClassifier):
         return F.linear(x, F.normalize(self.weight, dim=-1))
 
 
-CLASSIFIERS = {c.__name__: c for c in (CosineClassifier, LinearClassifier, L2NormClassifier,
-                                       LayerNormClassifier)}
+CLASSIFIERS = {c.__name__: c for c in (CosineClassifier, LinearClassifier, L2NormClassifier, LayerNormClassifier)}
 
 
 def build_classifier(name: str, feat_dim: int, num_classes: int, scale: float = 25.0) -> nn.Module:

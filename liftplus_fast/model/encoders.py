@@ -14,9 +14,8 @@ block is seen through :class:`TimmBlockView`, which names its tensors as open_cl
 ResNets take the tuners the published ``PEFT_RN`` has: full fine-tuning, BitFit, BatchNorm
 tuning and SSF after the global pool; their ``*_layers`` options are ignored, as there.
 """
-from __future__ import annotations
 
-from ..errors import UserInputError
+from __future__ import annotations
 
 from collections import OrderedDict
 from typing import List
@@ -24,6 +23,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from ..errors import UserInputError
 from .peft_vit import PEFTBlock, PEFTVisionTransformer, _ln
 from .tuners import SSF, BlockTuner, install_tuners
 
@@ -101,8 +101,9 @@ class TimmViTEncoder(_ViTTuning, nn.Module):
     def __init__(self, vit: nn.Module):
         super().__init__()
         if getattr(vit, "num_prefix_tokens", 1) != 1 or getattr(vit, "cls_token", None) is None:
-            raise NotImplementedError("timm ViTs with a single class token are supported (no register "
-                                      "tokens, no class-token-free models)")
+            raise NotImplementedError(
+                "timm ViTs with a single class token are supported (no register tokens, no class-token-free models)"
+            )
         self.visual = vit
         self.blocks = nn.ModuleList(PEFTBlock(TimmBlockView(b)) for b in vit.blocks)
         self.batch_first = True
@@ -128,8 +129,7 @@ def _resnet_parts(visual: nn.Module):
     if hasattr(visual, "attnpool"):  # open_clip ModifiedResNet
         return visual.stem, layers, visual.attnpool, int(visual.output_dim)
     if hasattr(visual, "global_pool") and hasattr(visual, "conv1"):  # timm ResNet
-        stem = nn.Sequential(OrderedDict(conv1=visual.conv1, bn1=visual.bn1, act1=visual.act1,
-                                         maxpool=visual.maxpool))
+        stem = nn.Sequential(OrderedDict(conv1=visual.conv1, bn1=visual.bn1, act1=visual.act1, maxpool=visual.maxpool))
         return stem, layers, visual.global_pool, int(visual.num_features)
     raise NotImplementedError(f"unsupported ResNet image tower {type(visual).__name__}")
 
@@ -156,8 +156,9 @@ class ResNetEncoder(nn.Module):
         """Attach ``v.fft`` / ``v.bitfit`` / ``v.unfreeze_bn`` / ``v.ssf``; other tuners raise."""
         unsupported = [n for n in ("pt", "lora", "adapter", "adaptformer", "aft") if getattr(v, n)]
         if unsupported:
-            raise UserInputError(f"v.{unsupported[0]} needs a ViT backbone; a ResNet takes v.fft, v.bitfit, "
-                             "v.unfreeze_bn and v.ssf")
+            raise UserInputError(
+                f"v.{unsupported[0]} needs a ViT backbone; a ResNet takes v.fft, v.bitfit, v.unfreeze_bn and v.ssf"
+            )
         store, done = self.tuner.blocks, []
         if v.fft:
             for name, p in self.blocks.named_parameters():
@@ -200,8 +201,10 @@ def build_image_encoder(backbone: nn.Module) -> nn.Module:
         return TimmViTEncoder(visual)
     if hasattr(visual, "layer4"):
         return ResNetEncoder(visual)
-    raise NotImplementedError(f"unsupported image tower {type(visual).__name__}: expected an open_clip "
-                              "ViT or ModifiedResNet, or a timm VisionTransformer or ResNet")
+    raise NotImplementedError(
+        f"unsupported image tower {type(visual).__name__}: expected an open_clip "
+        "ViT or ModifiedResNet, or a timm VisionTransformer or ResNet"
+    )
 
 
 def feature_device(backbone: nn.Module) -> torch.device:

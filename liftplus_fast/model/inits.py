@@ -1,4 +1,5 @@
 """Classifier initialisations: semantic (text encoder), class means, linear probing."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,9 +11,17 @@ import torch.nn.functional as F
 
 from .tuners import fp32_layer_norm
 
-__all__ = ["CLASS_PROMPT", "class_mean_weights", "class_prompts", "default_tokenizer",
-           "encode_text_unprojected", "linear_probing_weights", "project_text",
-           "semantic_weights", "text_parts"]
+__all__ = [
+    "CLASS_PROMPT",
+    "class_mean_weights",
+    "class_prompts",
+    "default_tokenizer",
+    "encode_text_unprojected",
+    "linear_probing_weights",
+    "project_text",
+    "semantic_weights",
+    "text_parts",
+]
 
 CLASS_PROMPT = "a photo of a {}."
 _TEXT_BATCH = 1000  # the published code encodes prompts in chunks of 1000 to bound memory
@@ -37,8 +46,7 @@ def default_tokenizer(clip_model):
     """open_clip's CLIP BPE tokenizer with the model's context length."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    ctx = getattr(text_parts(clip_model), "context_length", None) or \
-        getattr(clip_model, "context_length", 77)
+    ctx = getattr(text_parts(clip_model), "context_length", None) or getattr(clip_model, "context_length", 77)
     return SimpleTokenizer(context_length=ctx)
 
 
@@ -75,7 +83,7 @@ def class_text_features(clip_model, classnames, tokenizer=None) -> torch.Tensor:
     device = text_parts(clip_model).token_embedding.weight.device
     out = []
     for i in range(0, len(prompts), _TEXT_BATCH):
-        tokens = tokenizer(prompts[i:i + _TEXT_BATCH]).to(device)
+        tokens = tokenizer(prompts[i : i + _TEXT_BATCH]).to(device)
         out.append(project_text(clip_model, encode_text_unprojected(clip_model, tokens)).float())
     return F.normalize(torch.cat(out), dim=-1)
 
@@ -98,11 +106,12 @@ def _check_feats(features, labels, num_classes):
     features = torch.as_tensor(features)
     labels = torch.as_tensor(labels).long().view(-1)
     if features.dim() != 2 or features.shape[0] != labels.shape[0]:
-        raise ValueError(f"features must be [N, D] with one label each; got features "
-                         f"{tuple(features.shape)} and labels {tuple(labels.shape)}")
+        raise ValueError(
+            f"features must be [N, D] with one label each; got features "
+            f"{tuple(features.shape)} and labels {tuple(labels.shape)}"
+        )
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}); got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(f"labels must lie in [0, {num_classes}); got range [{int(labels.min())}, {int(labels.max())}]")
     present = torch.bincount(labels, minlength=num_classes)
     if (present == 0).any():
         bad = (present == 0).nonzero().flatten().tolist()

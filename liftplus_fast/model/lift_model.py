@@ -1,4 +1,5 @@
 """The LIFT+ model: a frozen open_clip CLIP with PEFT tuners, a classifier and a loss."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -8,24 +9,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..errors import UserInputError
 from ..config import LiftConfig
+from ..errors import UserInputError
 from .classifiers import CosineClassifier, build_classifier
+from .encoders import build_image_encoder, feature_device, image_tower
 from .inits import class_mean_weights, linear_probing_weights, semantic_weights
 from .losses import build_loss, check_cls_num_list, log_prior
 from .official_ckpt import export_official, import_official
-from .encoders import build_image_encoder, feature_device, image_tower
-from .text_head import TextHead
 from .precision import compute_dtype, convert_frozen, needs_grad_scaler
+from .text_head import TextHead
 
 __all__ = ["LiftModel", "TunerRoot", "build_lift_model"]
+
 
 class TunerRoot(nn.Module):
     """Everything that is trained, laid out like the published ``PEFT_Model.tuner``:
     ``image_encoder.blocks[i].<tuner>`` and ``classifier``."""
 
-    def __init__(self, image_encoder_tuner: nn.Module, classifier: Optional[nn.Module],
-                 extras: Optional[dict] = None):
+    def __init__(self, image_encoder_tuner: nn.Module, classifier: Optional[nn.Module], extras: Optional[dict] = None):
         super().__init__()
         self.image_encoder = image_encoder_tuner
         for name, item in (extras or {}).items():  # CLIP-side tuners (text_encoder, image_proj, ...)
@@ -49,8 +50,15 @@ class LiftModel(nn.Module):
     precision with no autocast around them.
     """
 
-    def __init__(self, clip_model: nn.Module, cfg: LiftConfig, cls_num_list: Sequence[int],
-                 classnames: Sequence[str], tokenizer=None, init_classifier: bool = True):
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        cfg: LiftConfig,
+        cls_num_list: Sequence[int],
+        classnames: Sequence[str],
+        tokenizer=None,
+        init_classifier: bool = True,
+    ):
         super().__init__()
         num_classes = cfg.num_classes if cfg.num_classes is not None else len(cls_num_list)
         if len(cls_num_list) != num_classes:
@@ -72,21 +80,24 @@ class LiftModel(nn.Module):
         use_classifier = cfg.classifier is not None and not cfg.zero_shot
         classifier = None
         if use_classifier:
-            classifier = build_classifier(cfg.classifier, self.feature_dim, self.num_classes,
-                                          cfg.classifier_scale)
+            classifier = build_classifier(cfg.classifier, self.feature_dim, self.num_classes, cfg.classifier_scale)
         device = feature_device(clip_model)
-        if not self.has_text and (not use_classifier or (cfg.classifier_init == "semantic"
-                                                         and not cfg.test_only)):
+        if not self.has_text and (not use_classifier or (cfg.classifier_init == "semantic" and not cfg.test_only)):
             what = "the zero-shot (text) head" if not use_classifier else "classifier_init='semantic'"
-            raise UserInputError(f"{what} needs a CLIP text encoder; backbone {cfg.backbone!r} has none "
-                             "(use classifier_init class_mean, the published default for non-CLIP backbones)")
+            raise UserInputError(
+                f"{what} needs a CLIP text encoder; backbone {cfg.backbone!r} has none "
+                "(use classifier_init class_mean, the published default for non-CLIP backbones)"
+            )
         from .tuners import TUNERS
 
-        clip_side = bool(cfg.coop or cfg.proj_tuning or cfg.clip_adapter) or \
-            any(getattr(cfg.l, name) for name in TUNERS)
+        clip_side = bool(cfg.coop or cfg.proj_tuning or cfg.clip_adapter) or any(
+            getattr(cfg.l, name) for name in TUNERS
+        )
         if use_classifier and clip_side:
-            raise UserInputError("coop, proj_tuning, clip_adapter and the l.* text-encoder tuners train the "
-                             "CLIP text head; set classifier None (as -m coop / -m zs do)")
+            raise UserInputError(
+                "coop, proj_tuning, clip_adapter and the l.* text-encoder tuners train the "
+                "CLIP text head; set classifier None (as -m coop / -m zs do)"
+            )
         self.text_head = None
         if not use_classifier:
             if self.classnames is None:
@@ -179,26 +190,37 @@ class LiftModel(nn.Module):
         """
         labels = torch.as_tensor(labels, device=self.log_prior.device).long().view(-1)
         # Data-dependent, so skipped while torch.compile traces (the loss kernels check labels too).
-        if not torch.compiler.is_compiling() and labels.numel() and \
-                (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}); got values in "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if (
+            not torch.compiler.is_compiling()
+            and labels.numel()
+            and (labels.min() < 0 or labels.max() >= self.num_classes)
+        ):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}); got values in [{int(labels.min())}, {int(labels.max())}]"
+            )
         feats = self.encode_image(images)
         if labels.shape[0] != feats.shape[0]:
             raise ValueError(f"got {feats.shape[0]} images but {labels.shape[0]} labels")
         tau = self._fused_tau()
         if tau is not None:
             loss, logits = ops.la_cosine_cross_entropy(
-                feats.float(), self.classifier.weight, labels, self.log_prior,
-                self.classifier.scale, tau, return_logits=True)
+                feats.float(),
+                self.classifier.weight,
+                labels,
+                self.log_prior,
+                self.classifier.scale,
+                tau,
+                return_logits=True,
+            )
             return loss, logits
         logits = self.logits_from_features(feats)
         return self.loss_fn(logits, labels), logits.detach()
 
     # --- classifier initialisation ---------------------------------------------------------------
     @torch.no_grad()
-    def init_classifier_from_features(self, features: torch.Tensor, labels: torch.Tensor,
-                                      method: str = "class_mean") -> None:
+    def init_classifier_from_features(
+        self, features: torch.Tensor, labels: torch.Tensor, method: str = "class_mean"
+    ) -> None:
         """Initialise the classifier from image features: ``class_mean`` or ``linear_probing``."""
         if self.classifier is None:
             raise ValueError("this model has no classifier (zero-shot text head)")
@@ -209,8 +231,9 @@ class LiftModel(nn.Module):
         else:
             raise ValueError(f"method must be 'class_mean' or 'linear_probing'; got {method!r}")
         if w.shape != self.classifier.weight.shape:
-            raise ValueError(f"features have dimension {w.shape[1]}; the classifier expects "
-                             f"{self.classifier.weight.shape[1]}")
+            raise ValueError(
+                f"features have dimension {w.shape[1]}; the classifier expects {self.classifier.weight.shape[1]}"
+            )
         self.classifier.weight.copy_(w)
 
     # --- published checkpoints -------------------------------------------------------------------
@@ -248,8 +271,14 @@ def _has_text_tower(backbone: nn.Module) -> bool:
     return hasattr(src, "token_embedding") and hasattr(src, "transformer")
 
 
-def build_lift_model(clip_model: nn.Module, cfg: LiftConfig, cls_num_list: Sequence[int],
-                     classnames: Sequence[str], tokenizer=None, init_classifier: bool = True) -> LiftModel:
+def build_lift_model(
+    clip_model: nn.Module,
+    cfg: LiftConfig,
+    cls_num_list: Sequence[int],
+    classnames: Sequence[str],
+    tokenizer=None,
+    init_classifier: bool = True,
+) -> LiftModel:
     """Build a :class:`LiftModel` from an open_clip CLIP model (used in place, frozen).
 
     ``tokenizer`` defaults to open_clip's CLIP tokenizer with the model's context length. The

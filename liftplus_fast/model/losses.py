@@ -3,18 +3,28 @@
 Every loss takes ``(logits [B, K], labels [B])`` and returns the mean loss. Class statistics
 are registered as buffers so ``.to(device)`` moves them.
 """
+
 from __future__ import annotations
 
 import math
-
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BalancedSoftmaxLoss", "ClassBalancedLoss", "CrossEntropyLoss", "FocalLoss",
-           "GeneralizedReweightLoss", "LADELoss", "LDAMLoss", "LogitAdjustedLoss", "build_loss",
-           "check_cls_num_list", "log_prior"]
+__all__ = [
+    "BalancedSoftmaxLoss",
+    "ClassBalancedLoss",
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "GeneralizedReweightLoss",
+    "LADELoss",
+    "LDAMLoss",
+    "LogitAdjustedLoss",
+    "build_loss",
+    "check_cls_num_list",
+    "log_prior",
+]
 
 
 def check_cls_num_list(cls_num_list, num_classes: int = None, need_positive: bool = True) -> torch.Tensor:
@@ -25,11 +35,14 @@ def check_cls_num_list(cls_num_list, num_classes: int = None, need_positive: boo
     if num_classes is not None and counts.numel() != num_classes:
         raise ValueError(f"cls_num_list has {counts.numel()} entries but num_classes is {num_classes}")
     if (counts < 0).any():
-        raise ValueError(f"cls_num_list has negative counts at class indices {(counts < 0).nonzero().flatten().tolist()}")
+        raise ValueError(
+            f"cls_num_list has negative counts at class indices {(counts < 0).nonzero().flatten().tolist()}"
+        )
     if need_positive and (counts == 0).any():
         bad = (counts == 0).nonzero().flatten().tolist()
-        raise ValueError(f"class index {bad[0]} has zero training images (all such classes: {bad[:20]}); "
-                         "its log prior would be -inf")
+        raise ValueError(
+            f"class index {bad[0]} has zero training images (all such classes: {bad[:20]}); its log prior would be -inf"
+        )
     return counts
 
 
@@ -83,8 +96,7 @@ class LDAMLoss(nn.Module):
     def forward(self, logits, labels):
         """Mean CE of the margin-adjusted logits."""
         logits = logits.float()
-        margin = torch.zeros_like(logits).scatter_(1, labels.view(-1, 1),
-                                                   (self.m_list[labels] * self.s).view(-1, 1))
+        margin = torch.zeros_like(logits).scatter_(1, labels.view(-1, 1), (self.m_list[labels] * self.s).view(-1, 1))
         return F.cross_entropy(logits - margin, labels)
 
 
@@ -100,7 +112,7 @@ class ClassBalancedLoss(_WeightedCE):
     def __init__(self, cls_num_list, beta: float = 0.9999):
         super().__init__()
         counts = check_cls_num_list(cls_num_list).double()
-        w = (1.0 - beta) / (1.0 - beta ** counts)
+        w = (1.0 - beta) / (1.0 - beta**counts)
         self.register_buffer("per_cls_weights", (w / w.mean()).float())
 
 
@@ -160,13 +172,12 @@ class LADELoss(nn.Module):
         logits = logits.float()
         ce = F.cross_entropy(logits + torch.log(self.prior).unsqueeze(0), labels)
         onehot = labels.view(1, -1) == torch.arange(self.num_classes, device=labels.device).view(-1, 1)
-        x_p = logits.T * onehot                                           # K x B
-        x_q = (logits - torch.log(self.prior + 1e-9)
-               + math.log(1.0 / self.num_classes + 1e-9)).T               # K x B
+        x_p = logits.T * onehot  # K x B
+        x_q = (logits - torch.log(self.prior + 1e-9) + math.log(1.0 / self.num_classes + 1e-9)).T  # K x B
         n_k = onehot.sum(-1).float()
         first = x_p.sum(-1) / (n_k + 1e-8)
         second = torch.logsumexp(x_q, -1) - math.log(x_q.shape[-1])
-        estim = first - second - self.remine_lambda * second ** 2
+        estim = first - second - self.remine_lambda * second**2
         return ce + self.estim_loss_weight * (-(estim * self.prior).sum())
 
 

@@ -8,6 +8,7 @@ tensors after its own ``in_proj`` / ``out_proj`` linears; :func:`published_key` 
 Adapter, SSF, AFT, full fine-tuning, BitFit, the ResNet tuners, the classifier) moves between
 this package and the published code. This module adds the checks (key sets, shapes) and copying.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,12 @@ from ..errors import UserInputError
 __all__ = ["export_official", "import_official", "package_key", "published_key"]
 
 # Sites of a transformer block: package name -> (published sub-dict, published linear name).
-_SITES = {"attn_in": ("attn", "in_proj"), "attn_out": ("attn", "out_proj"),
-          "mlp_in": ("mlp", "in_proj"), "mlp_out": ("mlp", "out_proj")}
+_SITES = {
+    "attn_in": ("attn", "in_proj"),
+    "attn_out": ("attn", "out_proj"),
+    "mlp_in": ("mlp", "in_proj"),
+    "mlp_out": ("mlp", "out_proj"),
+}
 _BLOCK = re.compile(r"^((?:image|text)_encoder\.blocks\.\d+\.)(.*)$")
 
 
@@ -101,13 +106,17 @@ def import_official(tuner: nn.Module, state_dict: Mapping, strict: bool = True) 
             parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        raise UserInputError("checkpoint does not match this model's tuner (different tuner, backbone "
-                         "depth or method?): " + "; ".join(parts))
+        raise UserInputError(
+            "checkpoint does not match this model's tuner (different tuner, backbone "
+            "depth or method?): " + "; ".join(parts)
+        )
     for k, v in src.items():
         if k in own and tuple(torch.as_tensor(v).shape) != tuple(own[k].shape):
-            raise UserInputError(f"checkpoint key {published_key(k)!r} has shape {tuple(torch.as_tensor(v).shape)} but the "
-                             f"model expects {tuple(own[k].shape)} (different backbone width, "
-                             "bottleneck or class count?)")
+            raise UserInputError(
+                f"checkpoint key {published_key(k)!r} has shape {tuple(torch.as_tensor(v).shape)} but the "
+                f"model expects {tuple(own[k].shape)} (different backbone width, "
+                "bottleneck or class count?)"
+            )
     with torch.no_grad():
         for k, v in src.items():
             if k in own:

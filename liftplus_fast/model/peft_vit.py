@@ -6,6 +6,7 @@ Attention is recomputed from ``in_proj_weight`` so LoRA/SSF/AFT can act between 
 projection and the attention; ``ops.attention`` reads the packed projection as it is (no head
 split/merge copies). Backbone LayerNorms run in fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,17 +40,21 @@ class PEFTBlock(nn.Module):
     """
 
     SITES = ("tokens", "attn_in", "attn_out", "mlp_in", "mlp_out", "mlp", "residual")
-    _HOOKS = {"tokens": ("tune_tokens",), "attn_in": ("tune_weight", "tune_output"),
-              "attn_out": ("tune_weight", "tune_output"), "mlp_in": ("tune_weight", "tune_output"),
-              "mlp_out": ("tune_weight", "tune_output"), "mlp": ("tune_output",),
-              "residual": ("tune_residual",)}
+    _HOOKS = {
+        "tokens": ("tune_tokens",),
+        "attn_in": ("tune_weight", "tune_output"),
+        "attn_out": ("tune_weight", "tune_output"),
+        "mlp_in": ("tune_weight", "tune_output"),
+        "mlp_out": ("tune_weight", "tune_output"),
+        "mlp": ("tune_output",),
+        "residual": ("tune_residual",),
+    }
 
     def __init__(self, block: nn.Module):
         super().__init__()
         for attr in ("ln_1", "attn", "ln_2", "mlp"):
             if not hasattr(block, attr):
-                raise TypeError(f"expected an open_clip ResidualAttentionBlock; {type(block).__name__} "
-                                f"has no {attr!r}")
+                raise TypeError(f"expected an open_clip ResidualAttentionBlock; {type(block).__name__} has no {attr!r}")
         # nn.MultiheadAttention, or a view with its tensor names (a timm block, see encoders.py)
         if not all(hasattr(block.attn, a) for a in ("in_proj_weight", "out_proj", "num_heads")):
             raise TypeError(f"expected nn.MultiheadAttention in the block; got {type(block.attn).__name__}")
@@ -133,9 +138,13 @@ class PEFTVisionTransformer(nn.Module):
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
             raise NotImplementedError(
                 f"PEFT surgery supports open_clip ViT image encoders; got {type(visual).__name__} "
-                "(ResNet CLIP backbones are not supported by liftplus_fast.model)")
-        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" \
-                or getattr(visual, "final_ln_after_pool", False):
+                "(ResNet CLIP backbones are not supported by liftplus_fast.model)"
+            )
+        if (
+            getattr(visual, "attn_pool", None) is not None
+            or getattr(visual, "pool_type", "tok") != "tok"
+            or getattr(visual, "final_ln_after_pool", False)
+        ):
             raise NotImplementedError("only CLS-token pooling with ln_post before pooling (CLIP) is supported")
         self.visual = visual
         self.blocks = nn.ModuleList(PEFTBlock(b) for b in visual.transformer.resblocks)

@@ -11,6 +11,7 @@ frozen backbone). What autocast keeps in fp32 stays in fp32: the backbone's Laye
 the point of use, as autocast casts them. So ``amp`` computes the numbers bf16/fp16 autocast
 computes, without autocast.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -52,7 +53,7 @@ def convert_frozen(module: nn.Module, dtype: torch.dtype, trained: Iterable[torc
     converted = 0
     for sub in module.modules():
         is_norm = isinstance(sub, nn.LayerNorm)
-        for name, p in list(sub.named_parameters(recurse=False)):
+        for p in list(sub.parameters(recurse=False)):
             if is_norm or id(p) in keep or not p.is_floating_point() or p.dtype == dtype:
                 continue
             p.data = p.data.to(dtype)

@@ -16,9 +16,8 @@ The trained tensors carry the published tuner names: ``text_encoder.ctx``,
 ``text_encoder.blocks.{i}.<tuner>``, ``image_proj``, ``text_proj``, ``image_adapter.*``,
 ``text_adapter.*``.
 """
-from __future__ import annotations
 
-from ..errors import UserInputError
+from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UserInputError
 from .inits import CLASS_PROMPT, default_tokenizer, text_parts
 from .peft_vit import PEFTBlock
 from .tuners import TUNERS, Adapter, fp32_layer_norm, install_tuners
@@ -120,12 +120,15 @@ class TextHead(nn.Module):
         if cfg.proj_tuning:
             for name, proj in (("image_proj", self.image_proj), ("text_proj", self.text_proj)):
                 if not isinstance(proj, nn.Parameter):
-                    raise UserInputError(f"proj_tuning needs the {name.split('_')[0]} projection as a matrix; "
-                                     f"{cfg.backbone!r} has {type(proj).__name__}")
+                    raise UserInputError(
+                        f"proj_tuning needs the {name.split('_')[0]} projection as a matrix; "
+                        f"{cfg.backbone!r} has {type(proj).__name__}"
+                    )
                 self.trained[name] = proj
         if cfg.clip_adapter:
-            dim = int(self.text_proj.shape[1] if isinstance(self.text_proj, nn.Parameter)
-                      else self.text_proj.out_features)
+            dim = int(
+                self.text_proj.shape[1] if isinstance(self.text_proj, nn.Parameter) else self.text_proj.out_features
+            )
             self.image_adapter = Adapter(dim, int(cfg.clip_adapter_dim)).to(device)
             self.text_adapter = Adapter(dim, int(cfg.clip_adapter_dim)).to(device)
             self.trained.update(image_adapter=self.image_adapter, text_adapter=self.text_adapter)
@@ -158,8 +161,11 @@ class TextHead(nn.Module):
 
     def _state_key(self):
         # Changes whenever a trained tensor is updated in place (optimizer step, load).
-        return tuple((id(p), p._version) for m in self.trained.values()
-                     for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()))
+        return tuple(
+            (id(p), p._version)
+            for m in self.trained.values()
+            for p in ([m] if isinstance(m, nn.Parameter) else m.parameters())
+        )
 
     def class_features(self) -> torch.Tensor:
         """Normalised class text features ``[K, E]``: computed with gradients while training,

@@ -5,12 +5,13 @@ The published configs ``in21k_vit_b16`` (``@384px``), ``in21k_vit_l16`` (``@384p
 ``pretrained=True``; the same timm functions are used here. Any other timm model name passes
 through as well. They have no text encoder, so the classifier starts from class means.
 """
-from __future__ import annotations
 
-from ..errors import UserInputError
+from __future__ import annotations
 
 import os
 from typing import Optional
+
+from ..errors import UserInputError
 
 __all__ = ["TIMM_BACKBONES", "is_timm_name", "load_timm", "timm_input_config"]
 
@@ -26,9 +27,13 @@ TIMM_BACKBONES = {
 }
 # The published yaml files spell them "IN21K-ViT-B/16", "IN1K-RN50", ...
 TIMM_ALIASES = {
-    "in21k-vit-b/16": "in21k_vit_b16", "in21k-vit-b/16@384px": "in21k_vit_b16@384px",
-    "in21k-vit-l/16": "in21k_vit_l16", "in21k-vit-l/16@384px": "in21k_vit_l16@384px",
-    "in1k-rn50": "in1k_rn50", "in1k-rn101": "in1k_rn101", "in1k-rn152": "in1k_rn152",
+    "in21k-vit-b/16": "in21k_vit_b16",
+    "in21k-vit-b/16@384px": "in21k_vit_b16@384px",
+    "in21k-vit-l/16": "in21k_vit_l16",
+    "in21k-vit-l/16@384px": "in21k_vit_l16@384px",
+    "in1k-rn50": "in1k_rn50",
+    "in1k-rn101": "in1k_rn101",
+    "in1k-rn152": "in1k_rn152",
 }
 # Tags meaning "what pretrained=True gives" (the published call).
 _DEFAULT_TAGS = ("default", "true", "timm", "openai")
@@ -96,6 +101,7 @@ def load_timm(backbone: str, pretrained: Optional[str] = None, device="cpu", **m
             try:
                 if str(pretrained).endswith(".safetensors"):
                     from safetensors.torch import load_file
+
                     sd = load_file(pretrained)
                 else:
                     sd = torch.load(pretrained, map_location="cpu", weights_only=True)
@@ -103,13 +109,15 @@ def load_timm(backbone: str, pretrained: Optional[str] = None, device="cpu", **m
                 sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc."))}
                 missing, unexpected = model.load_state_dict(sd, strict=False)
             except Exception as exc:  # a foreign or corrupt file: one sentence
-                raise BackboneLoadError(f"Could not load the weights file {pretrained!r} into {name}: "
-                                        f"{type(exc).__name__}: {exc}") from None
+                raise BackboneLoadError(
+                    f"Could not load the weights file {pretrained!r} into {name}: {type(exc).__name__}: {exc}"
+                ) from None
             missing = [k for k in missing if not k.startswith(("head.", "fc."))]
             if missing or unexpected:
                 raise BackboneLoadError(
                     f"weights file {pretrained!r} does not fit {name}: missing keys {missing[:8]}, "
-                    f"unexpected keys {list(unexpected)[:8]}")
+                    f"unexpected keys {list(unexpected)[:8]}"
+                )
     else:
         tag = str(pretrained)
         full = name if tag.lower() in _DEFAULT_TAGS else f"{name.split('.', 1)[0]}.{tag}"
@@ -119,5 +127,6 @@ def load_timm(backbone: str, pretrained: Optional[str] = None, device="cpu", **m
             raise BackboneLoadError(
                 f"Could not obtain the pretrained weights of {full} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); download them elsewhere "
-                f"and pass the local file, e.g. --pretrained /path/to/{name}.safetensors") from None
+                f"and pass the local file, e.g. --pretrained /path/to/{name}.safetensors"
+            ) from None
     return model.to(device).eval()

@@ -7,18 +7,26 @@ backbone name and weights tag, the class names and training class counts. The pu
 ``checkpoint.pth.tar`` (see :mod:`liftplus_fast.checkpoint`) stays the interchange format with
 the published code; these files are for sharing and deploying a tuner without pickles.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import torch
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json
 from ..config import LiftConfig
 
-__all__ = ["CONFIG_NAME", "FORMAT", "TENSORS_NAME", "format_trainable_parameters", "load_tuner",
-           "read_tuner_config", "save_tuner", "trainable_parameters"]
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT",
+    "TENSORS_NAME",
+    "format_trainable_parameters",
+    "load_tuner",
+    "read_tuner_config",
+    "save_tuner",
+    "trainable_parameters",
+]
 
 TENSORS_NAME = "tuner.safetensors"
 CONFIG_NAME = "tuner_config.json"
@@ -108,16 +116,17 @@ def load_tuner(path: str, clip_model=None, tokenizer=None, device=None):
         clip_model, tokenizer = load_clip(cfg.backbone, cfg.pretrained, device=device or "cpu")
     width = clip_model.visual.conv1.weight.shape[0] if hasattr(clip_model.visual, "conv1") else None
     if width is not None and config.get("feature_dim") not in (None, width):
-        raise ValueError(f"the tuner in {path!r} was trained on a {config['feature_dim']}-wide "
-                         f"{config['backbone']!r}; clip_model is {width} wide")
+        raise ValueError(
+            f"the tuner in {path!r} was trained on a {config['feature_dim']}-wide "
+            f"{config['backbone']!r}; clip_model is {width} wide"
+        )
     try:
         state = load_file(tensors_file)
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"could not read {tensors_file!r}: {exc}") from None
     # The saved classifier replaces any initialisation: skip the text-encoder pass of "semantic".
     build_cfg = dataclasses.replace(cfg, classifier_init=None, apply_preset=False) if cfg.classifier else cfg
-    model = build_lift_model(clip_model, build_cfg, config["cls_num_list"], config["classnames"],
-                             tokenizer=tokenizer)
+    model = build_lift_model(clip_model, build_cfg, config["cls_num_list"], config["classnames"], tokenizer=tokenizer)
     model.cfg = cfg
     model.load_official_tuner(state)
     if device is not None:
@@ -128,5 +137,7 @@ def load_tuner(path: str, clip_model=None, tokenizer=None, device=None):
 def format_trainable_parameters(model) -> str:
     """``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330`` (PEFT's line)."""
     trainable, total = trainable_parameters(model)
-    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100.0 * trainable / max(total, 1):.4f}"
+    )

@@ -18,6 +18,7 @@ entry in :data:`TUNERS`. Each tuner module acts on the last (feature) dimension 
 not care whether the backbone runs batch-first or sequence-first. Parameter names follow the
 published LIFT+ code so that the tuner's ``state_dict()`` is the official checkpoint layout.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,16 +32,30 @@ from .. import ops
 from ..config import bottleneck_dim, check_aft_loc, parse_layers
 
 __all__ = [
-    "AdaptFormer", "Adapter", "BlockTuner", "DeepPrompt", "LoRA", "MaskedLinear", "MaskedParameter",
-    "QVLoRA", "SSF", "TUNERS", "fp32_layer_norm", "install_tuners",
+    "AdaptFormer",
+    "Adapter",
+    "BlockTuner",
+    "DeepPrompt",
+    "LoRA",
+    "MaskedLinear",
+    "MaskedParameter",
+    "QVLoRA",
+    "SSF",
+    "TUNERS",
+    "fp32_layer_norm",
+    "install_tuners",
 ]
 
 
 def fp32_layer_norm(x, weight, bias, eps):
     """LayerNorm computed in fp32 and cast back, as the published code does for stability."""
-    return F.layer_norm(x.float(), (x.shape[-1],),
-                        None if weight is None else weight.float(),
-                        None if bias is None else bias.float(), eps).to(x.dtype)
+    return F.layer_norm(
+        x.float(),
+        (x.shape[-1],),
+        None if weight is None else weight.float(),
+        None if bias is None else bias.float(),
+        eps,
+    ).to(x.dtype)
 
 
 class _Bottleneck(nn.Module):
@@ -82,9 +97,18 @@ class AdaptFormer(_Bottleneck):
 
     def tune_residual(self, a, mlp_out):
         """Site ``residual``: ``a + (mlp_out + scale * up(relu(down(LN(a)))))``."""
-        return ops.adaptformer(a, mlp_out, self.norm.weight, self.norm.bias, self.down.weight,
-                               self.down.bias, self.up.weight, self.up.bias, self.scale,
-                               self.norm.eps)
+        return ops.adaptformer(
+            a,
+            mlp_out,
+            self.norm.weight,
+            self.norm.bias,
+            self.down.weight,
+            self.down.bias,
+            self.up.weight,
+            self.up.bias,
+            self.scale,
+            self.norm.eps,
+        )
 
 
 class LoRA(nn.Module):
@@ -210,12 +234,18 @@ class BlockTuner(nn.Module):
 def block_sites(block) -> Dict[str, nn.Parameter]:
     """``{published name: parameter}`` of a ResidualAttentionBlock, in published order."""
     return {
-        "norm1_weight": block.ln_1.weight, "norm1_bias": block.ln_1.bias,
-        "attn_in_weight": block.attn.in_proj_weight, "attn_in_bias": block.attn.in_proj_bias,
-        "attn_out_weight": block.attn.out_proj.weight, "attn_out_bias": block.attn.out_proj.bias,
-        "norm2_weight": block.ln_2.weight, "norm2_bias": block.ln_2.bias,
-        "mlp_in_weight": block.mlp.c_fc.weight, "mlp_in_bias": block.mlp.c_fc.bias,
-        "mlp_out_weight": block.mlp.c_proj.weight, "mlp_out_bias": block.mlp.c_proj.bias,
+        "norm1_weight": block.ln_1.weight,
+        "norm1_bias": block.ln_1.bias,
+        "attn_in_weight": block.attn.in_proj_weight,
+        "attn_in_bias": block.attn.in_proj_bias,
+        "attn_out_weight": block.attn.out_proj.weight,
+        "attn_out_bias": block.attn.out_proj.bias,
+        "norm2_weight": block.ln_2.weight,
+        "norm2_bias": block.ln_2.bias,
+        "mlp_in_weight": block.mlp.c_fc.weight,
+        "mlp_in_bias": block.mlp.c_fc.bias,
+        "mlp_out_weight": block.mlp.c_proj.weight,
+        "mlp_out_bias": block.mlp.c_proj.bias,
     }
 
 
@@ -233,6 +263,7 @@ def _width(block) -> int:
 
 
 # --- installers: (peft_blocks, layers, v, num_classes) -> description string ------------------
+
 
 def _install_fft(blocks, layers, v, k):
     for i in layers:
@@ -292,21 +323,28 @@ def aft_ratio(num_classes: int, n_layers: int, width: int, loc: str) -> float:
 
 def _install_aft(blocks, layers, v, k):
     loc = v.aft_loc
-    ratio = float(v.aft_ratio) if v.aft_ratio is not None else aft_ratio(
-        k, len(layers), _width(blocks[layers[0]].block), loc)
+    ratio = (
+        float(v.aft_ratio)
+        if v.aft_ratio is not None
+        else aft_ratio(k, len(layers), _width(blocks[layers[0]].block), loc)
+    )
     for i in layers:
+
         def mask_like(t):
             # A fresh generator seeded with aft_seed for every tensor, as the published
             # generate_mask draws it, so a mask depends on (seed, numel, ratio) alone.
             gen = torch.Generator().manual_seed(int(v.aft_seed))
             n = t.numel()
-            idx = torch.randperm(n, generator=gen, dtype=torch.int64)[:int(n * ratio)]
+            idx = torch.randperm(n, generator=gen, dtype=torch.int64)[: int(n * ratio)]
             m = torch.zeros(n, dtype=torch.bool).scatter_(0, idx, True).view(t.shape)
             return m.to(t.device)
 
         sites = _linear_sites(blocks[i].block)
-        chosen = {"attn": ("attn_in", "attn_out"), "mlp": ("mlp_in", "mlp_out"),
-                  "all": ("attn_in", "attn_out", "mlp_in", "mlp_out")}[loc]
+        chosen = {
+            "attn": ("attn_in", "attn_out"),
+            "mlp": ("mlp_in", "mlp_out"),
+            "all": ("attn_in", "attn_out", "mlp_in", "mlp_out"),
+        }[loc]
         aft = nn.ModuleDict()
         for s in chosen:
             w, b = sites[s]

@@ -3,12 +3,13 @@
 Every op validates its arguments, then dispatches (see :mod:`liftplus_fast.ops._dispatch`) to
 the native CPU/CUDA kernels, the Triton kernels or :mod:`liftplus_fast.ops.reference`.
 """
+
 from . import reference
 from ._dispatch import BACKENDS, choose, requested_backend
 from .adaptformer import adaptformer
 from .attention import attention
-from .linear_gelu import linear_gelu, linear_gelu_kind
 from .la_cosine_ce import la_cosine_cross_entropy
+from .linear_gelu import linear_gelu, linear_gelu_kind
 from .reference import TTEResult, cosine_logits
 from .tte import tte_aggregate, tte_mean_unit_features
 

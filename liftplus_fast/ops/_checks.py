@@ -1,4 +1,5 @@
 """Argument validation shared by the public ops: errors name the argument and what was expected."""
+
 from __future__ import annotations
 
 import torch

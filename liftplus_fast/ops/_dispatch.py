@@ -10,6 +10,7 @@
 Each op module registers its implementations with :func:`register`; the choice made for
 each (op, backend) is logged once.
 """
+
 from __future__ import annotations
 
 import logging

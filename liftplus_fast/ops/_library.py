@@ -10,6 +10,7 @@ load). The autograd formula and the fake kernel of an op are written once in its
 
 Math, saved tensors and precision policy of each op: ``docs/ops.md``.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict
@@ -26,27 +27,31 @@ SCHEMAS: Dict[str, str] = {
     "adaptformer_fwd": (
         "(Tensor a, Tensor mlp_out, Tensor ln_w, Tensor ln_b, Tensor down_w, Tensor down_b, "
         "Tensor up_w, Tensor up_b, Tensor scale, float eps) "
-        "-> (Tensor y, Tensor mean, Tensor rstd, Tensor z)"),
+        "-> (Tensor y, Tensor mean, Tensor rstd, Tensor z)"
+    ),
     "adaptformer_bwd": (
         "(Tensor grad_y, Tensor a, Tensor ln_w, Tensor ln_b, Tensor down_w, Tensor down_b, "
         "Tensor up_w, Tensor up_b, Tensor scale, Tensor mean, Tensor rstd, Tensor z) "
         "-> (Tensor grad_a, Tensor grad_ln_w, Tensor grad_ln_b, Tensor grad_down_w, "
-        "Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)"),
+        "Tensor grad_down_b, Tensor grad_up_w, Tensor grad_up_b, Tensor grad_scale)"
+    ),
     # Logit-adjusted cosine cross-entropy: fp32 loss, unadjusted logits [B, K] when
     # return_logits (else empty), per-row logsumexp [B]; with compute_grad also the gradients
     # for grad_loss = 1 (else empty), so the backward need not recompute the logits GEMM.
     "la_cosine_ce_fwd": (
         "(Tensor feat, Tensor weight, Tensor labels, Tensor log_prior, float scale, float tau, "
         "bool return_logits, bool compute_grad=False) "
-        "-> (Tensor loss, Tensor logits, Tensor lse, Tensor grad_feat, Tensor grad_weight)"),
+        "-> (Tensor loss, Tensor logits, Tensor lse, Tensor grad_feat, Tensor grad_weight)"
+    ),
     # The recomputing backward, for a forward run without compute_grad.
     "la_cosine_ce_bwd": (
         "(Tensor grad_loss, Tensor feat, Tensor weight, Tensor labels, Tensor log_prior, "
-        "Tensor lse, float scale, float tau) -> (Tensor grad_feat, Tensor grad_weight)"),
+        "Tensor lse, float scale, float tau) -> (Tensor grad_feat, Tensor grad_weight)"
+    ),
     # Test-time ensembling: mean over crops, argmax, per-class correct/total (empty without labels).
     "tte_aggregate": (
-        "(Tensor crop_logits, Tensor? labels) "
-        "-> (Tensor logits, Tensor pred, Tensor correct, Tensor total)"),
+        "(Tensor crop_logits, Tensor? labels) -> (Tensor logits, Tensor pred, Tensor correct, Tensor total)"
+    ),
     "tte_mean_unit_features": "(Tensor crop_feats) -> Tensor",
 }
 
@@ -61,7 +66,8 @@ CPU_ONLY_SCHEMAS: Dict[str, str] = {
     "attention_fwd": "(Tensor qkv, int num_heads, float scale, bool batch_first) -> (Tensor out, Tensor lse)",
     "attention_bwd": (
         "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, "
-        "bool batch_first) -> Tensor grad_qkv"),
+        "bool batch_first) -> Tensor grad_qkv"
+    ),
     # Whether the CPU attention kernel has its bf16 micro-kernel (AVX512-BF16 at build time);
     # without it bf16 runs the fp32 fallback, which is slower than PyTorch's SDPA.
     "attention_bf16_kernel": "() -> bool",
@@ -95,8 +101,7 @@ def register_autograd(namespace: str, name: str, make_backward: Callable, setup_
     ``make_backward(namespace)`` returns the backward; it is built per namespace only so the
     backward calls the backward kernel of the same backend as the forward.
     """
-    torch.library.register_autograd(f"{namespace}::{name}", make_backward(namespace),
-                                    setup_context=setup_context)
+    torch.library.register_autograd(f"{namespace}::{name}", make_backward(namespace), setup_context=setup_context)
 
 
 def register_fakes(namespace: str, **fakes: Callable) -> None:

@@ -4,6 +4,7 @@ The library registers its ops under ``torch.ops.liftplus_fast``. It is loaded at
 when it is missing, fails to load or was built against another torch, the package keeps
 working on the reference path and warns once with the reason.
 """
+
 from __future__ import annotations
 
 import glob
@@ -48,8 +49,11 @@ def _find_library() -> Optional[str]:
 def _load() -> NativeStatus:
     path = _find_library()
     if path is None:
-        return NativeStatus(False, "the native extension was not built (no liftplus_fast/_C*.so); "
-                                   "install with `pip install --no-build-isolation .` to build it")
+        return NativeStatus(
+            False,
+            "the native extension was not built (no liftplus_fast/_C*.so); "
+            "install with `pip install --no-build-isolation .` to build it",
+        )
     info = {}
     if os.path.exists(BUILD_INFO_FILE):
         try:
@@ -59,12 +63,21 @@ def _load() -> NativeStatus:
             return NativeStatus(False, f"unreadable build info {BUILD_INFO_FILE}: {exc}", path)
     built_for = info.get("torch_version")
     if built_for and _torch_version_key(built_for) != _torch_version_key(torch.__version__):
-        return NativeStatus(False, f"the native extension was built for torch {built_for}, "
-                                   f"running {torch.__version__}; rebuild it", path, info)
+        return NativeStatus(
+            False,
+            f"the native extension was built for torch {built_for}, running {torch.__version__}; rebuild it",
+            path,
+            info,
+        )
     if not info.get("schemas_from_python"):
         # An older build defines the schemas itself; loading it over ours would abort the process.
-        return NativeStatus(False, "the native extension was built from older sources that define "
-                                   "their own op schemas; rebuild it (make build)", path, info)
+        return NativeStatus(
+            False,
+            "the native extension was built from older sources that define "
+            "their own op schemas; rebuild it (make build)",
+            path,
+            info,
+        )
     try:
         # The schemas come from Python; the library only registers kernels for them.
         define_native()
@@ -81,8 +94,11 @@ def native_status() -> NativeStatus:
         disabled = os.environ.get("LIFTPLUS_FAST_DISABLE_NATIVE", "0") == "1"
         _STATUS = NativeStatus(False, "disabled by LIFTPLUS_FAST_DISABLE_NATIVE=1") if disabled else _load()
         if not _STATUS.loaded and not disabled:
-            warnings.warn(f"liftplus_fast: using the pure-PyTorch reference path because {_STATUS.reason}",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"liftplus_fast: using the pure-PyTorch reference path because {_STATUS.reason}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return _STATUS
 
 

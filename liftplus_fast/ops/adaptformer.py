@@ -5,6 +5,7 @@ the row statistics and the pre-ReLU bottleneck ``Z``. Its one autograd definitio
 here for the native and (from :mod:`.triton`) the Triton namespace; the fake (meta) kernel lets
 ``torch.compile(fullgraph=True)`` trace through the native op. Math: ``docs/ops.md``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,9 @@ def check_adaptformer_args(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, s
     check_tensor("scale", scale, dtypes=FLOAT_DTYPES)
     if scale.numel() != 1:
         raise ValueError(f"scale must hold one value; got shape {tuple(scale.shape)}")
-    check_same_device(a=a, mlp_out=mlp_out, ln_w=ln_w, ln_b=ln_b, down_w=down_w, down_b=down_b,
-                      up_w=up_w, up_b=up_b, scale=scale)
+    check_same_device(
+        a=a, mlp_out=mlp_out, ln_w=ln_w, ln_b=ln_b, down_w=down_w, down_b=down_b, up_w=up_w, up_b=up_b, scale=scale
+    )
 
 
 def adaptformer(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps: float = 1e-5):
@@ -86,9 +88,16 @@ def _fake_fwd(a, mlp_out, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, eps):
 
 
 def _fake_bwd(grad_y, a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z):
-    return (torch.empty_like(a), torch.empty_like(ln_w), torch.empty_like(ln_b),
-            torch.empty_like(down_w), torch.empty_like(down_b), torch.empty_like(up_w),
-            torch.empty_like(up_b), torch.empty_like(scale))
+    return (
+        torch.empty_like(a),
+        torch.empty_like(ln_w),
+        torch.empty_like(ln_b),
+        torch.empty_like(down_w),
+        torch.empty_like(down_b),
+        torch.empty_like(up_w),
+        torch.empty_like(up_b),
+        torch.empty_like(scale),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -108,7 +117,8 @@ def _make_backward(namespace: str):
             return (None,) * 10
         a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z = ctx.saved_tensors
         g_a, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s = bwd(
-            grad_y.contiguous(), a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z)
+            grad_y.contiguous(), a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z
+        )
         # dM = G: the incoming gradient itself, no copy.
         return g_a, grad_y, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s, None
 

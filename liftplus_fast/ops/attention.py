@@ -8,6 +8,7 @@ happen around it. Other dtypes and CUDA tensors use PyTorch's ``scaled_dot_produ
 (the reference), which is faster there: flash / cuDNN on GPU, and on CPU in fp32 MKL's GEMMs
 beat the kernel's fp32 fallback.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -29,8 +30,9 @@ def check_attention_args(qkv, num_heads: int, batch_first: bool) -> None:
         raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
     width = qkv.shape[-1]
     if width == 0 or width % (3 * num_heads):
-        raise ValueError(f"the last dimension of qkv must be 3 * num_heads * head_dim; got {width} "
-                         f"with num_heads={num_heads}")
+        raise ValueError(
+            f"the last dimension of qkv must be 3 * num_heads * head_dim; got {width} with num_heads={num_heads}"
+        )
     if qkv.shape[1 if batch_first else 0] == 0:
         raise ValueError(f"qkv must hold at least one token; got shape {tuple(qkv.shape)}")
 
@@ -50,7 +52,7 @@ def attention(qkv, num_heads: int, batch_first: bool = True, scale: Optional[flo
     """
     check_attention_args(qkv, num_heads, batch_first)
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    scale = float(head_dim ** -0.5 if scale is None else scale)
+    scale = float(head_dim**-0.5 if scale is None else scale)
     return dispatch(OP, qkv.device)(qkv, num_heads, bool(batch_first), scale)
 
 

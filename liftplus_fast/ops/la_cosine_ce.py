@@ -8,6 +8,7 @@ only the per-row logsumexp and ``la_cosine_ce_bwd`` recomputes. Classes are proc
 chunks, so large class counts run in O(B × chunk) extra memory. The one autograd definition
 below serves both backends' namespaces. Math: ``docs/ops.md``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,18 +28,19 @@ def check_la_ce_args(feat, weight, labels, log_prior) -> None:
     b, d = feat.shape
     k = weight.shape[0]
     if weight.shape[1] != d:
-        raise ValueError(f"weight must have shape (K, {d}) to match feat {tuple(feat.shape)}; "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (K, {d}) to match feat {tuple(feat.shape)}; got {tuple(weight.shape)}"
+        )
     if k == 0:
-        raise ValueError("weight must have at least one class (row); got shape "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(f"weight must have at least one class (row); got shape {tuple(weight.shape)}")
     check_tensor("labels", labels, dtypes=(torch.int64,), shape=(b,))
     check_tensor("log_prior", log_prior, dtypes=FLOAT_DTYPES, shape=(k,))
     check_same_device(feat=feat, weight=weight, labels=labels, log_prior=log_prior)
 
 
-def la_cosine_cross_entropy(feat, weight, labels, log_prior, scale: float = 25.0, tau: float = 1.0,
-                            return_logits: bool = False):
+def la_cosine_cross_entropy(
+    feat, weight, labels, log_prior, scale: float = 25.0, tau: float = 1.0, return_logits: bool = False
+):
     """Mean logit-adjusted cross-entropy of the cosine classifier ``scale * F̂ Ŵᵀ``.
 
     Args:
@@ -71,8 +73,7 @@ def kernel_call(namespace: str):
     def run(feat, weight, labels, log_prior, scale, tau, return_logits):
         # Gradients come out of the forward only when autograd will ask for them.
         compute_grad = torch.is_grad_enabled() and (feat.requires_grad or weight.requires_grad)
-        loss, logits, _lse, _gf, _gw = fwd(feat, weight, labels, log_prior, scale, tau,
-                                           return_logits, compute_grad)
+        loss, logits, _lse, _gf, _gw = fwd(feat, weight, labels, log_prior, scale, tau, return_logits, compute_grad)
         return (loss, logits) if return_logits else loss
 
     return run
@@ -150,8 +151,16 @@ def _make_backward(namespace: str):
         # The forward's gradients are for grad_loss = 1, the usual case (loss.backward()).
         if _is_one(grad_loss):
             return grad_feat, grad_weight, None, None, None, None, None, None
-        return (grad_feat * grad_loss.to(grad_feat.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
-                None, None, None, None, None, None)
+        return (
+            grad_feat * grad_loss.to(grad_feat.dtype),
+            grad_weight * grad_loss.to(grad_weight.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     return backward
 

@@ -7,6 +7,7 @@ in one fp32 pass, saving only the GEMM output for the backward (whose one pass a
 bias gradient); eager QuickGELU is three element-wise passes each way and saves two
 activations. Other devices use the reference.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ would) so that their numbers are the published numbers. Autograd comes from PyTo
 The math of each op (forward, backward, saved tensors, precision, tolerances) is written out
 in ``docs/ops.md``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -80,8 +81,9 @@ def cosine_logits(feat, weight, scale: float = 25.0):
     return F.linear(scale * F.normalize(feat, dim=-1), F.normalize(weight.to(feat.dtype), dim=-1))
 
 
-def la_cosine_cross_entropy(feat, weight, labels, log_prior, scale: float = 25.0, tau: float = 1.0,
-                            return_logits: bool = False):
+def la_cosine_cross_entropy(
+    feat, weight, labels, log_prior, scale: float = 25.0, tau: float = 1.0, return_logits: bool = False
+):
     """Mean logit-adjusted cross-entropy of a cosine classifier.
 
     ``loss = CE(scale * F̂ Ŵᵀ + tau * log_prior, labels)``. With ``return_logits`` the

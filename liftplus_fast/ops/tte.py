@@ -2,6 +2,7 @@
 
 Math: ``docs/ops.md``, "Test-time ensembling".
 """
+
 from __future__ import annotations
 
 import torch
@@ -73,9 +74,12 @@ def kernel_calls(namespace: str):
 def _fake_tte(crop_logits, labels):
     _c, b, k = crop_logits.shape
     counts = (k,) if labels is not None else (0,)
-    return (crop_logits.new_empty((b, k)), crop_logits.new_empty((b,), dtype=torch.int64),
-            crop_logits.new_empty(counts, dtype=torch.int64),
-            crop_logits.new_empty(counts, dtype=torch.int64))
+    return (
+        crop_logits.new_empty((b, k)),
+        crop_logits.new_empty((b,), dtype=torch.int64),
+        crop_logits.new_empty(counts, dtype=torch.int64),
+        crop_logits.new_empty(counts, dtype=torch.int64),
+    )
 
 
 def _fake_unit_mean(crop_feats):

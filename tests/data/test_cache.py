@@ -1,4 +1,5 @@
 """The decode-once cache: build, validation, resume, bad data, and equivalence with the reference path."""
+
 import errno
 import os
 
@@ -12,15 +13,26 @@ from torchvision.transforms import InterpolationMode
 import liftplus_fast as lf
 from liftplus_fast.cli import main as cli_main
 from liftplus_fast.config import make_config
-from liftplus_fast.data import build_dataset, build_test_transform, transforms as ref_transforms
-from liftplus_fast.data import cache_build, uint8_transforms
+from liftplus_fast.data import build_dataset, build_test_transform, cache_build, uint8_transforms
+from liftplus_fast.data import transforms as ref_transforms
 from liftplus_fast.data.cache_build import build_cache, cached_size, open_source_cache
-from liftplus_fast.data.cache_store import (CacheError, CachedImageDataset, data_path, index_path, read_index,
-                                            skipped_path)
+from liftplus_fast.data.cache_store import (
+    CachedImageDataset,
+    CacheError,
+    data_path,
+    index_path,
+    read_index,
+    skipped_path,
+)
 from liftplus_fast.data.images import load_rgb_image
 from liftplus_fast.data.synthetic_images import write_image_folder
-from liftplus_fast.data.uint8_transforms import (CachedMDACrop, CachedResizeCrop, EpochTaggedSampler, map_box,
-                                                 normalize_batch)
+from liftplus_fast.data.uint8_transforms import (
+    CachedMDACrop,
+    CachedResizeCrop,
+    EpochTaggedSampler,
+    map_box,
+    normalize_batch,
+)
 
 SIZES = ((40, 52), (52, 40), (36, 36), (48, 64))
 
@@ -68,8 +80,16 @@ def test_parallel_build_equals_serial_build(folder, tmp_path):
     build_cache("imagefolder", folder, str(tmp_path / "a"), cache_format="raw", progress=False, workers=0)
     cache_build_split = cache_build.build_split
     src = build_dataset("imagefolder", folder, "train")
-    cache_build_split(src, "imagefolder", "train", str(tmp_path / "b"), cache_build.CacheOptions(cache_format="raw"),
-                      workers=2, progress=False, chunk_size=3)
+    cache_build_split(
+        src,
+        "imagefolder",
+        "train",
+        str(tmp_path / "b"),
+        cache_build.CacheOptions(cache_format="raw"),
+        workers=2,
+        progress=False,
+        chunk_size=3,
+    )
     a = open(data_path(str(tmp_path / "a"), "train"), "rb").read()
     b = open(data_path(str(tmp_path / "b"), "train"), "rb").read()
     assert a == b
@@ -86,8 +106,13 @@ def test_equivalence_with_the_reference_where_unresized(folder, tmp_path):
         mda = CachedMDACrop(32, 3)
         ref_mda = ref_transforms.MinimalistRandomResizedCrop(32, 3)
         ref_mda.set_epoch(1)
-        tests = [(CachedResizeCrop(32, 36), build_test_transform(cfg)),
-                 (CachedResizeCrop(32, 56, five_crop=True), build_test_transform(make_config("lift+", {"resolution": 32, "tte": True})))]
+        tests = [
+            (CachedResizeCrop(32, 36), build_test_transform(cfg)),
+            (
+                CachedResizeCrop(32, 56, five_crop=True),
+                build_test_transform(make_config("lift+", {"resolution": 32, "tte": True})),
+            ),
+        ]
         for i in range(len(ds)):
             pil, stored, orig = load_rgb_image(src.paths[i]), ds.read(i), tuple(ds.orig_hw[i])
             torch.manual_seed(i)
@@ -139,9 +164,9 @@ def test_downsized_cache_deviation_is_bounded_and_boxes_map(folder, tmp_path):
         torch.manual_seed(i)
         box = ref_transforms.sample_square_box(orig[0], orig[1], 0.3, 1.0)
         ref = TF.pil_to_tensor(TF.resized_crop(pil, *box, [32, 32], InterpolationMode.BICUBIC))
-        t, l, h, w = map_box(box, orig, tuple(stored.shape[1:]))
-        assert 0 <= t and t + h <= stored.shape[1] and 0 <= l and l + w <= stored.shape[2]
-        got = TF.resized_crop(stored, t, l, h, w, [32, 32], InterpolationMode.BICUBIC, antialias=True)
+        t, lft, h, w = map_box(box, orig, tuple(stored.shape[1:]))
+        assert 0 <= t and t + h <= stored.shape[1] and 0 <= lft and lft + w <= stored.shape[2]
+        got = TF.resized_crop(stored, t, lft, h, w, [32, 32], InterpolationMode.BICUBIC, antialias=True)
         errs.append(_mae(got, ref))
     # Upsampling a 24-px copy back to 32 px loses the finest detail; documented in docs/data.md.
     assert np.mean(errs) < 6.0
@@ -160,9 +185,20 @@ def test_seeded_run_draws_the_same_boxes_with_and_without_cache(folder, tmp_path
 
     monkeypatch.setattr(ref_transforms, "sample_square_box", record)
     monkeypatch.setattr(uint8_transforms, "sample_square_box", record)
-    common = dict(dataset="imagefolder", root=folder, backbone="tiny_vit", pretrained=None, resolution=32,
-                  batch_size=4, num_epochs=2, num_workers=0, progress=False, output_dir=None, prec_train="fp32",
-                  classifier_init="semantic")
+    common = dict(
+        dataset="imagefolder",
+        root=folder,
+        backbone="tiny_vit",
+        pretrained=None,
+        resolution=32,
+        batch_size=4,
+        num_epochs=2,
+        num_workers=0,
+        progress=False,
+        output_dir=None,
+        prec_train="fp32",
+        classifier_init="semantic",
+    )
     ref = lf.fast_train(**common)
     ref_boxes, drawn[:] = list(drawn), []
     got = lf.fast_train(data_cache=cdir, **common)
@@ -174,21 +210,73 @@ def test_seeded_run_draws_the_same_boxes_with_and_without_cache(folder, tmp_path
 
 def test_fast_train_and_cli_train_from_the_cache(folder, tmp_path, capsys):
     cdir = str(tmp_path / "cli_cache")
-    rc = cli_main(["cache", "-d", "listfile", "--root", folder, "--no-progress", "split_dir", folder,
-                   "cache_dir", cdir, "cache_size", "40", "cache_format", "jpeg", "num_workers", "0"])
+    rc = cli_main(
+        [
+            "cache",
+            "-d",
+            "listfile",
+            "--root",
+            folder,
+            "--no-progress",
+            "split_dir",
+            folder,
+            "cache_dir",
+            cdir,
+            "cache_size",
+            "40",
+            "cache_format",
+            "jpeg",
+            "num_workers",
+            "0",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "train: 10 images, 0 skipped" in out and "data_cache" in out
-    rc = cli_main(["train", "-d", "listfile", "-b", "tiny_vit", "--root", folder, "--no-progress",
-                   "--output-dir", str(tmp_path / "out"), "split_dir", folder, "data_cache", cdir,
-                   "resolution", "32", "num_epochs", "1", "batch_size", "4", "num_workers", "2", "tte", "True",
-                   "classifier_init", "class_mean"])
+    rc = cli_main(
+        [
+            "train",
+            "-d",
+            "listfile",
+            "-b",
+            "tiny_vit",
+            "--root",
+            folder,
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "split_dir",
+            folder,
+            "data_cache",
+            cdir,
+            "resolution",
+            "32",
+            "num_epochs",
+            "1",
+            "batch_size",
+            "4",
+            "num_workers",
+            "2",
+            "tte",
+            "True",
+            "classifier_init",
+            "class_mean",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "overall accuracy" in capsys.readouterr().out
     # A cache of another data set's list is stale for this one.
     with pytest.raises(CacheError, match="stale"):
-        lf.fast_train(dataset="imagefolder", root=folder, data_cache=cdir, backbone="tiny_vit", pretrained=None,
-                      resolution=32, num_workers=0, progress=False)
+        lf.fast_train(
+            dataset="imagefolder",
+            root=folder,
+            data_cache=cdir,
+            backbone="tiny_vit",
+            pretrained=None,
+            resolution=32,
+            num_workers=0,
+            progress=False,
+        )
     assert cli_main(["cache", "-d", "listfile", "--root", folder, "cache_size", "big"]) == 2
     assert "cache_size must be an integer" in capsys.readouterr().err
 
@@ -208,8 +296,12 @@ def test_truncated_stale_foreign_and_missing_caches_are_refused(folder, tmp_path
     with pytest.raises(CacheError, match="truncated"):
         CachedImageDataset(cdir, "train")
     # The cache command notices and rebuilds.
-    assert build_cache("imagefolder", folder, cdir, cache_format="raw", progress=False,
-                       splits=("train",))["train"]["chunks_built"] == 1
+    assert (
+        build_cache("imagefolder", folder, cdir, cache_format="raw", progress=False, splits=("train",))["train"][
+            "chunks_built"
+        ]
+        == 1
+    )
     CachedImageDataset(cdir, "train")
     with pytest.raises(CacheError, match="stale"):
         read_index(cdir, "train", fingerprint="0" * 64)
@@ -275,7 +367,9 @@ def _bad_files(root):
     Image.fromarray(rng.randint(0, 256, (30, 40, 3), dtype=np.uint8)).convert("CMYK").save(good / "cmyk.jpg")
     Image.fromarray(rng.randint(0, 256, (30, 40), dtype=np.uint8)).save(good / "gray.png")
     Image.fromarray(rng.randint(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA").save(good / "rgba.png")
-    Image.fromarray(rng.randint(0, 65535, (30, 40), dtype=np.uint16).astype(np.int32)).convert("I;16").save(good / "deep.png")
+    Image.fromarray(rng.randint(0, 65535, (30, 40), dtype=np.uint16).astype(np.int32)).convert("I;16").save(
+        good / "deep.png"
+    )
     Image.fromarray(rng.randint(0, 256, (300, 400, 3), dtype=np.uint8)).save(good / "huge.png")
     bad = root / "train" / "bad"
     bad.mkdir()
@@ -305,8 +399,16 @@ def test_bad_files_are_reported_listed_and_refused_for_training(tmp_path, monkey
     assert len(ds) == 5 and all(ds.read(i).shape[0] == 3 for i in range(5))
     assert len(CachedImageDataset(cdir, "test")) == 1
     with pytest.raises(CacheError, match="allow_skipped"):
-        lf.fast_train(dataset="imagefolder", root=str(tmp_path), data_cache=cdir, backbone="tiny_vit",
-                      pretrained=None, resolution=32, num_workers=0, progress=False)
+        lf.fast_train(
+            dataset="imagefolder",
+            root=str(tmp_path),
+            data_cache=cdir,
+            backbone="tiny_vit",
+            pretrained=None,
+            resolution=32,
+            num_workers=0,
+            progress=False,
+        )
 
 
 def test_listed_file_missing_on_disk_is_skipped(folder, tmp_path):
@@ -315,8 +417,9 @@ def test_listed_file_missing_on_disk_is_skipped(folder, tmp_path):
     lines = open(os.path.join(folder, "train.txt")).read().splitlines()
     (split_dir / "train.txt").write_text("\n".join(lines + ["train/class_000/missing.jpg 0"]) + "\n")
     (split_dir / "classnames.txt").write_text(open(os.path.join(folder, "classnames.txt")).read())
-    s = build_cache("listfile", folder, str(tmp_path / "c"), split_dir=str(split_dir), progress=False,
-                    splits=("train",))
+    s = build_cache(
+        "listfile", folder, str(tmp_path / "c"), split_dir=str(split_dir), progress=False, splits=("train",)
+    )
     assert s["train"]["skipped"] == 1
     assert "missing.jpg" in open(skipped_path(str(tmp_path / "c"), "train")).read()
 

@@ -1,5 +1,5 @@
 """CIFAR-100-LT on a generated CIFAR-100 in torchvision's on-disk pickle format (no network)."""
-import os
+
 import pickle
 
 import numpy as np
@@ -19,8 +19,7 @@ def _write_split(path, n, labels):
     data[:, 0] = idx // 256
     data[:, 1] = idx % 256
     with open(path, "wb") as f:
-        pickle.dump({"data": data, "fine_labels": [int(y) for y in labels],
-                     "coarse_labels": [0] * n}, f, protocol=4)
+        pickle.dump({"data": data, "fine_labels": [int(y) for y in labels], "coarse_labels": [0] * n}, f, protocol=4)
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +34,7 @@ def fake_cifar_root(tmp_path_factory):
     _write_split(base / "train", N_TRAIN, train_labels)
     _write_split(base / "test", N_TEST, test_labels)
     with open(base / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"class_{k:03d}" for k in range(100)],
-                     "coarse_label_names": ["x"] * 20}, f)
+        pickle.dump({"fine_label_names": [f"class_{k:03d}" for k in range(100)], "coarse_label_names": ["x"] * 20}, f)
     return str(root), train_labels, test_labels
 
 

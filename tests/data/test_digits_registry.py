@@ -1,4 +1,5 @@
 """DigitsLT (the embedded offline data set) and the data-set registry."""
+
 import pytest
 import torch
 
@@ -47,16 +48,25 @@ def test_digits_other_ratio_and_errors():
 
 
 def test_registry_names_and_unknown():
-    assert set(DATASETS) == {"cifar100", "cifar100_ir10", "cifar100_ir50", "cifar100_ir100",
-                             "imagenet_lt", "places_lt", "inat2018", "imagefolder", "listfile", "digits_lt",
-                             *(f"inat2018_{k}" for k in "kpcofgs")}
+    assert set(DATASETS) == {
+        "cifar100",
+        "cifar100_ir10",
+        "cifar100_ir50",
+        "cifar100_ir100",
+        "imagenet_lt",
+        "places_lt",
+        "inat2018",
+        "imagefolder",
+        "listfile",
+        "digits_lt",
+        *(f"inat2018_{k}" for k in "kpcofgs"),
+    }
     with pytest.raises(ValueError, match="digits_lt") as info:
         build_dataset("mnist_lt", "/x")
     assert "imagenet_lt" in str(info.value) and "mnist_lt" in str(info.value)
 
 
 def test_registry_digits_and_dataloader():
-    ds = build_dataset("digits_lt", "/ignored", "train",
-                       transform=build_test_transform(LiftConfig(resolution=16)))
+    ds = build_dataset("digits_lt", "/ignored", "train", transform=build_test_transform(LiftConfig(resolution=16)))
     x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=8)))
     assert x.shape == (8, 3, 16, 16) and y.dtype == torch.long

@@ -3,6 +3,7 @@
 On the CPU the device path runs the same code, so its logic is tested everywhere; the CUDA
 tests (decode_jpeg on the GPU, crops and resizes on CUDA tensors) need a GPU.
 """
+
 import pytest
 import torch
 
@@ -48,9 +49,20 @@ def test_device_path_on_cpu_equals_worker_path(caches, fmt):
 
 def test_fast_train_augment_on_device_matches_worker_path(caches):
     root, dirs = caches
-    common = dict(dataset="imagefolder", root=root, backbone="tiny_vit", pretrained=None, resolution=32,
-                  batch_size=4, num_epochs=1, num_workers=0, progress=False, output_dir=None, prec_train="fp32",
-                  data_cache=dirs["jpeg"])
+    common = dict(
+        dataset="imagefolder",
+        root=root,
+        backbone="tiny_vit",
+        pretrained=None,
+        resolution=32,
+        batch_size=4,
+        num_epochs=1,
+        num_workers=0,
+        progress=False,
+        output_dir=None,
+        prec_train="fp32",
+        data_cache=dirs["jpeg"],
+    )
     a = lf.fast_train(**common)
     b = lf.fast_train(augment_on_device=True, **common)
     assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-6)

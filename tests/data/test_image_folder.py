@@ -1,4 +1,5 @@
 """Your own data: image folders and list files, through build_dataset, fast_train and the CLI."""
+
 import os
 
 import pytest
@@ -16,8 +17,9 @@ SMALL = ((40, 52), (52, 40), (36, 36))
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("folder")
-    write_image_folder(str(root), [6, 3, 2], test_per_class=2, sizes=SMALL,
-                       classnames=["golden_retriever", "tabby_cat", "red_fox"])
+    write_image_folder(
+        str(root), [6, 3, 2], test_per_class=2, sizes=SMALL, classnames=["golden_retriever", "tabby_cat", "red_fox"]
+    )
     return str(root)
 
 
@@ -66,8 +68,16 @@ def test_listfile_reads_split_dir_and_falls_back_to_val(folder, tmp_path):
         build_dataset("listfile", folder, "train", split_dir=str(tmp_path))
 
 
-TINY = dict(backbone="tiny_vit", pretrained=None, resolution=32, batch_size=8, num_epochs=1,
-            num_workers=0, progress=False, output_dir=None)
+TINY = dict(
+    backbone="tiny_vit",
+    pretrained=None,
+    resolution=32,
+    batch_size=8,
+    num_epochs=1,
+    num_workers=0,
+    progress=False,
+    output_dir=None,
+)
 
 
 def test_fast_train_on_imagefolder_and_listfile(folder):
@@ -78,8 +88,29 @@ def test_fast_train_on_imagefolder_and_listfile(folder):
 
 
 def test_cli_accepts_split_dir(folder, tmp_path, capsys):
-    rc = cli_main(["train", "-d", "listfile", "-b", "tiny_vit", "--root", folder, "--no-progress",
-                   "--output-dir", str(tmp_path / "out"), "split_dir", folder, "resolution", "32",
-                   "num_epochs", "1", "batch_size", "8", "num_workers", "0"])
+    rc = cli_main(
+        [
+            "train",
+            "-d",
+            "listfile",
+            "-b",
+            "tiny_vit",
+            "--root",
+            folder,
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "split_dir",
+            folder,
+            "resolution",
+            "32",
+            "num_epochs",
+            "1",
+            "batch_size",
+            "8",
+            "num_workers",
+            "0",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "overall accuracy" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """List-file data sets: parsing of the real public split files and error reporting."""
+
 import json
 import os
 
@@ -6,8 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from liftplus_fast.data import (CorruptImageError, INaturalist2018, ImageNetLT, LongTailListDataset,
-                                PlacesLT, build_dataset)
+from liftplus_fast.data import (
+    CorruptImageError,
+    ImageNetLT,
+    INaturalist2018,
+    LongTailListDataset,
+    PlacesLT,
+    build_dataset,
+)
 
 
 def _sub(shared_data_dir, name):
@@ -73,8 +80,9 @@ def test_loads_images_lazily_with_transform(tmp_path):
     Image.new("L", (20, 20), 7).save(tmp_path / "gray.png")
     lst = tmp_path / "list.txt"
     lst.write_text("a/x.png 1\n\ngray.png 0\nmissing.png 1\n")
-    ds = LongTailListDataset(str(tmp_path), str(lst), ["c0", "c1"],
-                             transform=lambda im: torch.tensor(im.size + (len(im.getbands()),)))
+    ds = LongTailListDataset(
+        str(tmp_path), str(lst), ["c0", "c1"], transform=lambda im: torch.tensor(im.size + (len(im.getbands()),))
+    )
     assert ds.labels == [1, 0, 1] and ds.cls_num_list == [1, 2] and ds.num_classes == 2
     img, y = ds[0]
     assert img.tolist() == [40, 30, 3] and y == 1

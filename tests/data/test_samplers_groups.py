@@ -1,4 +1,5 @@
 """DownSampler, shot groups and group accuracies."""
+
 import math
 from collections import Counter
 

@@ -1,19 +1,27 @@
 """MDA schedule and crops, train / plain / test transforms and five-crop TTE windows."""
+
 import math
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import resized_crop, to_tensor
 
 from liftplus_fast.config import LiftConfig
-from liftplus_fast.data import (MinimalistRandomResizedCrop, build_plain_transform, build_test_transform,
-                                build_train_transform, mda_min_scale, set_transform_epoch)
+from liftplus_fast.data import (
+    MinimalistRandomResizedCrop,
+    build_plain_transform,
+    build_test_transform,
+    build_train_transform,
+    mda_min_scale,
+    set_transform_epoch,
+)
 
 
 def _image(w, h, seed=0):
@@ -26,9 +34,16 @@ def test_convex_schedule_five_epochs():
     assert got == pytest.approx([0.08, 0.109, 0.203, 0.392, 1.0], abs=1e-3)
 
 
-@pytest.mark.parametrize("func,mid", [("min", 0.08), ("max", 1.0), ("linear", 0.08 + 0.92 * 0.5),
-                                      ("convex", 0.08 + 0.92 * (1 - math.sqrt(0.75))),
-                                      ("concave", 0.08 + 0.92 * math.sqrt(0.75))])
+@pytest.mark.parametrize(
+    "func,mid",
+    [
+        ("min", 0.08),
+        ("max", 1.0),
+        ("linear", 0.08 + 0.92 * 0.5),
+        ("convex", 0.08 + 0.92 * (1 - math.sqrt(0.75))),
+        ("concave", 0.08 + 0.92 * math.sqrt(0.75)),
+    ],
+)
 def test_schedules(func, mid):
     assert mda_min_scale(2, 5, func) == pytest.approx(mid)
     first, last = mda_min_scale(0, 5, func), mda_min_scale(4, 5, func)
@@ -73,8 +88,7 @@ def _replay(img, lo, hi, size):
     side = int(round(math.sqrt(area * frac)))
     i = torch.randint(0, h - side + 1, size=(1,)).item()
     j = torch.randint(0, w - side + 1, size=(1,)).item()
-    return (i, j, side), resized_crop(img, i, j, side, side, [size, size], InterpolationMode.BICUBIC,
-                                      antialias=True)
+    return (i, j, side), resized_crop(img, i, j, side, side, [size, size], InterpolationMode.BICUBIC, antialias=True)
 
 
 @pytest.mark.parametrize("epoch", [0, 2, 4])
@@ -159,7 +173,7 @@ def test_tte_five_crop_windows():
     ct, cl = int(round((H - 32) / 2.0)), int(round((W - 32) / 2.0))
     windows = [(0, 0), (0, W - 32), (H - 32, 0), (H - 32, W - 32), (ct, cl)]  # tl, tr, bl, br, centre
     for k, (top, left) in enumerate(windows):
-        torch.testing.assert_close(out[k], resized[:, top:top + 32, left:left + 32], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[k], resized[:, top : top + 32, left : left + 32], atol=1e-6, rtol=0)
 
 
 def test_tte_normalizes_and_pickles():

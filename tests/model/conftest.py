@@ -1,4 +1,5 @@
 """Tiny CLIP fixtures shared by the model tests (image 32, patch 8, width 64, 3 blocks)."""
+
 import copy
 
 import pytest

@@ -1,4 +1,5 @@
 """Backbone names the open_clip ecosystem uses: model/tag pairs, hf-hub: and local folders."""
+
 import json
 import os
 
@@ -16,8 +17,9 @@ def tiny_model_folder(folder, model):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
         json.dump({"model_cfg": _TINY_VIT_CFG, "preprocess_cfg": {}}, f)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(folder, "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, "open_clip_model.safetensors")
+    )
     return str(folder)
 
 
@@ -42,7 +44,9 @@ def test_hf_hub_names_pass_through_and_fail_offline_in_one_sentence(monkeypatch)
     import open_clip.factory
 
     assert _resolve("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K") == (
-        "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", False)
+        "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        False,
+    )
     asked = []
 
     def offline(model_id, *args, **kwargs):

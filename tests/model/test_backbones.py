@@ -1,4 +1,5 @@
 """load_clip: name resolution, tiny model, local files and the no-network error."""
+
 import pytest
 import torch
 
@@ -60,13 +61,12 @@ def test_local_checkpoint_round_trip(tmp_path, tiny_clip_and_tok):
 
 
 def test_resnet_visual_is_refused_clearly():
-    import open_clip
-    from liftplus_fast.model.peft_vit import PEFTVisionTransformer
     from open_clip.modified_resnet import ModifiedResNet
 
+    from liftplus_fast.model.peft_vit import PEFTVisionTransformer
+
     with pytest.raises(NotImplementedError, match="ViT"):
-        PEFTVisionTransformer(ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=2,
-                                             image_size=64, width=8))
+        PEFTVisionTransformer(ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=2, image_size=64, width=8))
 
 
 def test_model_built_from_an_openai_state_dict_wraps_and_trains():
@@ -77,18 +77,24 @@ def test_model_built_from_an_openai_state_dict_wraps_and_trains():
 
     torch.manual_seed(0)
     base = open_clip.model.CLIP(
-        embed_dim=32, quick_gelu=True,
+        embed_dim=32,
+        quick_gelu=True,
         vision_cfg=dict(image_size=32, layers=2, width=64, head_width=64, patch_size=8),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+    )
     clip = open_clip.model.build_model_from_openai_state_dict(base.state_dict()).float().eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         proj, clip.visual.proj = clip.visual.proj, None
         plain = clip.visual(x)  # open_clip's own pre-projection feature, before any surgery
         clip.visual.proj = proj
-    model = lf.build_lift_model(clip, lf.LiftConfig(method="lift+", num_classes=4, resolution=32, prec_train="fp32"),
-                                cls_num_list=[8, 4, 2, 1], classnames=list("abcd"),
-                                tokenizer=open_clip.get_tokenizer("ViT-B-16"))
+    model = lf.build_lift_model(
+        clip,
+        lf.LiftConfig(method="lift+", num_classes=4, resolution=32, prec_train="fp32"),
+        cls_num_list=[8, 4, 2, 1],
+        classnames=list("abcd"),
+        tokenizer=open_clip.get_tokenizer("ViT-B-16"),
+    )
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(x), plain, rtol=1e-5, atol=1e-5)

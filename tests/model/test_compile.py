@@ -1,4 +1,5 @@
 """The whole LIFT+ model traces under torch.compile(fullgraph=True), fused ops included."""
+
 import copy
 
 import torch

@@ -4,6 +4,7 @@ In fp32, three SGD steps of the whole LIFT+ step (fused attention/GELU/AdaptForm
 multi-tensor SGD) leave the loss, the logits and every tuner tensor within 1e-4 (relative to
 each tensor's largest value) of the reference path with the published per-tensor SGD loop.
 """
+
 import copy
 import os
 
@@ -22,8 +23,11 @@ def _train(model, images, labels, backend, fast_optim, steps=3):
     try:
         params = [p for p in model.tuner.parameters() if p.requires_grad]
         cfg = model.cfg
-        opt = make_optimizer(params, cfg) if fast_optim else \
-            torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = (
+            make_optimizer(params, cfg)
+            if fast_optim
+            else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        )
         losses, logits = [], []
         for _ in range(steps):
             loss, lg = model.training_loss(images, labels)
@@ -32,7 +36,11 @@ def _train(model, images, labels, backend, fast_optim, steps=3):
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach())
             logits.append(lg)
-        return torch.stack(losses), torch.stack(logits), {k: v.detach().clone() for k, v in model.tuner.state_dict().items()}
+        return (
+            torch.stack(losses),
+            torch.stack(logits),
+            {k: v.detach().clone() for k, v in model.tuner.state_dict().items()},
+        )
     finally:
         os.environ.pop(ENV_VAR) if old is None else os.environ.__setitem__(ENV_VAR, old)
 

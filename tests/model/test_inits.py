@@ -1,4 +1,5 @@
 """Classifier initialisations and the zero-shot head."""
+
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +33,9 @@ def test_zero_shot_logits_are_clip_logits(fresh_clip, tokenizer, images):
     with torch.no_grad():
         ours = model(images)
         img = F.normalize(fresh_clip.encode_image(images), dim=-1)
-        txt = F.normalize(fresh_clip.encode_text(tokenizer(
-            [f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES])), dim=-1)
+        txt = F.normalize(
+            fresh_clip.encode_text(tokenizer([f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES])), dim=-1
+        )
         ref = fresh_clip.logit_scale.exp() * img @ txt.T
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
 
@@ -46,8 +48,7 @@ def _feats():
 
 
 def test_class_mean_init(fresh_clip, tokenizer):
-    model = build_lift_model(fresh_clip, cfg_for("lift+", classifier_init="class_mean"),
-                             COUNTS, CLASSNAMES, tokenizer)
+    model = build_lift_model(fresh_clip, cfg_for("lift+", classifier_init="class_mean"), COUNTS, CLASSNAMES, tokenizer)
     f, y = _feats()
     model.init_classifier_from_features(f, y, "class_mean")
     expected = F.normalize(torch.stack([f[y == k].mean(0) for k in range(K)]), dim=-1)

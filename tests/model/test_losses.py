@@ -1,4 +1,5 @@
 """Losses against hand-written formulas; fused LA path against classifier + loss module."""
+
 import math
 
 import pytest
@@ -19,7 +20,7 @@ def batch():
 
 
 def _ce(z, y):
-    return (torch.logsumexp(z, 1) - z[torch.arange(len(y)), y])
+    return torch.logsumexp(z, 1) - z[torch.arange(len(y)), y]
 
 
 def _loss(name, **kw):
@@ -39,7 +40,7 @@ def test_ce_focal_la_bs(batch):
 
 def test_ldam(batch):
     z, y = batch
-    m = N ** -0.25
+    m = N**-0.25
     m = m * 0.5 / m.max()
     zm = z.clone()
     for i, c in enumerate(y):
@@ -68,7 +69,7 @@ def test_lade(batch):
         first = z[sel, k].sum() / (sel.sum() + 1e-8)
         q = z[:, k] - torch.log(PRIOR[k] + 1e-9) + math.log(1 / K + 1e-9)
         second = torch.logsumexp(q, 0) - math.log(len(y))
-        total = total + PRIOR[k] * (first - second - 0.1 * second ** 2)
+        total = total + PRIOR[k] * (first - second - 0.1 * second**2)
     torch.testing.assert_close(_loss("LADE")(z, y), ce + 0.1 * (-total))
 
 
@@ -84,8 +85,9 @@ def test_cls_num_list_length_must_match(fresh_clip, tokenizer):
 
 @pytest.mark.parametrize("loss_type,tau", [("LA", 1.0), ("LA", 0.7), ("CE", 1.0), ("BS", 1.0)])
 def test_fused_path_equals_classifier_plus_loss(loss_type, tau, fresh_clip, tokenizer, images):
-    model = build_lift_model(fresh_clip, cfg_for("lift+", loss_type=loss_type, la_tau=tau),
-                             COUNTS, CLASSNAMES, tokenizer)
+    model = build_lift_model(
+        fresh_clip, cfg_for("lift+", loss_type=loss_type, la_tau=tau), COUNTS, CLASSNAMES, tokenizer
+    )
     assert model._fused_tau() is not None
     with torch.no_grad():
         for blk in model.tuner.image_encoder.blocks:

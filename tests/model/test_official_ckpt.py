@@ -1,4 +1,5 @@
 """Published checkpoint format: hand-built state dicts against an independent re-implementation."""
+
 import copy
 import math
 
@@ -32,11 +33,14 @@ def published_logits(clip, tuner, images, heads=4, scale=25.0):
     raw = x.shape[0]
     for i in range(L):
         pre = f"transformer.resblocks.{i}."
-        g = lambda n: sd[pre + n]  # noqa: E731
-        t = {k[len(f"image_encoder.blocks.{i}."):]: v for k, v in tuner.items()
-             if k.startswith(f"image_encoder.blocks.{i}.")}
+        g = lambda n, pre=pre: sd[pre + n]  # noqa: E731
+        t = {
+            k[len(f"image_encoder.blocks.{i}.") :]: v
+            for k, v in tuner.items()
+            if k.startswith(f"image_encoder.blocks.{i}.")
+        }
         if "prompt" in t:
-            x = torch.cat([x[:1], t["prompt"][:, None].expand(-1, b, -1), x[-(raw - 1):]])
+            x = torch.cat([x[:1], t["prompt"][:, None].expand(-1, b, -1), x[-(raw - 1) :]])
         n = x.shape[0]
         h = _ln(x, g("ln_1.weight"), g("ln_1.bias"))
         qkv = h @ g("attn.in_proj_weight").T + g("attn.in_proj_bias")
@@ -45,10 +49,11 @@ def published_logits(clip, tuner, images, heads=4, scale=25.0):
             q = q + h @ t["attn.lora.q.down"] @ t["attn.lora.q.up"] / t["attn.lora.q.down"].shape[1]
             v = v + h @ t["attn.lora.v.down"] @ t["attn.lora.v.up"] / t["attn.lora.v.down"].shape[1]
         if "attn.ssf.in_proj.scale" in t:
-            q, k_, v = (torch.cat([q, k_, v], -1) * t["attn.ssf.in_proj.scale"]
-                        + t["attn.ssf.in_proj.shift"]).chunk(3, -1)
+            q, k_, v = (torch.cat([q, k_, v], -1) * t["attn.ssf.in_proj.scale"] + t["attn.ssf.in_proj.shift"]).chunk(
+                3, -1
+            )
         hd = D // heads
-        split = lambda z: z.reshape(n, b * heads, hd).transpose(0, 1)  # noqa: E731
+        split = lambda z, n=n, hd=hd: z.reshape(n, b * heads, hd).transpose(0, 1)  # noqa: E731
         att = torch.softmax(split(q) @ split(k_).transpose(1, 2) / math.sqrt(hd), -1) @ split(v)
         o = att.transpose(0, 1).reshape(n, b, D) @ g("attn.out_proj.weight").T + g("attn.out_proj.bias")
         if "attn.ssf.out_proj.scale" in t:
@@ -81,21 +86,29 @@ def handmade_tuner(method, gen):
         pre = f"image_encoder.blocks.{i}."
         if method == "lift+":
             r = bottleneck_dim(K, L, 2)
-            sd.update({pre + "adaptformer.scale": _rand(gen=gen, mean=1.0),
-                       pre + "adaptformer.norm.weight": _rand(D, gen=gen, mean=1.0),
-                       pre + "adaptformer.norm.bias": _rand(D, gen=gen),
-                       pre + "adaptformer.down.weight": _rand(r, D, gen=gen),
-                       pre + "adaptformer.down.bias": _rand(r, gen=gen),
-                       pre + "adaptformer.up.weight": _rand(D, r, gen=gen),
-                       pre + "adaptformer.up.bias": _rand(D, gen=gen)})
+            sd.update(
+                {
+                    pre + "adaptformer.scale": _rand(gen=gen, mean=1.0),
+                    pre + "adaptformer.norm.weight": _rand(D, gen=gen, mean=1.0),
+                    pre + "adaptformer.norm.bias": _rand(D, gen=gen),
+                    pre + "adaptformer.down.weight": _rand(r, D, gen=gen),
+                    pre + "adaptformer.down.bias": _rand(r, gen=gen),
+                    pre + "adaptformer.up.weight": _rand(D, r, gen=gen),
+                    pre + "adaptformer.up.bias": _rand(D, gen=gen),
+                }
+            )
         elif method == "lora":
             r = bottleneck_dim(K, L, 4)
             for s in "qv":
                 sd[pre + f"attn.lora.{s}.down"] = _rand(D, r, gen=gen)
                 sd[pre + f"attn.lora.{s}.up"] = _rand(r, D, gen=gen)
         elif method == "ssf":
-            for site, n in (("attn.ssf.in_proj", 3 * D), ("attn.ssf.out_proj", D),
-                            ("mlp.ssf.in_proj", 4 * D), ("mlp.ssf.out_proj", D)):
+            for site, n in (
+                ("attn.ssf.in_proj", 3 * D),
+                ("attn.ssf.out_proj", D),
+                ("mlp.ssf.in_proj", 4 * D),
+                ("mlp.ssf.out_proj", D),
+            ):
                 sd[pre + f"{site}.scale"] = _rand(n, gen=gen, mean=1.0)
                 sd[pre + f"{site}.shift"] = _rand(n, gen=gen)
         elif method == "vpt":
@@ -142,23 +155,36 @@ def test_published_key_names(tiny_clip_and_tok):
     for method in ("bitfit", "fft", "aft", "ssf", "lora", "vpt", "adapter"):
         m = build_lift_model(copy.deepcopy(clip), cfg_for(method), COUNTS, CLASSNAMES, tok)
         keys[method] = set(m.official_tuner_state_dict())
-    assert {"image_encoder.blocks.0.attn_in_proj_bias", "image_encoder.blocks.0.attn_out_proj_bias",
-            "image_encoder.blocks.0.mlp_in_proj_bias", "image_encoder.blocks.0.norm1_bias"} <= keys["bitfit"]
+    assert {
+        "image_encoder.blocks.0.attn_in_proj_bias",
+        "image_encoder.blocks.0.attn_out_proj_bias",
+        "image_encoder.blocks.0.mlp_in_proj_bias",
+        "image_encoder.blocks.0.norm1_bias",
+    } <= keys["bitfit"]
     assert "image_encoder.blocks.0.attn_in_proj_weight" not in keys["bitfit"]
-    assert {"image_encoder.blocks.2.mlp_out_proj_weight", "image_encoder.blocks.0.norm1_weight",
-            "image_encoder.blocks.0.attn_in_proj_weight"} <= keys["fft"]
+    assert {
+        "image_encoder.blocks.2.mlp_out_proj_weight",
+        "image_encoder.blocks.0.norm1_weight",
+        "image_encoder.blocks.0.attn_in_proj_weight",
+    } <= keys["fft"]
     assert len(keys["fft"]) == 3 * 12 + 1
-    assert {"image_encoder.blocks.1.mlp.aft.in_proj.masked_weight.optimized_params",
-            "image_encoder.blocks.1.mlp.aft.in_proj.masked_weight.mask",
-            "image_encoder.blocks.1.attn.aft.in_proj.masked_bias.optimized_params",
-            "image_encoder.blocks.1.attn.aft.out_proj.masked_bias.mask"} <= keys["aft"]
-    assert {"image_encoder.blocks.0.attn.ssf.in_proj.scale", "image_encoder.blocks.0.attn.ssf.out_proj.shift",
-            "image_encoder.blocks.0.mlp.ssf.in_proj.scale", "image_encoder.blocks.0.mlp.ssf.out_proj.shift"} \
-        <= keys["ssf"]
+    assert {
+        "image_encoder.blocks.1.mlp.aft.in_proj.masked_weight.optimized_params",
+        "image_encoder.blocks.1.mlp.aft.in_proj.masked_weight.mask",
+        "image_encoder.blocks.1.attn.aft.in_proj.masked_bias.optimized_params",
+        "image_encoder.blocks.1.attn.aft.out_proj.masked_bias.mask",
+    } <= keys["aft"]
+    assert {
+        "image_encoder.blocks.0.attn.ssf.in_proj.scale",
+        "image_encoder.blocks.0.attn.ssf.out_proj.shift",
+        "image_encoder.blocks.0.mlp.ssf.in_proj.scale",
+        "image_encoder.blocks.0.mlp.ssf.out_proj.shift",
+    } <= keys["ssf"]
     assert {"image_encoder.blocks.0.attn.lora.q.down", "image_encoder.blocks.0.attn.lora.v.up"} <= keys["lora"]
     assert "image_encoder.blocks.0.prompt" in keys["vpt"]
-    assert {"image_encoder.blocks.0.mlp.adapter.norm.weight",
-            "image_encoder.blocks.0.mlp.adapter.up.bias"} <= keys["adapter"]
+    assert {"image_encoder.blocks.0.mlp.adapter.norm.weight", "image_encoder.blocks.0.mlp.adapter.up.bias"} <= keys[
+        "adapter"
+    ]
     assert all("classifier.weight" in k for k in keys.values())
     # nothing of the package's own names leaks out
     assert not any(s in k for ks in keys.values() for k in ks for s in ("attn_in.", "mlp_out.", "_in_weight"))
@@ -168,14 +194,15 @@ def test_aft_masks_drawn_like_published(tiny_clip_and_tok):
     # Published generate_mask: a new generator seeded with aft_seed for each tensor, randperm
     # of numel, the first int(numel * ratio) indices set.
     clip, tok = tiny_clip_and_tok
-    model = build_lift_model(copy.deepcopy(clip), cfg_for("aft", **{"v.aft_seed": 7, "v.aft_ratio": 0.1}),
-                             COUNTS, CLASSNAMES, tok)
+    model = build_lift_model(
+        copy.deepcopy(clip), cfg_for("aft", **{"v.aft_seed": 7, "v.aft_ratio": 0.1}), COUNTS, CLASSNAMES, tok
+    )
     sd = model.official_tuner_state_dict()
     masks = {k: v for k, v in sd.items() if k.endswith(".mask")}
     assert len(masks) == 3 * 4 * 2
     for k, mask in masks.items():
         n = mask.numel()
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(7), dtype=torch.int64)[:int(n * 0.1)]
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(7), dtype=torch.int64)[: int(n * 0.1)]
         expect = torch.zeros(n, dtype=torch.bool).scatter_(0, idx, True).view(mask.shape)
         assert torch.equal(mask, expect), k
 
@@ -188,8 +215,7 @@ def test_mismatched_checkpoints_raise(fresh_clip, tokenizer):
     with pytest.raises(ValueError, match="classifier.weight"):
         model.load_official_tuner(bad)
     # another backbone width
-    bad = {k: (torch.zeros(*[s * 2 if s == D else s for s in v.shape]) if v.dim() else v)
-           for k, v in good.items()}
+    bad = {k: (torch.zeros(*[s * 2 if s == D else s for s in v.shape]) if v.dim() else v) for k, v in good.items()}
     with pytest.raises(ValueError, match=r"shape"):
         model.load_official_tuner(bad)
     # another block count (a 12-block checkpoint has block 3 onwards)

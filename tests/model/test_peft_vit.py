@@ -1,4 +1,5 @@
 """PEFT surgery: identity at zero init, tuners that change features, parameter counts, grads."""
+
 import pytest
 import torch
 
@@ -101,16 +102,14 @@ def test_aft_masks_are_seeded(tiny_clip_and_tok):
     clip, tok = tiny_clip_and_tok
     masks = []
     for seed in (0, 0, 1):
-        model = build_lift_model(copy.deepcopy(clip), cfg_for("aft", **{"v.aft_seed": seed}),
-                                 COUNTS, CLASSNAMES, tok)
+        model = build_lift_model(copy.deepcopy(clip), cfg_for("aft", **{"v.aft_seed": seed}), COUNTS, CLASSNAMES, tok)
         masks.append(model.tuner.image_encoder.blocks[0].aft["mlp_in"].masked_weight.mask.clone())
     assert torch.equal(masks[0], masks[1])
     assert not torch.equal(masks[0], masks[2])
 
 
 def test_layer_selection_last_k(fresh_clip, tokenizer):
-    model = build_lift_model(fresh_clip, cfg_for("lift+", **{"v.adaptformer_layers": 1}),
-                             COUNTS, CLASSNAMES, tokenizer)
+    model = build_lift_model(fresh_clip, cfg_for("lift+", **{"v.adaptformer_layers": 1}), COUNTS, CLASSNAMES, tokenizer)
     keys = model.official_tuner_state_dict().keys()
     assert {k.split(".")[2] for k in keys if k.startswith("image_encoder")} == {"2"}
 

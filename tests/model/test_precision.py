@@ -1,5 +1,6 @@
 """Precision owned by the model: frozen weights converted once, LayerNorms and tuner fp32, and
 `amp` computing what bf16 autocast computes, without autocast."""
+
 import contextlib
 import copy
 import os
@@ -30,8 +31,9 @@ def build(clip, tok, **overrides):
 
 
 # On CPU every half precision is bf16 (fp16 GEMMs have no fast path there), as before.
-@pytest.mark.parametrize("prec,dtype", [("bf16", torch.bfloat16), ("amp", torch.bfloat16),
-                                        ("fp16", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(
+    "prec,dtype", [("bf16", torch.bfloat16), ("amp", torch.bfloat16), ("fp16", torch.bfloat16), ("fp32", torch.float32)]
+)
 def test_frozen_weights_stored_once_in_the_compute_dtype(fresh_clip, tokenizer, images, prec, dtype):
     model = build(fresh_clip, tokenizer, prec_train=prec)
     assert model.compute_dtype == dtype and not model.needs_grad_scaler

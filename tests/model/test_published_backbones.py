@@ -1,4 +1,5 @@
 """The published non-ViT-CLIP backbones: timm ImageNet-21k ViTs, CLIP ResNets, timm ResNets."""
+
 import copy
 
 import pytest
@@ -19,8 +20,9 @@ def timm_vit():
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", pretrained=False, depth=3, embed_dim=32,
-                             num_heads=2, img_size=32, num_classes=0).eval()
+    return timm.create_model(
+        "vit_base_patch16_224", pretrained=False, depth=3, embed_dim=32, num_heads=2, img_size=32, num_classes=0
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +64,16 @@ def test_every_vit_tuner_trains_on_a_timm_vit(method, timm_vit):
     assert logits.shape == (2, K) and torch.isfinite(loss)
     assert all(p.grad is not None for p in model.tuner.parameters())
     keys = set(model.official_tuner_state_dict())
-    published = {"lift+": "image_encoder.blocks.0.adaptformer.scale", "fft": "image_encoder.blocks.2.attn_in_proj_weight",
-                 "bitfit": "image_encoder.blocks.0.mlp_out_proj_bias", "vpt": "image_encoder.blocks.1.prompt",
-                 "lora": "image_encoder.blocks.0.attn.lora.v.down", "adapter": "image_encoder.blocks.0.mlp.adapter.up.weight",
-                 "ssf": "image_encoder.blocks.0.mlp.ssf.in_proj.shift",
-                 "aft": "image_encoder.blocks.0.attn.aft.out_proj.masked_weight.mask"}[method]
+    published = {
+        "lift+": "image_encoder.blocks.0.adaptformer.scale",
+        "fft": "image_encoder.blocks.2.attn_in_proj_weight",
+        "bitfit": "image_encoder.blocks.0.mlp_out_proj_bias",
+        "vpt": "image_encoder.blocks.1.prompt",
+        "lora": "image_encoder.blocks.0.attn.lora.v.down",
+        "adapter": "image_encoder.blocks.0.mlp.adapter.up.weight",
+        "ssf": "image_encoder.blocks.0.mlp.ssf.in_proj.shift",
+        "aft": "image_encoder.blocks.0.attn.aft.out_proj.masked_weight.mask",
+    }[method]
     assert published in keys
 
 
@@ -81,8 +88,9 @@ def test_timm_vit_backbone_tensors_are_the_ones_trained(timm_vit):
 
 def test_backbone_without_text_encoder_is_a_clear_error(timm_vit):
     with pytest.raises(ValueError, match="classifier_init.*class_mean"):
-        build_lift_model(copy.deepcopy(timm_vit), _cfg("lift+", "in21k_vit_b16", classifier_init="semantic"),
-                         COUNTS, NAMES)
+        build_lift_model(
+            copy.deepcopy(timm_vit), _cfg("lift+", "in21k_vit_b16", classifier_init="semantic"), COUNTS, NAMES
+        )
     with pytest.raises(ValueError, match="zero-shot"):
         build_lift_model(copy.deepcopy(timm_vit), _cfg("zs", "in21k_vit_b16"), COUNTS, NAMES)
 
@@ -116,8 +124,12 @@ def test_resnet_tuners_use_published_names_and_train(backbone_name, request):
     name = "clip_rn50" if backbone_name == "clip_rn" else "in1k_rn50"
     x = torch.randn(2, 3, 64, 64)
     keys = {}
-    for method, extra in (("lp", {"v.ssf": True}), ("lp", {"v.bitfit": True}), ("fft", {}),
-                          ("lp", {"v.unfreeze_bn": True})):
+    for method, extra in (
+        ("lp", {"v.ssf": True}),
+        ("lp", {"v.bitfit": True}),
+        ("fft", {}),
+        ("lp", {"v.unfreeze_bn": True}),
+    ):
         model = build_lift_model(copy.deepcopy(net), _cfg(method, name, **extra), COUNTS, NAMES)
         if model.cfg.classifier_init == "class_mean":
             model.init_classifier_from_features(torch.randn(10, model.feature_dim), torch.arange(5).repeat(2))
@@ -131,13 +143,13 @@ def test_resnet_tuners_use_published_names_and_train(backbone_name, request):
     assert "image_encoder.blocks.0_bn1_bias" in bitfit and all(k.endswith("_bias") for k in bitfit)
     assert "image_encoder.blocks.0_conv1_weight" in keys[("fft", ())]
     assert any(k.endswith("_downsample_1_weight") for k in keys[("fft", ())])
-    assert {"image_encoder.blocks.0_bn1.running_mean", "image_encoder.blocks.0_bn1.weight"} <= \
-        keys[("lp", ("v.unfreeze_bn",))]
+    assert {"image_encoder.blocks.0_bn1.running_mean", "image_encoder.blocks.0_bn1.weight"} <= keys[
+        ("lp", ("v.unfreeze_bn",))
+    ]
 
 
 def test_unfreeze_bn_updates_running_statistics(clip_rn):
-    model = build_lift_model(copy.deepcopy(clip_rn), _cfg("lp", "clip_rn50", **{"v.unfreeze_bn": True}),
-                             COUNTS, NAMES)
+    model = build_lift_model(copy.deepcopy(clip_rn), _cfg("lp", "clip_rn50", **{"v.unfreeze_bn": True}), COUNTS, NAMES)
     bn = model.image_encoder.blocks[0].bn1
     before = bn.running_mean.clone()
     model.tuner.train()
@@ -151,9 +163,16 @@ def test_vit_only_tuner_on_a_resnet_is_a_clear_error(clip_rn):
         build_lift_model(copy.deepcopy(clip_rn), _cfg("lift+", "clip_rn50"), COUNTS, NAMES)
 
 
-@pytest.mark.parametrize("backbone_name, method, extra", [
-    ("timm_vit", "lora", {}), ("timm_vit", "aft", {}), ("clip_rn", "lp", {"v.ssf": True}),
-    ("timm_rn", "lp", {"v.unfreeze_bn": True}), ("timm_rn", "fft", {})])
+@pytest.mark.parametrize(
+    "backbone_name, method, extra",
+    [
+        ("timm_vit", "lora", {}),
+        ("timm_vit", "aft", {}),
+        ("clip_rn", "lp", {"v.ssf": True}),
+        ("timm_rn", "lp", {"v.unfreeze_bn": True}),
+        ("timm_rn", "fft", {}),
+    ],
+)
 def test_checkpoint_round_trip_on_other_backbones(backbone_name, method, extra, request):
     net = request.getfixturevalue(backbone_name)
     name = {"timm_vit": "in21k_vit_b16", "clip_rn": "clip_rn50", "timm_rn": "in1k_rn50"}[backbone_name]

@@ -1,4 +1,5 @@
 """The CLIP text head and its tuners: CoOp, projection tuning, CLIP-Adapter, l.* text tuners."""
+
 import copy
 
 import pytest
@@ -24,16 +25,25 @@ def _clip_logits(clip, tok, images, prompts):
 
 def test_coop_preset_is_the_published_one():
     cfg = _cfg()
-    assert (cfg.coop, cfg.classifier, cfg.num_epochs, cfg.batch_size, cfg.lr, cfg.mda) == \
-        (True, None, 50, 32, 0.002, False)
+    assert (cfg.coop, cfg.classifier, cfg.num_epochs, cfg.batch_size, cfg.lr, cfg.mda) == (
+        True,
+        None,
+        50,
+        32,
+        0.002,
+        False,
+    )
     assert (cfg.coop_ctx_len, cfg.coop_cls_pos, cfg.coop_init) == (4, "end", None)
 
 
-@pytest.mark.parametrize("ctx_len, pos, template, rel", [
-    (4, "end", "X X X X {}.", [0, 1, 2, 3]),
-    (4, "front", "{} X X X X.", [-5, -4, -3, -2]),
-    (3, "middle", "X {} X X.", [0, -3, -2]),
-])
+@pytest.mark.parametrize(
+    "ctx_len, pos, template, rel",
+    [
+        (4, "end", "X X X X {}.", [0, 1, 2, 3]),
+        (4, "front", "{} X X X X.", [-5, -4, -3, -2]),
+        (3, "middle", "X {} X X.", [0, -3, -2]),
+    ],
+)
 def test_coop_templates(ctx_len, pos, template, rel):
     assert coop_template(ctx_len, pos, None) == (template, rel)
     assert coop_template(ctx_len, pos, "photo") == ("a photo of a {}.", [0, 1, 2, 3, -1])
@@ -107,8 +117,9 @@ def test_text_encoder_tuners(tuner, fresh_clip, tokenizer, images):
     model.eval()
     if tuner not in ("pt", "ssf"):  # identity at init: CLIP's own zero-shot head (causal blocks)
         with torch.no_grad():
-            ref = _clip_logits(fresh_clip, tokenizer, images,
-                               [f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES])
+            ref = _clip_logits(
+                fresh_clip, tokenizer, images, [f"a photo of a {n.replace('_', ' ')}." for n in CLASSNAMES]
+            )
             torch.testing.assert_close(model(images), ref, rtol=1e-4, atol=1e-4)
     model.tuner.train()
     loss, _ = model.training_loss(images, torch.tensor([0, 1, 2]))
@@ -140,9 +151,20 @@ def test_text_head_tuners_need_the_text_head(fresh_clip, tokenizer):
 def test_coop_trains_end_to_end(tmp_path):
     import liftplus_fast as lf
 
-    r = lf.fast_train(dataset="digits_lt", root=str(tmp_path), backbone="tiny_vit", pretrained=None,
-                      method="coop", output_dir=str(tmp_path / "coop"), num_epochs=1, batch_size=64,
-                      num_workers=0, progress=False, prec_train="fp32", prec_test="fp32")
+    r = lf.fast_train(
+        dataset="digits_lt",
+        root=str(tmp_path),
+        backbone="tiny_vit",
+        pretrained=None,
+        method="coop",
+        output_dir=str(tmp_path / "coop"),
+        num_epochs=1,
+        batch_size=64,
+        num_workers=0,
+        progress=False,
+        prec_train="fp32",
+        prec_test="fp32",
+    )
     assert r.history and 0.0 <= r.metrics["overall"] <= 100.0
     ckpt = torch.load(tmp_path / "coop" / "checkpoint.pth.tar", weights_only=True)
     assert set(ckpt["tuner"]) == {"text_encoder.ctx"}

@@ -1,4 +1,5 @@
 """PEFT-style tuner files: tuner.safetensors + tuner_config.json, load_tuner, parameter counts."""
+
 import copy
 import json
 import os
@@ -14,8 +15,9 @@ from .conftest import CLASSNAMES, COUNTS, cfg_for
 
 
 def trained_model(clip, tokenizer, method="lift+", **overrides):
-    model = build_lift_model(clip, cfg_for(method, backbone="tiny_vit", pretrained=None, **overrides),
-                             COUNTS, CLASSNAMES, tokenizer)
+    model = build_lift_model(
+        clip, cfg_for(method, backbone="tiny_vit", pretrained=None, **overrides), COUNTS, CLASSNAMES, tokenizer
+    )
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # stand-in for training: every tuner tensor moves off its init
         for p in model.tuner.parameters():
@@ -69,8 +71,8 @@ def test_trainable_parameters_are_counted_and_printed_like_peft(fresh_clip, toke
     assert total == sum(p.numel() for p in model.parameters()) and 0 < trainable < total
     model.print_trainable_parameters()
     assert capsys.readouterr().out.strip() == (
-        f"trainable params: {trainable:,d} || all params: {total:,d} || "
-        f"trainable%: {100 * trainable / total:.4f}")
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
 
 
 def test_missing_or_broken_files_are_named(tmp_path, fresh_clip, tokenizer):

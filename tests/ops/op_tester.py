@@ -8,6 +8,7 @@ which must be set before ``triton.language`` is imported: a module using this ha
 ``test_triton_under_interpreter = triton_runner(__file__)``, which reruns the module's Triton
 cases in a fresh interpreter subprocess (see ``triton_interp``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,11 @@ def cases(op: str):
     """``pytest.param(device, backend)`` for every device of this machine and backend of ``op``."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     params = [pytest.param(dev, b, id=f"{dev}-{b}") for dev in devices for b in backends(op, dev)]
-    return params or [pytest.param("cpu", None, id="no-kernel-backend",
-                                   marks=pytest.mark.skip(reason=f"no kernel backend of {op} here"))]
+    return params or [
+        pytest.param(
+            "cpu", None, id="no-kernel-backend", marks=pytest.mark.skip(reason=f"no kernel backend of {op} here")
+        )
+    ]
 
 
 @contextlib.contextmanager

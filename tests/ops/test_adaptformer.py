@@ -4,6 +4,7 @@ Tolerances (docs/ops.md): fp32 relative to the largest magnitude, 1e-5 (1e-4 for
 more than 1e4 terms); bf16/fp16 in flash-attention style, max|K − R| ≤ 2·max|P − R| + atol with
 R the fp32 reference on upcast inputs and P the reference run in the low precision.
 """
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -27,8 +28,15 @@ def make_inputs(lead, d, r, dtype=torch.float32, param_dtype=torch.float32, seed
 
     a = rnd(*lead, d, scale=2.0, shift=0.5)
     m = rnd(*lead, d)
-    params = [rnd(d, scale=0.2, shift=1.0), rnd(d, scale=0.1), rnd(r, d, scale=d ** -0.5),
-              rnd(r, scale=0.1), rnd(d, r, scale=r ** -0.5), rnd(d, scale=0.1), rnd(1, scale=0.3, shift=0.8)]
+    params = [
+        rnd(d, scale=0.2, shift=1.0),
+        rnd(d, scale=0.1),
+        rnd(r, d, scale=d**-0.5),
+        rnd(r, scale=0.1),
+        rnd(d, r, scale=r**-0.5),
+        rnd(d, scale=0.1),
+        rnd(1, scale=0.3, shift=0.8),
+    ]
     if noncontig:
         # Same values, strided storage: transposed leading dims, every other column, transposed weights.
         a = a.transpose(0, -2).contiguous().transpose(0, -2) if a.dim() >= 3 else a
@@ -69,8 +77,17 @@ def check_fp32(inputs, grad_out, with_grad=True):
     rows = inputs[0].numel() // inputs[0].shape[-1]
     d, r = inputs[0].shape[-1], inputs[2 + 2].shape[0]
     # Number of terms each gradient sums over (docs/ops.md: 1e-4 beyond 1e4 terms).
-    terms = {"a": r + d, "mlp_out": 1, "ln_w": rows, "ln_b": rows, "down_w": rows, "down_b": rows,
-             "up_w": rows, "up_b": rows, "scale": rows * d}
+    terms = {
+        "a": r + d,
+        "mlp_out": 1,
+        "ln_w": rows,
+        "ln_b": rows,
+        "down_w": rows,
+        "down_b": rows,
+        "up_w": rows,
+        "up_b": rows,
+        "scale": rows * d,
+    }
     for name, k, ref, inp in zip(GRAD_NAMES, gk, gr, inputs):
         assert k.dtype == inp.dtype and k.shape == inp.shape, name
         tol = 1e-4 if terms[name] > 1e4 else 1e-5
@@ -114,16 +131,16 @@ def check_low(inputs, grad_out, atol_frac=2e-3):
 
 
 SHAPES = st.tuples(
-    st.lists(st.integers(1, 9), min_size=1, max_size=3),       # leading dims (rows = product)
-    st.sampled_from([2, 3, 7, 16, 17, 33, 64, 100, 768]),        # D, odd and vector-width sizes
-    st.sampled_from([1, 2, 3, 4, 5, 8, 13, 32, 64, 256]),       # r
+    st.lists(st.integers(1, 9), min_size=1, max_size=3),  # leading dims (rows = product)
+    st.sampled_from([2, 3, 7, 16, 17, 33, 64, 100, 768]),  # D, odd and vector-width sizes
+    st.sampled_from([1, 2, 3, 4, 5, 8, 13, 32, 64, 256]),  # r
 )
 HYP = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @needs_native
 @HYP
-@given(shape=SHAPES, noncontig=st.booleans(), seed=st.integers(0, 2 ** 16))
+@given(shape=SHAPES, noncontig=st.booleans(), seed=st.integers(0, 2**16))
 def test_fp32_matches_reference(shape, noncontig, seed):
     lead, d, r = shape
     inputs = make_inputs(lead, d, r, noncontig=noncontig and len(lead) >= 2, seed=seed)
@@ -133,7 +150,7 @@ def test_fp32_matches_reference(shape, noncontig, seed):
 
 @needs_native
 @HYP
-@given(shape=SHAPES, dtype=st.sampled_from(LOW), fp32_params=st.booleans(), seed=st.integers(0, 2 ** 16))
+@given(shape=SHAPES, dtype=st.sampled_from(LOW), fp32_params=st.booleans(), seed=st.integers(0, 2**16))
 def test_low_precision_matches_reference(shape, dtype, fp32_params, seed):
     lead, d, r = shape
     inputs = make_inputs(lead, d, r, dtype=dtype, param_dtype=torch.float32 if fp32_params else dtype, seed=seed)
@@ -239,8 +256,7 @@ def test_opcheck(dtype):
     inputs = make_inputs([3, 5], 24, 4, dtype=dtype)
     inputs[-1] = inputs[-1].reshape(())
     torch.library.opcheck(OPS.adaptformer_fwd.default, (*inputs, 1e-5))
-    grad_inputs = [t.requires_grad_() if t.is_floating_point() else t for t in
-                   [x.clone() for x in inputs]]
+    grad_inputs = [t.requires_grad_() if t.is_floating_point() else t for t in [x.clone() for x in inputs]]
     torch.library.opcheck(OPS.adaptformer_fwd.default, (*grad_inputs, 1e-5))
     _, mean, rstd, z = OPS.adaptformer_fwd(*inputs, 1e-5)
     grad_y = torch.randn(3, 5, 24).to(dtype)

@@ -3,6 +3,7 @@
 bf16/fp16 follow flash-attention's rule: max|K − R| ≤ 2·max|P − R| + atol, with R the float64
 evaluation on the same (rounded) inputs and P PyTorch's SDPA run in the low precision.
 """
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -69,9 +70,15 @@ def test_vit_b16_shape(dtype, batch_first):
 
 @needs_native
 @HYP
-@given(batch=st.integers(1, 3), tokens=st.integers(1, 70), heads=st.integers(1, 4),
-       head_dim=st.sampled_from([2, 4, 6, 8, 16, 32, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       batch_first=st.booleans(), seed=st.integers(0, 2 ** 16))
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(1, 70),
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([2, 4, 6, 8, 16, 32, 64]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    batch_first=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_reference_any_shape(batch, tokens, heads, head_dim, dtype, batch_first, seed):
     # Token counts cover the micro-kernel's row (6) and column (16/32) tails and odd k-pairs.
     check(batch, tokens, heads, head_dim, dtype, batch_first, seed)
@@ -87,7 +94,7 @@ def test_gradcheck_float64():
     qkv = make_qkv(2, 5, 2, 3, torch.float64, seed=3).requires_grad_()
 
     def fn(x):
-        return OPS.attention_fwd(x, 2, 3 ** -0.5, True)[0]
+        return OPS.attention_fwd(x, 2, 3**-0.5, True)[0]
 
     assert torch.autograd.gradcheck(fn, (qkv,), eps=1e-6, atol=1e-7, rtol=1e-6)
 
@@ -96,10 +103,10 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     qkv = make_qkv(2, 13, 2, 8, dtype)
-    torch.library.opcheck(OPS.attention_fwd.default, (qkv, 2, 8 ** -0.5, True))
-    torch.library.opcheck(OPS.attention_fwd.default, (qkv.clone().requires_grad_(), 2, 8 ** -0.5, True))
-    out, lse = OPS.attention_fwd(qkv, 2, 8 ** -0.5, True)
-    torch.library.opcheck(OPS.attention_bwd.default, (torch.randn_like(out), qkv, out, lse, 2, 8 ** -0.5, True))
+    torch.library.opcheck(OPS.attention_fwd.default, (qkv, 2, 8**-0.5, True))
+    torch.library.opcheck(OPS.attention_fwd.default, (qkv.clone().requires_grad_(), 2, 8**-0.5, True))
+    out, lse = OPS.attention_fwd(qkv, 2, 8**-0.5, True)
+    torch.library.opcheck(OPS.attention_bwd.default, (torch.randn_like(out), qkv, out, lse, 2, 8**-0.5, True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

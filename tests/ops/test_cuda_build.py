@@ -9,6 +9,7 @@ Two layers (GPU code that cannot run here is still built; docs/gpu.md):
 The element-wise arithmetic of the CUDA kernels lives in csrc/include/liftplus_fast/
 (layernorm.h, adaptformer.h, math.h) and is exercised on CPU by test_adaptformer.py.
 """
+
 import pytest
 import torch
 
@@ -22,11 +23,13 @@ STATUS = native_status()
 BUILT_WITH_CUDA = STATUS.loaded and bool(STATUS.build_info.get("cuda"))
 _skip_without_cuda_build = pytest.mark.skipif(
     not BUILT_WITH_CUDA,
-    reason=("native extension not loaded: " + STATUS.reason) if not STATUS.loaded
-    else "liftplus_fast/_build_info.json says the extension was built without CUDA")
+    reason=("native extension not loaded: " + STATUS.reason)
+    if not STATUS.loaded
+    else "liftplus_fast/_build_info.json says the extension was built without CUDA",
+)
 _skip_without_gpu = pytest.mark.skipif(
-    not (BUILT_WITH_CUDA and torch.cuda.is_available()),
-    reason="needs a CUDA device and the extension built with CUDA")
+    not (BUILT_WITH_CUDA and torch.cuda.is_available()), reason="needs a CUDA device and the extension built with CUDA"
+)
 
 
 # Both marks carry `gpu`, so `pytest -m gpu` (make gpu-check) selects every test of this file.
@@ -37,11 +40,15 @@ def needs_cuda_build(test):
 def needs_gpu(test):
     return pytest.mark.gpu(_skip_without_gpu(test))
 
+
 # The ops that have CUDA kernels in csrc/ops/cuda/ (one file per op family).
 CUDA_OPS = [
-    "adaptformer_fwd", "adaptformer_bwd",
-    "la_cosine_ce_fwd", "la_cosine_ce_bwd",
-    "tte_aggregate", "tte_mean_unit_features",
+    "adaptformer_fwd",
+    "adaptformer_bwd",
+    "la_cosine_ce_fwd",
+    "la_cosine_ce_bwd",
+    "tte_aggregate",
+    "tte_mean_unit_features",
 ]
 
 
@@ -50,8 +57,13 @@ def _library_ops():
     from liftplus_fast.ops._library import CPU_ONLY_SCHEMAS
 
     prefix = NAMESPACE + "::"
-    return sorted({s.name[len(prefix):] for s in torch._C._jit_get_all_schemas()
-                   if s.name.startswith(prefix) and s.name[len(prefix):] not in CPU_ONLY_SCHEMAS})
+    return sorted(
+        {
+            s.name[len(prefix) :]
+            for s in torch._C._jit_get_all_schemas()
+            if s.name.startswith(prefix) and s.name[len(prefix) :] not in CPU_ONLY_SCHEMAS
+        }
+    )
 
 
 @needs_cuda_build
@@ -84,6 +96,7 @@ def test_every_library_op_has_a_cuda_kernel():
 # AdaptFormer on a GPU: the CUDA kernel (forced with LIFTPLUS_FAST_BACKEND=cuda) against the
 # reference on the same device.
 
+
 @pytest.fixture
 def cuda_backend(monkeypatch):
     monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", "cuda")
@@ -94,12 +107,24 @@ def to_cuda(ts):
 
 
 @needs_gpu
-@pytest.mark.parametrize("lead,d,r", [
-    ([2, 197], 768, 4), ([3, 50], 768, 8), ([1, 197], 768, 32), ([77], 768, 64),  # fused path
-    ([5, 7], 40, 3), ([33], 17, 1), ([9], 1024, 16), ([4], 300, 13),              # ragged widths
-    ([6, 11], 128, 17), ([50], 64, 33), ([300], 256, 48),                          # unit groups of 16
-    ([2, 65], 768, 96), ([40], 1100, 8),                                           # cuBLAS path
-])
+@pytest.mark.parametrize(
+    "lead,d,r",
+    [
+        ([2, 197], 768, 4),
+        ([3, 50], 768, 8),
+        ([1, 197], 768, 32),
+        ([77], 768, 64),  # fused path
+        ([5, 7], 40, 3),
+        ([33], 17, 1),
+        ([9], 1024, 16),
+        ([4], 300, 13),  # ragged widths
+        ([6, 11], 128, 17),
+        ([50], 64, 33),
+        ([300], 256, 48),  # unit groups of 16
+        ([2, 65], 768, 96),
+        ([40], 1100, 8),  # cuBLAS path
+    ],
+)
 def test_cuda_fp32_matches_reference(cuda_backend, lead, d, r):
     inputs = to_cuda(make_inputs(lead, d, r, seed=d + r))
     grad_out = torch.randn(*lead, d, generator=torch.Generator().manual_seed(1)).cuda()
@@ -111,8 +136,9 @@ def test_cuda_fp32_matches_reference(cuda_backend, lead, d, r):
 @pytest.mark.parametrize("fp32_params", [True, False])
 @pytest.mark.parametrize("d,r", [(768, 8), (768, 64), (96, 5), (768, 128)])
 def test_cuda_low_precision_matches_reference(cuda_backend, dtype, fp32_params, d, r):
-    inputs = to_cuda(make_inputs([3, 41], d, r, dtype=dtype,
-                                 param_dtype=torch.float32 if fp32_params else dtype, seed=r))
+    inputs = to_cuda(
+        make_inputs([3, 41], d, r, dtype=dtype, param_dtype=torch.float32 if fp32_params else dtype, seed=r)
+    )
     grad_out = torch.randn(3, 41, d, generator=torch.Generator().manual_seed(2)).to(dtype).cuda()
     check_low(inputs, grad_out)
 
@@ -137,8 +163,11 @@ def test_cuda_noncontiguous(cuda_backend):
 @pytest.mark.parametrize("lead", [[0], [2, 0]])
 def test_cuda_zero_rows(cuda_backend, lead):
     inputs = to_cuda(make_inputs(lead, 24, 4))
-    y, grads = run(lambda *a: torch.ops.liftplus_fast.adaptformer_fwd(*a[:-1], a[-1].reshape(()), 1e-5)[0],
-                   inputs, torch.randn(*lead, 24).cuda())
+    y, grads = run(
+        lambda *a: torch.ops.liftplus_fast.adaptformer_fwd(*a[:-1], a[-1].reshape(()), 1e-5)[0],
+        inputs,
+        torch.randn(*lead, 24).cuda(),
+    )
     assert y.shape == inputs[0].shape
     for name, g, inp in zip(GRAD_NAMES[2:], grads[2:], inputs[2:]):
         assert g.shape == inp.shape and g.dtype == inp.dtype and not g.any(), name
@@ -167,8 +196,9 @@ def test_cuda_saved_tensors_and_float64_gradcheck():
     # float64 runs the cuBLAS path in float64.
     dbl = [t.double().cuda().requires_grad_() for t in make_inputs([2, 3], 7, 3, seed=11)]
     dbl[-1] = dbl[-1].detach().reshape(()).requires_grad_()
-    assert torch.autograd.gradcheck(lambda *x: torch.ops.liftplus_fast.adaptformer_fwd(*x, 1e-5)[0], dbl,
-                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda *x: torch.ops.liftplus_fast.adaptformer_fwd(*x, 1e-5)[0], dbl, eps=1e-6, atol=1e-6, rtol=1e-5
+    )
 
 
 @needs_gpu
@@ -193,6 +223,7 @@ def test_cuda_reference_on_same_device_is_the_oracle():
 
 # ---------------------------------------------------------------------------------------------
 # LA cosine cross-entropy on a GPU (CUDA kernel forced), against the reference on the device.
+
 
 def ce_cuda(b, k, d, dtype=torch.float32, wdtype=None, seed=0, noncontig=False):
     return [t.cuda() for t in lace.make(b, k, d, dtype, wdtype, seed=seed, noncontig=noncontig)]

@@ -1,4 +1,5 @@
 """Backend selection, forced backends, backend_info and the missing-extension fallback."""
+
 import json
 import os
 import subprocess
@@ -65,11 +66,13 @@ def test_extension_that_defines_its_own_schemas_is_refused(tmp_path, monkeypatch
 
 
 def test_package_works_without_the_extension():
-    code = ("import warnings, torch, liftplus_fast as lf\n"
-            "x = torch.randn(5, 4, 7)\n"
-            "r = lf.ops.tte_aggregate(x)\n"
-            "assert lf.backend_info()['ops']['tte_aggregate']['cpu'] == 'reference'\n"
-            "print('ok', lf.backend_info()['native']['reason'])\n")
+    code = (
+        "import warnings, torch, liftplus_fast as lf\n"
+        "x = torch.randn(5, 4, 7)\n"
+        "r = lf.ops.tte_aggregate(x)\n"
+        "assert lf.backend_info()['ops']['tte_aggregate']['cpu'] == 'reference'\n"
+        "print('ok', lf.backend_info()['native']['reason'])\n"
+    )
     env = dict(os.environ, LIFTPLUS_FAST_DISABLE_NATIVE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,7 @@
 """la_cosine_cross_entropy (fused CPU kernel) against the reference: values, gradients, chunking,
 low precision, float64 gradcheck, opcheck, torch.compile and argument errors. Math and
 tolerances: docs/ops.md."""
+
 import contextlib
 import math
 import os
@@ -15,7 +16,8 @@ from liftplus_fast.ops import reference
 
 pytestmark = pytest.mark.skipif(
     lf.ops.choose("la_cosine_cross_entropy", torch.device("cpu")) != "cpu",
-    reason="the native CPU kernel of la_cosine_cross_entropy is not built")
+    reason="the native CPU kernel of la_cosine_cross_entropy is not built",
+)
 
 OP = torch.ops.liftplus_fast
 LOW = [torch.bfloat16, torch.float16]
@@ -109,8 +111,13 @@ def small_enough(b, k, d):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-@given(shape=shapes, tau=st.sampled_from([0.0, 1.0]), noncontig=st.booleans(),
-       chunked=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    shape=shapes,
+    tau=st.sampled_from([0.0, 1.0]),
+    noncontig=st.booleans(),
+    chunked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_fp32_matches_reference(shape, tau, noncontig, chunked, seed):
     b, k, d = shape
     if not small_enough(b, k, d):
@@ -121,11 +128,16 @@ def test_fp32_matches_reference(shape, tau, noncontig, chunked, seed):
 
 
 @settings(max_examples=20, deadline=None)
-@given(shape=shapes, dtype=st.sampled_from(LOW), weight_fp32=st.booleans(),
-       tau=st.sampled_from([0.0, 1.0]), noncontig=st.booleans(), chunked=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_low_precision_within_twice_pytorch_error(shape, dtype, weight_fp32, tau, noncontig,
-                                                  chunked, seed):
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(LOW),
+    weight_fp32=st.booleans(),
+    tau=st.sampled_from([0.0, 1.0]),
+    noncontig=st.booleans(),
+    chunked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_low_precision_within_twice_pytorch_error(shape, dtype, weight_fp32, tau, noncontig, chunked, seed):
     b, k, d = shape
     if not small_enough(b, k, d):
         k = max(2, 6_000_000 // (b * d))
@@ -133,8 +145,8 @@ def test_low_precision_within_twice_pytorch_error(shape, dtype, weight_fp32, tau
     feat, weight, labels, log_prior = make(b, k, d, dtype, wdtype, seed=seed, noncontig=noncontig)
     with chunking(chunk=97 if chunked else None, store=0 if chunked else None):
         out = fused(feat, weight, labels, log_prior, tau=tau)
-    low = ref(feat, weight, labels, log_prior, tau=tau)                    # P: PyTorch in low precision
-    hi = ref(feat.float(), weight.float(), labels, log_prior, tau=tau)    # R: fp32 on upcast inputs
+    low = ref(feat, weight, labels, log_prior, tau=tau)  # P: PyTorch in low precision
+    hi = ref(feat.float(), weight.float(), labels, log_prior, tau=tau)  # R: fp32 on upcast inputs
     assert out[0].dtype == torch.float32
     assert out[1].dtype == dtype and out[2].dtype == dtype and out[3].dtype == wdtype
     gs = grad_scale(feat.float(), weight.float())
@@ -202,14 +214,12 @@ def test_gradcheck_float64(compute_grad, chunked):
     with chunking(chunk=3 if chunked else None, store=0 if chunked else None):
         # A repeated backward through the retained graph recomputes the gradients (the forward's
         # were handed over to autograd), so repeats agree to rounding, not bit for bit.
-        assert torch.autograd.gradcheck(fn, (feat.requires_grad_(), weight.requires_grad_()),
-                                        nondet_tol=1e-12)
+        assert torch.autograd.gradcheck(fn, (feat.requires_grad_(), weight.requires_grad_()), nondet_tol=1e-12)
 
 
 def test_float64_matches_float64_math():
     feat, weight, labels, log_prior = make(6, 11, 7, torch.float64)
-    loss, logits, _, _, _ = OP.la_cosine_ce_fwd(feat, weight, labels, log_prior.double(), 25.0, 1.0,
-                                                True, False)
+    loss, logits, _, _, _ = OP.la_cosine_ce_fwd(feat, weight, labels, log_prior.double(), 25.0, 1.0, True, False)
     z = 25.0 * torch.nn.functional.normalize(feat) @ torch.nn.functional.normalize(weight).T
     exp = torch.nn.functional.cross_entropy(z + log_prior.double(), labels)
     torch.testing.assert_close(loss, exp, rtol=1e-12, atol=1e-12)
@@ -222,12 +232,14 @@ def test_opcheck(dtype):
     fwd = OP.la_cosine_ce_fwd.default
     for ret in (False, True):
         for grad in (False, True):
-            torch.library.opcheck(fwd, (feat.requires_grad_(), weight.requires_grad_(), labels,
-                                        log_prior, 25.0, 1.0, ret, grad))
+            torch.library.opcheck(
+                fwd, (feat.requires_grad_(), weight.requires_grad_(), labels, log_prior, 25.0, 1.0, ret, grad)
+            )
     _, _, lse, _, _ = fwd(feat, weight, labels, log_prior, 25.0, 1.0, False, False)
-    torch.library.opcheck(OP.la_cosine_ce_bwd.default,
-                          (torch.tensor(1.0), feat.detach(), weight.detach(), labels, log_prior,
-                           lse, 25.0, 1.0))
+    torch.library.opcheck(
+        OP.la_cosine_ce_bwd.default,
+        (torch.tensor(1.0), feat.detach(), weight.detach(), labels, log_prior, lse, 25.0, 1.0),
+    )
 
 
 def test_torch_compile_fullgraph_matches_eager():

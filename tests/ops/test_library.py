@@ -1,4 +1,5 @@
 """One schema and one autograd per op, shared by the native and the Triton namespace."""
+
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ def _schema_text(namespace, name):
     schema = str(_library.op(namespace, name).default._schema)
     prefix = f"{namespace}::"
     assert schema.startswith(prefix + name)
-    return schema[len(prefix):]
+    return schema[len(prefix) :]
 
 
 def _expected(name):

@@ -1,4 +1,5 @@
 """linear_gelu: the fused bias + QuickGELU/GELU CPU kernel against the published computation."""
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +16,7 @@ KINDS = ["quick", "erf", "tanh"]
 def inputs(rows, d, f, dtype, bias_dtype=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, d, generator=g, dtype=torch.float64).to(dtype)
-    w = (torch.randn(f, d, generator=g, dtype=torch.float64) * d ** -0.5).to(dtype)
+    w = (torch.randn(f, d, generator=g, dtype=torch.float64) * d**-0.5).to(dtype)
     b = torch.randn(f, generator=g, dtype=torch.float64).to(bias_dtype or dtype)
     return x, w, b
 
@@ -33,15 +34,22 @@ def err(a, b):
 
 @needs_native
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.integers(1, 40), d=st.integers(1, 24), f=st.integers(1, 70), kind=st.sampled_from(KINDS),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), trained_bias=st.booleans(),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    rows=st.integers(1, 40),
+    d=st.integers(1, 24),
+    f=st.integers(1, 70),
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    trained_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_the_published_computation(rows, d, f, kind, dtype, trained_bias, seed):
     args = inputs(rows, d, f, dtype, torch.float32 if trained_bias else dtype, seed)
     grad = torch.randn(rows, f, generator=torch.Generator().manual_seed(seed + 1))
     got = run(lambda *a: lf.ops.linear_gelu(*a, kind), args, grad)
-    truth = run(lambda x, w, b: reference_linear_gelu(x, w, b.to(x.dtype), kind),
-                [a.double() for a in args], grad.double())
+    truth = run(
+        lambda x, w, b: reference_linear_gelu(x, w, b.to(x.dtype), kind), [a.double() for a in args], grad.double()
+    )
     if dtype == torch.float32:
         for g, t in zip(got, truth):
             assert err(g, t) <= 1e-5 * (float(t.abs().max()) + 1)

@@ -6,6 +6,7 @@ interpreter tiles are 16 × 16 × 32), and large enough to split classes / rows 
 Backend-specific behaviour (saved tensors, determinism, limits, gradcheck, compile) stays in
 the per-op test files.
 """
+
 import pytest
 import torch
 
@@ -25,9 +26,15 @@ def _af_inputs(shape, r, dtype, device, seed):
     a = (torch.randn(shape, generator=g) + 0.5).to(dtype)
     m = torch.randn(shape, generator=g).to(dtype)
     gy = torch.randn(shape, generator=g).to(dtype)
-    ps = [1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
-          torch.randn(r, d, generator=g) / d ** 0.5, 0.1 * torch.randn(r, generator=g),
-          torch.randn(d, r, generator=g) / r ** 0.5, 0.1 * torch.randn(d, generator=g), torch.tensor(0.7)]
+    ps = [
+        1 + 0.1 * torch.randn(d, generator=g),
+        0.1 * torch.randn(d, generator=g),
+        torch.randn(r, d, generator=g) / d**0.5,
+        0.1 * torch.randn(r, generator=g),
+        torch.randn(d, r, generator=g) / r**0.5,
+        0.1 * torch.randn(d, generator=g),
+        torch.tensor(0.7),
+    ]
     return [t.to(device) for t in [a, m, *ps]], gy.to(device)
 
 

@@ -19,10 +19,15 @@ test_cpu_tests_under_interpreter = interpreter_runner(__file__)
 
 
 def _params(d, r, g, device="cpu"):
-    ps = [1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
-          torch.randn(r, d, generator=g) / d ** 0.5, 0.1 * torch.randn(r, generator=g),
-          torch.randn(d, r, generator=g) / r ** 0.5, 0.1 * torch.randn(d, generator=g),
-          torch.tensor(0.7)]
+    ps = [
+        1 + 0.1 * torch.randn(d, generator=g),
+        0.1 * torch.randn(d, generator=g),
+        torch.randn(r, d, generator=g) / d**0.5,
+        0.1 * torch.randn(r, generator=g),
+        torch.randn(d, r, generator=g) / r**0.5,
+        0.1 * torch.randn(d, generator=g),
+        torch.tensor(0.7),
+    ]
     return [p.to(device).requires_grad_() for p in ps]
 
 

@@ -41,8 +41,11 @@ def _data(b, k, d, seed, dtype=torch.float32):
 def test_tau_and_scale_are_used():
     f, w, y, lp = _data(9, 30, 16, 1)
     for scale, tau in [(10.0, 0.0), (30.0, 2.0)]:
-        assert_matches(NAMES, _run(T.la_cosine_cross_entropy, f, w, y, lp, scale, tau),
-               _run(reference.la_cosine_cross_entropy, f, w, y, lp, scale, tau))
+        assert_matches(
+            NAMES,
+            _run(T.la_cosine_cross_entropy, f, w, y, lp, scale, tau),
+            _run(reference.la_cosine_cross_entropy, f, w, y, lp, scale, tau),
+        )
 
 
 def test_deterministic_and_without_logits():

@@ -23,7 +23,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def test_first_maximum_wins_across_chunks():
     x = torch.zeros(2, 3, 40)
     x[:, 1, 2] = 1.0
-    x[:, 1, 35] = 1.0   # equal maximum in a later 16-wide chunk
+    x[:, 1, 35] = 1.0  # equal maximum in a later 16-wide chunk
     x[:, 2, 20] = 2.0
     x[:, 2, 21] = 2.0
     out = T.tte_aggregate(x)
@@ -71,5 +71,6 @@ def test_gpu_full_size(dtype, b, k):
     torch.testing.assert_close(out.logits.float(), ref.logits.float(), rtol=tol, atol=tol)
     assert torch.equal(out.pred, out.logits.argmax(-1))
     f = torch.randn(5, b, 768, device="cuda").to(dtype)
-    torch.testing.assert_close(T.tte_mean_unit_features(f).float(),
-                               reference.tte_mean_unit_features(f).float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        T.tte_mean_unit_features(f).float(), reference.tte_mean_unit_features(f).float(), rtol=tol, atol=tol
+    )

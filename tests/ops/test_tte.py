@@ -2,6 +2,7 @@
 
 Math and tolerances: docs/ops.md.
 """
+
 import pytest
 import torch
 
@@ -82,8 +83,14 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)
-@given(c=st.integers(1, 6), b=st.integers(0, 40), k=st.integers(1, 3000),
-       dtype=st.sampled_from(DTYPES), ties=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    c=st.integers(1, 6),
+    b=st.integers(0, 40),
+    k=st.integers(1, 3000),
+    dtype=st.sampled_from(DTYPES),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_tte_hypothesis_shapes(c, b, k, dtype, ties, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(c, b, k, generator=g)

@@ -8,6 +8,7 @@ tests skip, and its ``test_cpu_tests_under_interpreter`` calls :func:`run_under_
 which reruns the module in a fresh pytest subprocess with the variable set. The parent's
 environment is never changed.
 """
+
 import os
 import subprocess
 import sys
@@ -20,8 +21,8 @@ RUNNER_TEST = "test_cpu_tests_under_interpreter"
 
 def _in_interpreter_process() -> bool:
     try:
-        from triton.runtime.interpreter import InterpretedFunction
         import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
     except ImportError:
         return False
     return os.environ.get("TRITON_INTERPRET") == "1" and isinstance(tl.sum, InterpretedFunction)
@@ -42,9 +43,25 @@ def run_under_interpreter(test_file: str, *pytest_args: str) -> None:
     with ``TRITON_INTERPRET=1``."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("LIFTPLUS_FAST_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-                           *pytest_args, os.path.abspath(test_file)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not gpu",
+            *pytest_args,
+            os.path.abspath(test_file),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 

@@ -1,4 +1,5 @@
 """Shared pieces of the fault-injection suite: tiny runs, a tiny list-file data set, folder snapshots."""
+
 import hashlib
 import os
 
@@ -7,8 +8,17 @@ import pytest
 from PIL import Image
 
 # The tiny embedded setting of the other tests: digits, a random 32x32 ViT, one epoch of 3 steps.
-TINY = dict(dataset="digits_lt", backbone="tiny_vit", pretrained=None, resolution=32, batch_size=128,
-            num_workers=0, progress=False, prec_train="fp32", prec_test="fp32")
+TINY = dict(
+    dataset="digits_lt",
+    backbone="tiny_vit",
+    pretrained=None,
+    resolution=32,
+    batch_size=128,
+    num_workers=0,
+    progress=False,
+    prec_train="fp32",
+    prec_test="fp32",
+)
 
 
 def snapshot(folder):

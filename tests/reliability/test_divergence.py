@@ -1,4 +1,5 @@
 """A diverging run stops with an error naming epoch and step, and keeps its last good checkpoint."""
+
 import os
 
 import pytest
@@ -41,8 +42,11 @@ def nan_loss_at(monkeypatch, epoch, step):
 
 def test_huge_lr_stops_with_the_epoch_and_step(root, tmp_path):
     out = str(tmp_path / "out")
-    with pytest.raises(DivergenceError, match=r"non-finite loss \(nan\) at epoch 1, step \d+ of 3; the run is "
-                                              r"stopped \(no checkpoint had been written\)"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"non-finite loss \(nan\) at epoch 1, step \d+ of 3; the run is "
+        r"stopped \(no checkpoint had been written\)",
+    ):
         lf.fast_train(method="lift+", output_dir=out, **list_run_args(root, lr=1e6, num_epochs=2))
     # no NaN checkpoint, no metrics (the training log's TensorBoard folder is there)
     assert sorted(os.listdir(out)) == ["config.json", "log.txt", "tensorboard"]
@@ -77,6 +81,7 @@ def test_finite_losses_with_exploding_parameters_are_not_checkpointed(root, tmp_
     # caught before the epoch's checkpoint is written.
     out = str(tmp_path / "out")
     with pytest.raises(DivergenceError, match="parameters became non-finite during epoch 1"):
-        lf.fast_train(method="lift+", output_dir=out, **list_run_args(root, nonfinite_loss="skip", lr=1e30,
-                                                                         classifier_scale=1e30))
+        lf.fast_train(
+            method="lift+", output_dir=out, **list_run_args(root, nonfinite_loss="skip", lr=1e30, classifier_scale=1e30)
+        )
     assert not os.path.exists(os.path.join(out, "checkpoint.pth.tar"))

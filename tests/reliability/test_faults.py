@@ -1,4 +1,5 @@
 """Broken files, full disks and bad data: one sentence naming the file and the cause, nothing lost."""
+
 import argparse
 import errno
 import logging
@@ -13,13 +14,14 @@ import liftplus_fast as lf
 from liftplus_fast import checkpoint as ckpt_mod
 from liftplus_fast import train as train_mod
 from liftplus_fast.checkpoint import OutputWriteError, load_checkpoint, save_checkpoint
-from liftplus_fast.cli import error_sentence, main as cli_main
+from liftplus_fast.cli import error_sentence
+from liftplus_fast.cli import main as cli_main
 from liftplus_fast.data import CorruptImageError, load_rgb_image
 
 from .conftest import list_run_args, make_list_dataset, snapshot
 
-
 # --- images -------------------------------------------------------------------------------------
+
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
@@ -66,6 +68,7 @@ def test_worker_errors_are_reported_as_the_original_sentence(tmp_path):
 
 # --- list files and class names -----------------------------------------------------------------
 
+
 def test_utf8_bom_in_list_file_is_not_part_of_the_first_path(tmp_path):
     root = make_list_dataset(str(tmp_path / "data"))
     for split in ("train", "test"):
@@ -98,10 +101,14 @@ def test_one_class_data_set_is_refused(tmp_path):
 
 # --- late failures become early ones ------------------------------------------------------------
 
-@pytest.mark.parametrize("damage, match", [
-    ("missing_test_image", r"1 of 6 images listed in .*test\.txt are missing: .*test_2_1\.png"),
-    ("empty_test_list", r"the test split has no images \(.*test\.txt is empty\)"),
-])
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("missing_test_image", r"1 of 6 images listed in .*test\.txt are missing: .*test_2_1\.png"),
+        ("empty_test_list", r"the test split has no images \(.*test\.txt is empty\)"),
+    ],
+)
 def test_test_split_problems_are_found_before_training(damage, match, tmp_path, monkeypatch):
     root = make_list_dataset(str(tmp_path / "data"))
     if damage == "missing_test_image":
@@ -118,6 +125,7 @@ def test_test_split_problems_are_found_before_training(damage, match, tmp_path, 
 
 # --- checkpoints --------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def good_checkpoint(tmp_path):
     path = str(tmp_path / "checkpoint.pth.tar")
@@ -125,12 +133,15 @@ def good_checkpoint(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ("empty", "the file is empty"),
-    ("truncated", r"not a PyTorch checkpoint \(\d+ bytes, not a zip archive: truncated or another format\)"),
-    ("random", r"not a PyTorch checkpoint"),
-    ("pickled_object", "it holds Python objects other than tensors"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("empty", "the file is empty"),
+        ("truncated", r"not a PyTorch checkpoint \(\d+ bytes, not a zip archive: truncated or another format\)"),
+        ("random", r"not a PyTorch checkpoint"),
+        ("pickled_object", "it holds Python objects other than tensors"),
+    ],
+)
 def test_unreadable_checkpoint_says_why(damage, reason, good_checkpoint):
     data = open(good_checkpoint, "rb").read()
     if damage == "empty":
@@ -171,15 +182,37 @@ def test_full_disk_during_training_is_one_sentence_on_the_command_line(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod.os, "fsync", full)
-    code = cli_main(["train", "-d", "imagenet_lt", "-b", "tiny_vit", "--root", root, "--output-dir",
-                     str(tmp_path / "out"), "--no-progress", "num_epochs", "1", "resolution", "32",
-                     "batch_size", "4", "num_workers", "0", "prec_train", "fp32"])
+    code = cli_main(
+        [
+            "train",
+            "-d",
+            "imagenet_lt",
+            "-b",
+            "tiny_vit",
+            "--root",
+            root,
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "num_epochs",
+            "1",
+            "resolution",
+            "32",
+            "batch_size",
+            "4",
+            "num_workers",
+            "0",
+            "prec_train",
+            "fp32",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("liftplus-fast: error: could not write ") and "No space left on device" in err
 
 
 # --- precision ----------------------------------------------------------------------------------
+
 
 def test_fp16_on_cpu_is_logged_as_the_bf16_it_runs(tmp_path):
     root = make_list_dataset(str(tmp_path / "data"), n_train=2, n_test=1)

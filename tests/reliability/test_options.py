@@ -1,4 +1,5 @@
 """Every option is type- and range-checked by name when the config is built, LiftConfig included."""
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -7,14 +8,34 @@ from liftplus_fast.cli import main as cli_main
 from liftplus_fast.config import OPTION_CHECKS, LiftConfig, check_option, make_config
 
 
-@pytest.mark.parametrize("name, text", [
-    ("lr", "abc"), ("weight_decay", "abc"), ("momentum", "abc"), ("seed", "abc"), ("la_tau", "abc"),
-    ("expand", "abc"), ("resolution", "abc"), ("v.adaptformer_dim", "abc"),
-    ("tte", "maybe"), ("mean", "[0.5]"), ("num_workers", "-1"), ("v.adaptformer_dim", "0"),
-    ("num_epochs", "0"), ("lr", "nan"), ("lr", "-1"), ("momentum", "1.5"), ("std", "[1, 0, 1]"),
-    ("batch_size", "2.5"), ("loss_type", "nope"), ("dist_timeout", "0"), ("nonfinite_loss", "ignore"),
-    ("v.lora_layers", "range("), ("dataset", "''"),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("lr", "abc"),
+        ("weight_decay", "abc"),
+        ("momentum", "abc"),
+        ("seed", "abc"),
+        ("la_tau", "abc"),
+        ("expand", "abc"),
+        ("resolution", "abc"),
+        ("v.adaptformer_dim", "abc"),
+        ("tte", "maybe"),
+        ("mean", "[0.5]"),
+        ("num_workers", "-1"),
+        ("v.adaptformer_dim", "0"),
+        ("num_epochs", "0"),
+        ("lr", "nan"),
+        ("lr", "-1"),
+        ("momentum", "1.5"),
+        ("std", "[1, 0, 1]"),
+        ("batch_size", "2.5"),
+        ("loss_type", "nope"),
+        ("dist_timeout", "0"),
+        ("nonfinite_loss", "ignore"),
+        ("v.lora_layers", "range("),
+        ("dataset", "''"),
+    ],
+)
 def test_bad_value_is_rejected_naming_the_option(name, text):
     with pytest.raises(ValueError, match=rf"option {name} must be "):
         make_config("lift+", opts=[name, text])
@@ -53,11 +74,38 @@ def test_every_field_has_a_check():
 
 # Values as a user types them: numbers, words, lists, expressions, blanks.
 _texts = st.one_of(
-    st.integers(-10**6, 10**6).map(str),
+    st.integers(-(10**6), 10**6).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["True", "False", "None", "nan", "inf", "-inf", "", " ", "[]", "[0.5]", "[1, 2, 3]",
-                     "(0.1, 0.2, 0.3)", "range(3)", "range(", "{}", "'x'", "abc", "CE", "LA", "skip",
-                     "fp16", "1e999", "0x10", "[True, 1, 2]", "CosineClassifier", "mlp"]),
+    st.sampled_from(
+        [
+            "True",
+            "False",
+            "None",
+            "nan",
+            "inf",
+            "-inf",
+            "",
+            " ",
+            "[]",
+            "[0.5]",
+            "[1, 2, 3]",
+            "(0.1, 0.2, 0.3)",
+            "range(3)",
+            "range(",
+            "{}",
+            "'x'",
+            "abc",
+            "CE",
+            "LA",
+            "skip",
+            "fp16",
+            "1e999",
+            "0x10",
+            "[True, 1, 2]",
+            "CosineClassifier",
+            "mlp",
+        ]
+    ),
     st.text(max_size=12),
 )
 
@@ -71,8 +119,9 @@ def test_random_values_at_the_command_line_parser(name, text):
         # Every rejection names the option it rejects.
         assert name in str(exc), (name, text, str(exc))
         return
-    target, field = (cfg.v, name[2:]) if name.startswith("v.") else \
-        (cfg.l, name[2:]) if name.startswith("l.") else (cfg, name)
+    target, field = (
+        (cfg.v, name[2:]) if name.startswith("v.") else (cfg.l, name[2:]) if name.startswith("l.") else (cfg, name)
+    )
     value = getattr(target, field)
     # An accepted value passes its own check unchanged: what config.json records is what runs.
     assert check_option(name, value) == value

@@ -1,4 +1,5 @@
 """Resume rules and output folders: nothing of a finished run is replaced or mixed silently."""
+
 import json
 import os
 import shutil
@@ -124,8 +125,9 @@ def test_outputs_respect_the_umask(finished):
 
 def test_the_resume_rule_frees_only_options_that_do_not_change_training():
     cfg = lf.make_config("lift+", {"num_classes": 10}).to_dict()
-    changed = dict(cfg, root="/elsewhere", num_workers=0, tte=True, seed=7, prec_train="fp32",
-                   v=dict(cfg["v"], adaptformer_dim=64))
+    changed = dict(
+        cfg, root="/elsewhere", num_workers=0, tte=True, seed=7, prec_train="fp32", v=dict(cfg["v"], adaptformer_dim=64)
+    )
     names = [c[0] for c in resume_conflicts(cfg, changed)]
     assert names == ["prec_train", "seed", "v.adaptformer_dim"]
     assert {"num_epochs", "lr", "batch_size", "seed", "method"}.isdisjoint(RESUME_FREE_OPTIONS)

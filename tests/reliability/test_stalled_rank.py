@@ -1,4 +1,5 @@
 """A stalled process ends a data-parallel job with an error after ``dist_timeout`` seconds."""
+
 import datetime
 import os
 import signal
@@ -6,7 +7,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -43,10 +43,21 @@ def test_stalled_rank_ends_the_collective_after_the_timeout(tmp_path):
     port = _free_port()
     procs = []
     for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), "3"], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            PYTHONPATH=ROOT,
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     try:
         out, err = procs[0].communicate(timeout=120)
     finally:
@@ -72,8 +83,15 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="stop here"):
-        lf.fast_train(dataset="digits_lt", backbone="tiny_vit", pretrained=None, output_dir=None,
-                      dist_timeout=42, device="cpu", progress=False)
+        lf.fast_train(
+            dataset="digits_lt",
+            backbone="tiny_vit",
+            pretrained=None,
+            output_dir=None,
+            dist_timeout=42,
+            device="cpu",
+            progress=False,
+        )
     assert seen["timeout"] == datetime.timedelta(seconds=42) and seen["backend"] == "gloo"
 
 

@@ -43,8 +43,8 @@ inline void la_ce_args(const at::Tensor& feat, const at::Tensor& weight, const a
   TORCH_CHECK(feat.size(0) > 0, "feat must hold at least one row; got ", describe(feat));
   TORCH_CHECK(weight.dim() == 2 && is_float_like(weight), "weight must be a 2-D float tensor [K, D]; got ",
               describe(weight));
-  TORCH_CHECK(weight.size(1) == feat.size(1) && weight.size(0) > 0, "weight must have shape [K >= 1, ",
-              feat.size(1), "] to match feat; got ", describe(weight));
+  TORCH_CHECK(weight.size(1) == feat.size(1) && weight.size(0) > 0, "weight must have shape [K >= 1, ", feat.size(1),
+              "] to match feat; got ", describe(weight));
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == feat.size(0),
               "labels must be an int64 tensor of shape [", feat.size(0), "]; got ", describe(labels));
   TORCH_CHECK(log_prior.dim() == 1 && log_prior.size(0) == weight.size(0) && is_float_like(log_prior),
@@ -55,13 +55,13 @@ inline void la_ce_args(const at::Tensor& feat, const at::Tensor& weight, const a
 }
 
 inline void adaptformer_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_float_like(t), "adaptformer: ", name, " must be float32, bfloat16, float16 or float64; got ",
-              name, " with ", describe(t));
+  TORCH_CHECK(is_float_like(t), "adaptformer: ", name, " must be float32, bfloat16, float16 or float64; got ", name,
+              " with ", describe(t));
 }
 
 inline void adaptformer_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, "adaptformer: ", name, " must have shape ", expected, "; got ", name,
-              " with ", describe(t));
+  TORCH_CHECK(t.sizes() == expected, "adaptformer: ", name, " must have shape ", expected, "; got ", name, " with ",
+              describe(t));
 }
 
 // AdaptFormer parameters against `a`; returns (D, r).
@@ -74,16 +74,16 @@ inline std::pair<int64_t, int64_t> adaptformer_params(const at::Tensor& a, const
   TORCH_CHECK(a.dim() >= 1 && a.size(-1) > 0, "adaptformer: a must have a non-empty last dimension; got a with ",
               describe(a));
   const int64_t D = a.size(-1);
-  const std::pair<const at::Tensor*, const char*> params[] = {
-      {&ln_w, "ln_w"}, {&ln_b, "ln_b"}, {&down_w, "down_w"}, {&down_b, "down_b"},
-      {&up_w, "up_w"}, {&up_b, "up_b"}, {&scale, "scale"}};
+  const std::pair<const at::Tensor*, const char*> params[] = {{&ln_w, "ln_w"},     {&ln_b, "ln_b"}, {&down_w, "down_w"},
+                                                              {&down_b, "down_b"}, {&up_w, "up_w"}, {&up_b, "up_b"},
+                                                              {&scale, "scale"}};
   check_device(a, "adaptformer", "a", a, "a", kind);
   for (const auto& [t, name] : params) {
     check_device(*t, "adaptformer", name, a, "a", kind);
     adaptformer_float(*t, name);
   }
-  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == D && down_w.size(0) > 0, "adaptformer: down_w must have shape [r, ",
-              D, "] with r >= 1; got down_w with ", describe(down_w));
+  TORCH_CHECK(down_w.dim() == 2 && down_w.size(1) == D && down_w.size(0) > 0,
+              "adaptformer: down_w must have shape [r, ", D, "] with r >= 1; got down_w with ", describe(down_w));
   const int64_t r = down_w.size(0);
   adaptformer_shape(ln_w, "ln_w", {D});
   adaptformer_shape(ln_b, "ln_b", {D});
@@ -98,8 +98,7 @@ inline std::pair<int64_t, int64_t> adaptformer_params(const at::Tensor& a, const
 inline void adaptformer_like_a(const at::Tensor& t, const char* name, const at::Tensor& a, c10::DeviceType kind) {
   check_device(t, "adaptformer", name, a, "a", kind);
   TORCH_CHECK(t.sizes() == a.sizes() && t.scalar_type() == a.scalar_type(), "adaptformer: ", name,
-              " must match a (shape ", a.sizes(), ", dtype ", a.scalar_type(), "); got ", name, " with ",
-              describe(t));
+              " must match a (shape ", a.sizes(), ", dtype ", a.scalar_type(), "); got ", name, " with ", describe(t));
 }
 
 // adaptformer_fwd arguments; returns (D, r).
@@ -114,13 +113,10 @@ inline std::pair<int64_t, int64_t> adaptformer_fwd_args(const at::Tensor& a, con
 }
 
 // adaptformer_bwd arguments, including the statistics saved by the forward; returns (D, r).
-inline std::pair<int64_t, int64_t> adaptformer_bwd_args(const at::Tensor& gy, const at::Tensor& a,
-                                                        const at::Tensor& ln_w, const at::Tensor& ln_b,
-                                                        const at::Tensor& down_w, const at::Tensor& down_b,
-                                                        const at::Tensor& up_w, const at::Tensor& up_b,
-                                                        const at::Tensor& scale, const at::Tensor& mean,
-                                                        const at::Tensor& rstd, const at::Tensor& z,
-                                                        c10::DeviceType kind) {
+inline std::pair<int64_t, int64_t> adaptformer_bwd_args(
+    const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w, const at::Tensor& ln_b, const at::Tensor& down_w,
+    const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b, const at::Tensor& scale,
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& z, c10::DeviceType kind) {
   const auto [D, r] = adaptformer_params(a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, kind);
   adaptformer_like_a(gy, "grad_y", a, kind);
   const int64_t N = a.numel() / D;

@@ -39,7 +39,9 @@ inline float exp_fast(float x) {
   const float res = x < -87.3f ? 0.f : v;
   return x == x ? res : x;
 }
-inline double exp_fast(double x) { return std::exp(x); }
+inline double exp_fast(double x) {
+  return std::exp(x);
+}
 
 template <typename A>
 inline A neg_inf() {
@@ -69,8 +71,7 @@ inline A dot(const X* x, const V* v, int64_t n) {
   A acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j)
-      acc[j] += static_cast<A>(x[i + j]) * static_cast<A>(v[i + j]);
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += static_cast<A>(x[i + j]) * static_cast<A>(v[i + j]);
   for (; i < n; ++i) acc[0] += static_cast<A>(x[i]) * static_cast<A>(v[i]);
   A s = 0;
   for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
@@ -144,8 +145,7 @@ inline A exp_sum(A* z, int64_t n, A m) {
 //   out_k = (softmax_k − [k == y]) · g · cs_k,   g = grad_loss / B.
 // softmax_k = z_k · mul when kStored (z holds exp(z − m), mul = 1/sum), else exp(z_k − lse).
 template <bool kStored, typename T, typename A>
-inline void logit_grad(const A* z, A mul_or_lse, A g, const A* cs, int64_t n, int64_t y_local,
-                       T* out) {
+inline void logit_grad(const A* z, A mul_or_lse, A g, const A* cs, int64_t n, int64_t y_local, T* out) {
   for (int64_t k = 0; k < n; ++k) {
     A p;
     if constexpr (kStored) {

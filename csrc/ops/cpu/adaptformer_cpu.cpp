@@ -16,8 +16,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -102,8 +102,8 @@ struct Buf {
 
 // out[i*ldo + j] = Σ_d X[i*ldx + d]·Wm[j*ldw + d] + bias[j], for RT rows × RJ columns.
 template <typename T, int RT, int RJ>
-inline void dots_block(const T* X, int64_t ldx, const T* Wm, int64_t ldw, int64_t Dp, T* out,
-                       int64_t ldo, const T* bias) {
+inline void dots_block(const T* X, int64_t ldx, const T* Wm, int64_t ldw, int64_t Dp, T* out, int64_t ldo,
+                       const T* bias) {
   using V = VecOf<T>;
   constexpr int W = Simd<T>::W;
   V acc[RT][RJ];
@@ -129,38 +129,52 @@ inline void dots_block(const T* X, int64_t ldx, const T* Wm, int64_t ldw, int64_
 }
 
 template <typename T, int RT>
-inline void dots_rows(const T* X, int64_t ldx, const T* Wm, int64_t ldw, int64_t Dp, int64_t r,
-                      T* out, int64_t ldo, const T* bias) {
+inline void dots_rows(const T* X, int64_t ldx, const T* Wm, int64_t ldw, int64_t Dp, int64_t r, T* out, int64_t ldo,
+                      const T* bias) {
   int64_t j = 0;
   for (; j + 4 <= r; j += 4)
     dots_block<T, RT, 4>(X, ldx, Wm + j * ldw, ldw, Dp, out + j, ldo, bias ? bias + j : nullptr);
   const T* b = bias ? bias + j : nullptr;
   switch (r - j) {
-    case 3: dots_block<T, RT, 3>(X, ldx, Wm + j * ldw, ldw, Dp, out + j, ldo, b); break;
-    case 2: dots_block<T, RT, 2>(X, ldx, Wm + j * ldw, ldw, Dp, out + j, ldo, b); break;
-    case 1: dots_block<T, RT, 1>(X, ldx, Wm + j * ldw, ldw, Dp, out + j, ldo, b); break;
-    default: break;
+    case 3:
+      dots_block<T, RT, 3>(X, ldx, Wm + j * ldw, ldw, Dp, out + j, ldo, b);
+      break;
+    case 2:
+      dots_block<T, RT, 2>(X, ldx, Wm + j * ldw, ldw, Dp, out + j, ldo, b);
+      break;
+    case 1:
+      dots_block<T, RT, 1>(X, ldx, Wm + j * ldw, ldw, Dp, out + j, ldo, b);
+      break;
+    default:
+      break;
   }
 }
 
 // out[nt × r] = X[nt × Dp] · Wm[r × Dp]ᵀ (+ bias).
 template <typename T>
-void gemm_dots(const T* X, int64_t ldx, int64_t nt, const T* Wm, int64_t ldw, int64_t Dp,
-               int64_t r, T* out, int64_t ldo, const T* bias) {
+void gemm_dots(const T* X, int64_t ldx, int64_t nt, const T* Wm, int64_t ldw, int64_t Dp, int64_t r, T* out,
+               int64_t ldo, const T* bias) {
   int64_t i = 0;
   for (; i + 4 <= nt; i += 4) dots_rows<T, 4>(X + i * ldx, ldx, Wm, ldw, Dp, r, out + i * ldo, ldo, bias);
   switch (nt - i) {
-    case 3: dots_rows<T, 3>(X + i * ldx, ldx, Wm, ldw, Dp, r, out + i * ldo, ldo, bias); break;
-    case 2: dots_rows<T, 2>(X + i * ldx, ldx, Wm, ldw, Dp, r, out + i * ldo, ldo, bias); break;
-    case 1: dots_rows<T, 1>(X + i * ldx, ldx, Wm, ldw, Dp, r, out + i * ldo, ldo, bias); break;
-    default: break;
+    case 3:
+      dots_rows<T, 3>(X + i * ldx, ldx, Wm, ldw, Dp, r, out + i * ldo, ldo, bias);
+      break;
+    case 2:
+      dots_rows<T, 2>(X + i * ldx, ldx, Wm, ldw, Dp, r, out + i * ldo, ldo, bias);
+      break;
+    case 1:
+      dots_rows<T, 1>(X + i * ldx, ldx, Wm, ldw, Dp, r, out + i * ldo, ldo, bias);
+      break;
+    default:
+      break;
   }
 }
 
 // Y[i*ldy + d0 + k*W] = init + Σ_j C[i*ldc + j]·Wm[j*ldw + d0 + k*W], RT rows × RD vectors.
 template <typename T, int RT, int RD>
-inline void expand_block(const T* C, int64_t ldc, const T* Wm, int64_t ldw, int64_t r, T* Y,
-                         int64_t ldy, const T* bias) {
+inline void expand_block(const T* C, int64_t ldc, const T* Wm, int64_t ldw, int64_t r, T* Y, int64_t ldy,
+                         const T* bias) {
   using V = VecOf<T>;
   constexpr int W = Simd<T>::W;
   V acc[RT][RD];
@@ -188,8 +202,8 @@ inline void expand_block(const T* C, int64_t ldc, const T* Wm, int64_t ldw, int6
 }
 
 template <typename T, int RT>
-inline void expand_rows(const T* C, int64_t ldc, const T* Wm, int64_t ldw, int64_t r, int64_t Dp,
-                        T* Y, int64_t ldy, const T* bias) {
+inline void expand_rows(const T* C, int64_t ldc, const T* Wm, int64_t ldw, int64_t r, int64_t Dp, T* Y, int64_t ldy,
+                        const T* bias) {
   constexpr int W = Simd<T>::W;
   constexpr int RD = 4;
   int64_t d = 0;
@@ -197,31 +211,44 @@ inline void expand_rows(const T* C, int64_t ldc, const T* Wm, int64_t ldw, int64
     expand_block<T, RT, RD>(C, ldc, Wm + d, ldw, r, Y + d, ldy, bias ? bias + d : nullptr);
   const T* b = bias ? bias + d : nullptr;
   switch ((Dp - d) / W) {
-    case 3: expand_block<T, RT, 3>(C, ldc, Wm + d, ldw, r, Y + d, ldy, b); break;
-    case 2: expand_block<T, RT, 2>(C, ldc, Wm + d, ldw, r, Y + d, ldy, b); break;
-    case 1: expand_block<T, RT, 1>(C, ldc, Wm + d, ldw, r, Y + d, ldy, b); break;
-    default: break;
+    case 3:
+      expand_block<T, RT, 3>(C, ldc, Wm + d, ldw, r, Y + d, ldy, b);
+      break;
+    case 2:
+      expand_block<T, RT, 2>(C, ldc, Wm + d, ldw, r, Y + d, ldy, b);
+      break;
+    case 1:
+      expand_block<T, RT, 1>(C, ldc, Wm + d, ldw, r, Y + d, ldy, b);
+      break;
+    default:
+      break;
   }
 }
 
 // Y[nt × Dp] = C[nt × r] · Wm[r × Dp] (+ bias).
 template <typename T>
-void gemm_expand(const T* C, int64_t ldc, int64_t nt, const T* Wm, int64_t ldw, int64_t r,
-                 int64_t Dp, T* Y, int64_t ldy, const T* bias) {
+void gemm_expand(const T* C, int64_t ldc, int64_t nt, const T* Wm, int64_t ldw, int64_t r, int64_t Dp, T* Y,
+                 int64_t ldy, const T* bias) {
   int64_t i = 0;
   for (; i + 4 <= nt; i += 4) expand_rows<T, 4>(C + i * ldc, ldc, Wm, ldw, r, Dp, Y + i * ldy, ldy, bias);
   switch (nt - i) {
-    case 3: expand_rows<T, 3>(C + i * ldc, ldc, Wm, ldw, r, Dp, Y + i * ldy, ldy, bias); break;
-    case 2: expand_rows<T, 2>(C + i * ldc, ldc, Wm, ldw, r, Dp, Y + i * ldy, ldy, bias); break;
-    case 1: expand_rows<T, 1>(C + i * ldc, ldc, Wm, ldw, r, Dp, Y + i * ldy, ldy, bias); break;
-    default: break;
+    case 3:
+      expand_rows<T, 3>(C + i * ldc, ldc, Wm, ldw, r, Dp, Y + i * ldy, ldy, bias);
+      break;
+    case 2:
+      expand_rows<T, 2>(C + i * ldc, ldc, Wm, ldw, r, Dp, Y + i * ldy, ldy, bias);
+      break;
+    case 1:
+      expand_rows<T, 1>(C + i * ldc, ldc, Wm, ldw, r, Dp, Y + i * ldy, ldy, bias);
+      break;
+    default:
+      break;
   }
 }
 
 // Acc[j*lda + k*W] += Σ_t C[t*ldc + j]·X[t*ldx + k*W], RJ rows of Acc × RD vectors.
 template <typename T, int RJ, int RD>
-inline void rank_block(const T* C, int64_t ldc, const T* X, int64_t ldx, int64_t nt, T* Acc,
-                       int64_t lda) {
+inline void rank_block(const T* C, int64_t ldc, const T* X, int64_t ldx, int64_t nt, T* Acc, int64_t lda) {
   using V = VecOf<T>;
   constexpr int W = Simd<T>::W;
   V acc[RJ][RD];
@@ -247,31 +274,44 @@ inline void rank_block(const T* C, int64_t ldc, const T* X, int64_t ldx, int64_t
 }
 
 template <typename T, int RJ>
-inline void rank_cols(const T* C, int64_t ldc, const T* X, int64_t ldx, int64_t nt, int64_t Dp,
-                      T* Acc, int64_t lda) {
+inline void rank_cols(const T* C, int64_t ldc, const T* X, int64_t ldx, int64_t nt, int64_t Dp, T* Acc, int64_t lda) {
   constexpr int W = Simd<T>::W;
   constexpr int RD = 4;
   int64_t d = 0;
   for (; d + RD * W <= Dp; d += RD * W) rank_block<T, RJ, RD>(C, ldc, X + d, ldx, nt, Acc + d, lda);
   switch ((Dp - d) / W) {
-    case 3: rank_block<T, RJ, 3>(C, ldc, X + d, ldx, nt, Acc + d, lda); break;
-    case 2: rank_block<T, RJ, 2>(C, ldc, X + d, ldx, nt, Acc + d, lda); break;
-    case 1: rank_block<T, RJ, 1>(C, ldc, X + d, ldx, nt, Acc + d, lda); break;
-    default: break;
+    case 3:
+      rank_block<T, RJ, 3>(C, ldc, X + d, ldx, nt, Acc + d, lda);
+      break;
+    case 2:
+      rank_block<T, RJ, 2>(C, ldc, X + d, ldx, nt, Acc + d, lda);
+      break;
+    case 1:
+      rank_block<T, RJ, 1>(C, ldc, X + d, ldx, nt, Acc + d, lda);
+      break;
+    default:
+      break;
   }
 }
 
 // Acc[r × Dp] += C[nt × r]ᵀ · X[nt × Dp].
 template <typename T>
-void gemm_rank(const T* C, int64_t ldc, const T* X, int64_t ldx, int64_t nt, int64_t r, int64_t Dp,
-               T* Acc, int64_t lda) {
+void gemm_rank(const T* C, int64_t ldc, const T* X, int64_t ldx, int64_t nt, int64_t r, int64_t Dp, T* Acc,
+               int64_t lda) {
   int64_t j = 0;
   for (; j + 4 <= r; j += 4) rank_cols<T, 4>(C + j, ldc, X, ldx, nt, Dp, Acc + j * lda, lda);
   switch (r - j) {
-    case 3: rank_cols<T, 3>(C + j, ldc, X, ldx, nt, Dp, Acc + j * lda, lda); break;
-    case 2: rank_cols<T, 2>(C + j, ldc, X, ldx, nt, Dp, Acc + j * lda, lda); break;
-    case 1: rank_cols<T, 1>(C + j, ldc, X, ldx, nt, Dp, Acc + j * lda, lda); break;
-    default: break;
+    case 3:
+      rank_cols<T, 3>(C + j, ldc, X, ldx, nt, Dp, Acc + j * lda, lda);
+      break;
+    case 2:
+      rank_cols<T, 2>(C + j, ldc, X, ldx, nt, Dp, Acc + j * lda, lda);
+      break;
+    case 1:
+      rank_cols<T, 1>(C + j, ldc, X, ldx, nt, Dp, Acc + j * lda, lda);
+      break;
+    default:
+      break;
   }
 }
 
@@ -281,11 +321,11 @@ void gemm_rank(const T* C, int64_t ldc, const T* X, int64_t ldx, int64_t nt, int
 template <typename T>
 inline RowStats<T> row_stats(const T* x, int64_t D, T eps) {
   T sum = 0;
-  #pragma omp simd reduction(+ : sum)
+#pragma omp simd reduction(+ : sum)
   for (int64_t d = 0; d < D; ++d) sum += x[d];
   const T mean = sum / static_cast<T>(D);
   T sq = 0;
-  #pragma omp simd reduction(+ : sq)
+#pragma omp simd reduction(+ : sq)
   for (int64_t d = 0; d < D; ++d) {
     const T c = x[d] - mean;
     sq += c * c;
@@ -299,7 +339,7 @@ inline const acc_t* row_as_acc(const scalar_t* src, int64_t D, acc_t* tmp) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else {
-    #pragma omp simd
+#pragma omp simd
     for (int64_t d = 0; d < D; ++d) tmp[d] = static_cast<acc_t>(src[d]);
     return tmp;
   }
@@ -307,11 +347,11 @@ inline const acc_t* row_as_acc(const scalar_t* src, int64_t D, acc_t* tmp) {
 
 // Y = A + (M + s·U) for one row, rounded once to the output dtype.
 template <typename scalar_t, typename acc_t>
-inline void fwd_epilogue(const scalar_t* a, const scalar_t* m, const acc_t* u, acc_t s, int64_t D,
-                         scalar_t* out, acc_t* tmp_a, acc_t* tmp_m) {
+inline void fwd_epilogue(const scalar_t* a, const scalar_t* m, const acc_t* u, acc_t s, int64_t D, scalar_t* out,
+                         acc_t* tmp_a, acc_t* tmp_m) {
   const acc_t* x = row_as_acc<scalar_t, acc_t>(a, D, tmp_a);
   const acc_t* mm = row_as_acc<scalar_t, acc_t>(m, D, tmp_m);
-  #pragma omp simd
+#pragma omp simd
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(math::adapter_out<acc_t>(x[d], mm[d], s, u[d]));
 }
 
@@ -325,11 +365,15 @@ inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t round_up(int64_t x, int64_t m) {
+  return (x + m - 1) / m * m;
+}
 
 // Tile height: the fp32 tiles (4 × tile × D in the backward) stay in L2; bigger bottlenecks
 // want taller tiles so the r × D weight-gradient accumulators are revisited less often.
-inline int64_t tile_rows(int64_t r) { return r <= 16 ? 16 : (r <= 64 ? 32 : 64); }
+inline int64_t tile_rows(int64_t r) {
+  return r <= 16 ? 16 : (r <= 64 ? 32 : 64);
+}
 
 // Chunks of rows, one per thread; partial sums are indexed by chunk, so reductions are
 // deterministic for a given thread count.
@@ -393,8 +437,8 @@ constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
 template <typename scalar_t>
 void fwd_impl(const at::Tensor& a, const at::Tensor& m, const at::Tensor& ln_w, const at::Tensor& ln_b,
               const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
-              const at::Tensor& scale, double eps, int64_t N, int64_t D, int64_t r, at::Tensor& y,
-              at::Tensor& mean, at::Tensor& rstd, at::Tensor& z) {
+              const at::Tensor& scale, double eps, int64_t N, int64_t D, int64_t r, at::Tensor& y, at::Tensor& mean,
+              at::Tensor& rstd, at::Tensor& z) {
   using acc_t = at::opmath_type<scalar_t>;
   const Params<acc_t> p = make_params<acc_t>(ln_w, ln_b, down_w, down_b, up_w, up_b, scale, D, r);
   const int64_t Dp = p.Dp;
@@ -430,7 +474,7 @@ void fwd_impl(const at::Tensor& a, const at::Tensor& m, const at::Tensor& ln_w, 
           acc_t* h = H + t * Dp;
           const acc_t* g = p.gamma.get();
           const acc_t* b = p.beta.get();
-          #pragma omp simd
+#pragma omp simd
           for (int64_t d = 0; d < D; ++d) h[d] = math::ln_affine<acc_t>(math::ln_xhat<acc_t>(x[d], st), g[d], b[d]);
         }
         acc_t* Z = zp + t0 * r;
@@ -475,16 +519,15 @@ struct Partials {
   Buf<acc_t> dwut, dwd, colg, dgamma, dbeta, dbd;
   acc_t ds1 = 0;  // Σ ⟨G·Wu, P⟩
   Partials() = default;
-  Partials(int64_t r, int64_t Dp)
-      : dwut(r * Dp), dwd(r * Dp), colg(Dp), dgamma(Dp), dbeta(Dp), dbd(r) {}
+  Partials(int64_t r, int64_t Dp) : dwut(r * Dp), dwd(r * Dp), colg(Dp), dgamma(Dp), dbeta(Dp), dbd(r) {}
 };
 
 template <typename scalar_t>
 void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w, const at::Tensor& ln_b,
               const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
-              const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& z,
-              int64_t N, int64_t D, int64_t r, at::Tensor& ga, at::Tensor& g_lnw, at::Tensor& g_lnb,
-              at::Tensor& g_dw, at::Tensor& g_db, at::Tensor& g_uw, at::Tensor& g_ub, at::Tensor& g_s) {
+              const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& z, int64_t N,
+              int64_t D, int64_t r, at::Tensor& ga, at::Tensor& g_lnw, at::Tensor& g_lnb, at::Tensor& g_dw,
+              at::Tensor& g_db, at::Tensor& g_uw, at::Tensor& g_ub, at::Tensor& g_s) {
   using acc_t = at::opmath_type<scalar_t>;
   const Params<acc_t> p = make_params<acc_t>(ln_w, ln_b, down_w, down_b, up_w, up_b, scale, D, r);
   const int64_t Dp = p.Dp;
@@ -526,12 +569,12 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
           const acc_t* x = row_as_acc<scalar_t, acc_t>(ap + off, D, row.get());
           const acc_t mu = meanp[t0 + t], rs = rstdp[t0 + t];
           acc_t* xh = Xh + t * Dp;
-          #pragma omp simd
+#pragma omp simd
           for (int64_t d = 0; d < D; ++d) xh[d] = math::ln_xhat<acc_t>(x[d], {mu, rs});
           if (!g_in_place) {
             acc_t* g = gb.get() + t * Dp;
             const scalar_t* gsrc = gp + off;
-            #pragma omp simd
+#pragma omp simd
             for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(gsrc[d]);
           }
         }
@@ -567,7 +610,7 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
           const acc_t* dh = dH + t * Dp;
           const acc_t* xh = Xh + t * Dp;
           acc_t sum1 = 0, sum2 = 0;
-          #pragma omp simd reduction(+ : sum1, sum2)
+#pragma omp simd reduction(+ : sum1, sum2)
           for (int64_t d = 0; d < D; ++d) {
             dgam[d] += dh[d] * xh[d];
             dbet[d] += dh[d];
@@ -577,10 +620,10 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
           }
           const acc_t c1m = sum1 * inv_d, c2m = sum2 * inv_d, rs = rstdp[t0 + t];
           const acc_t* g = G + t * ldg;
-          #pragma omp simd
+#pragma omp simd
           for (int64_t d = 0; d < D; ++d) colg[d] += g[d];
           scalar_t* out = gap + (t0 + t) * D;
-          #pragma omp simd
+#pragma omp simd
           for (int64_t d = 0; d < D; ++d)
             out[d] = static_cast<scalar_t>(g[d] + math::ln_grad_input<acc_t>(dh[d] * gam[d], xh[d], rs, c1m, c2m));
         }
@@ -593,7 +636,7 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
   for (int64_t c = 0; c < chunks; ++c) {
     const Partials<acc_t>& pt = parts[c];
     auto add = [](acc_t* dst, const acc_t* src, int64_t n) {
-      #pragma omp simd
+#pragma omp simd
       for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
     };
     add(tot.dwut.get(), pt.dwut.get(), r * Dp);
@@ -618,7 +661,8 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
     ddb.data_ptr<acc_t>()[j] = tot.dbd.get()[j];
     const acc_t* acc = tot.dwd.get() + j * Dp;
     acc_t* dst = ddw.data_ptr<acc_t>() + j * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = math::down_w_grad<acc_t>(p.gamma.get()[d], acc[d], p.beta.get()[d], tot.dbd.get()[j]);
+    for (int64_t d = 0; d < D; ++d)
+      dst[d] = math::down_w_grad<acc_t>(p.gamma.get()[d], acc[d], p.beta.get()[d], tot.dbd.get()[j]);
     for (int64_t d = 0; d < D; ++d) duw.data_ptr<acc_t>()[d * r + j] = s * tot.dwut.get()[j * Dp + d];
   }
   g_lnw = dlnw.to(ln_w.scalar_type());
@@ -632,11 +676,11 @@ void bwd_impl(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 adaptformer_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, const at::Tensor& ln_w, const at::Tensor& ln_b,
-                    const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w,
-                    const at::Tensor& up_b, const at::Tensor& scale, const at::Tensor& mean_in,
-                    const at::Tensor& rstd_in, const at::Tensor& z_in) {
-  const auto [D, r] = checks::adaptformer_bwd_args(gy_in, a_in, ln_w, ln_b, down_w, down_b, up_w, up_b, scale,
-                                                   mean_in, rstd_in, z_in, kDevice);
+                    const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
+                    const at::Tensor& scale, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+                    const at::Tensor& z_in) {
+  const auto [D, r] = checks::adaptformer_bwd_args(gy_in, a_in, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean_in,
+                                                   rstd_in, z_in, kDevice);
   const int64_t N = a_in.numel() / D;
 
   const at::Tensor a = a_in.contiguous();
@@ -648,8 +692,8 @@ adaptformer_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, const at::T
   at::Tensor g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "adaptformer_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(gy, a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z, N, D, r, ga, g_lnw,
-                       g_lnb, g_dw, g_db, g_uw, g_ub, g_s);
+    bwd_impl<scalar_t>(gy, a, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean, rstd, z, N, D, r, ga, g_lnw, g_lnb,
+                       g_dw, g_db, g_uw, g_ub, g_s);
   });
   return {ga, g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s};
 }

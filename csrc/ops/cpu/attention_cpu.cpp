@@ -72,8 +72,8 @@ Geometry check_args(const at::Tensor& qkv, int64_t num_heads, bool batch_first) 
   TORCH_CHECK(num_heads > 0, "attention: num_heads must be positive; got ", num_heads);
   const int64_t width = qkv.size(2);
   TORCH_CHECK(width % (3 * num_heads) == 0 && width > 0,
-              "attention: the last dimension of qkv must be 3 * num_heads * head_dim; got ", width,
-              " with num_heads ", num_heads);
+              "attention: the last dimension of qkv must be 3 * num_heads * head_dim; got ", width, " with num_heads ",
+              num_heads);
   Geometry g;
   g.batch_first = batch_first;
   g.B = batch_first ? qkv.size(0) : qkv.size(1);
@@ -114,8 +114,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_generic(const at::Tensor& qkv, const Geom
   return {out, lse.squeeze(-1).contiguous()};
 }
 
-at::Tensor bwd_generic(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
-                       const at::Tensor& lse, const Geometry& g, double scale) {
+at::Tensor bwd_generic(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+                       const Geometry& g, double scale) {
   const auto acc = acc_type(qkv);
   at::Tensor q = heads_view(qkv, g, 0).to(acc), k = heads_view(qkv, g, 1).to(acc), v = heads_view(qkv, g, 2).to(acc);
   at::Tensor o = heads_view(out, g, 0).to(acc), dout = heads_view(grad_out, g, 0).to(acc);
@@ -137,7 +137,9 @@ at::Tensor bwd_generic(const at::Tensor& grad_out, const at::Tensor& qkv, const 
 // packed in VNNI pairs: Bp[p][n][e] = B[2p + e][n], n padded to a multiple of 16 (zeros).
 using bf16 = c10::BFloat16;
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t round_up(int64_t x, int64_t m) {
+  return (x + m - 1) / m * m;
+}
 
 // Round a row of fp32 to bf16 (nearest even), 16 lanes at a time.
 inline void to_bf16(const float* src, bf16* dst, int64_t n) {
@@ -163,8 +165,8 @@ inline void transpose_bf16(const bf16* src, bf16* dst, int64_t n, int64_t ld) {
 }
 
 template <int MR>
-inline void micro_tile(const bf16* a, int64_t lda, const bf16* bp, int64_t npad, int64_t pairs, float* c,
-                       int64_t ldc, int64_t ncols) {
+inline void micro_tile(const bf16* a, int64_t lda, const bf16* bp, int64_t npad, int64_t pairs, float* c, int64_t ldc,
+                       int64_t ncols) {
   // ncols <= 32 columns starting at the tile; two 16-lane accumulators per row.
   __m512 acc0[MR], acc1[MR];
   for (int r = 0; r < MR; ++r) {
@@ -201,8 +203,8 @@ inline void micro_tile(const bf16* a, int64_t lda, const bf16* bp, int64_t npad,
 
 // bp: B packed with `pairs` pairs of k rows and npad columns. The bp pointer passed to the tile
 // is offset by the tile's first column (within each pair row).
-void gemm_bf16(int64_t M, int64_t Nc, int64_t pairs, const bf16* a, int64_t lda, const bf16* bp, int64_t npad,
-               float* c, int64_t ldc) {
+void gemm_bf16(int64_t M, int64_t Nc, int64_t pairs, const bf16* a, int64_t lda, const bf16* bp, int64_t npad, float* c,
+               int64_t ldc) {
   constexpr int MR = 6;
   for (int64_t n0 = 0; n0 < Nc; n0 += 32) {
     const int64_t nc = std::min<int64_t>(32, Nc - n0);
@@ -210,12 +212,23 @@ void gemm_bf16(int64_t M, int64_t Nc, int64_t pairs, const bf16* a, int64_t lda,
     int64_t i = 0;
     for (; i + MR <= M; i += MR) micro_tile<MR>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc);
     switch (M - i) {
-      case 5: micro_tile<5>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc); break;
-      case 4: micro_tile<4>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc); break;
-      case 3: micro_tile<3>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc); break;
-      case 2: micro_tile<2>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc); break;
-      case 1: micro_tile<1>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc); break;
-      default: break;
+      case 5:
+        micro_tile<5>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc);
+        break;
+      case 4:
+        micro_tile<4>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc);
+        break;
+      case 3:
+        micro_tile<3>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc);
+        break;
+      case 2:
+        micro_tile<2>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc);
+        break;
+      case 1:
+        micro_tile<1>(a + i * lda, lda, bt, npad, pairs, c + i * ldc + n0, ldc, nc);
+        break;
+      default:
+        break;
     }
   }
 }
@@ -246,9 +259,9 @@ void pack_kn(const bf16* src, int64_t ld, int64_t K, int64_t Nn, int64_t npad, b
 }
 
 struct Buffers {
-  std::vector<float> s, c;            // [N, ld_s] scores / dP, [N, hd] GEMM output
+  std::vector<float> s, c;               // [N, ld_s] scores / dP, [N, hd] GEMM output
   std::vector<bf16> pa, pb, pc, pd, pk;  // bf16 [N, ld_a] operands and a packed B operand
-  std::vector<float> delta, dp;      // Δ [N], a block of dP rows [kRows, ld_s]
+  std::vector<float> delta, dp;          // Δ [N], a block of dP rows [kRows, ld_s]
   static constexpr int64_t kRows = 12;
   void reserve(int64_t N, int64_t hd) {
     const int64_t ld_s = round_up(N, 16), ld_a = round_up(N, 2);
@@ -275,8 +288,8 @@ void scores(const bf16* q, const bf16* k, int64_t ld, int64_t N, int64_t hd, Buf
   gemm_bf16(N, N, hd / 2, q, ld, buf.pk.data(), npad, buf.s.data(), npad);
 }
 
-void fwd_head(const bf16* q, const bf16* k, const bf16* v, int64_t ld, bf16* o, int64_t ld_o, float* lse,
-              int64_t N, int64_t hd, float scale, Buffers& buf) {
+void fwd_head(const bf16* q, const bf16* k, const bf16* v, int64_t ld, bf16* o, int64_t ld_o, float* lse, int64_t N,
+              int64_t hd, float scale, Buffers& buf) {
   const int64_t ld_s = round_up(N, 16), ld_a = round_up(N, 2), hpad = round_up(hd, 16);
   scores(q, k, ld, N, hd, buf);
   for (int64_t i = 0; i < N; ++i) {
@@ -308,9 +321,9 @@ void fwd_head(const bf16* q, const bf16* k, const bf16* v, int64_t ld, bf16* o, 
   for (int64_t i = 0; i < N; ++i) to_bf16(buf.c.data() + i * hpad, o + i * ld_o, hd);
 }
 
-void bwd_head(const bf16* q, const bf16* k, const bf16* v, int64_t ld, const bf16* o, const bf16* dout,
-              int64_t ld_o, const float* lse, bf16* dq, bf16* dk, bf16* dv, int64_t ld_g, int64_t N, int64_t hd,
-              float scale, Buffers& buf) {
+void bwd_head(const bf16* q, const bf16* k, const bf16* v, int64_t ld, const bf16* o, const bf16* dout, int64_t ld_o,
+              const float* lse, bf16* dq, bf16* dk, bf16* dv, int64_t ld_g, int64_t N, int64_t hd, float scale,
+              Buffers& buf) {
   const int64_t ld_s = round_up(N, 16), ld_a = round_up(N, 2), hpad = round_up(hd, 16);
   float* s = buf.s.data();
   float* c = buf.c.data();
@@ -318,8 +331,7 @@ void bwd_head(const bf16* q, const bf16* k, const bf16* v, int64_t ld, const bf1
   bf16* ds = buf.pb.data();    // dS  [N, ld_a]
   bf16* ds_t = buf.pc.data();  // dSᵀ [N, ld_a]
   bf16* rowbuf = buf.pd.data();
-  for (int64_t i = 0; i < N; ++i)
-    buf.delta[i] = rows::dot<bf16, bf16, float>(dout + i * ld_o, o + i * ld_o, hd);
+  for (int64_t i = 0; i < N; ++i) buf.delta[i] = rows::dot<bf16, bf16, float>(dout + i * ld_o, o + i * ld_o, hd);
   scores(q, k, ld, N, hd, buf);
   // P = exp(scale·S − lse) in fp32 (kept for dS) and in bf16 (transposed below for dV).
   for (int64_t i = 0; i < N; ++i) {
@@ -384,8 +396,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_bf16(const at::Tensor& qkv, const Geometr
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / g.H, h = t % g.H;
       const bf16* q = base + g.qkv_base(b) + h * g.hd;
-      fwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + g.out_base(b) + h * g.hd, g.out_row(),
-               lbase + t * g.N, g.N, g.hd, static_cast<float>(scale), buf);
+      fwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + g.out_base(b) + h * g.hd, g.out_row(), lbase + t * g.N,
+               g.N, g.hd, static_cast<float>(scale), buf);
     }
   });
   return {out, lse};
@@ -435,7 +447,8 @@ at::Tensor attention_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& qk
               "attention_bwd: out must have shape ", at::IntArrayRef(expect), " and dtype ", qkv.scalar_type(),
               "; got ", describe(out_in));
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({g.B, g.H, g.N}) && lse_in.scalar_type() == acc_type(qkv),
-              "attention_bwd: lse must be ", acc_type(qkv), " [", g.B, ", ", g.H, ", ", g.N, "]; got ", describe(lse_in));
+              "attention_bwd: lse must be ", acc_type(qkv), " [", g.B, ", ", g.H, ", ", g.N, "]; got ",
+              describe(lse_in));
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
 #if LPF_ATTN_BF16_KERNEL
   if (use_bf16_kernel(qkv, g)) return bwd_bf16(grad_out, qkv, out, lse, g, scale);
@@ -443,7 +456,9 @@ at::Tensor attention_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& qk
   return bwd_generic(grad_out, qkv, out, lse, g, scale);
 }
 
-bool attention_bf16_kernel() { return LPF_ATTN_BF16_KERNEL == 1; }
+bool attention_bf16_kernel() {
+  return LPF_ATTN_BF16_KERNEL == 1;
+}
 
 }  // namespace
 

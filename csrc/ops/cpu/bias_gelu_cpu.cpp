@@ -36,7 +36,7 @@ inline A gelu(A u) {
   } else if constexpr (kKind == 1) {
     return A(0.5) * u * (A(1) + std::erf(u * A(M_SQRT1_2)));
   } else {
-    const A k = A(0.7978845608028654);  // sqrt(2 / pi)
+    const A k = A(0.7978845608028654);                                               // sqrt(2 / pi)
     const A t = A(2) * sigmoid<A>(A(2) * k * (u + A(0.044715) * u * u * u)) - A(1);  // tanh
     return A(0.5) * u * (A(1) + t);
   }
@@ -62,18 +62,21 @@ void check_args(const at::Tensor& x, const at::Tensor& bias, int64_t kind) {
   TORCH_CHECK(x.device().is_cpu(), "bias_gelu (CPU kernel): x must be a CPU tensor; got ", describe(x));
   TORCH_CHECK(x.dim() >= 1 && checks::is_float_like(x) && x.size(-1) > 0,
               "bias_gelu: x must be a float tensor [..., F] with F >= 1; got ", describe(x));
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == x.size(-1) && checks::is_float_like(bias) &&
-                  bias.device() == x.device(),
-              "bias_gelu: bias must be a float tensor [", x.size(-1), "] on ", x.device(), "; got ", describe(bias));
+  TORCH_CHECK(
+      bias.dim() == 1 && bias.size(0) == x.size(-1) && checks::is_float_like(bias) && bias.device() == x.device(),
+      "bias_gelu: bias must be a float tensor [", x.size(-1), "] on ", x.device(), "; got ", describe(bias));
   TORCH_CHECK(kind >= 0 && kind <= 2, "bias_gelu: kind must be 0 (QuickGELU), 1 (GELU erf) or 2 (GELU tanh); got ",
               kind);
 }
 
 template <typename F>
 void with_kind(int64_t kind, F&& f) {
-  if (kind == 0) f(std::integral_constant<int, 0>{});
-  else if (kind == 1) f(std::integral_constant<int, 1>{});
-  else f(std::integral_constant<int, 2>{});
+  if (kind == 0)
+    f(std::integral_constant<int, 0>{});
+  else if (kind == 1)
+    f(std::integral_constant<int, 1>{});
+  else
+    f(std::integral_constant<int, 2>{});
 }
 
 at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x_in, const at::Tensor& bias_in, int64_t kind) {
@@ -120,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_in, 
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     // Column sums per chunk of rows, added in chunk order: deterministic for a thread count.
     const int64_t grain = std::max<int64_t>(1, 16384 / F);
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, (rows_n + grain - 1) / grain));
+    const int64_t chunks =
+        std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, (rows_n + grain - 1) / grain));
     const int64_t per = (rows_n + chunks - 1) / chunks;
     at::Tensor partial = at::zeros({chunks, F}, x.options().dtype(acc));
     A* pp = partial.data_ptr<A>();

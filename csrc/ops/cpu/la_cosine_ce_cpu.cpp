@@ -38,9 +38,9 @@
 
 #include "liftplus_fast/checks.h"
 #include "liftplus_fast/la_ce.h"
-#include "liftplus_fast/tuning.h"
 #include "liftplus_fast/math.h"
 #include "liftplus_fast/rows.h"
+#include "liftplus_fast/tuning.h"
 
 namespace liftplus_fast {
 namespace {
@@ -48,8 +48,8 @@ namespace {
 namespace R = liftplus_fast::rows;
 
 using checks::describe;
-using tuning::env_int;
 using checks::is_float_like;
+using tuning::env_int;
 
 void check_args(const at::Tensor& feat, const at::Tensor& weight, const at::Tensor& labels,
                 const at::Tensor& log_prior) {
@@ -181,8 +181,8 @@ void run(const at::Tensor& feat_in, const at::Tensor& weight_in, const at::Tenso
       at::parallel_for(0, n, 64, [&](int64_t a, int64_t e) {
         for (int64_t k = a; k < e; ++k) {
           const A r = rw[k0 + k];
-          R::project_row<T, scalar_t, scalar_t, A>(xp + k * D, wp + k * D, r, raw ? A(1) : r,
-                                                   pw[k0 + k], gp + k * D, D);
+          R::project_row<T, scalar_t, scalar_t, A>(xp + k * D, wp + k * D, r, raw ? A(1) : r, pw[k0 + k], gp + k * D,
+                                                   D);
         }
       });
     });
@@ -208,8 +208,8 @@ void run(const at::Tensor& feat_in, const at::Tensor& weight_in, const at::Tenso
         std::vector<A> z(n);
         for (int64_t b = b0; b < b1; ++b) {
           T* Lrow = Lp + b * n;
-          const A m = R::shift_and_max<T, A>(Lrow, cs, lp + k0, n, z.data(),
-                                             logits_p ? logits_p + b * K + k0 : nullptr);
+          const A m =
+              R::shift_and_max<T, A>(Lrow, cs, lp + k0, n, z.data(), logits_p ? logits_p + b * K + k0 : nullptr);
           const int64_t yl = y[b] - k0;
           if (yl >= 0 && yl < n) zy[b] = z[yl];
           if (fuse_grad) {
@@ -265,36 +265,33 @@ void run(const at::Tensor& feat_in, const at::Tensor& weight_in, const at::Tenso
     T* gp = out.grad_feat.data_ptr<T>();
     at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        R::project_row<A, T, T, A>(dp + b * D, fp + b * D, rf[b], A(scale) * rf[b], pf[b],
-                                   gp + b * D, D);
+        R::project_row<A, T, T, A>(dp + b * D, fp + b * D, rf[b], A(scale) * rf[b], pf[b], gp + b * D, D);
     });
   }
 }
 
 Outputs dispatch_run(const at::Tensor& feat, const at::Tensor& weight, const at::Tensor& labels,
-                     const at::Tensor& log_prior, double scale, double tau, bool want_logits,
-                     bool want_grad, const at::Tensor* lse_given, double grad_loss) {
+                     const at::Tensor& log_prior, double scale, double tau, bool want_logits, bool want_grad,
+                     const at::Tensor* lse_given, double grad_loss) {
   check_args(feat, weight, labels, log_prior);
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "la_cosine_ce_cpu", [&] {
-    run<scalar_t>(feat, weight, labels, log_prior, scale, tau, want_logits, want_grad, lse_given,
-                  grad_loss, out);
+    run<scalar_t>(feat, weight, labels, log_prior, scale, tau, want_logits, want_grad, lse_given, grad_loss, out);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> la_cosine_ce_fwd_cpu(
-    const at::Tensor& feat, const at::Tensor& weight, const at::Tensor& labels,
-    const at::Tensor& log_prior, double scale, double tau, bool return_logits, bool compute_grad) {
-  Outputs o = dispatch_run(feat, weight, labels, log_prior, scale, tau, return_logits,
-                           compute_grad, nullptr, 1.0);
+    const at::Tensor& feat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& log_prior,
+    double scale, double tau, bool return_logits, bool compute_grad) {
+  Outputs o = dispatch_run(feat, weight, labels, log_prior, scale, tau, return_logits, compute_grad, nullptr, 1.0);
   return {o.loss, o.logits, o.lse, o.grad_feat, o.grad_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor> la_cosine_ce_bwd_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& feat, const at::Tensor& weight,
-    const at::Tensor& labels, const at::Tensor& log_prior, const at::Tensor& lse, double scale,
-    double tau) {
+std::tuple<at::Tensor, at::Tensor> la_cosine_ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& feat,
+                                                        const at::Tensor& weight, const at::Tensor& labels,
+                                                        const at::Tensor& log_prior, const at::Tensor& lse,
+                                                        double scale, double tau) {
   TORCH_CHECK(grad_loss.numel() == 1, "grad_loss must be a scalar; got ", describe(grad_loss));
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == feat.size(0) && is_float_like(lse),
               "lse must be a float tensor of shape [", feat.size(0), "]; got ", describe(lse));

@@ -19,19 +19,16 @@ namespace {
 using liftplus_fast::math::inv_norm_of;
 
 void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
-                  t.scalar_type() == at::kHalf,
-              name, " must be float32, bfloat16 or float16; got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, name,
+              " must be float32, bfloat16 or float16; got ", t.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tte_aggregate_cpu(
     const at::Tensor& crop_logits_in, const std::optional<at::Tensor>& labels_in) {
-  TORCH_CHECK(crop_logits_in.dim() == 3, "crop_logits must be [C, B, K]; got shape ",
-              crop_logits_in.sizes());
+  TORCH_CHECK(crop_logits_in.dim() == 3, "crop_logits must be [C, B, K]; got shape ", crop_logits_in.sizes());
   check_floating(crop_logits_in, "crop_logits");
   const int64_t C = crop_logits_in.size(0), B = crop_logits_in.size(1), K = crop_logits_in.size(2);
-  TORCH_CHECK(C > 0 && K > 0, "crop_logits needs at least one crop and one class; got shape ",
-              crop_logits_in.sizes());
+  TORCH_CHECK(C > 0 && K > 0, "crop_logits needs at least one crop and one class; got shape ", crop_logits_in.sizes());
   const at::Tensor x = crop_logits_in.contiguous();
   at::Tensor mean = at::empty({B, K}, x.options());
   at::Tensor pred = at::empty({B}, x.options().dtype(at::kLong));
@@ -76,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tte_aggregate_cpu(
   TORCH_CHECK(labels_t.scalar_type() == at::kLong, "labels must be int64; got ", labels_t.scalar_type());
   TORCH_CHECK(labels_t.dim() == 1 && labels_t.size(0) == B, "labels must have shape [", B,
               "] to match crop_logits; got ", labels_t.sizes());
-  TORCH_CHECK(labels_t.device() == crop_logits_in.device(), "labels must be on ",
-              crop_logits_in.device(), "; got ", labels_t.device());
+  TORCH_CHECK(labels_t.device() == crop_logits_in.device(), "labels must be on ", crop_logits_in.device(), "; got ",
+              labels_t.device());
   const at::Tensor labels = labels_t.contiguous();
   at::Tensor correct = at::zeros({K}, labels.options());
   at::Tensor total = at::zeros({K}, labels.options());

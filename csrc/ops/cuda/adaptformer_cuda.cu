@@ -71,18 +71,20 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Small path: forward.
 
 template <typename scalar_t, int KPER>
-__global__ void __launch_bounds__(kThreads, kRowMinBlocks<KPER>) fwd_rows_kernel(
-    const scalar_t* __restrict__ a, const scalar_t* __restrict__ m, const float* __restrict__ gamma,
-    const float* __restrict__ beta, const float* __restrict__ wd, const float* __restrict__ bd,
-    const float* __restrict__ wut, const float* __restrict__ bu, const float* __restrict__ scale,
-    float eps, int64_t N, int D, int r, bool smem_w, scalar_t* __restrict__ y, float* __restrict__ mean,
-    float* __restrict__ rstd, float* __restrict__ z) {
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks<KPER>)
+    fwd_rows_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ m, const float* __restrict__ gamma,
+                    const float* __restrict__ beta, const float* __restrict__ wd, const float* __restrict__ bd,
+                    const float* __restrict__ wut, const float* __restrict__ bu, const float* __restrict__ scale,
+                    float eps, int64_t N, int D, int r, bool smem_w, scalar_t* __restrict__ y, float* __restrict__ mean,
+                    float* __restrict__ rstd, float* __restrict__ z) {
   extern __shared__ float smem[];
   const float* w_d = wd;
   const float* w_ut = wut;
@@ -161,11 +163,12 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks<KPER>) fwd_rows_kernel
 //   [colsum(dZ) | ⟨G·Wu, P⟩].
 
 template <typename scalar_t, int KPER>
-__global__ void __launch_bounds__(kThreads, kRowMinBlocks<KPER>) bwd_rows_kernel(
-    const scalar_t* __restrict__ gy, const scalar_t* __restrict__ a, const float* __restrict__ gamma,
-    const float* __restrict__ wd, const float* __restrict__ wut, const float* __restrict__ scale,
-    const float* __restrict__ mean, const float* __restrict__ rstd, const float* __restrict__ z, int64_t N,
-    int D, int r, bool smem_w, scalar_t* __restrict__ ga, float* __restrict__ dz_out, float* __restrict__ ws1) {
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks<KPER>)
+    bwd_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ a, const float* __restrict__ gamma,
+                    const float* __restrict__ wd, const float* __restrict__ wut, const float* __restrict__ scale,
+                    const float* __restrict__ mean, const float* __restrict__ rstd, const float* __restrict__ z,
+                    int64_t N, int D, int r, bool smem_w, scalar_t* __restrict__ ga, float* __restrict__ dz_out,
+                    float* __restrict__ ws1) {
   extern __shared__ float smem[];
   const float* w_d = wd;
   const float* w_ut = wut;
@@ -276,10 +279,11 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks<KPER>) bwd_rows_kernel
 constexpr int kCols = 3;  // colsum(G), colsum(dH ⊙ Â), colsum(dH)
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) bwd_weights_kernel(
-    const scalar_t* __restrict__ gy, const scalar_t* __restrict__ a, const float* __restrict__ mean,
-    const float* __restrict__ rstd, const float* __restrict__ z, const float* __restrict__ dz,
-    const float* __restrict__ wd, int64_t N, int D, int r, int64_t chunk_rows, float* __restrict__ ws2) {
+__global__ void __launch_bounds__(kThreads)
+    bwd_weights_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ a, const float* __restrict__ mean,
+                       const float* __restrict__ rstd, const float* __restrict__ z, const float* __restrict__ dz,
+                       const float* __restrict__ wd, int64_t N, int D, int r, int64_t chunk_rows,
+                       float* __restrict__ ws2) {
   __shared__ float red[kWarps][2 * kRJ + kCols][32];
   const int d = blockIdx.x * 32 + threadIdx.x;
   const int j0 = blockIdx.z * kRJ;
@@ -406,8 +410,7 @@ __global__ void epilogue_kernel(const scalar_t* __restrict__ a, const scalar_t* 
   const acc_t s = *scale;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    y[i] = static_cast<scalar_t>(
-        math::adapter_out<acc_t>(static_cast<acc_t>(a[i]), static_cast<acc_t>(m[i]), s, u[i]));
+    y[i] = static_cast<scalar_t>(math::adapter_out<acc_t>(static_cast<acc_t>(a[i]), static_cast<acc_t>(m[i]), s, u[i]));
 }
 
 // dA = G + rstd·(dÂ − c1 − Â·c2) with per-row c1 = mean(dÂ), c2 = mean(dÂ ⊙ Â).
@@ -424,7 +427,9 @@ __global__ void ln_grad_kernel(const scalar_t* __restrict__ g, const acc_t* __re
   }
 }
 
-int elementwise_blocks(int64_t total) { return static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 4096)); }
+int elementwise_blocks(int64_t total) {
+  return static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 4096));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Argument checks (the Python wrapper checks too; these guard direct torch.ops calls).
@@ -432,9 +437,10 @@ int elementwise_blocks(int64_t total) { return static_cast<int>(std::min<int64_t
 constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
 
 // The fused path has no float64 instantiation (float64 is for gradcheck and takes the cuBLAS path).
-#define LPF_DISPATCH_SMALL(TYPE, NAME, ...)                              \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#define LPF_DISPATCH_SMALL(TYPE, NAME, ...)                                                             \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                                        \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 bool use_small_path(const at::Tensor& a, int64_t D, int64_t r) {
   return a.scalar_type() != at::kDouble && r <= kMaxSmallR && D <= kMaxSmallD;
@@ -458,22 +464,27 @@ struct Params32 {
   at::Tensor gamma, beta, wd, bd, wut, bu, s;
 };
 
-Params32 params32(const at::Tensor& ln_w, const at::Tensor& ln_b, const at::Tensor& down_w,
-                  const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
-                  const at::Tensor& scale, at::ScalarType st = at::kFloat) {
-  return {ln_w.to(st).contiguous(),       ln_b.to(st).contiguous(),
-          down_w.to(st).contiguous(),     down_b.to(st).contiguous(),
-          up_w.to(st).t().contiguous(),   up_b.to(st).contiguous(),
+Params32 params32(const at::Tensor& ln_w, const at::Tensor& ln_b, const at::Tensor& down_w, const at::Tensor& down_b,
+                  const at::Tensor& up_w, const at::Tensor& up_b, const at::Tensor& scale,
+                  at::ScalarType st = at::kFloat) {
+  return {ln_w.to(st).contiguous(),
+          ln_b.to(st).contiguous(),
+          down_w.to(st).contiguous(),
+          down_b.to(st).contiguous(),
+          up_w.to(st).t().contiguous(),
+          up_b.to(st).contiguous(),
           scale.to(st).reshape({1}).contiguous()};
 }
 
-bool weights_in_smem(int64_t D, int64_t r) { return 2 * r * D * 4 <= kSmemWeightBytes; }
+bool weights_in_smem(int64_t D, int64_t r) {
+  return 2 * r * D * 4 <= kSmemWeightBytes;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-void fwd_small(const at::Tensor& a, const at::Tensor& m, const Params32& p, double eps, int64_t N, int64_t D,
-               int64_t r, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, at::Tensor& z) {
+void fwd_small(const at::Tensor& a, const at::Tensor& m, const Params32& p, double eps, int64_t N, int64_t D, int64_t r,
+               at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, at::Tensor& z) {
   const bool smem_w = weights_in_smem(D, r);
   const size_t smem = smem_w ? static_cast<size_t>(2 * r * D) * sizeof(float) : 0;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(N, kWarps), 65535));
@@ -567,9 +578,8 @@ Grads bwd_small(const at::Tensor& gy, const at::Tensor& a, const Params32& p, co
       bwd_rows_kernel<scalar_t, decltype(kper)::value><<<static_cast<int>(row_blocks), kThreads, smem, stream>>>(
           gy.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), p.gamma.const_data_ptr<float>(),
           p.wd.const_data_ptr<float>(), p.wut.const_data_ptr<float>(), p.s.const_data_ptr<float>(),
-          mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), z.const_data_ptr<float>(), N,
-          static_cast<int>(D), static_cast<int>(r), smem_w, ga.data_ptr<scalar_t>(), dz.data_ptr<float>(),
-          ws1.data_ptr<float>());
+          mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), z.const_data_ptr<float>(), N, static_cast<int>(D),
+          static_cast<int>(r), smem_w, ga.data_ptr<scalar_t>(), dz.data_ptr<float>(), ws1.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     const dim3 grid(static_cast<unsigned>(ceil_div(D, 32)), static_cast<unsigned>(chunks),
@@ -588,7 +598,7 @@ Grads bwd_small(const at::Tensor& gy, const at::Tensor& a, const Params32& p, co
   colsum_kernel<<<elementwise_blocks(w2), kThreads, 0, stream>>>(ws2.const_data_ptr<float>(), chunks, w2,
                                                                  tot2.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  Grads g{at::empty({D}, f32), at::empty({D}, f32), at::empty({r, D}, f32), at::empty({r}, f32),
+  Grads g{at::empty({D}, f32),    at::empty({D}, f32), at::empty({r, D}, f32), at::empty({r}, f32),
           at::empty({D, r}, f32), at::empty({D}, f32), at::empty({1}, f32)};
   finalize_kernel<<<elementwise_blocks(r * D), kThreads, 0, stream>>>(
       tot1.const_data_ptr<float>(), tot2.const_data_ptr<float>(), p.gamma.const_data_ptr<float>(),
@@ -605,8 +615,8 @@ Grads bwd_small(const at::Tensor& gy, const at::Tensor& a, const Params32& p, co
 
 Grads bwd_gemm(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w, const at::Tensor& ln_b,
                const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
-               const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& z,
-               int64_t N, int64_t D, at::Tensor& ga) {
+               const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& z, int64_t N,
+               int64_t D, at::Tensor& ga) {
   const auto ct = mean.scalar_type();
   const Params32 p = params32(ln_w, ln_b, down_w, down_b, up_w, up_b, scale, ct);
   const at::Tensor G = gy.reshape({N, D}).to(ct);
@@ -646,11 +656,11 @@ Grads bwd_gemm(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& ln_w
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 adaptformer_bwd_cuda(const at::Tensor& gy_in, const at::Tensor& a_in, const at::Tensor& ln_w, const at::Tensor& ln_b,
-                     const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w,
-                     const at::Tensor& up_b, const at::Tensor& scale, const at::Tensor& mean_in,
-                     const at::Tensor& rstd_in, const at::Tensor& z_in) {
-  const auto [D, r] = checks::adaptformer_bwd_args(gy_in, a_in, ln_w, ln_b, down_w, down_b, up_w, up_b, scale,
-                                                   mean_in, rstd_in, z_in, kDevice);
+                     const at::Tensor& down_w, const at::Tensor& down_b, const at::Tensor& up_w, const at::Tensor& up_b,
+                     const at::Tensor& scale, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+                     const at::Tensor& z_in) {
+  const auto [D, r] = checks::adaptformer_bwd_args(gy_in, a_in, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, mean_in,
+                                                   rstd_in, z_in, kDevice);
   const int64_t N = a_in.numel() / D;
   const auto acc_type = a_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   c10::cuda::CUDAGuard guard(a_in.device());
@@ -664,7 +674,7 @@ adaptformer_bwd_cuda(const at::Tensor& gy_in, const at::Tensor& a_in, const at::
   if (N == 0) {
     // Sums over no rows (the GEMM path would also give zeros; this avoids empty launches).
     const auto opts = a.options().dtype(acc_type);
-    g = {at::zeros({D}, opts), at::zeros({D}, opts), at::zeros({r, D}, opts), at::zeros({r}, opts),
+    g = {at::zeros({D}, opts),    at::zeros({D}, opts), at::zeros({r, D}, opts), at::zeros({r}, opts),
          at::zeros({D, r}, opts), at::zeros({D}, opts), at::zeros({1}, opts)};
   } else if (use_small_path(a, D, r)) {
     g = bwd_small(gy, a, params32(ln_w, ln_b, down_w, down_b, up_w, up_b, scale), mean, rstd, z, N, D, r, ga);

@@ -50,13 +50,17 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int grid_for(int64_t n, int per_block) { return static_cast<int>(std::min<int64_t>(ceil_div(n, per_block), 65535)); }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+int grid_for(int64_t n, int per_block) {
+  return static_cast<int>(std::min<int64_t>(ceil_div(n, per_block), 65535));
+}
 
 // Row norms and, when out != nullptr, out = mul · v / max(‖v‖, eps) in the output dtype.
 template <typename V, typename O, typename A>
-__global__ void __launch_bounds__(kThreads) norm_rows_kernel(const V* __restrict__ v, int64_t rows, int64_t D,
-                                                             A mul, A* __restrict__ norm, O* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) norm_rows_kernel(const V* __restrict__ v, int64_t rows, int64_t D, A mul,
+                                                             A* __restrict__ norm, O* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < rows;
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
@@ -85,8 +89,7 @@ __device__ void block_lse(A& m, A& s, A* sm, A* ss) {
   for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
     if (threadIdx.x < stride) {
       A mm = sm[threadIdx.x], s0 = ss[threadIdx.x];
-      math::lse_merge_into<A>(mm, s0, sm[threadIdx.x + stride], ss[threadIdx.x + stride],
-                              [](A x) { return exp(x); });
+      math::lse_merge_into<A>(mm, s0, sm[threadIdx.x + stride], ss[threadIdx.x + stride], [](A x) { return exp(x); });
       sm[threadIdx.x] = mm;
       ss[threadIdx.x] = s0;
     }
@@ -101,10 +104,11 @@ __device__ void block_lse(A& m, A& s, A* sm, A* ss) {
 //   (run_m, run_s)[b]; zy[b] = z_y when y is in the chunk.
 //   With fuse_grad (single chunk): L[b, k] = softmax_grad(exp(z_k − lse), k == y, g).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads) ce_rows_kernel(
-    T* __restrict__ L, int64_t n, int64_t K, int64_t k0, const A* __restrict__ lp, const int64_t* __restrict__ labels,
-    T* __restrict__ logits, A* __restrict__ run_m, A* __restrict__ run_s, A* __restrict__ zy, bool fuse_grad,
-    const A* __restrict__ grad_loss, int64_t B) {
+__global__ void __launch_bounds__(kThreads)
+    ce_rows_kernel(T* __restrict__ L, int64_t n, int64_t K, int64_t k0, const A* __restrict__ lp,
+                   const int64_t* __restrict__ labels, T* __restrict__ logits, A* __restrict__ run_m,
+                   A* __restrict__ run_s, A* __restrict__ zy, bool fuse_grad, const A* __restrict__ grad_loss,
+                   int64_t B) {
   __shared__ A sm[kThreads], ss[kThreads];
   const int64_t b = blockIdx.x;
   const int64_t y = labels[b];
@@ -143,10 +147,10 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(
 
 // Second sweep: L[b, k] = softmax_grad(exp(z_k − lse_b), k == y, g) from a known lse.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads) grad_rows_kernel(T* __restrict__ L, int64_t n, int64_t k0,
-                                                             const A* __restrict__ lp, const int64_t* __restrict__ labels,
-                                                             const A* __restrict__ lse, const A* __restrict__ grad_loss,
-                                                             int64_t B) {
+__global__ void __launch_bounds__(kThreads)
+    grad_rows_kernel(T* __restrict__ L, int64_t n, int64_t k0, const A* __restrict__ lp,
+                     const int64_t* __restrict__ labels, const A* __restrict__ lse, const A* __restrict__ grad_loss,
+                     int64_t B) {
   const int64_t b = blockIdx.x;
   const int64_t y = labels[b];
   const A l = lse[b];
@@ -181,9 +185,9 @@ __global__ void loss_kernel(const A* __restrict__ run_m, const A* __restrict__ r
 // Normalisation backward per row (warp per row): out = a·(x − v·c), c = ⟨v, x⟩·rv² when
 // ‖v‖ > eps, with rv = 1/max(‖v‖, eps) and a = mul·rv.
 template <typename X, typename V, typename O, typename A>
-__global__ void __launch_bounds__(kThreads) project_rows_kernel(const X* __restrict__ x, const V* __restrict__ v,
-                                                                const A* __restrict__ norm, int64_t rows, int64_t D,
-                                                                A mul, O* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    project_rows_kernel(const X* __restrict__ x, const V* __restrict__ v, const A* __restrict__ norm, int64_t rows,
+                        int64_t D, A mul, O* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < rows;
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
@@ -205,8 +209,8 @@ __global__ void __launch_bounds__(kThreads) project_rows_kernel(const X* __restr
 // ---------------------------------------------------------------------------------------------
 
 using checks::describe;
-using tuning::env_int;
 using checks::is_float_like;
+using tuning::env_int;
 
 void check_args(const at::Tensor& feat, const at::Tensor& weight, const at::Tensor& labels,
                 const at::Tensor& log_prior) {
@@ -349,7 +353,8 @@ Outputs dispatch_run(const at::Tensor& feat, const at::Tensor& weight, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> la_cosine_ce_fwd_cuda(
     const at::Tensor& feat, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& log_prior,
     double scale, double tau, bool return_logits, bool compute_grad) {
-  const at::Tensor one = at::full({}, 1.0, feat.options().dtype(feat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  const at::Tensor one =
+      at::full({}, 1.0, feat.options().dtype(feat.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   Outputs o = dispatch_run(feat, weight, labels, log_prior, scale, tau, return_logits, compute_grad, nullptr, one);
   return {o.loss, o.logits, o.lse, o.grad_feat, o.grad_weight};
 }

@@ -18,8 +18,8 @@ constexpr int kThreads = 256;
 template <typename scalar_t>
 __global__ void tte_aggregate_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ mean,
                                      int64_t* __restrict__ pred, const int64_t* __restrict__ labels,
-                                     int64_t* __restrict__ correct, int64_t* __restrict__ total,
-                                     int64_t C, int64_t B, int64_t K) {
+                                     int64_t* __restrict__ correct, int64_t* __restrict__ total, int64_t C, int64_t B,
+                                     int64_t K) {
   const int64_t b = blockIdx.x;
   const float inv_c = 1.f / static_cast<float>(C);
   float best = -INFINITY;
@@ -65,8 +65,7 @@ __global__ void tte_aggregate_kernel(const scalar_t* __restrict__ x, scalar_t* _
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tte_aggregate_cuda(
     const at::Tensor& crop_logits_in, const std::optional<at::Tensor>& labels_in) {
-  TORCH_CHECK(crop_logits_in.dim() == 3, "crop_logits must be [C, B, K]; got shape ",
-              crop_logits_in.sizes());
+  TORCH_CHECK(crop_logits_in.dim() == 3, "crop_logits must be [C, B, K]; got shape ", crop_logits_in.sizes());
   const int64_t C = crop_logits_in.size(0), B = crop_logits_in.size(1), K = crop_logits_in.size(2);
   TORCH_CHECK(C > 0 && K > 0, "crop_logits needs at least one crop and one class");
   c10::cuda::CUDAGuard guard(crop_logits_in.device());
@@ -77,10 +76,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tte_aggregate_cuda(
   const bool has_labels = labels_in.has_value();
   if (has_labels) {
     TORCH_CHECK(labels_in->scalar_type() == at::kLong && labels_in->dim() == 1 && labels_in->size(0) == B,
-                "labels must be int64 of shape [", B, "]; got ", labels_in->scalar_type(), " ",
-                labels_in->sizes());
-    TORCH_CHECK(labels_in->device() == crop_logits_in.device(), "labels must be on ",
-                crop_logits_in.device(), "; got ", labels_in->device());
+                "labels must be int64 of shape [", B, "]; got ", labels_in->scalar_type(), " ", labels_in->sizes());
+    TORCH_CHECK(labels_in->device() == crop_logits_in.device(), "labels must be on ", crop_logits_in.device(), "; got ",
+                labels_in->device());
     labels = labels_in->contiguous();
     correct = at::zeros({K}, labels.options());
     total = at::zeros({K}, labels.options());
@@ -93,20 +91,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tte_aggregate_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tte_aggregate_cuda", [&] {
     tte_aggregate_kernel<scalar_t><<<B, kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), pred.data_ptr<int64_t>(),
-        has_labels ? labels.const_data_ptr<int64_t>() : nullptr,
-        has_labels ? correct.data_ptr<int64_t>() : nullptr,
+        has_labels ? labels.const_data_ptr<int64_t>() : nullptr, has_labels ? correct.data_ptr<int64_t>() : nullptr,
         has_labels ? total.data_ptr<int64_t>() : nullptr, C, B, K);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {mean, pred, correct, total};
 }
 
-
 // Mean over crops of L2-normalised features: one block per image, fp32 accumulation in
 // registers (each thread owns the same feature columns for every crop).
 template <typename scalar_t>
-__global__ void tte_mean_unit_features_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                                              int64_t C, int64_t B, int64_t D) {
+__global__ void tte_mean_unit_features_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t C,
+                                              int64_t B, int64_t D) {
   constexpr int kMaxPerThread = 16;  // D <= kThreads * kMaxPerThread (4096)
   const int64_t b = blockIdx.x;
   float acc[kMaxPerThread];
@@ -147,8 +143,8 @@ at::Tensor tte_mean_unit_features_cuda(const at::Tensor& feats_in) {
   if (B == 0 || D == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tte_mean_unit_features_cuda", [&] {
-    tte_mean_unit_features_kernel<scalar_t><<<B, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), C, B, D);
+    tte_mean_unit_features_kernel<scalar_t>
+        <<<B, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), C, B, D);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -4,6 +4,7 @@ Importing this package registers the ``triton`` backend of each op with the disp
 needs only an importable ``triton``: kernels are jitted on first launch (see ``_common``), so
 the import works on machines without a GPU.
 """
+
 from .._dispatch import register
 from . import adaptformer, la_cosine_ce, tte
 

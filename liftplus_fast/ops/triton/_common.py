@@ -6,6 +6,7 @@ that variable (``lf.backend_info()`` probes the Triton backend), so kernels are 
 at import: :class:`LazyKernel` builds the jitted (and autotuned) kernel on first launch for the
 interpreter state in force at that moment and caches one build per state.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ class LazyKernel:
     the (slow, numpy-backed) runs without telling anything about GPU speed.
     """
 
-    def __init__(self, fn: Callable, gpu_configs: Sequence[triton.Config], interp_config: triton.Config,
-                 key: List[str]):
+    def __init__(
+        self, fn: Callable, gpu_configs: Sequence[triton.Config], interp_config: triton.Config, key: List[str]
+    ):
         self.fn = fn
         self.gpu_configs = list(gpu_configs)
         self.interp_config = interp_config

@@ -15,6 +15,7 @@ Kernels (math in ``docs/ops.md``):
 Limit: the bottleneck ``r`` must be ≤ ``MAX_R`` (256, the largest r of the LIFT+ rule at
 ViT-B/16, iNaturalist): the ``BLOCK_N × r`` accumulators live in registers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,9 +30,31 @@ from ._common import LazyKernel, cdiv, cfg, dot_meta, num_sms, pow2_at_least
 MAX_R = 256
 
 
-def _fwd(A, M, LNW, LNB, WD, BD, WU, BU, S, Y, MEAN, RSTD, Z, N, D, R, eps,
-         ELEM_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd(
+    A,
+    M,
+    LNW,
+    LNB,
+    WD,
+    BD,
+    WU,
+    BU,
+    S,
+    Y,
+    MEAN,
+    RSTD,
+    Z,
+    N,
+    D,
+    R,
+    eps,
+    ELEM_T: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -67,8 +90,7 @@ def _fwd(A, M, LNW, LNB, WD, BD, WU, BU, S, Y, MEAN, RSTD, Z, N, D, R, eps,
         bet = tl.load(LNB + cols, mask=cmask, other=0.0).to(tl.float32)
         # The reference rounds H to the input dtype before the down projection.
         h = ((x - mean[:, None]) * rstd[:, None] * gam[None, :] + bet[None, :]).to(ELEM_T)
-        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=rrmask[:, None] & cmask[None, :],
-                     other=0.0).to(ELEM_T)
+        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=rrmask[:, None] & cmask[None, :], other=0.0).to(ELEM_T)
         z += tl.dot(h.to(DOT_T), tl.trans(wd).to(DOT_T), input_precision=PREC)
     z += tl.load(BD + rr, mask=rrmask, other=0.0).to(ELEM_T).to(tl.float32)[None, :]
     zmask = rmask[:, None] & rrmask[None, :]
@@ -80,8 +102,7 @@ def _fwd(A, M, LNW, LNB, WD, BD, WU, BU, S, Y, MEAN, RSTD, Z, N, D, R, eps,
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
         m2 = rmask[:, None] & cmask[None, :]
-        wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=cmask[:, None] & rrmask[None, :],
-                     other=0.0).to(ELEM_T)
+        wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=cmask[:, None] & rrmask[None, :], other=0.0).to(ELEM_T)
         u = tl.dot(p, tl.trans(wu).to(DOT_T), input_precision=PREC)
         bu = tl.load(BU + cols, mask=cmask, other=0.0).to(ELEM_T).to(tl.float32)
         x = tl.load(A + roff[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -90,9 +111,30 @@ def _fwd(A, M, LNW, LNB, WD, BD, WU, BU, S, Y, MEAN, RSTD, Z, N, D, R, eps,
         tl.store(Y + roff[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=m2)
 
 
-def _bwd_rows(G, A, LNW, WD, WU, BU, S, MEAN, RSTD, Z, DA, DZ, DS_ROW, N, D, R,
-              ELEM_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_rows(
+    G,
+    A,
+    LNW,
+    WD,
+    WU,
+    BU,
+    S,
+    MEAN,
+    RSTD,
+    Z,
+    DA,
+    DZ,
+    DS_ROW,
+    N,
+    D,
+    R,
+    ELEM_T: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -114,8 +156,7 @@ def _bwd_rows(G, A, LNW, WD, WU, BU, S, MEAN, RSTD, Z, DA, DZ, DS_ROW, N, D, R,
         cmask = cols < D
         m2 = rmask[:, None] & cmask[None, :]
         g = tl.load(G + roff[:, None] + cols[None, :], mask=m2, other=0.0)
-        wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=cmask[:, None] & rrmask[None, :],
-                     other=0.0).to(ELEM_T)
+        wu = tl.load(WU + cols[:, None] * R + rr[None, :], mask=cmask[:, None] & rrmask[None, :], other=0.0).to(ELEM_T)
         gwu += tl.dot(g.to(DOT_T), wu.to(DOT_T), input_precision=PREC)
         bu = tl.load(BU + cols, mask=cmask, other=0.0).to(ELEM_T).to(tl.float32)
         gbu += tl.sum(g.to(tl.float32) * bu[None, :], axis=1)
@@ -131,8 +172,7 @@ def _bwd_rows(G, A, LNW, WD, WU, BU, S, MEAN, RSTD, Z, DA, DZ, DS_ROW, N, D, R,
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
         m2 = rmask[:, None] & cmask[None, :]
-        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=rrmask[:, None] & cmask[None, :],
-                     other=0.0).to(ELEM_T)
+        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=rrmask[:, None] & cmask[None, :], other=0.0).to(ELEM_T)
         dh = tl.dot(dzc, wd.to(DOT_T), input_precision=PREC)
         gam = tl.load(LNW + cols, mask=cmask, other=0.0).to(tl.float32)
         x = tl.load(A + roff[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -147,8 +187,7 @@ def _bwd_rows(G, A, LNW, WD, WU, BU, S, MEAN, RSTD, Z, DA, DZ, DS_ROW, N, D, R,
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
         m2 = rmask[:, None] & cmask[None, :]
-        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=rrmask[:, None] & cmask[None, :],
-                     other=0.0).to(ELEM_T)
+        wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=rrmask[:, None] & cmask[None, :], other=0.0).to(ELEM_T)
         dh = tl.dot(dzc, wd.to(DOT_T), input_precision=PREC)
         gam = tl.load(LNW + cols, mask=cmask, other=0.0).to(tl.float32)
         x = tl.load(A + roff[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -159,10 +198,32 @@ def _bwd_rows(G, A, LNW, WD, WU, BU, S, MEAN, RSTD, Z, DA, DZ, DS_ROW, N, D, R,
         tl.store(DA + roff[:, None] + cols[None, :], da.to(DA.dtype.element_ty), mask=m2)
 
 
-def _bwd_weights(G, A, LNW, LNB, WD, MEAN, RSTD, Z, DZ, P_WU, P_WD, P_LNW, P_LNB, P_BU,
-                 N, D, R, ROWS_PER_SPLIT,
-                 ELEM_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_weights(
+    G,
+    A,
+    LNW,
+    LNB,
+    WD,
+    MEAN,
+    RSTD,
+    Z,
+    DZ,
+    P_WU,
+    P_WD,
+    P_LNW,
+    P_LNB,
+    P_BU,
+    N,
+    D,
+    R,
+    ROWS_PER_SPLIT,
+    ELEM_T: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -171,8 +232,11 @@ def _bwd_weights(G, A, LNW, LNB, WD, MEAN, RSTD, Z, DZ, P_WU, P_WD, P_LNW, P_LNB
     rrmask = rr < R
     gam = tl.load(LNW + cols, mask=cmask, other=0.0).to(tl.float32)
     bet = tl.load(LNB + cols, mask=cmask, other=0.0).to(tl.float32)
-    wd = tl.load(WD + rr[:, None] * D + cols[None, :], mask=rrmask[:, None] & cmask[None, :],
-                 other=0.0).to(ELEM_T).to(DOT_T)
+    wd = (
+        tl.load(WD + rr[:, None] * D + cols[None, :], mask=rrmask[:, None] & cmask[None, :], other=0.0)
+        .to(ELEM_T)
+        .to(DOT_T)
+    )
     acc_wu = tl.zeros([BLOCK_D, BLOCK_R], dtype=tl.float32)
     acc_wd = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -203,10 +267,12 @@ def _bwd_weights(G, A, LNW, LNB, WD, MEAN, RSTD, Z, DZ, P_WU, P_WD, P_LNW, P_LNB
         acc_b += tl.sum(dh, axis=0)
         acc_bu += tl.sum(g.to(tl.float32), axis=0)
     base = split.to(tl.int64) * D
-    tl.store(P_WU + (base + cols)[:, None] * R + rr[None, :], acc_wu,
-             mask=cmask[:, None] & rrmask[None, :])
-    tl.store(P_WD + split.to(tl.int64) * R * D + rr[:, None] * D + cols[None, :], acc_wd,
-             mask=rrmask[:, None] & cmask[None, :])
+    tl.store(P_WU + (base + cols)[:, None] * R + rr[None, :], acc_wu, mask=cmask[:, None] & rrmask[None, :])
+    tl.store(
+        P_WD + split.to(tl.int64) * R * D + rr[:, None] * D + cols[None, :],
+        acc_wd,
+        mask=rrmask[:, None] & cmask[None, :],
+    )
     tl.store(P_LNW + base + cols, acc_g, mask=cmask)
     tl.store(P_LNB + base + cols, acc_b, mask=cmask)
     tl.store(P_BU + base + cols, acc_bu, mask=cmask)
@@ -214,10 +280,18 @@ def _bwd_weights(G, A, LNW, LNB, WD, MEAN, RSTD, Z, DZ, P_WU, P_WD, P_LNW, P_LNB
 
 # Hopper/Ampere: 64-128 rows per program keep the r-wide accumulators (≤ 256 fp32 columns) in
 # registers; D is streamed in 64/128-wide chunks (bf16: 128-256 B rows per load).
-_ROW_CONFIGS = [cfg(4, 2, BLOCK_N=32, BLOCK_D=128), cfg(4, 3, BLOCK_N=64, BLOCK_D=64),
-                cfg(8, 3, BLOCK_N=64, BLOCK_D=128), cfg(8, 2, BLOCK_N=128, BLOCK_D=64)]
-_WEIGHT_CONFIGS = [cfg(4, 3, BLOCK_N=32, BLOCK_D=64), cfg(4, 3, BLOCK_N=64, BLOCK_D=64),
-                   cfg(8, 3, BLOCK_N=64, BLOCK_D=128), cfg(8, 2, BLOCK_N=32, BLOCK_D=128)]
+_ROW_CONFIGS = [
+    cfg(4, 2, BLOCK_N=32, BLOCK_D=128),
+    cfg(4, 3, BLOCK_N=64, BLOCK_D=64),
+    cfg(8, 3, BLOCK_N=64, BLOCK_D=128),
+    cfg(8, 2, BLOCK_N=128, BLOCK_D=64),
+]
+_WEIGHT_CONFIGS = [
+    cfg(4, 3, BLOCK_N=32, BLOCK_D=64),
+    cfg(4, 3, BLOCK_N=64, BLOCK_D=64),
+    cfg(8, 3, BLOCK_N=64, BLOCK_D=128),
+    cfg(8, 2, BLOCK_N=32, BLOCK_D=128),
+]
 _INTERP = cfg(1, 1, BLOCK_N=16, BLOCK_D=32)
 
 _FWD = LazyKernel(_fwd, _ROW_CONFIGS, _INTERP, key=["D", "BLOCK_R"])
@@ -230,9 +304,18 @@ def _as_rows(t: Tensor) -> Tensor:
 
 
 @triton_op(f"{TRITON}::adaptformer_fwd", mutates_args=(), schema=SCHEMAS["adaptformer_fwd"])
-def adaptformer_fwd(a: Tensor, mlp_out: Tensor, ln_w: Tensor, ln_b: Tensor, down_w: Tensor,
-                    down_b: Tensor, up_w: Tensor, up_b: Tensor, scale: Tensor,
-                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def adaptformer_fwd(
+    a: Tensor,
+    mlp_out: Tensor,
+    ln_w: Tensor,
+    ln_b: Tensor,
+    down_w: Tensor,
+    down_b: Tensor,
+    up_w: Tensor,
+    up_b: Tensor,
+    scale: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     d = a.shape[-1]
     r = down_w.shape[0]
     a2, m2 = _as_rows(a), _as_rows(mlp_out)
@@ -244,9 +327,26 @@ def adaptformer_fwd(a: Tensor, mlp_out: Tensor, ln_w: Tensor, ln_b: Tensor, down
     meta = dot_meta(a.dtype)
     if n > 0:
         wrap_triton(_FWD.get())[lambda m: (cdiv(n, m["BLOCK_N"]),)](
-            a2, m2, ln_w.contiguous(), ln_b.contiguous(), down_w.contiguous(), down_b.contiguous(),
-            up_w.contiguous(), up_b.contiguous(), scale, y, mean, rstd, z, n, d, r, eps,
-            BLOCK_R=pow2_at_least(r), **meta)
+            a2,
+            m2,
+            ln_w.contiguous(),
+            ln_b.contiguous(),
+            down_w.contiguous(),
+            down_b.contiguous(),
+            up_w.contiguous(),
+            up_b.contiguous(),
+            scale,
+            y,
+            mean,
+            rstd,
+            z,
+            n,
+            d,
+            r,
+            eps,
+            BLOCK_R=pow2_at_least(r),
+            **meta,
+        )
     return y.view(a.shape), mean, rstd, z
 
 
@@ -258,10 +358,20 @@ def _weight_splits(n: int, d: int, device: torch.device) -> int:
 
 
 @triton_op(f"{TRITON}::adaptformer_bwd", mutates_args=(), schema=SCHEMAS["adaptformer_bwd"])
-def adaptformer_bwd(grad_y: Tensor, a: Tensor, ln_w: Tensor, ln_b: Tensor, down_w: Tensor,
-                    down_b: Tensor, up_w: Tensor, up_b: Tensor, scale: Tensor, mean: Tensor,
-                    rstd: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                      Tensor, Tensor, Tensor]:
+def adaptformer_bwd(
+    grad_y: Tensor,
+    a: Tensor,
+    ln_w: Tensor,
+    ln_b: Tensor,
+    down_w: Tensor,
+    down_b: Tensor,
+    up_w: Tensor,
+    up_b: Tensor,
+    scale: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    z: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     d = a.shape[-1]
     r = down_w.shape[0]
     g2, a2 = _as_rows(grad_y), _as_rows(a)
@@ -283,11 +393,47 @@ def adaptformer_bwd(grad_y: Tensor, a: Tensor, ln_w: Tensor, ln_b: Tensor, down_
     p_bu = torch.empty_like(p_lnw)
     if n > 0:
         wrap_triton(_BWD_ROWS.get())[lambda m: (cdiv(n, m["BLOCK_N"]),)](
-            g2, a2, ln_w, down_w, up_w, up_b.contiguous(), scale, mean, rstd, z, da, dz, ds_row,
-            n, d, r, BLOCK_R=block_r, **meta)
+            g2,
+            a2,
+            ln_w,
+            down_w,
+            up_w,
+            up_b.contiguous(),
+            scale,
+            mean,
+            rstd,
+            z,
+            da,
+            dz,
+            ds_row,
+            n,
+            d,
+            r,
+            BLOCK_R=block_r,
+            **meta,
+        )
         wrap_triton(_BWD_WEIGHTS.get())[lambda m: (cdiv(d, m["BLOCK_D"]), splits)](
-            g2, a2, ln_w, ln_b, down_w, mean, rstd, z, dz, p_wu, p_wd, p_lnw, p_lnb, p_bu,
-            n, d, r, rows_per_split, BLOCK_R=block_r, **meta)
+            g2,
+            a2,
+            ln_w,
+            ln_b,
+            down_w,
+            mean,
+            rstd,
+            z,
+            dz,
+            p_wu,
+            p_wd,
+            p_lnw,
+            p_lnb,
+            p_bu,
+            n,
+            d,
+            r,
+            rows_per_split,
+            BLOCK_R=block_r,
+            **meta,
+        )
     else:
         for t in (p_wu, p_wd, p_lnw, p_lnb, p_bu, dz, ds_row):
             t.zero_()
@@ -307,9 +453,11 @@ def check_limits(a, down_w) -> None:
     """Reject what the kernels cannot run (arguments are validated by the public op)."""
     r = down_w.shape[0]
     if r > MAX_R:
-        raise ValueError(f"adaptformer (triton): bottleneck r = {r} (down_w shape {tuple(down_w.shape)}) "
-                         f"exceeds the kernel limit r <= {MAX_R}: the BLOCK_N x r accumulators "
-                         "must stay in registers; use the reference or native backend")
+        raise ValueError(
+            f"adaptformer (triton): bottleneck r = {r} (down_w shape {tuple(down_w.shape)}) "
+            f"exceeds the kernel limit r <= {MAX_R}: the BLOCK_N x r accumulators "
+            "must stay in registers; use the reference or native backend"
+        )
 
 
 register_backend(TRITON)

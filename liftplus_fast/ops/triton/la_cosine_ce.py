@@ -21,6 +21,7 @@ one split the kernel stores the final gradient directly.
 Limit: D ≤ ``MAX_D`` (2048) because the backward keeps full-width feature/weight rows of a tile
 in SRAM/registers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,9 +37,29 @@ MAX_D = 2048
 _EPS = 1e-12
 
 
-def _fwd(F, W, LAB, LP, LOGITS, PM, PL, TGT, B, K, D, K_PER_SPLIT, scale, tau,
-         WRITE_LOGITS: tl.constexpr, ELEM_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd(
+    F,
+    W,
+    LAB,
+    LP,
+    LOGITS,
+    PM,
+    PL,
+    TGT,
+    B,
+    K,
+    D,
+    K_PER_SPLIT,
+    scale,
+    tau,
+    WRITE_LOGITS: tl.constexpr,
+    ELEM_T: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,12 +80,9 @@ def _fwd(F, W, LAB, LP, LOGITS, PM, PL, TGT, B, K, D, K_PER_SPLIT, scale, tau,
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < D
-            f = tl.load(F + roff[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                        other=0.0)
-            w = tl.load(W + koff[:, None] + cols[None, :], mask=kmask[:, None] & cmask[None, :],
-                        other=0.0)
-            acc += tl.dot(f.to(ELEM_T).to(DOT_T), tl.trans(w.to(ELEM_T).to(DOT_T)),
-                          input_precision=PREC)
+            f = tl.load(F + roff[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            w = tl.load(W + koff[:, None] + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc += tl.dot(f.to(ELEM_T).to(DOT_T), tl.trans(w.to(ELEM_T).to(DOT_T)), input_precision=PREC)
             f32 = f.to(tl.float32)
             w32 = w.to(tl.float32)
             fsq += tl.sum(f32 * f32, axis=1)
@@ -74,14 +92,14 @@ def _fwd(F, W, LAB, LP, LOGITS, PM, PL, TGT, B, K, D, K_PER_SPLIT, scale, tau,
         c = acc * (scale * inv_f)[:, None] * inv_w[None, :]
         tmask = rmask[:, None] & kmask[None, :]
         if WRITE_LOGITS:
-            tl.store(LOGITS + rows.to(tl.int64)[:, None] * K + ks[None, :],
-                     c.to(LOGITS.dtype.element_ty), mask=tmask)
+            tl.store(LOGITS + rows.to(tl.int64)[:, None] * K + ks[None, :], c.to(LOGITS.dtype.element_ty), mask=tmask)
         lp = tl.load(LP + ks, mask=kmask, other=0.0).to(tl.float32)
         zz = tl.where(kmask[None, :], c + tau * lp[None, :], float("-inf"))
         hit = (ks[None, :] == lab[:, None]) & tmask
         # Exactly one chunk of one split holds a row's label: a plain store, no race.
-        tl.store(TGT + rows, tl.sum(tl.where(hit, zz, 0.0), axis=1),
-                 mask=rmask & (tl.sum(hit.to(tl.int32), axis=1) > 0))
+        tl.store(
+            TGT + rows, tl.sum(tl.where(hit, zz, 0.0), axis=1), mask=rmask & (tl.sum(hit.to(tl.int32), axis=1) > 0)
+        )
         m_new = tl.maximum(m_run, tl.max(zz, axis=1))
         l_run = l_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(zz - m_new[:, None]), axis=1)
         m_run = m_new
@@ -89,9 +107,28 @@ def _fwd(F, W, LAB, LP, LOGITS, PM, PL, TGT, B, K, D, K_PER_SPLIT, scale, tau,
     tl.store(PL + split * B + rows, l_run, mask=rmask)
 
 
-def _bwd_feat(F, W, LAB, LP, LSE, GL, OUT, B, K, D, K_PER_SPLIT, scale, tau, inv_b,
-              ELEM_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DF: tl.constexpr):
+def _bwd_feat(
+    F,
+    W,
+    LAB,
+    LP,
+    LSE,
+    GL,
+    OUT,
+    B,
+    K,
+    D,
+    K_PER_SPLIT,
+    scale,
+    tau,
+    inv_b,
+    ELEM_T: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DF: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,8 +150,7 @@ def _bwd_feat(F, W, LAB, LP, LSE, GL, OUT, B, K, D, K_PER_SPLIT, scale, tau, inv
     for kc in range(k0, k1, BLOCK_K):
         ks = kc + tl.arange(0, BLOCK_K)
         kmask = ks < k1
-        w = tl.load(W + ks.to(tl.int64)[:, None] * D + cols[None, :],
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        w = tl.load(W + ks.to(tl.int64)[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         w32 = w.to(tl.float32)
         inv_w = 1.0 / tl.maximum(tl.sqrt(tl.sum(w32 * w32, axis=1)), 1e-12)
         wd = w.to(ELEM_T).to(DOT_T)
@@ -128,13 +164,33 @@ def _bwd_feat(F, W, LAB, LP, LSE, GL, OUT, B, K, D, K_PER_SPLIT, scale, tau, inv
         coeff = (dc * scale * inv_w[None, :]).to(ELEM_T).to(DOT_T)
         acc += tl.dot(coeff, wd, input_precision=PREC)
     out = inv_f[:, None] * acc - f32 * (inv_f * inv_f * t)[:, None]
-    tl.store(OUT + (split * B + rows).to(tl.int64)[:, None] * D + cols[None, :],
-             out.to(OUT.dtype.element_ty), mask=fmask)
+    tl.store(
+        OUT + (split * B + rows).to(tl.int64)[:, None] * D + cols[None, :], out.to(OUT.dtype.element_ty), mask=fmask
+    )
 
 
-def _bwd_weight(F, W, LAB, LP, LSE, GL, OUT, B, K, D, B_PER_SPLIT, scale, tau, inv_b,
-                ELEM_T: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DF: tl.constexpr):
+def _bwd_weight(
+    F,
+    W,
+    LAB,
+    LP,
+    LSE,
+    GL,
+    OUT,
+    B,
+    K,
+    D,
+    B_PER_SPLIT,
+    scale,
+    tau,
+    inv_b,
+    ELEM_T: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DF: tl.constexpr,
+):
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -155,8 +211,7 @@ def _bwd_weight(F, W, LAB, LP, LSE, GL, OUT, B, K, D, B_PER_SPLIT, scale, tau, i
     for bc in range(b0, b1, BLOCK_M):
         rows = bc + tl.arange(0, BLOCK_M)
         rmask = rows < b1
-        f = tl.load(F + rows.to(tl.int64)[:, None] * D + cols[None, :],
-                    mask=rmask[:, None] & cmask[None, :], other=0.0)
+        f = tl.load(F + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         f32 = f.to(tl.float32)
         inv_f = 1.0 / tl.maximum(tl.sqrt(tl.sum(f32 * f32, axis=1)), 1e-12)
         fd = f.to(ELEM_T).to(DOT_T)
@@ -171,23 +226,31 @@ def _bwd_weight(F, W, LAB, LP, LSE, GL, OUT, B, K, D, B_PER_SPLIT, scale, tau, i
         coeff = (dc * (scale * inv_f)[:, None]).to(ELEM_T).to(DOT_T)
         acc += tl.dot(tl.trans(coeff), fd, input_precision=PREC)
     out = inv_w[:, None] * acc - w32 * (inv_w * inv_w * t)[:, None]
-    tl.store(OUT + (split * K + ks).to(tl.int64)[:, None] * D + cols[None, :],
-             out.to(OUT.dtype.element_ty), mask=wmask)
+    tl.store(OUT + (split * K + ks).to(tl.int64)[:, None] * D + cols[None, :], out.to(OUT.dtype.element_ty), mask=wmask)
 
 
 # Forward: class chunks of 64-128 with D streamed in 64-128 columns (tensor-core tiles on
 # Ampere/Hopper). Backward: full-width rows (≤ 2048) of a 16-32 tile plus the same-size fp32
 # accumulator stay on chip.
-_FWD = LazyKernel(_fwd, [cfg(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64),
-                         cfg(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_D=64),
-                         cfg(8, 3, BLOCK_M=128, BLOCK_K=64, BLOCK_D=64),
-                         cfg(4, 4, BLOCK_M=32, BLOCK_K=128, BLOCK_D=128)],
-                  cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_D=32), key=["D", "K", "WRITE_LOGITS"])
-_BWD_CFGS = [cfg(4, 2, BLOCK_M=16, BLOCK_K=16), cfg(8, 2, BLOCK_M=16, BLOCK_K=32),
-             cfg(8, 2, BLOCK_M=32, BLOCK_K=16), cfg(8, 1, BLOCK_M=32, BLOCK_K=32)]
+_FWD = LazyKernel(
+    _fwd,
+    [
+        cfg(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64),
+        cfg(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_D=64),
+        cfg(8, 3, BLOCK_M=128, BLOCK_K=64, BLOCK_D=64),
+        cfg(4, 4, BLOCK_M=32, BLOCK_K=128, BLOCK_D=128),
+    ],
+    cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_D=32),
+    key=["D", "K", "WRITE_LOGITS"],
+)
+_BWD_CFGS = [
+    cfg(4, 2, BLOCK_M=16, BLOCK_K=16),
+    cfg(8, 2, BLOCK_M=16, BLOCK_K=32),
+    cfg(8, 2, BLOCK_M=32, BLOCK_K=16),
+    cfg(8, 1, BLOCK_M=32, BLOCK_K=32),
+]
 _BWD_FEAT = LazyKernel(_bwd_feat, _BWD_CFGS, cfg(1, 1, BLOCK_M=16, BLOCK_K=16), key=["BLOCK_DF", "K"])
-_BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, cfg(1, 1, BLOCK_M=16, BLOCK_K=16),
-                         key=["BLOCK_DF", "B"])
+_BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, cfg(1, 1, BLOCK_M=16, BLOCK_K=16), key=["BLOCK_DF", "B"])
 
 
 def _class_splits(b: int, k: int, device) -> int:
@@ -200,13 +263,25 @@ def _row_splits(b: int, k: int, device) -> int:
 
 
 @triton_op(f"{TRITON}::la_cosine_ce_fwd", mutates_args=(), schema=SCHEMAS["la_cosine_ce_fwd"])
-def la_cosine_ce_fwd(feat: Tensor, weight: Tensor, labels: Tensor, log_prior: Tensor, scale: float,
-                     tau: float, return_logits: bool, compute_grad: bool = False):
+def la_cosine_ce_fwd(
+    feat: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    log_prior: Tensor,
+    scale: float,
+    tau: float,
+    return_logits: bool,
+    compute_grad: bool = False,
+):
     b, d = feat.shape
     k = weight.shape[0]
     dev = feat.device
-    feat, weight, labels, log_prior = (feat.contiguous(), weight.contiguous(), labels.contiguous(),
-                                       log_prior.contiguous())
+    feat, weight, labels, log_prior = (
+        feat.contiguous(),
+        weight.contiguous(),
+        labels.contiguous(),
+        log_prior.contiguous(),
+    )
     splits = _class_splits(b, k, dev)
     k_per = cdiv(k, splits)
     splits = cdiv(k, k_per)
@@ -215,8 +290,23 @@ def la_cosine_ce_fwd(feat: Tensor, weight: Tensor, labels: Tensor, log_prior: Te
     pl = torch.empty_like(pm)
     tgt = torch.empty((b,), device=dev, dtype=torch.float32)
     wrap_triton(_FWD.get())[lambda m: (cdiv(b, m["BLOCK_M"]), splits)](
-        feat, weight, labels, log_prior, logits, pm, pl, tgt, b, k, d, k_per, scale, tau,
-        WRITE_LOGITS=return_logits, **dot_meta(feat.dtype))
+        feat,
+        weight,
+        labels,
+        log_prior,
+        logits,
+        pm,
+        pl,
+        tgt,
+        b,
+        k,
+        d,
+        k_per,
+        scale,
+        tau,
+        WRITE_LOGITS=return_logits,
+        **dot_meta(feat.dtype),
+    )
     mx = pm.max(0).values
     lse = mx + torch.log((pl * torch.exp(pm - mx)).sum(0))
     loss = (lse - tgt).mean()
@@ -230,8 +320,16 @@ def la_cosine_ce_fwd(feat: Tensor, weight: Tensor, labels: Tensor, log_prior: Te
 
 
 @triton_op(f"{TRITON}::la_cosine_ce_bwd", mutates_args=(), schema=SCHEMAS["la_cosine_ce_bwd"])
-def la_cosine_ce_bwd(grad_loss: Tensor, feat: Tensor, weight: Tensor, labels: Tensor,
-                     log_prior: Tensor, lse: Tensor, scale: float, tau: float):
+def la_cosine_ce_bwd(
+    grad_loss: Tensor,
+    feat: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    log_prior: Tensor,
+    lse: Tensor,
+    scale: float,
+    tau: float,
+):
     return _backward(grad_loss, feat, weight, labels, log_prior, lse, scale, tau)
 
 
@@ -239,8 +337,12 @@ def _backward(grad_loss, feat, weight, labels, log_prior, lse, scale, tau):
     b, d = feat.shape
     k = weight.shape[0]
     dev = feat.device
-    feat, weight, labels, log_prior = (feat.contiguous(), weight.contiguous(), labels.contiguous(),
-                                       log_prior.contiguous())
+    feat, weight, labels, log_prior = (
+        feat.contiguous(),
+        weight.contiguous(),
+        labels.contiguous(),
+        log_prior.contiguous(),
+    )
     grad_loss = grad_loss.reshape(()).float().contiguous()
     meta = dot_meta(feat.dtype)
     block_df = pow2_at_least(d)
@@ -249,22 +351,50 @@ def _backward(grad_loss, feat, weight, labels, log_prior, lse, scale, tau):
     k_per = cdiv(k, ks)
     ks = cdiv(k, k_per)
     # One split stores the final gradient in the output dtype; several store fp32 partials.
-    g_feat = torch.empty_like(feat) if ks == 1 else torch.empty((ks, b, d), device=dev,
-                                                                   dtype=torch.float32)
+    g_feat = torch.empty_like(feat) if ks == 1 else torch.empty((ks, b, d), device=dev, dtype=torch.float32)
     wrap_triton(_BWD_FEAT.get())[lambda m: (cdiv(b, m["BLOCK_M"]), ks)](
-        feat, weight, labels, log_prior, lse, grad_loss, g_feat, b, k, d, k_per, scale, tau,
-        1.0 / b, BLOCK_DF=block_df, **meta)
+        feat,
+        weight,
+        labels,
+        log_prior,
+        lse,
+        grad_loss,
+        g_feat,
+        b,
+        k,
+        d,
+        k_per,
+        scale,
+        tau,
+        1.0 / b,
+        BLOCK_DF=block_df,
+        **meta,
+    )
     if ks > 1:
         g_feat = g_feat.sum(0).to(feat.dtype)
 
     bs = _row_splits(b, k, dev)
     b_per = cdiv(b, bs)
     bs = cdiv(b, b_per)
-    g_weight = torch.empty_like(weight) if bs == 1 else torch.empty((bs, k, d), device=dev,
-                                                                       dtype=torch.float32)
+    g_weight = torch.empty_like(weight) if bs == 1 else torch.empty((bs, k, d), device=dev, dtype=torch.float32)
     wrap_triton(_BWD_WEIGHT.get())[lambda m: (cdiv(k, m["BLOCK_K"]), bs)](
-        feat, weight, labels, log_prior, lse, grad_loss, g_weight, b, k, d, b_per, scale, tau,
-        1.0 / b, BLOCK_DF=block_df, **meta)
+        feat,
+        weight,
+        labels,
+        log_prior,
+        lse,
+        grad_loss,
+        g_weight,
+        b,
+        k,
+        d,
+        b_per,
+        scale,
+        tau,
+        1.0 / b,
+        BLOCK_DF=block_df,
+        **meta,
+    )
     if bs > 1:
         g_weight = g_weight.sum(0).to(weight.dtype)
     return g_feat, g_weight
@@ -274,16 +404,19 @@ def check_limits(feat) -> None:
     """Reject what the kernels cannot run (arguments are validated by the public op)."""
     d = feat.shape[-1]
     if d > MAX_D:
-        raise ValueError(f"la_cosine_cross_entropy (triton): feature width D = {d} (feat shape "
-                         f"{tuple(feat.shape)}) exceeds the kernel limit D <= {MAX_D}: the backward "
-                         "keeps full rows on chip; use the reference or native backend")
+        raise ValueError(
+            f"la_cosine_cross_entropy (triton): feature width D = {d} (feat shape "
+            f"{tuple(feat.shape)}) exceeds the kernel limit D <= {MAX_D}: the backward "
+            "keeps full rows on chip; use the reference or native backend"
+        )
 
 
 def check_labels(weight, labels) -> None:
     """Device-side guard (no host sync, traceable): labels index the classes."""
     k = weight.shape[0]
-    torch._assert_async(((labels >= 0) & (labels < k)).all(),
-                        f"la_cosine_cross_entropy (triton): labels out of range [0, {k})")
+    torch._assert_async(
+        ((labels >= 0) & (labels < k)).all(), f"la_cosine_cross_entropy (triton): labels out of range [0, {k})"
+    )
 
 
 register_backend(TRITON)

@@ -6,6 +6,7 @@
   int64 counters. Integer atomics commute, so the counts are deterministic.
 * ``_unit_mean``: per image, crop norms over D chunks, then the mean of the unit vectors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,24 @@ from ..tte import kernel_calls
 from ._common import LazyKernel, cdiv, cfg, pow2_at_least
 
 
-def _aggregate(X, LAB, OUT, PRED, CORRECT, TOTAL, C, B, K, sc, sb, sk, inv_c,
-               HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _aggregate(
+    X,
+    LAB,
+    OUT,
+    PRED,
+    CORRECT,
+    TOTAL,
+    C,
+    B,
+    K,
+    sc,
+    sb,
+    sk,
+    inv_c,
+    HAS_LABELS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
@@ -30,8 +47,9 @@ def _aggregate(X, LAB, OUT, PRED, CORRECT, TOTAL, C, B, K, sc, sb, sk, inv_c,
         m2 = rmask[:, None] & (ks < K)[None, :]
         acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
         for c in range(0, C):
-            acc += tl.load(X + c * sc + rows.to(tl.int64)[:, None] * sb + ks[None, :] * sk,
-                           mask=m2, other=0.0).to(tl.float32)
+            acc += tl.load(X + c * sc + rows.to(tl.int64)[:, None] * sb + ks[None, :] * sk, mask=m2, other=0.0).to(
+                tl.float32
+            )
         # Divide (not multiply by 1/C) to round exactly like the reference's mean().
         mean = (acc / C).to(OUT.dtype.element_ty)
         tl.store(OUT + rows.to(tl.int64)[:, None] * K + ks[None, :], mean, mask=m2)
@@ -58,15 +76,15 @@ def _unit_mean(X, OUT, C, B, D, inv_c, BLOCK_C: tl.constexpr, BLOCK_D: tl.conste
     sq = tl.zeros([BLOCK_C], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(X + base[:, None] + cols[None, :], mask=cmask[:, None] & (cols < D)[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(X + base[:, None] + cols[None, :], mask=cmask[:, None] & (cols < D)[None, :], other=0.0).to(
+            tl.float32
+        )
         sq += tl.sum(x * x, axis=1)
     inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         dmask = cols < D
-        x = tl.load(X + base[:, None] + cols[None, :], mask=cmask[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(X + base[:, None] + cols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         out = tl.sum(x * inv[:, None], axis=0) * inv_c
         tl.store(OUT + b.to(tl.int64) * D + cols, out.to(OUT.dtype.element_ty), mask=dmask)
 
@@ -74,8 +92,7 @@ def _unit_mean(X, OUT, C, B, D, inv_c, BLOCK_C: tl.constexpr, BLOCK_D: tl.conste
 # Not autotuned: the counters are accumulated with atomics, and autotuning would re-run the
 # kernel on the same buffers. Both kernels are pure streaming; 4 warps over 8 × 256 tiles
 # saturate bandwidth on Ampere/Hopper.
-_AGG = LazyKernel(_aggregate, [cfg(4, 2, BLOCK_B=8, BLOCK_K=256)], cfg(1, 1, BLOCK_B=4, BLOCK_K=16),
-                  key=["K"])
+_AGG = LazyKernel(_aggregate, [cfg(4, 2, BLOCK_B=8, BLOCK_K=256)], cfg(1, 1, BLOCK_B=4, BLOCK_K=16), key=["K"])
 _UNIT = LazyKernel(_unit_mean, [cfg(4, 2, BLOCK_D=256)], cfg(1, 1, BLOCK_D=16), key=["D"])
 
 
@@ -92,8 +109,8 @@ def tte_aggregate_op(crop_logits: Tensor, labels: Tensor | None) -> tuple[Tensor
         lab = labels.contiguous() if labels is not None else pred
         sc, sb, sk = crop_logits.stride()
         wrap_triton(_AGG.get())[lambda m: (cdiv(b, m["BLOCK_B"]),)](
-            crop_logits, lab, out, pred, correct, total, c, b, k, sc, sb, sk, 1.0 / c,
-            HAS_LABELS=labels is not None)
+            crop_logits, lab, out, pred, correct, total, c, b, k, sc, sb, sk, 1.0 / c, HAS_LABELS=labels is not None
+        )
     return out, pred, correct, total
 
 
@@ -111,8 +128,9 @@ def check_labels(crop_logits, labels) -> None:
     """Device-side guard: an out-of-range label would index past the counters."""
     if labels is not None:
         k = crop_logits.shape[-1]
-        torch._assert_async(((labels >= 0) & (labels < k)).all(),
-                            f"tte_aggregate (triton): labels out of range [0, {k})")
+        torch._assert_async(
+            ((labels >= 0) & (labels < k)).all(), f"tte_aggregate (triton): labels out of range [0, {k})"
+        )
 
 
 _aggregate, _unit_mean = kernel_calls(TRITON)

@@ -33,6 +33,7 @@ from liftplus_fast.data.uint8_transforms import (
     map_box,
     normalize_batch,
 )
+from tests.data.tiny_run import tiny_run
 
 SIZES = ((40, 52), (52, 40), (36, 36), (48, 64))
 
@@ -185,17 +186,11 @@ def test_seeded_run_draws_the_same_boxes_with_and_without_cache(folder, tmp_path
 
     monkeypatch.setattr(ref_transforms, "sample_square_box", record)
     monkeypatch.setattr(uint8_transforms, "sample_square_box", record)
-    common = dict(
+    common = tiny_run(
         dataset="imagefolder",
         root=folder,
-        backbone="tiny_vit",
-        pretrained=None,
-        resolution=32,
         batch_size=4,
         num_epochs=2,
-        num_workers=0,
-        progress=False,
-        output_dir=None,
         prec_train="fp32",
         classifier_init="semantic",
     )

@@ -12,6 +12,7 @@ from liftplus_fast.data.cache_build import build_cache, open_source_cache
 from liftplus_fast.data.gpu_augment import augment_batch, collate_encoded
 from liftplus_fast.data.synthetic_images import write_image_folder
 from liftplus_fast.data.uint8_transforms import CachedMDACrop, CachedResizeCrop, normalize_batch
+from tests.data.tiny_run import tiny_run
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU decode and augment)")
@@ -49,17 +50,10 @@ def test_device_path_on_cpu_equals_worker_path(caches, fmt):
 
 def test_fast_train_augment_on_device_matches_worker_path(caches):
     root, dirs = caches
-    common = dict(
+    common = tiny_run(
         dataset="imagefolder",
         root=root,
-        backbone="tiny_vit",
-        pretrained=None,
-        resolution=32,
         batch_size=4,
-        num_epochs=1,
-        num_workers=0,
-        progress=False,
-        output_dir=None,
         prec_train="fp32",
         data_cache=dirs["jpeg"],
     )

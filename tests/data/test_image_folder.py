@@ -10,6 +10,7 @@ import liftplus_fast as lf
 from liftplus_fast.cli import main as cli_main
 from liftplus_fast.data import ImageFolderLT, ListFileDataset, build_dataset
 from liftplus_fast.data.synthetic_images import write_image_folder
+from tests.data.tiny_run import TINY
 
 SMALL = ((40, 52), (52, 40), (36, 36))
 
@@ -66,18 +67,6 @@ def test_listfile_reads_split_dir_and_falls_back_to_val(folder, tmp_path):
     assert torch.equal(torch.as_tensor(train[0][0].size), torch.as_tensor(Image.open(train.paths[0]).size))
     with pytest.raises(FileNotFoundError, match="split_dir"):
         build_dataset("listfile", folder, "train", split_dir=str(tmp_path))
-
-
-TINY = dict(
-    backbone="tiny_vit",
-    pretrained=None,
-    resolution=32,
-    batch_size=8,
-    num_epochs=1,
-    num_workers=0,
-    progress=False,
-    output_dir=None,
-)
 
 
 def test_fast_train_on_imagefolder_and_listfile(folder):

@@ -105,5 +105,11 @@ def progress_bar(
     if _is_terminal(stream):
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, leave=leave, file=stream)
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        # tqdm.auto's class calls iter() on an iterable in its constructor and again when it is
+        # iterated: a DataLoader would start its workers, and draw its seed, twice per loop
+        # (so a run on a terminal would crop differently from one logging to a file). One
+        # iterator, made here, is iterated once.
+        return tqdm(iter(iterable), desc=desc, total=total, leave=leave, file=stream)
     return PlainProgress(iterable, desc, total, stream, progress_interval())

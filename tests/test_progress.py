@@ -51,6 +51,23 @@ def test_terminal_gets_tqdm_and_disable_is_silent(monkeypatch):
     assert quiet.getvalue() == ""
 
 
+def test_terminal_bar_iterates_its_iterable_once():
+    # A DataLoader starts its workers and draws a seed on every iter(): the bar must call it once.
+    class Loader:
+        starts = 0
+
+        def __iter__(self):
+            Loader.starts += 1
+            return iter(range(4))
+
+        def __len__(self):
+            return 4
+
+    bar = progress_bar(Loader(), "epoch 1/1", stream=Terminal())
+    assert bar.total == 4 and list(bar) == [0, 1, 2, 3]
+    assert Loader.starts == 1
+
+
 def test_interval_from_the_environment(monkeypatch):
     monkeypatch.setenv("LIFTPLUS_FAST_PROGRESS_INTERVAL", "0")
     out = io.StringIO()

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
 from .checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
 from .config import LiftConfig, backbone_preset, make_config, validate
@@ -183,15 +183,33 @@ def _loader(dataset, batch_size: int, cfg: LiftConfig, shuffle: bool, sampler=No
     workers = max(0, min(cfg.num_workers, os.cpu_count() or 1))
     generator = torch.Generator().manual_seed(seed)
     cached = cfg.data_cache is not None
-    if cached and shuffle:
-        # The cached MDA crop takes the epoch with every index. The sampler is the one DataLoader
-        # would build, so the shuffling and the workers' seeds match the uncached path.
-        if sampler is None:
-            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-        sampler = EpochTaggedSampler(sampler)
     on_device = cached and cfg.augment_on_device
+    if cached and sampler is None:
+        # The sampler DataLoader would build, so the shuffling and the workers' seeds match the
+        # uncached path.
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    if cached and not on_device:
+        # The workers build whole uint8 batches (dataset[list of indices]) from the same groups
+        # of indices DataLoader(batch_size=...) would form, drawing the boxes in the same order;
+        # the training sampler tags every index with its epoch for the MDA schedule.
+        batches = EpochTaggedSampler(sampler, batch_size) if shuffle else BatchSampler(sampler, batch_size, False)
+        if device is None or torch.device(device).type == "cpu":
+            # Training on the CPU: the workers normalise, in parallel with the training step.
+            dataset = _view(dataset, lambda d: d.normalized(cfg.mean, cfg.std))
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=batches,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            generator=generator,
+        )
+        # Otherwise uint8 batches (4x fewer bytes to the device), normalised there.
+        return NormalizedLoader(loader, cfg.mean, cfg.std, device)
+    if cached and shuffle:
+        sampler = EpochTaggedSampler(sampler)
     loader = DataLoader(
-        _encoded(dataset) if on_device else dataset,
+        _view(dataset, lambda d: d.encoded()) if on_device else dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
@@ -201,19 +219,19 @@ def _loader(dataset, batch_size: int, cfg: LiftConfig, shuffle: bool, sampler=No
         persistent_workers=False,
         collate_fn=collate_encoded if on_device else None,
     )
-    if on_device:
-        base = dataset.dataset if isinstance(dataset, Subset) else dataset
-        return GPUAugmentLoader(
-            loader, base.transform, base.cache_format, cfg.mean, cfg.std, device if device is not None else "cpu"
-        )
-    # Cached batches arrive as uint8: normalised once per batch, on the training device.
-    return NormalizedLoader(loader, cfg.mean, cfg.std, device) if cached else loader
+    if not on_device:
+        return loader
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    return GPUAugmentLoader(
+        loader, base.transform, base.cache_format, cfg.mean, cfg.std, device if device is not None else "cpu"
+    )
 
 
-def _encoded(dataset):
+def _view(dataset, make):
+    # A view of a cached data set (``encoded()``, ``normalized()``), through a Subset (a shard).
     if isinstance(dataset, Subset):
-        return Subset(dataset.dataset.encoded(), dataset.indices)
-    return dataset.encoded()
+        return Subset(make(dataset.dataset), dataset.indices)
+    return make(dataset)
 
 
 def _datasets(cfg: LiftConfig):

@@ -208,6 +208,20 @@ def decode_stored(buffer: np.ndarray, height: int, width: int, cache_format: str
     return decode_jpeg(torch.from_numpy(np.array(buffer)), mode=ImageReadMode.RGB)
 
 
+def new_batch(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch; in shared memory inside a DataLoader worker.
+
+    A worker's batch travels to the main process through shared memory: allocated there from
+    the start (as ``default_collate`` does), it is sent without another copy.
+    """
+    shape = tuple(int(v) for v in shape)
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape)) if shape else 1
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
 class CachedImageDataset(Dataset):
     """One split of a decode-once cache, as a data set of uint8 images.
 
@@ -215,6 +229,14 @@ class CachedImageDataset(Dataset):
     returns ``(image, label)``: with ``transform=None`` the stored ``[3, h, w]`` uint8 tensor,
     otherwise ``transform(image, orig_hw, epoch)`` where ``orig_hw`` is the source image's
     (height, width), so crop boxes are drawn as on the source and mapped onto the stored image.
+
+    ``dataset[list_of_items]`` returns a whole batch, ``(images, labels)``: the transformed
+    images written straight into one ``[B, ...]`` tensor (in shared memory inside a DataLoader
+    worker, so sending it costs no copy; uint8, or float32 normalised for a :meth:`normalized`
+    view) and the labels as a list. Load it with
+    ``DataLoader(dataset, batch_size=None, sampler=<a sampler of index lists>)``
+    (:class:`EpochTaggedSampler` with ``batch_size``, or ``BatchSampler``) and normalise with
+    :class:`NormalizedLoader`; the boxes are drawn in the same order as item by item.
 
     Args:
         cache_dir: the cache folder.
@@ -260,6 +282,7 @@ class CachedImageDataset(Dataset):
         self.cls_num_list: List[int] = count_per_class(self.labels, self.num_classes)
         self._data: Optional[np.memmap] = None
         self._encoded = False
+        self._affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -288,7 +311,40 @@ class CachedImageDataset(Dataset):
         view._encoded = True
         return view
 
+    def normalized(self, mean: Sequence[float], std: Sequence[float]) -> "CachedImageDataset":
+        """A view whose batches (``dataset[list]``) are normalised float32, ``(x / 255 - mean) / std``.
+
+        For training on the CPU: each worker normalises its images while they are in its cache,
+        in parallel with the others and with the training step, instead of the main process
+        normalising whole batches between steps.
+        """
+        from .uint8_transforms import normalization_affine
+
+        view = copy.copy(self)
+        view._affine = normalization_affine(mean, std)
+        return view
+
+    def batch(self, items: Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of ``items`` (indices or ``(epoch, index)`` pairs), transformed into one tensor."""
+        if self.transform is None or not hasattr(self.transform, "write"):
+            raise UserInputError(
+                "batched reads (dataset[list]) need a transform of liftplus_fast.data.uint8_transforms; "
+                f"got transform={self.transform!r}"
+            )
+        pairs = [item if isinstance(item, tuple) else (None, item) for item in items]
+        dtype = torch.uint8 if self._affine is None else self._affine[0].dtype
+        out = new_batch((len(pairs),) + tuple(self.transform.output_shape()), dtype)
+        for dst, (epoch, index) in zip(out, pairs):
+            index = int(index)
+            orig = (int(self.orig_hw[index][0]), int(self.orig_hw[index][1]))
+            self.transform.write(dst, self.read(index), orig, epoch, self._affine)
+        # Labels as a list: a tensor would travel from a worker through its own shared-memory
+        # file and descriptor, which costs more than the 32-128 numbers are worth.
+        return out, [self.labels[int(i)] for _, i in pairs]
+
     def __getitem__(self, item):
+        if isinstance(item, list):
+            return self.batch(item)
         epoch, index = item if isinstance(item, tuple) else (None, item)
         if self._encoded:
             if self._data is None:

@@ -22,7 +22,7 @@ Resizes are bicubic with antialiasing (torchvision's uint8 kernels, which match 
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torchvision.transforms.v2.functional as F
@@ -92,11 +92,24 @@ class CachedMDACrop:
         lo = mda_min_scale(int(epoch), self.num_epochs, self.sched_func, self.scale[0], self.scale[1])
         return sample_square_box(int(orig_hw[0]), int(orig_hw[1]), lo, self.scale[1])
 
+    def output_shape(self) -> Tuple[int, ...]:
+        """The shape of one output, ``(3, size, size)``."""
+        return (3, self.size, self.size)
+
     def __call__(self, image: torch.Tensor, orig_hw: HW, epoch: int) -> torch.Tensor:
         top, left, h, w = map_box(self.sample(orig_hw, epoch), orig_hw, tuple(image.shape[-2:]))
         return F.resized_crop(
             image, top, left, h, w, [self.size, self.size], interpolation=InterpolationMode.BICUBIC, antialias=True
         )
+
+    def write(self, out: torch.Tensor, image: torch.Tensor, orig_hw: HW, epoch: int, affine=None) -> None:
+        """The crop of :meth:`__call__` written into ``out`` (a slot of a batch).
+
+        ``affine``: ``(scale, shift)`` of :func:`normalization_affine` to write it normalised
+        into a float ``out``; ``None`` copies the uint8 pixels.
+        """
+        crop = self(image, orig_hw, epoch)
+        out.copy_(crop) if affine is None else normalize_into(out, crop, affine)
 
     def __repr__(self) -> str:
         return (
@@ -117,11 +130,34 @@ class CachedResizeCrop:
         self.resize_to = int(resize_to)
         self.five_crop = bool(five_crop)
 
+    def output_shape(self) -> Tuple[int, ...]:
+        """The shape of one output: ``(3, size, size)``, or ``(5, 3, size, size)`` with five crops."""
+        return ((5,) if self.five_crop else ()) + (3, self.size, self.size)
+
+    def _crops(self, image: torch.Tensor) -> List[torch.Tensor]:
+        # Views of the resized image: FiveCrop's order, or the one centre crop.
+        if self.five_crop:
+            return list(F.five_crop(image, [self.size, self.size]))
+        return [F.center_crop(image, [self.size, self.size])]
+
     def __call__(self, image: torch.Tensor, orig_hw: HW, epoch: Optional[int] = None) -> torch.Tensor:
         image = _resize(image, resized_output_size(orig_hw, self.resize_to))
-        if self.five_crop:
-            return torch.stack(F.five_crop(image, [self.size, self.size]))
-        return F.center_crop(image, [self.size, self.size])
+        crops = self._crops(image)
+        return torch.stack(crops) if self.five_crop else crops[0]
+
+    def write(
+        self, out: torch.Tensor, image: torch.Tensor, orig_hw: HW, epoch: Optional[int] = None, affine=None
+    ) -> None:
+        """The crops of :meth:`__call__` written into ``out`` (a slot of a batch), without stacking first.
+
+        ``affine`` as for :meth:`CachedMDACrop.write`. Five crops are cut from the resized image
+        normalised once, which is a third of the arithmetic of normalising each crop.
+        """
+        image = _resize(image, resized_output_size(orig_hw, self.resize_to))
+        if affine is not None:
+            image = normalize_into(torch.empty(image.shape, dtype=out.dtype), image, affine)
+        for dst, crop in zip(out if self.five_crop else out.unsqueeze(0), self._crops(image)):
+            dst.copy_(crop)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, resize_to={self.resize_to}, five_crop={self.five_crop})"
@@ -150,29 +186,70 @@ def build_cached_plain_transform(cfg) -> CachedResizeCrop:
     return CachedResizeCrop(cfg.resolution, cfg.resolution)
 
 
+def normalization_affine(
+    mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32, device=None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, each ``[3, 1, 1]``, with ``(x / 255 - mean) / std == x * scale + shift``."""
+    if len(mean) != 3 or len(std) != 3:
+        raise UserInputError(f"mean and std need 3 values (RGB); got mean={mean!r}, std={std!r}")
+    m = torch.as_tensor(mean, dtype=dtype, device=device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=dtype, device=device).view(3, 1, 1)
+    return 1.0 / (255.0 * s), -m / s
+
+
+# Elements per normalisation chunk: the float chunk (2 MiB) stays in cache between the
+# conversion and the multiply-add, instead of a batch-sized second pass through memory.
+_CHUNK = 1 << 19
+
+
+def normalize_into(out: torch.Tensor, images: torch.Tensor, affine: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """uint8 ``images`` ``[..., 3, H, W]`` written into the float tensor ``out`` as ``images * scale + shift``.
+
+    Returns ``out``. Two passes per chunk of images (convert, then one fused multiply-add in
+    place): a mixed uint8/float ``addcmul`` converts element by element without vectorising,
+    and a separate multiply and add would be a third pass.
+    """
+    scale, shift = affine
+    if out.shape != images.shape:
+        raise ValueError(f"normalize_into: out has shape {tuple(out.shape)}, images {tuple(images.shape)}")
+    if out.device.type != "cpu" or out.dim() <= 3:
+        chunks = [(out, images)]
+    else:
+        flat_out, flat_in = out.view(-1, *out.shape[-3:]), images.reshape(-1, *images.shape[-3:])
+        step = max(1, _CHUNK // max(1, flat_out[0].numel()))
+        chunks = [(flat_out[i : i + step], flat_in[i : i + step]) for i in range(0, flat_out.shape[0], step)]
+    for dst, src in chunks:
+        dst.copy_(src)
+        torch.addcmul(shift, dst, scale, out=dst)
+    return out
+
+
 def normalize_batch(
     images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """uint8 ``[..., 3, H, W]`` images to ``(x / 255 - mean) / std`` in ``dtype`` (one fused pass per batch)."""
+    """uint8 ``[..., 3, H, W]`` images to ``(x / 255 - mean) / std`` in ``dtype`` (one float copy per batch)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_batch expects uint8 images; got {images.dtype}")
-    shape = (3, 1, 1)
-    m = torch.as_tensor(mean, dtype=dtype, device=images.device).view(shape)
-    s = torch.as_tensor(std, dtype=dtype, device=images.device).view(shape)
-    # (x / 255 - m) / s == x * (1 / (255 s)) - m / s, in place on the one float copy (an
-    # out-of-place addcmul allocates a second batch-sized buffer and is ~1.8x slower).
-    return images.to(dtype).mul_(1.0 / (255.0 * s)).add_(-m / s)
+    affine = normalization_affine(mean, std, dtype, images.device)
+    return normalize_into(torch.empty(images.shape, dtype=dtype, device=images.device), images, affine)
 
 
 class EpochTaggedSampler(Sampler):
     """Yields ``(epoch, index)`` for each index of ``sampler``, so transforms receive the epoch.
 
+    With ``batch_size``, yields lists of ``batch_size`` such pairs instead (the last one
+    shorter), grouped as ``DataLoader(batch_size=...)`` groups them, for data sets that build
+    whole batches (``CachedImageDataset[list]`` under ``DataLoader(batch_size=None)``).
+
     :meth:`set_epoch` sets the tag (and forwards to the wrapped sampler when it has one, e.g.
     ``DistributedSampler``). The order of the wrapped sampler is unchanged.
     """
 
-    def __init__(self, sampler: Sampler):
+    def __init__(self, sampler: Sampler, batch_size: Optional[int] = None):
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise UserInputError(f"batch_size must be a positive integer or None; got {batch_size!r}")
         self.sampler = sampler
+        self.batch_size = batch_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -181,18 +258,35 @@ class EpochTaggedSampler(Sampler):
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def __iter__(self) -> Iterator:
         epoch = self.epoch
-        return ((epoch, int(i)) for i in self.sampler)
+        pairs = ((epoch, int(i)) for i in self.sampler)
+        if self.batch_size is None:
+            return pairs
+        return _batched(pairs, self.batch_size)
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        n = len(self.sampler)
+        return n if self.batch_size is None else -(-n // self.batch_size)
+
+
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 class NormalizedLoader:
-    """Wraps a DataLoader of uint8 batches: moves each batch to ``device`` and normalises it there.
+    """Wraps a DataLoader of batches: moves each to ``device`` and normalises the uint8 ones there.
 
-    Iterates like the wrapped loader (``(images, labels)``); other attributes (``sampler``,
+    Iterates like the wrapped loader, ``(images, labels)``, with float32 images and int64 label
+    tensors; batches the workers already normalised (float, from
+    :meth:`CachedImageDataset.normalized`) are only moved. Other attributes (``sampler``,
     ``generator``, ``dataset``, ``len``) are the wrapped loader's.
     """
 
@@ -210,7 +304,9 @@ class NormalizedLoader:
         for images, labels in batches:
             if self.device is not None:
                 images = images.to(self.device, non_blocking=True)
-            yield normalize_batch(images, self.mean, self.std), labels
+            if images.dtype == torch.uint8:
+                images = normalize_batch(images, self.mean, self.std)
+            yield images, torch.as_tensor(labels, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -1,0 +1,110 @@
+"""Whole batches built in the DataLoader workers: the same pixels and boxes as item by item."""
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+from liftplus_fast.data.cache_build import build_cache, open_source_cache
+from liftplus_fast.data.synthetic_images import write_image_folder
+from liftplus_fast.data.uint8_transforms import (
+    CachedMDACrop,
+    CachedResizeCrop,
+    EpochTaggedSampler,
+    NormalizedLoader,
+    normalization_affine,
+    normalize_batch,
+    normalize_into,
+)
+from liftplus_fast.errors import UserInputError
+
+MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+TRANSFORMS = (CachedMDACrop(32, 3), CachedResizeCrop(32, 36), CachedResizeCrop(32, 40, five_crop=True))
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batched")
+    write_image_folder(str(root), [4, 3], test_per_class=2, sizes=((40, 52), (52, 40), (48, 64)))
+    out = {}
+    for fmt in ("raw", "jpeg"):
+        out[fmt] = str(root / fmt)
+        build_cache("imagefolder", str(root), out[fmt], cache_size=44, cache_format=fmt, progress=False)
+    return str(root), out
+
+
+@pytest.mark.parametrize("fmt", ["raw", "jpeg"])
+def test_batch_equals_items_uint8_and_normalised(caches, fmt):
+    root, dirs = caches
+    for transform in TRANSFORMS:
+        ds = open_source_cache("imagefolder", root, "train", dirs[fmt], transform=transform)
+        items = [(1, i) for i in range(len(ds))]
+        torch.manual_seed(0)
+        want = torch.stack([ds[item][0] for item in items])
+        torch.manual_seed(0)
+        got, labels = ds[items]
+        assert got.dtype == torch.uint8 and torch.equal(got, want) and labels == ds.labels
+        torch.manual_seed(0)
+        normed, _ = ds.normalized(MEAN, STD)[items]
+        # Normalising image by image (TTE: before cutting the crops) gives the batch's numbers exactly.
+        assert normed.dtype == torch.float32
+        torch.testing.assert_close(normed, normalize_batch(want, MEAN, STD), rtol=0, atol=0)
+
+
+def test_worker_batches_draw_the_boxes_of_per_sample_loading(caches):
+    root, dirs = caches
+    ds = open_source_cache("imagefolder", root, "train", dirs["raw"], transform=CachedMDACrop(32, 3))
+    epochs = {}
+    for batched in (False, True):
+        seq = SequentialSampler(ds)
+        if batched:
+            loader = DataLoader(ds, batch_size=None, sampler=EpochTaggedSampler(seq, 3), num_workers=2)
+        else:
+            loader = DataLoader(ds, batch_size=3, sampler=EpochTaggedSampler(seq), num_workers=2)
+        loader.sampler.set_epoch(2)
+        torch.manual_seed(5)  # the loader's base seed for its workers comes from here
+        epochs[batched] = torch.cat([x for x, _ in loader])
+    assert epochs[True].shape == (len(ds), 3, 32, 32) and torch.equal(epochs[True], epochs[False])
+
+
+def test_normalized_loader_passes_worker_normalised_batches_and_makes_label_tensors(caches):
+    root, dirs = caches
+    ds = open_source_cache("imagefolder", root, "test", dirs["jpeg"], transform=CachedResizeCrop(32, 36))
+    batches = BatchSampler(SequentialSampler(ds), 2, False)
+    plain = NormalizedLoader(DataLoader(ds, batch_size=None, sampler=batches), MEAN, STD)
+    worker = NormalizedLoader(DataLoader(ds.normalized(MEAN, STD), batch_size=None, sampler=batches), MEAN, STD)
+    for (a, ya), (b, yb) in zip(plain, worker):
+        assert a.dtype == b.dtype == torch.float32 and ya.dtype == yb.dtype == torch.int64
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert torch.equal(ya, yb)
+    assert len(plain) == len(worker) == -(-len(ds) // 2)
+
+
+def test_batches_need_a_uint8_transform(caches):
+    root, dirs = caches
+    ds = open_source_cache("imagefolder", root, "train", dirs["raw"])
+    with pytest.raises(UserInputError, match="transform"):
+        ds[[0, 1]]
+
+
+def test_epoch_tagged_batches_group_as_dataloader_does():
+    sampler = EpochTaggedSampler(SequentialSampler(range(7)), batch_size=3)
+    sampler.set_epoch(2)
+    assert list(sampler) == [[(2, 0), (2, 1), (2, 2)], [(2, 3), (2, 4), (2, 5)], [(2, 6)]] and len(sampler) == 3
+    for bad in (0, -1, 2.5):
+        with pytest.raises(UserInputError, match="batch_size"):
+            EpochTaggedSampler(SequentialSampler(range(3)), batch_size=bad)
+
+
+def test_chunked_normalisation_equals_one_pass_and_checks_shapes(monkeypatch):
+    from liftplus_fast.data import uint8_transforms
+
+    x = torch.randint(0, 256, (3, 5, 3, 16, 16), dtype=torch.uint8)
+    affine = normalization_affine(MEAN, STD)
+    want = (x.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    monkeypatch.setattr(uint8_transforms, "_CHUNK", 2 * 3 * 16 * 16)  # two crops per chunk
+    got = normalize_into(torch.empty(x.shape), x, affine)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="shape"):
+        normalize_into(torch.empty(2, 3, 16, 16), x, affine)
+    with pytest.raises(UserInputError, match="mean and std"):
+        normalization_affine((0.5, 0.5), STD)

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserInputError
+from ..ops import gemm
 from .peft_vit import PEFTBlock, PEFTVisionTransformer, _ln
 from .tuners import SSF, BlockTuner, install_tuners
 
@@ -107,6 +108,7 @@ class TimmViTEncoder(_ViTTuning, nn.Module):
         self.visual = vit
         self.blocks = nn.ModuleList(PEFTBlock(TimmBlockView(b)) for b in vit.blocks)
         self.batch_first = True
+        self.compute_dtype = None  # as PEFTVisionTransformer.compute_dtype
 
     @property
     def width(self) -> int:
@@ -116,7 +118,8 @@ class TimmViTEncoder(_ViTTuning, nn.Module):
     def forward(self, images):
         """Pre-logits feature ``[B, D]``: the model's own pooling after its final norm (fp32)."""
         v = self.visual
-        x = v.patch_embed(images.to(v.patch_embed.proj.weight.dtype))
+        dtype = self.compute_dtype or v.patch_embed.proj.weight.dtype
+        x = gemm.first_layer(v.patch_embed, images, dtype, v.patch_embed.proj.weight.dtype)
         x = v.norm_pre(v.patch_drop(v._pos_embed(x)))
         raw_len = x.shape[1]
         for blk in self.blocks:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..config import LiftConfig
 from ..errors import UserInputError
+from ..ops.gemm import stores_rounded_fp32
 from .classifiers import CosineClassifier, build_classifier
 from .encoders import build_image_encoder, feature_device, image_tower
 from .inits import class_mean_weights, linear_probing_weights, semantic_weights
@@ -130,7 +131,10 @@ class LiftModel(nn.Module):
             # op, which half precision refuses: ResNets keep their weights in fp32.
             self.compute_dtype = torch.float32
         if self.compute_dtype != torch.float32:
-            convert_frozen(image_tower(clip_model), self.compute_dtype, self.tuner.parameters())
+            rounded = stores_rounded_fp32(device, self.compute_dtype)
+            convert_frozen(image_tower(clip_model), self.compute_dtype, self.tuner.parameters(), rounded)
+            if rounded:  # activations in the compute dtype although the patch embedding is fp32
+                self.image_encoder.compute_dtype = self.compute_dtype
 
     @property
     def needs_grad_scaler(self) -> bool:

@@ -14,13 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops import gemm
 from .tuners import BlockTuner, fp32_layer_norm
 
 __all__ = ["PEFTBlock", "PEFTVisionTransformer"]
-
-
-def _as(t, dtype):
-    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _ln(ln: nn.Module, x):
@@ -86,9 +83,9 @@ class PEFTBlock(nn.Module):
     def _linear(self, site: str, x, weight, bias):
         for tune in self._hooks[(site, "tune_weight")]:
             weight, bias = tune(x, weight, bias)
-        # Frozen weights already have the model's compute dtype; trained ones (fft, bitfit, aft)
-        # stay fp32 and are cast here, as autocast would.
-        y = F.linear(x, _as(weight, x.dtype), _as(bias, x.dtype))
+        # Frozen weights already hold the model's compute dtype; trained ones (fft, bitfit, aft)
+        # stay fp32 and are rounded here, as autocast would.
+        y = gemm.linear(x, weight, bias)
         return self._output(site, x, y)
 
     def _output(self, site: str, x, y):
@@ -119,7 +116,7 @@ class PEFTBlock(nn.Module):
         kind = ops.linear_gelu_kind(blk.mlp.gelu)
         if kind is not None and blk.mlp.c_fc.bias is not None and not self.attached("mlp_in"):
             # Fused bias + activation (the GEMM itself stays a library GEMM).
-            m = ops.linear_gelu(h, _as(blk.mlp.c_fc.weight, h.dtype), blk.mlp.c_fc.bias, kind)
+            m = ops.linear_gelu(h, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, kind)
         else:
             m = blk.mlp.gelu(self._linear("mlp_in", h, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias))
         m = self._linear("mlp_out", m, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)
@@ -148,6 +145,9 @@ class PEFTVisionTransformer(nn.Module):
             raise NotImplementedError("only CLS-token pooling with ln_post before pooling (CLIP) is supported")
         self.visual = visual
         self.blocks = nn.ModuleList(PEFTBlock(b) for b in visual.transformer.resblocks)
+        # The activations' dtype where frozen weights are stored as rounded fp32 (set by the
+        # model's precision, see ops.gemm); None: the patch embedding's weight dtype.
+        self.compute_dtype = None
         self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
 
     @property
@@ -158,7 +158,8 @@ class PEFTVisionTransformer(nn.Module):
     def forward(self, images):
         """Pre-projection CLS feature ``[B, D]`` (after ``ln_post``)."""
         v = self.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))
+        dtype = self.compute_dtype or v.conv1.weight.dtype
+        x = gemm.first_layer(v.conv1, images, dtype, v.conv1.weight.dtype)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
         cls_tok = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls_tok, x], dim=1) + v.positional_embedding.to(x.dtype)

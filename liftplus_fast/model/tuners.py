@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import bottleneck_dim, check_aft_loc, parse_layers
+from ..ops import gemm
 
 __all__ = [
     "AdaptFormer",
@@ -77,10 +78,9 @@ class Adapter(_Bottleneck):
 
     def forward(self, x):
         """The bottleneck output (without the residual), in the dtype of ``x``."""
-        dt = x.dtype
         h = fp32_layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
-        h = F.relu(F.linear(h, self.down.weight.to(dt), self.down.bias.to(dt)))
-        return F.linear(h, self.up.weight.to(dt), self.up.bias.to(dt))
+        h = F.relu(gemm.linear(h, self.down.weight, self.down.bias))
+        return gemm.linear(h, self.up.weight, self.up.bias)
 
     def tune_output(self, h, m):
         """Site ``mlp``: the adapter in series after the MLP, ``m + adapter(m)``."""
@@ -125,7 +125,7 @@ class LoRA(nn.Module):
 
     def forward(self, x):
         """The low-rank delta for input ``x``."""
-        return (x @ self.down.to(x.dtype)) @ self.up.to(x.dtype) * self.scale
+        return gemm.linear(gemm.linear(x, self.down.t()), self.up.t()) * self.scale
 
 
 class QVLoRA(nn.ModuleDict):

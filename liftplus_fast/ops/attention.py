@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import _library, reference
+from . import _library, gemm, reference
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._dispatch import dispatch, register
 from ._native import native_status
@@ -53,7 +53,11 @@ def attention(qkv, num_heads: int, batch_first: bool = True, scale: Optional[flo
     check_attention_args(qkv, num_heads, batch_first)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = float(head_dim**-0.5 if scale is None else scale)
-    return dispatch(OP, qkv.device)(qkv, num_heads, bool(batch_first), scale)
+    run = dispatch(OP, qkv.device)
+    if not gemm.native_half_gemm(qkv.device, qkv.dtype) and not torch.is_autocast_enabled(qkv.device.type):
+        # No half GEMMs on this CPU (see .gemm): the same bf16 inputs and output, fp32 inside.
+        return run(qkv.float(), num_heads, bool(batch_first), scale).to(qkv.dtype)
+    return run(qkv, num_heads, bool(batch_first), scale)
 
 
 def _reference_attention(qkv, num_heads, batch_first, scale):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _library
+from . import _library, gemm
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import dispatch, register
 from ._native import native_status
@@ -31,8 +31,10 @@ def gelu(u, kind: str = "quick"):
 
 
 def reference_linear_gelu(x, weight, bias, kind: str = "quick"):
-    """``gelu(F.linear(x, weight, bias))``: the published computation, in the dtype of ``x``."""
-    return gelu(F.linear(x, weight, bias), kind)
+    """``gelu(F.linear(x, weight, bias))``: the published computation, in the dtype of ``x``
+    (the GEMM through :func:`~liftplus_fast.ops.gemm.linear`, which is ``F.linear`` wherever the
+    hardware has half GEMMs or autocast is on)."""
+    return gelu(gemm.linear(x, weight, bias), kind)
 
 
 def linear_gelu(x, weight, bias, kind: str = "quick"):
@@ -41,7 +43,8 @@ def linear_gelu(x, weight, bias, kind: str = "quick"):
 
     Args:
         x: ``[..., D]`` fp32/bf16/fp16 (fp64 too).
-        weight: ``[F, D]`` in the dtype of ``x``.
+        weight: ``[F, D]`` in the dtype of ``x``, or fp32 (a trained master, or a frozen weight
+            stored as rounded fp32 on a CPU without half GEMMs; see :mod:`.gemm`).
         bias: ``[F]`` in the dtype of ``x``, or fp32 when it is trained (BitFit).
 
     Returns:
@@ -50,7 +53,7 @@ def linear_gelu(x, weight, bias, kind: str = "quick"):
     check_tensor("x", x, dtypes=FLOAT_DTYPES + (torch.float64,))
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension; got shape {tuple(x.shape)}")
-    check_tensor("weight", weight, dtypes=(x.dtype,), dim=2)
+    check_tensor("weight", weight, dtypes=(x.dtype,) if x.dtype == torch.float32 else (x.dtype, torch.float32), dim=2)
     if weight.shape[1] != x.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight must have shape (F, {x.shape[-1]}); got {tuple(weight.shape)}")
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(weight.shape[0],))
@@ -70,7 +73,7 @@ def linear_gelu_kind(module) -> str | None:
 
 
 def _reference(x, weight, bias, kind):
-    return reference_linear_gelu(x, weight, bias.to(x.dtype), kind)
+    return reference_linear_gelu(x, weight, bias, kind)
 
 
 register(OP, "reference", _reference)
@@ -81,7 +84,7 @@ def kernel_call(namespace: str):
     fwd = _library.op(namespace, "bias_gelu_fwd")
 
     def run(x, weight, bias, kind):
-        return fwd(F.linear(x, weight), bias, KINDS[kind])
+        return fwd(gemm.linear(x, weight), bias, KINDS[kind])
 
     return run
 

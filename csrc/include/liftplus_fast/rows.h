@@ -43,6 +43,17 @@ inline double exp_fast(double x) {
   return std::exp(x);
 }
 
+// bf16 <-> fp32 by bits, in forms the compiler vectorises: widening is a shift; narrowing
+// rounds to nearest even and keeps NaN a (quiet) NaN, as c10::BFloat16 does.
+inline float bf16_bits_to_float(uint16_t h) {
+  return std::bit_cast<float>(static_cast<uint32_t>(h) << 16);
+}
+inline uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7fc0u : rounded);
+}
+
 template <typename A>
 inline A neg_inf() {
   return -std::numeric_limits<A>::infinity();

@@ -36,6 +36,7 @@ import common  # noqa: E402
 
 from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
 from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
+from liftplus_fast.ops.gemm import native_half_gemm  # noqa: E402
 from liftplus_fast.train import make_optimizer  # noqa: E402
 
 NAME = "train_step"
@@ -122,18 +123,22 @@ def _models(name, k, size):
     return clip, models
 
 
-def make_case(name, size, batch, k):
+CANDIDATES = ("reference_fp32", "reference", "compile", "fast_fp32", "fast_bf16")
+
+
+def make_case(name, size, batch, k, only=CANDIDATES):
     clip, models = _models(name, k, size)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g)
     labels = torch.randint(0, k, (batch,), generator=g)
-    candidates = {
-        "reference_fp32": _step_fn(models["reference_fp32"], images, labels, "reference", False),
-        "reference": _step_fn(models["reference"], images, labels, "reference", True),
-        "compile": _step_fn(models["compile"], images, labels, "reference", True, compile_loss=True),
-        "fast_fp32": _step_fn(models["fast_fp32"], images, labels, "auto", False, fast_optim=True),
-        "fast_bf16": _step_fn(models["fast_bf16"], images, labels, "auto", False, fast_optim=True),
+    make = {
+        "reference_fp32": lambda: _step_fn(models["reference_fp32"], images, labels, "reference", False),
+        "reference": lambda: _step_fn(models["reference"], images, labels, "reference", True),
+        "compile": lambda: _step_fn(models["compile"], images, labels, "reference", True, compile_loss=True),
+        "fast_fp32": lambda: _step_fn(models["fast_fp32"], images, labels, "auto", False, fast_optim=True),
+        "fast_bf16": lambda: _step_fn(models["fast_bf16"], images, labels, "auto", False, fast_optim=True),
     }
+    candidates = {n: make[n]() for n in only}
     v = clip.visual
     width, layers = v.conv1.weight.shape[0], len(v.transformer.resblocks)
     tokens = (size // v.conv1.weight.shape[-1]) ** 2 + 1
@@ -226,6 +231,12 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="profile table of the fast bf16 step")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument(
+        "--slow-bf16-batch",
+        type=int,
+        default=2,
+        help="batch of the bf16 reference case on CPUs without bf16 GEMM units (default 2)",
+    )
+    parser.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step_standalone.json"),
     )
@@ -237,20 +248,28 @@ def main(argv=None):
         shapes = [("ViT-B-16", 224, 8, 100)]
     else:
         shapes = [("ViT-B-16", 224, 32, 100), ("ViT-B-16", 224, 32, 1000)]
-    repeats = args.repeats or (3 if (args.quick or args.smoke) else 5)
+    repeats = args.repeats or 3
+    native_bf16 = native_half_gemm("cpu", torch.bfloat16)
     gemm = {"fp32": common.gemm_throughput("cpu", torch.float32), "bf16": common.gemm_throughput("cpu", torch.bfloat16)}
     print(
         f"measured GEMM rate: fp32 {gemm['fp32'] / 1e9:.0f} GFLOP/s, bf16 {gemm['bf16'] / 1e9:.0f} GFLOP/s "
-        f"({args.threads} threads)"
+        f"({args.threads} threads; bf16 GEMM units: {'yes' if native_bf16 else 'no, fast_bf16 uses fp32 GEMMs'})"
     )
+    if not native_bf16:
+        # The bf16 reference candidates run PyTorch's bf16 GEMMs, which this CPU emulates ~30x
+        # slower than fp32 (a ViT-B/16 step at B = 32 would take ~20 min): they are measured in
+        # their own case at a small batch, interleaved with fast_bf16 at that batch.
+        shapes = [(*sh[:2], sh[2], sh[3], ("reference_fp32", "fast_fp32", "fast_bf16")) for sh in shapes]
+        shapes.append((shapes[0][0], shapes[0][1], args.slow_bf16_batch, shapes[0][3], BF16))
     results = []
     for shape in shapes:
         case, models, images, labels = make_case(*shape)
-        times = common.time_interleaved(case.candidates, repeats=repeats, warmup=1)
+        slow = not native_bf16 and "reference" in case.candidates  # minutes per step: one repeat
+        times = common.time_interleaved(case.candidates, repeats=1 if slow else repeats, warmup=1)
         med = {n: common.median(t) for n, t in times.items()}
         mem = {} if args.no_memory else {n: common.peak_memory_bytes(fn) for n, fn in case.candidates.items()}
         batch = shape[2]
-        print(f"\n## {case.name} ({repeats} interleaved repeats, median)")
+        print(f"\n## {case.name} ({1 if slow else repeats} interleaved repeats, median)")
         print(f"{'candidate':16s} {'s/step':>8s} {'img/s':>7s} {'peak MB':>8s} {'GEMM floor':>10s}")
         row = {
             "case": case.name,
@@ -260,30 +279,38 @@ def main(argv=None):
             "gemm_floor_fraction": {},
         }
         for n, t in med.items():
-            rate = gemm["bf16"] if n in BF16 else gemm["fp32"]
+            rate = gemm["bf16"] if n in BF16 and (native_bf16 or n != "fast_bf16") else gemm["fp32"]
             floor = case.flops / rate / t
             row["gemm_floor_fraction"][n] = floor
             pm = f"{mem[n] / 2**20:8.0f}" if n in mem else f"{'-':>8s}"
             print(f"{n:16s} {t:8.3f} {batch / t:7.2f} {pm} {floor:10.2f}")
-        ratios = {
-            "fast_bf16 / reference (bf16 autocast)": med["reference"] / med["fast_bf16"],
-            "fast_bf16 / compile (bf16)": med["compile"] / med["fast_bf16"],
-            "fast_fp32 / reference_fp32": med["reference_fp32"] / med["fast_fp32"],
-            "fast_bf16 (= amp) / reference_fp32": med["reference_fp32"] / med["fast_bf16"],
+        pairs = {
+            "fast_bf16 / reference (bf16 autocast)": ("reference", "fast_bf16"),
+            "fast_bf16 / compile (bf16)": ("compile", "fast_bf16"),
+            "fast_fp32 / reference_fp32": ("reference_fp32", "fast_fp32"),
+            "fast_bf16 (= amp) / reference_fp32": ("reference_fp32", "fast_bf16"),
         }
-        if mem:
-            ratios["peak memory fast_bf16 / reference"] = mem["fast_bf16"] / max(1, mem["reference"])
-            ratios["peak memory fast_fp32 / reference_fp32"] = mem["fast_fp32"] / max(1, mem["reference_fp32"])
+        ratios = {label: med[a] / med[b] for label, (a, b) in pairs.items() if a in med and b in med}
+        for label, (a, b) in (
+            ("peak memory fast_bf16 / reference", ("reference", "fast_bf16")),
+            ("peak memory fast_fp32 / reference_fp32", ("reference_fp32", "fast_fp32")),
+        ):
+            if a in mem and b in mem:
+                ratios[label] = mem[b] / max(1, mem[a])
         for label, value in ratios.items():
             print(f"  {label}: {value:.2f}")
         row["ratios"] = ratios
         if args.profile:
-            table, total_ms = profile_table(case.candidates["fast_bf16"])
-            print(f"\nprofile of fast_bf16 ({total_ms:.0f} ms of op self time per step)")
-            print("| op | share | ms/step | calls/step |\n| --- | --- | --- | --- |")
-            for cat, share, ms, n in table:
-                print(f"| {cat} | {share:.1f} % | {ms:.0f} | {n} |")
-            row["profile_fast_bf16"] = table
+            # fast_bf16 is profiled where it runs bf16 GEMMs; elsewhere it is fast_fp32's GEMMs.
+            for n in [c for c in ("fast_bf16", "fast_fp32", "reference_fp32") if c in case.candidates]:
+                if n == "fast_bf16" and not native_bf16:
+                    continue
+                table, total_ms = profile_table(case.candidates[n])
+                print(f"\nprofile of {n} ({total_ms:.0f} ms of op self time per step)")
+                print("| op | share | ms/step | calls/step |\n| --- | --- | --- | --- |")
+                for cat, share, ms, calls in table:
+                    print(f"| {cat} | {share:.1f} % | {ms:.0f} | {calls} |")
+                row[f"profile_{n}"] = table
         results.append(row)
         del case, models
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import liftplus_fast as lf
-from liftplus_fast.ops import reference
+from liftplus_fast.ops import gemm, reference
 
 NATIVE = lf.ops.choose("attention", torch.device("cpu")) == "cpu"
 needs_native = pytest.mark.skipif(not NATIVE, reason="native CPU attention kernel not built")
@@ -125,8 +125,11 @@ def test_public_op_matches_reference_and_compiles(dtype):
     ref.backward()
     rel = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(eager, ref, rtol=rel, atol=rel)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(leaves[1].grad, leaves[0].grad, rtol=1e-5, atol=1e-5)
+    # bf16 on a CPU without bf16 GEMMs runs fp32 inside (ops.gemm), which inductor may fuse
+    # differently from eager: the two then agree to bf16 precision only.
+    same = 1e-5 if dtype == torch.float32 or gemm.native_half_gemm("cpu", dtype) else rel
+    torch.testing.assert_close(compiled, eager, rtol=same, atol=same)
+    torch.testing.assert_close(leaves[1].grad.float(), leaves[0].grad.float(), rtol=same, atol=same)
     # Two roundings to bf16 of the same gradient: compare relative to its largest entry.
     assert max_err(leaves[0].grad, leaves[2].grad) <= rel * float(leaves[2].grad.abs().max().float())
 

@@ -62,6 +62,7 @@ from .distributed import (
 )
 from .errors import UserInputError
 from .evaluate import evaluate, format_accuracy
+from .ops.gemm import native_half_gemm
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .plotting import plot_per_class_accuracy
 from .run_folder import check_resume, clear_previous_run, prepare_output_dir
@@ -392,10 +393,14 @@ def fast_train(
 
 
 def _precision_label(device: torch.device, precision: str) -> str:
-    # On CPU every half precision runs as bf16: say so rather than echo the option.
-    if device.type == "cuda" or precision in ("fp32", "bf16"):
+    # On CPU every half precision runs as bf16, through fp32 GEMMs where the CPU has no bf16
+    # units: say so rather than echo the option.
+    if device.type == "cuda" or precision == "fp32":
         return precision
-    return f"bf16 (asked {precision}; half precision is bf16 on CPU)"
+    label = "bf16" if precision == "bf16" else f"bf16 (asked {precision}; half precision is bf16 on CPU)"
+    if not native_half_gemm(device, torch.bfloat16):
+        label += " [fp32 GEMMs of bf16 values: this CPU has no bf16 units]"
+    return label
 
 
 def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext, overwrite: bool = False) -> TrainResult:

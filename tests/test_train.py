@@ -141,3 +141,17 @@ def test_a_given_config_is_not_changed_by_the_run():
     r = lf.fast_train(config=cfg, progress=False)
     assert cfg.to_dict() == before and cfg.num_classes is None
     assert r.config.num_classes == 10 and r.config is not cfg
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_log_says_how_half_precision_runs_on_this_cpu(monkeypatch, native):
+    from liftplus_fast.ops import gemm
+    from liftplus_fast.train import _precision_label
+
+    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", native)
+    cpu = torch.device("cpu")
+    assert _precision_label(cpu, "fp32") == "fp32"
+    label = _precision_label(cpu, "amp")
+    assert label.startswith("bf16 (asked amp")
+    assert ("no bf16 units" in label) is (not native)
+    assert ("no bf16 units" in _precision_label(cpu, "bf16")) is (not native)

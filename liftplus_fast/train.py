@@ -62,8 +62,8 @@ from .distributed import (
 )
 from .errors import UserInputError
 from .evaluate import evaluate, format_accuracy
-from .ops.gemm import native_half_gemm
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
+from .ops.gemm import native_half_gemm
 from .plotting import plot_per_class_accuracy
 from .run_folder import check_resume, clear_previous_run, prepare_output_dir
 from .train_log import TrainingLog

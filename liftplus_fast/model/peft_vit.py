@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import gemm
+from ..ops.reference import merge_heads, split_heads
 from .tuners import BlockTuner, fp32_layer_norm
 
 __all__ = ["PEFTBlock", "PEFTVisionTransformer"]
@@ -24,6 +25,16 @@ def _ln(ln: nn.Module, x):
     if not isinstance(ln, nn.LayerNorm):  # e.g. nn.Identity when a model has no ln_pre
         return ln(x)
     return fp32_layer_norm(x, ln.weight, ln.bias, ln.eps)
+
+
+def _first_query_attention(qkv, num_heads: int, batch_first: bool):
+    """Self-attention output of the first token only, from the packed ``qkv`` of all tokens."""
+    q, k, v = (split_heads(t, num_heads, batch_first) for t in qkv.chunk(3, dim=-1))
+    out_dtype = q.dtype
+    if not gemm.native_half_gemm(q.device, q.dtype) and not torch.is_autocast_enabled(q.device.type):
+        q, k, v = q.float(), k.float(), v.float()  # as ops.attention does without half GEMMs
+    o = F.scaled_dot_product_attention(q[:, :, :1], k, v)
+    return merge_heads(o, batch_first).to(out_dtype)
 
 
 class PEFTBlock(nn.Module):
@@ -93,15 +104,24 @@ class PEFTBlock(nn.Module):
             y = tune(x, y)
         return y
 
-    def forward(self, x, raw_len: int):
-        """Run the block on ``x`` (the block's layout); ``raw_len`` = tokens without prompts."""
+    def forward(self, x, raw_len: int, first_only: bool = False):
+        """Run the block on ``x`` (the block's layout); ``raw_len`` = tokens without prompts.
+
+        ``first_only``: return only the first token's output (``[B, 1, D]`` / ``[1, B, D]``).
+        Keys and values still come from every token, but the attention query, the output
+        projection and the MLP run for that token alone: the same numbers for it, and for the
+        last block of a CLS-pooled ViT three quarters of its GEMMs saved.
+        """
         blk = self.block
         for tune in self._hooks[("tokens", "tune_tokens")]:
             x = tune(x, raw_len, self.batch_first)
 
         h = _ln(blk.ln_1, x)
         qkv = self._linear("attn_in", h, blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-        if self.is_causal:  # text-encoder blocks: causal attention (the fused op serves image blocks)
+        if first_only:
+            o = _first_query_attention(qkv, self.num_heads, self.batch_first)
+            x = x.narrow(1 if self.batch_first else 0, 0, 1)
+        elif self.is_causal:  # text-encoder blocks: causal attention (the fused op serves image blocks)
             qkv_bf = qkv if self.batch_first else qkv.transpose(0, 1)
             b, n, d3 = qkv_bf.shape
             q, k, v = (z.reshape(b, n, self.num_heads, -1).transpose(1, 2) for z in qkv_bf.chunk(3, dim=-1))
@@ -168,7 +188,9 @@ class PEFTVisionTransformer(nn.Module):
         raw_len = x.shape[1]
         if not self.batch_first:
             x = x.transpose(0, 1)
-        for blk in self.blocks:
-            x = blk(x, raw_len)
+        # Only the CLS token of the last block's output is read: its block runs for it alone.
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, raw_len, first_only=i == last)
         cls_out = x[:, 0] if self.batch_first else x[0]
         return _ln(v.ln_post, cls_out)

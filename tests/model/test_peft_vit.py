@@ -168,3 +168,53 @@ def test_the_block_output_has_one_owner(fresh_clip, tokenizer):
     assert blk.attached("residual")
     with pytest.raises(ValueError, match="already has a tuner"):
         blk.attach("residual", blk.tuner.adaptformer)
+
+
+# fp64 where every op of the method takes it (tight bounds); the fused AdaptFormer op is fp32 at
+# most, and this tiny random model's fp32 gradients are only ~3e-3 from fp64 either way.
+@pytest.mark.parametrize(
+    "method,dtype,tol",
+    [
+        ("vpt", torch.float64, 1e-10),
+        ("lora", torch.float64, 1e-10),
+        ("ssf", torch.float64, 1e-10),
+        ("aft", torch.float64, 1e-10),
+        ("fft", torch.float64, 1e-10),
+        ("lift+", torch.float32, 1e-2),
+    ],
+)
+def test_the_last_block_run_for_cls_alone_gives_the_full_blocks_feature(
+    method, dtype, tol, fresh_clip, tokenizer, images
+):
+    # The encoder runs its last block for the CLS token only; running every block on every
+    # token must give the same feature and the same tuner gradients.
+    model = build_lift_model(fresh_clip, cfg_for(method), COUNTS, CLASSNAMES, tokenizer).to(dtype)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.tuner.parameters():  # away from the zero inits, so every tuner acts
+            p.add_(0.05 * torch.randn_like(p))
+    enc, x = model.image_encoder, images.to(dtype)
+    pruned = enc(x)
+    calls = []
+    blocks = list(enc.blocks)
+    for blk in blocks:
+        original = blk.forward
+        blk.forward = lambda x, raw_len, first_only=False, _f=original: calls.append(first_only) or _f(x, raw_len)
+    try:
+        full = enc(x)
+    finally:
+        for blk in blocks:
+            del blk.forward
+    assert calls[-1] is True and not any(calls[:-1])  # the pruned call asked for CLS only
+    assert pruned.shape == full.shape == (images.shape[0], enc.width)
+    torch.testing.assert_close(pruned, full, rtol=1e-5 * (tol < 1e-5) + 1e-5, atol=1e-5)
+    grads = []
+    for out in (pruned, full):
+        model.tuner.zero_grad()
+        out.square().sum().backward(retain_graph=True)
+        grads.append([None if p.grad is None else p.grad.clone() for p in model.tuner.parameters()])
+    for (name, _), a, b in zip(model.tuner.named_parameters(), *grads):
+        assert (a is None) == (b is None), name
+        if a is not None and a.numel():
+            scale = float(b.abs().max()) + 1e-30
+            assert float((a - b).abs().max()) <= tol * scale, (name, float((a - b).abs().max()), scale)

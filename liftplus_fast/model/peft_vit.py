@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import gemm
+from ..ops._dispatch import requested_backend
 from ..ops.reference import merge_heads, split_heads
 from .tuners import BlockTuner, fp32_layer_norm
 
@@ -188,8 +189,9 @@ class PEFTVisionTransformer(nn.Module):
         raw_len = x.shape[1]
         if not self.batch_first:
             x = x.transpose(0, 1)
-        # Only the CLS token of the last block's output is read: its block runs for it alone.
-        last = len(self.blocks) - 1
+        # Only the CLS token of the last block's output is read: its block runs for it alone
+        # (not on the reference backend, which keeps the published computation).
+        last = len(self.blocks) - 1 if requested_backend() != "reference" else -1
         for i, blk in enumerate(self.blocks):
             x = blk(x, raw_len, first_only=i == last)
         cls_out = x[:, 0] if self.batch_first else x[0]

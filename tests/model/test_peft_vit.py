@@ -184,7 +184,7 @@ def test_the_block_output_has_one_owner(fresh_clip, tokenizer):
     ],
 )
 def test_the_last_block_run_for_cls_alone_gives_the_full_blocks_feature(
-    method, dtype, tol, fresh_clip, tokenizer, images
+    method, dtype, tol, fresh_clip, tokenizer, images, monkeypatch
 ):
     # The encoder runs its last block for the CLS token only; running every block on every
     # token must give the same feature and the same tuner gradients.
@@ -206,6 +206,17 @@ def test_the_last_block_run_for_cls_alone_gives_the_full_blocks_feature(
         for blk in blocks:
             del blk.forward
     assert calls[-1] is True and not any(calls[:-1])  # the pruned call asked for CLS only
+    monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", "reference")
+    calls.clear()
+    for blk in blocks:
+        blk.forward = lambda x, raw_len, first_only=False, _f=blk.forward: calls.append(first_only) or _f(x, raw_len)
+    try:
+        torch.testing.assert_close(enc(x), full, rtol=1e-5, atol=1e-5)  # other kernels, same math
+    finally:
+        for blk in blocks:
+            del blk.forward
+    assert calls and not any(calls)  # the reference backend keeps the published full last block
+    monkeypatch.delenv("LIFTPLUS_FAST_BACKEND")
     assert pruned.shape == full.shape == (images.shape[0], enc.width)
     torch.testing.assert_close(pruned, full, rtol=1e-5 * (tol < 1e-5) + 1e-5, atol=1e-5)
     grads = []

@@ -32,8 +32,8 @@ def _first_query_attention(qkv, num_heads: int, batch_first: bool):
     """Self-attention output of the first token only, from the packed ``qkv`` of all tokens."""
     q, k, v = (split_heads(t, num_heads, batch_first) for t in qkv.chunk(3, dim=-1))
     out_dtype = q.dtype
-    if not gemm.native_half_gemm(q.device, q.dtype) and not torch.is_autocast_enabled(q.device.type):
-        q, k, v = q.float(), k.float(), v.float()  # as ops.attention does without half GEMMs
+    if gemm.runs_in_fp32(q):  # as ops.attention does without half GEMMs
+        q, k, v = q.float(), k.float(), v.float()
     o = F.scaled_dot_product_attention(q[:, :, :1], k, v)
     return merge_heads(o, batch_first).to(out_dtype)
 

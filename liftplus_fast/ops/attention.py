@@ -54,7 +54,7 @@ def attention(qkv, num_heads: int, batch_first: bool = True, scale: Optional[flo
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = float(head_dim**-0.5 if scale is None else scale)
     run = dispatch(OP, qkv.device)
-    if not gemm.native_half_gemm(qkv.device, qkv.dtype) and not torch.is_autocast_enabled(qkv.device.type):
+    if gemm.runs_in_fp32(qkv):
         # No half GEMMs on this CPU (see .gemm): the same bf16 inputs and output, fp32 inside.
         return run(qkv.float(), num_heads, bool(batch_first), scale).to(qkv.dtype)
     return run(qkv, num_heads, bool(batch_first), scale)

@@ -25,7 +25,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ENV_VAR", "first_layer", "linear", "native_half_gemm", "rounded_fp32", "stores_rounded_fp32"]
+__all__ = [
+    "ENV_VAR",
+    "first_layer",
+    "linear",
+    "native_half_gemm",
+    "rounded_fp32",
+    "runs_in_fp32",
+    "stores_rounded_fp32",
+]
 
 ENV_VAR = "LIFTPLUS_FAST_HALF_GEMM"
 _HALF = (torch.bfloat16, torch.float16)
@@ -62,6 +70,12 @@ def stores_rounded_fp32(device, dtype: torch.dtype) -> bool:
     return dtype in _HALF and not native_half_gemm(device, dtype)
 
 
+def runs_in_fp32(x: torch.Tensor) -> bool:
+    """Whether a GEMM-like op on half ``x`` runs in fp32 on its values: ``x`` is half, its device
+    has no half GEMMs and autocast (which decides itself) is off."""
+    return x.dtype in _HALF and not native_half_gemm(x.device, x.dtype) and not torch.is_autocast_enabled(x.device.type)
+
+
 def rounded_fp32(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t``'s values rounded to ``dtype``, as fp32 (differentiable).
 
@@ -95,8 +109,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     ``weight`` / ``bias`` may be in ``x.dtype`` or fp32 (trained masters, or frozen weights stored
     as rounded fp32 on CPUs without half GEMMs). Under autocast the call is left to autocast.
     """
-    half = x.dtype in _HALF
-    if not half or torch.is_autocast_enabled(x.device.type) or native_half_gemm(x.device, x.dtype):
+    if not runs_in_fp32(x):
         return F.linear(x, _as(weight, x.dtype), _as(bias, x.dtype))
     b = None if bias is None else rounded_fp32(bias, x.dtype)
     return F.linear(x.float(), rounded_fp32(weight, x.dtype), b).to(x.dtype)

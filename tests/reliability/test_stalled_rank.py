@@ -25,8 +25,10 @@ WORKER = textwrap.dedent("""
     try:
         all_reduce_sum(torch.ones(1))
     except RuntimeError as exc:
-        print(f"collective failed after {time.perf_counter() - t0:.1f}s: {explain_timeout(exc, 3)}")
-        sys.exit(3)
+        print(f"collective failed after {time.perf_counter() - t0:.1f}s: {explain_timeout(exc, 3)}", flush=True)
+        # Leave without interpreter teardown: with the peer stalled, gloo's threads are still
+        # waiting, and destroying them at exit sometimes aborts (SIGABRT instead of code 3).
+        os._exit(3)
     print("collective finished")
 """)
 

@@ -41,10 +41,11 @@ from .data.cache_build import open_source_cache
 from .data.gpu_augment import GPUAugmentLoader, collate_encoded
 from .data.uint8_transforms import (
     EpochTaggedSampler,
-    NormalizedLoader,
     build_cached_plain_transform,
     build_cached_test_transform,
     build_cached_train_transform,
+    cached_batch_loader,
+    view_of,
 )
 from .distributed import (
     DistContext,
@@ -194,23 +195,13 @@ def _loader(dataset, batch_size: int, cfg: LiftConfig, shuffle: bool, sampler=No
         # of indices DataLoader(batch_size=...) would form, drawing the boxes in the same order;
         # the training sampler tags every index with its epoch for the MDA schedule.
         batches = EpochTaggedSampler(sampler, batch_size) if shuffle else BatchSampler(sampler, batch_size, False)
-        if device is None or torch.device(device).type == "cpu":
-            # Training on the CPU: the workers normalise, in parallel with the training step.
-            dataset = _view(dataset, lambda d: d.normalized(cfg.mean, cfg.std))
-        loader = DataLoader(
-            dataset,
-            batch_size=None,
-            sampler=batches,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            generator=generator,
-        )
-        # Otherwise uint8 batches (4x fewer bytes to the device), normalised there.
-        return NormalizedLoader(loader, cfg.mean, cfg.std, device)
+        # On the CPU the workers normalise, in parallel with the training step; for a GPU they
+        # send uint8 batches (4x fewer bytes), normalised there.
+        return cached_batch_loader(dataset, batches, workers, cfg.mean, cfg.std, device, generator)
     if cached and shuffle:
         sampler = EpochTaggedSampler(sampler)
     loader = DataLoader(
-        _view(dataset, lambda d: d.encoded()) if on_device else dataset,
+        view_of(dataset, lambda d: d.encoded()) if on_device else dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
@@ -226,13 +217,6 @@ def _loader(dataset, batch_size: int, cfg: LiftConfig, shuffle: bool, sampler=No
     return GPUAugmentLoader(
         loader, base.transform, base.cache_format, cfg.mean, cfg.std, device if device is not None else "cpu"
     )
-
-
-def _view(dataset, make):
-    # A view of a cached data set (``encoded()``, ``normalized()``), through a Subset (a shard).
-    if isinstance(dataset, Subset):
-        return Subset(make(dataset.dataset), dataset.indices)
-    return make(dataset)
 
 
 def _datasets(cfg: LiftConfig):

@@ -108,3 +108,53 @@ def test_chunked_normalisation_equals_one_pass_and_checks_shapes(monkeypatch):
         normalize_into(torch.empty(2, 3, 16, 16), x, affine)
     with pytest.raises(UserInputError, match="mean and std"):
         normalization_affine((0.5, 0.5), STD)
+
+
+def test_batch_ring_hands_out_its_slots_in_turn_and_grows_for_longer_batches():
+    from liftplus_fast.data.cache_store import BatchRing, ring_depth
+
+    ring = BatchRing(3)
+    first = [ring.take((4, 3, 2, 2), torch.float32) for _ in range(3)]
+    assert len({t.data_ptr() for t in first}) == 3
+    again = ring.take((4, 3, 2, 2), torch.float32)
+    assert again.data_ptr() == first[0].data_ptr()
+    # A shorter last batch is a view of the next slot; a longer one gets new slots.
+    short = ring.take((2, 3, 2, 2), torch.float32)
+    assert short.shape == (2, 3, 2, 2) and short.data_ptr() == first[1].data_ptr()
+    longer = ring.take((5, 3, 2, 2), torch.float32)
+    assert longer.shape[0] == 5 and longer.data_ptr() not in {t.data_ptr() for t in first}
+    assert ring_depth(2) == 4
+    with pytest.raises(ValueError, match="depth"):
+        BatchRing(1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reused_worker_batches_are_the_fresh_ones_while_the_loop_holds_one(caches, workers):
+    # A training loop holds the batch it trains on while it asks for the next; with reused
+    # buffers sized from prefetch_factor, no batch changes under it. Compared with fresh
+    # batches, for one and for two workers (one worker is the tightest case).
+    from liftplus_fast.data.uint8_transforms import cached_batch_loader
+
+    root, dirs = caches
+    ds = open_source_cache("imagefolder", root, "train", dirs["raw"], transform=CachedMDACrop(32, 3))
+    runs = {}
+    for reuse in (False, True):
+        sampler = EpochTaggedSampler(list(range(len(ds))) * 4, 2)
+        loader = cached_batch_loader(ds, sampler, workers, MEAN, STD, persistent_workers=True)
+        if not reuse:
+            loader.loader.dataset._ring_depth = 0
+        torch.manual_seed(3)
+        held, seen, kept = None, [], []
+        for images, _ in loader:
+            kept.append(images)
+            if held is not None:
+                # The previous batch is still what it was when it arrived.
+                assert torch.equal(held[0], held[1])
+            held = (images, images.clone())
+            seen.append(images.clone())
+        runs[reuse] = torch.cat(seen)
+        # Batches kept past the ring (not cloned) were refilled: the buffers really are reused.
+        overwritten = sum(not torch.equal(k, v) for k, v in zip(kept, seen))
+        assert (overwritten > 0) == reuse
+    assert runs[True].shape == (len(ds) * 4, 3, 32, 32)
+    assert torch.equal(runs[True], runs[False])

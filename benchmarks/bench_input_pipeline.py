@@ -55,9 +55,9 @@ WORKERS = int(os.environ.get("LIFTPLUS_FAST_BENCH_WORKERS", "2"))
 BATCH = 32
 # Passes over the split per timed call (steady state; 1 in smoke mode).
 PASSES = {"train": 4, "test": 4}
-# The epoch case: 4 copies of each training image (640 in all), batches of 64, so a 32-px
+# The epoch case: 8 copies of each training image (1280 in all), batches of 64, so a 32-px
 # tiny_vit step costs less than decoding its images (data-bound by construction).
-EPOCH_COPIES, EPOCH_BATCH = 4, 64
+EPOCH_COPIES, EPOCH_BATCH = 8, 64
 # Smoke mode checks the machinery in the main process: worker start-up would dominate it.
 _workers = WORKERS
 

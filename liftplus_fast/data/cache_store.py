@@ -238,18 +238,20 @@ class BatchRing:
         if not isinstance(depth, int) or depth < 2:
             raise ValueError(f"BatchRing depth must be an integer >= 2; got {depth!r}")
         self.depth = depth
-        self._slots: Dict[Tuple, List[torch.Tensor]] = {}
-        self._turn = 0
+        # per (item shape, dtype): the slots and the last one handed out
+        self._rings: Dict[Tuple, Tuple[List[torch.Tensor], int]] = {}
 
     def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """The next batch of ``shape`` (a view of a slot at least that long; contents undefined)."""
         shape = tuple(int(v) for v in shape)
         key = (shape[1:], dtype)
-        slots = self._slots.get(key)
+        slots, turn = self._rings.get(key, (None, -1))
         if slots is None or slots[0].shape[0] < shape[0]:
-            slots = self._slots[key] = [new_batch(shape, dtype) for _ in range(self.depth)]
-        self._turn = (self._turn + 1) % self.depth
-        return slots[self._turn][: shape[0]]
+            # New memory: nothing handed out before can be overwritten by it.
+            slots, turn = [new_batch(shape, dtype) for _ in range(self.depth)], -1
+        turn = (turn + 1) % self.depth
+        self._rings[key] = (slots, turn)
+        return slots[turn][: shape[0]]
 
 
 def ring_depth(prefetch_factor: int) -> int:

@@ -116,6 +116,9 @@ def test_batch_ring_hands_out_its_slots_in_turn_and_grows_for_longer_batches():
     ring = BatchRing(3)
     first = [ring.take((4, 3, 2, 2), torch.float32) for _ in range(3)]
     assert len({t.data_ptr() for t in first}) == 3
+    # Another item shape has a ring of its own and does not advance this one.
+    other = ring.take((4, 3, 1, 1), torch.float32)
+    assert other.data_ptr() not in {t.data_ptr() for t in first}
     again = ring.take((4, 3, 2, 2), torch.float32)
     assert again.data_ptr() == first[0].data_ptr()
     # A shorter last batch is a view of the next slot; a longer one gets new slots.

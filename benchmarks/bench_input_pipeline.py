@@ -100,6 +100,11 @@ def _epoch_folder(smoke: bool, root: str, formats) -> tuple:
     return out, {fmt: _cache(out, fmt) for fmt in formats}
 
 
+def _candidate(fmt: str) -> str:
+    """The candidate name of a cache format: ``cached`` (jpeg, the default) or ``cached_<fmt>``."""
+    return "cached" if fmt == "jpeg" else f"cached_{fmt}"
+
+
 def _cache(root: str, fmt: str) -> str:
     cdir = os.path.join(root, f"cache_{fmt}")
     build_cache("imagefolder", root, cdir, cache_size=256, cache_format=fmt, workers=WORKERS, progress=False)
@@ -146,7 +151,7 @@ def _transform_case(name, split, cfg, root, caches, ref_transform, cached_transf
     ref_set = build_dataset("imagefolder", root, split, ref_transform)
     sets = {"reference": (ref_set, False)}
     for fmt, cdir in caches.items():
-        sets["cached" if fmt == "jpeg" else "cached_raw"] = (
+        sets[_candidate(fmt)] = (
             open_source_cache("imagefolder", root, split, cdir, transform=cached_transform),
             True,
         )
@@ -219,8 +224,7 @@ def _epoch_case(root, caches, smoke):
 
     candidates = {"reference": run("reference")}
     for fmt, cdir in caches.items():
-        name = "cached" if fmt == "jpeg" else f"cached_{fmt}"
-        candidates[name] = run(name, data_cache=cdir)
+        candidates[_candidate(fmt)] = run(_candidate(fmt), data_cache=cdir)
     return common.Case(
         name="tiny_vit epoch + test (fast_train)",
         params={"workers": _workers, "batch": EPOCH_BATCH},

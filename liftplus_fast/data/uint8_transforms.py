@@ -163,9 +163,9 @@ class CachedResizeCrop:
         # The normalised resized image, in one buffer this process reuses: a fresh 1 MiB each
         # image costs a page fault per 4 KiB, as much as normalising it.
         numel = int(torch.Size(shape).numel())
-        buf = self.__dict__.get("_buffer")
+        buf = getattr(self, "_buffer", None)
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = self.__dict__["_buffer"] = torch.empty(numel, dtype=dtype)
+            buf = self._buffer = torch.empty(numel, dtype=dtype)
         return buf[:numel].view(shape)
 
     def __getstate__(self):

@@ -36,7 +36,7 @@ import common  # noqa: E402
 
 from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
 from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
-from liftplus_fast.ops.gemm import native_half_gemm  # noqa: E402
+from liftplus_fast.ops.gemm import cpu_bf16_gemm_path, cpu_has_bf16_units  # noqa: E402
 from liftplus_fast.train import make_optimizer  # noqa: E402
 
 NAME = "train_step"
@@ -249,13 +249,18 @@ def main(argv=None):
     else:
         shapes = [("ViT-B-16", 224, 32, 100), ("ViT-B-16", 224, 32, 1000)]
     repeats = args.repeats or 3
-    native_bf16 = native_half_gemm("cpu", torch.bfloat16)
+    # Two questions: whether PyTorch's bf16 GEMMs (the bf16 reference candidates) run on bf16
+    # units at all, and which path the package's fast_bf16 takes (measured, see ops/gemm.py).
+    bf16_units = cpu_has_bf16_units()
+    fast_path = cpu_bf16_gemm_path()
     gemm = {"fp32": common.gemm_throughput("cpu", torch.float32), "bf16": common.gemm_throughput("cpu", torch.bfloat16)}
     print(
         f"measured GEMM rate: fp32 {gemm['fp32'] / 1e9:.0f} GFLOP/s, bf16 {gemm['bf16'] / 1e9:.0f} GFLOP/s "
-        f"({args.threads} threads; bf16 GEMM units: {'yes' if native_bf16 else 'no, fast_bf16 uses fp32 GEMMs'})"
+        f"({args.threads} threads; bf16 units: {'yes' if bf16_units else 'no'}); "
+        f"fast_bf16 GEMMs: {fast_path['path']} ({fast_path['why']})"
     )
-    if not native_bf16:
+    native_bf16 = fast_path["path"] == "native"
+    if not bf16_units:
         # The bf16 reference candidates run PyTorch's bf16 GEMMs, which this CPU emulates ~30x
         # slower than fp32 (a ViT-B/16 step at B = 32 would take ~20 min): they are measured in
         # their own case at a small batch, interleaved with fast_bf16 at that batch.
@@ -264,7 +269,7 @@ def main(argv=None):
     results = []
     for shape in shapes:
         case, models, images, labels = make_case(*shape)
-        slow = not native_bf16 and "reference" in case.candidates  # minutes per step: one repeat
+        slow = not bf16_units and "reference" in case.candidates  # minutes per step: one repeat
         times = common.time_interleaved(case.candidates, repeats=1 if slow else repeats, warmup=1)
         med = {n: common.median(t) for n, t in times.items()}
         mem = {} if args.no_memory else {n: common.peak_memory_bytes(fn) for n, fn in case.candidates.items()}
@@ -273,6 +278,7 @@ def main(argv=None):
         print(f"{'candidate':16s} {'s/step':>8s} {'img/s':>7s} {'peak MB':>8s} {'GEMM floor':>10s}")
         row = {
             "case": case.name,
+            "fast_bf16_gemms": fast_path,
             "s": med,
             "images_per_s": {n: batch / t for n, t in med.items()},
             "peak_mb": {n: m / 2**20 for n, m in mem.items()},
@@ -304,7 +310,7 @@ def main(argv=None):
             # On CPUs without bf16 units fast_bf16 runs fp32 GEMMs of bf16 values: its profile
             # then shows what the bf16 activations cost around them.
             for n in [c for c in ("fast_bf16", "fast_fp32", "reference_fp32") if c in case.candidates]:
-                if n == "fast_bf16" and case.candidates.get("reference") is not None and not native_bf16:
+                if n == "fast_bf16" and case.candidates.get("reference") is not None and not bf16_units:
                     continue  # the small-batch bf16 case: its fast_bf16 profile adds nothing
                 table, total_ms = profile_table(case.candidates[n])
                 print(f"\nprofile of {n} ({total_ms:.0f} ms of op self time per step)")

@@ -64,7 +64,7 @@ from .distributed import (
 from .errors import UserInputError
 from .evaluate import evaluate, format_accuracy
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
-from .ops.gemm import native_half_gemm
+from .ops.gemm import cpu_bf16_gemm_path
 from .plotting import plot_per_class_accuracy
 from .run_folder import check_resume, clear_previous_run, prepare_output_dir
 from .train_log import TrainingLog
@@ -377,13 +377,14 @@ def fast_train(
 
 
 def _precision_label(device: torch.device, precision: str) -> str:
-    # On CPU every half precision runs as bf16, through fp32 GEMMs where the CPU has no bf16
-    # units: say so rather than echo the option.
+    # On CPU every half precision runs as bf16, through fp32 GEMMs of bf16 values where those
+    # are faster (ops/gemm.py): say so rather than echo the option.
     if device.type == "cuda" or precision == "fp32":
         return precision
     label = "bf16" if precision == "bf16" else f"bf16 (asked {precision}; half precision is bf16 on CPU)"
-    if not native_half_gemm(device, torch.bfloat16):
-        label += " [fp32 GEMMs of bf16 values: this CPU has no bf16 units]"
+    path = cpu_bf16_gemm_path()
+    if path["path"] == "fp32":
+        label += f" [fp32 GEMMs of bf16 values; {path['why']}]"
     return label
 
 

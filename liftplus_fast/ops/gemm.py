@@ -5,28 +5,47 @@ is exact in fp32 (8-bit mantissas), so the only roundings are the fp32 accumulat
 final rounding of the result to bf16. An fp32 GEMM of the same bf16 values, rounded to bf16
 afterwards, computes the same numbers (up to the order of the fp32 sums).
 
-CUDA GPUs and CPUs with AVX512-BF16 or AMX run bf16 GEMMs natively and fast. Other CPUs
-(AVX2-only x86, e.g. AMD Zen 1-3, Intel before Cooper Lake) have no bf16 arithmetic: PyTorch's
-bf16 GEMM there converts element by element and is 10-80x slower than fp32 (measured on a
-2-core AMD EPYC: 10.6 GFLOP/s forward, 0.9 GFLOP/s for the transposed backward product, against
-66 GFLOP/s in fp32). On those CPUs the model keeps bf16 numerics — every activation between ops
-is bf16, frozen weights hold bf16 values — but stores the frozen weights as fp32 tensors holding
-bf16-rounded values, and runs each GEMM as an fp32 GEMM of the bf16 values (:func:`linear`).
+CUDA GPUs run bf16 GEMMs natively and fast. On CPUs it depends on the chip:
+
+* AVX2-only x86 (e.g. AMD Zen 1-3, Intel before Cooper Lake) has no bf16 arithmetic: PyTorch's
+  bf16 GEMM there converts element by element and is 10-80x slower than fp32 (measured on a
+  2-core AMD EPYC: 10.6 GFLOP/s forward, 0.9 GFLOP/s for the transposed backward product,
+  against 66 GFLOP/s in fp32).
+* AVX512-BF16 without AMX can be slower in bf16 than in fp32, too: on a 2-core Intel Xeon VM
+  (AVX512-BF16, AMX not exposed) oneDNN's bf16 GEMM ran 145-157 GFLOP/s against 225-290 GFLOP/s
+  for fp32 at every ViT-B/16 shape, forward and backward.
+* On another 2-core machine with AVX512-BF16 (measured 2026-11-30) the same bf16 step ran 1.9x
+  faster than in fp32. The feature flags alone do not tell.
+
+So on a CPU with bf16 units the choice is measured, once, the first time it is needed
+(:func:`native_half_gemm`): a bf16 GEMM against the fp32 path for the same bf16 values
+(conversions included), at the shape of a ViT-B MLP in-projection of five images, best of four
+each, interleaved (≈ 0.25 s on 2 cores). The fp32 path is taken only when it is clearly faster
+(by :data:`FP32_MARGIN`), so a machine near the tie keeps the native path run after run. Without
+bf16 units nothing is measured.
+
+Where the fp32 path is taken the model keeps bf16 numerics — every activation between ops is
+bf16, frozen weights hold bf16 values — but stores the frozen weights as fp32 tensors holding
+bf16-rounded values and runs each GEMM as an fp32 GEMM of the bf16 values (:func:`linear`).
 
 ``LIFTPLUS_FAST_HALF_GEMM`` = ``native`` / ``fp32`` forces either path on CPU (tests run both on
-any machine); unset, the CPU's features decide (:func:`native_half_gemm`).
+any machine); :func:`cpu_bf16_gemm_path` says which one runs and why.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+import time
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "ENV_VAR",
+    "FP32_MARGIN",
+    "cpu_bf16_gemm_path",
+    "cpu_has_bf16_units",
     "first_layer",
     "linear",
     "native_half_gemm",
@@ -39,29 +58,88 @@ ENV_VAR = "LIFTPLUS_FAST_HALF_GEMM"
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _cpu_has_bf16_units() -> bool:
+# The fp32 path is chosen only when its measured time is below the bf16 GEMM's divided by this.
+FP32_MARGIN = 1.2
+
+
+def _forced_path() -> Optional[str]:
     mode = os.environ.get(ENV_VAR, "").strip().lower()
-    if mode in ("native", "fp32"):
-        return mode == "native"
-    if mode:
+    if mode and mode not in ("native", "fp32"):
         raise ValueError(f"{ENV_VAR} must be 'native' or 'fp32' (or unset); got {mode!r}")
+    return mode or None
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX) per PyTorch's probes."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     try:
         return any(bool(getattr(torch.cpu, name)()) for name in probes if hasattr(torch.cpu, name))
-    except Exception:  # a torch without the probes: assume the fast native path, as before
+    except Exception:  # a torch without the probes: assume bf16 units (the choice is measured)
         return True
 
 
-# Read once at import (a plain bool, so torch.compile never traces the probe); tests patch it.
-_CPU_NATIVE_BF16 = _cpu_has_bf16_units()
+def _time_bf16_against_fp32(m: int = 1024, k: int = 768, n: int = 3072, rounds: int = 4) -> Dict[str, float]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    w32 = w.float()
+    runs = {
+        "native": lambda: F.linear(x, w),
+        "fp32": lambda: F.linear(x.float(), w32).to(torch.bfloat16),
+    }
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):  # interleaved; the first round also warms both paths up
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: 2 * m * k * n / t for name, t in best.items()}
+
+
+@torch.compiler.disable
+def _decide_cpu_bf16() -> Tuple[bool, str]:
+    forced = _forced_path()
+    if forced:
+        return forced == "native", f"forced by {ENV_VAR}={forced}"
+    if not cpu_has_bf16_units():
+        return False, "this CPU has no bf16 units"
+    rate = _time_bf16_against_fp32()
+    faster = rate["fp32"] > FP32_MARGIN * rate["native"]
+    words = "clearly faster" if faster else "not clearly faster"
+    why = (
+        f"measured: fp32 GEMMs of bf16 values ({rate['fp32'] / 1e9:.0f} GFLOP/s) are {words} than "
+        f"this CPU's bf16 GEMMs ({rate['native'] / 1e9:.0f} GFLOP/s)"
+    )
+    return not faster, why
+
+
+# Decided on first use (a plain bool afterwards, so torch.compile never traces the decision);
+# tests patch it. None: not decided yet.
+_CPU_NATIVE_BF16: Optional[bool] = None
+_CPU_BF16_WHY = ""
+
+
+def _cpu_native_bf16() -> bool:
+    global _CPU_NATIVE_BF16, _CPU_BF16_WHY
+    if _CPU_NATIVE_BF16 is None:
+        _CPU_NATIVE_BF16, _CPU_BF16_WHY = _decide_cpu_bf16()
+    return _CPU_NATIVE_BF16
+
+
+def cpu_bf16_gemm_path() -> Dict[str, str]:
+    """Which path bf16 GEMMs take on this CPU: ``{"path": "native" | "fp32", "why": ...}``
+    (decided on the first call, see the module's docstring)."""
+    native = _cpu_native_bf16()
+    return {"path": "native" if native else "fp32", "why": _CPU_BF16_WHY or "set by the caller"}
 
 
 def native_half_gemm(device, dtype: torch.dtype) -> bool:
-    """Whether ``device`` runs GEMMs in ``dtype`` natively (always on CUDA; bf16 CPUs only)."""
+    """Whether ``device`` runs GEMMs in ``dtype`` natively: always on CUDA; on CPU bf16 when
+    :func:`cpu_bf16_gemm_path` chose the native path, fp16 never."""
     device = torch.device(device)
     if dtype not in _HALF or device.type == "cuda":
         return True
-    return device.type == "cpu" and dtype == torch.bfloat16 and _CPU_NATIVE_BF16
+    return device.type == "cpu" and dtype == torch.bfloat16 and _cpu_native_bf16()
 
 
 def stores_rounded_fp32(device, dtype: torch.dtype) -> bool:

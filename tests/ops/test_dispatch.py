@@ -20,6 +20,7 @@ def test_backend_info_lists_every_op():
     for row in info["ops"].values():
         assert "reference" in row["implementations"]
     assert info["requested"] == "auto"
+    assert info["cpu_bf16_gemm"]["path"] in ("native", "fp32") and info["cpu_bf16_gemm"]["why"]
 
 
 def test_unknown_backend_is_a_clear_error(monkeypatch):

@@ -79,13 +79,57 @@ def test_native_or_storage_follows_the_hardware(monkeypatch):
 @pytest.mark.parametrize("value,native", [("native", True), ("fp32", False), (" FP32 ", False)])
 def test_the_environment_variable_forces_a_path(monkeypatch, value, native):
     monkeypatch.setenv(gemm.ENV_VAR, value)
-    assert gemm._cpu_has_bf16_units() is native
+    monkeypatch.setattr(gemm, "_time_bf16_against_fp32", _must_not_measure)
+    decided, why = gemm._decide_cpu_bf16()
+    assert decided is native and gemm.ENV_VAR in why
 
 
 def test_a_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv(gemm.ENV_VAR, "fast")
     with pytest.raises(ValueError, match=gemm.ENV_VAR):
-        gemm._cpu_has_bf16_units()
+        gemm._decide_cpu_bf16()
+
+
+def _must_not_measure(*args, **kwargs):
+    raise AssertionError("the bf16 GEMM path was measured where nothing needed measuring")
+
+
+@pytest.mark.parametrize(
+    "fp32_rate,native",
+    [(100e9, True), (gemm.FP32_MARGIN * 99e9, True), (gemm.FP32_MARGIN * 101e9, False), (300e9, False)],
+)
+def test_with_bf16_units_the_faster_path_is_measured(monkeypatch, fp32_rate, native):
+    monkeypatch.delenv(gemm.ENV_VAR, raising=False)
+    monkeypatch.setattr(gemm, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(gemm, "_time_bf16_against_fp32", lambda: {"native": 100e9, "fp32": fp32_rate})
+    decided, why = gemm._decide_cpu_bf16()
+    assert decided is native
+    assert "100 GFLOP/s" in why and f"{fp32_rate / 1e9:.0f} GFLOP/s" in why
+
+
+def test_without_bf16_units_nothing_is_measured(monkeypatch):
+    monkeypatch.delenv(gemm.ENV_VAR, raising=False)
+    monkeypatch.setattr(gemm, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.setattr(gemm, "_time_bf16_against_fp32", _must_not_measure)
+    assert gemm._decide_cpu_bf16() == (False, "this CPU has no bf16 units")
+
+
+def test_the_choice_is_made_once_on_first_use(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", None)
+    monkeypatch.setattr(gemm, "_CPU_BF16_WHY", "")
+    monkeypatch.setattr(gemm, "_decide_cpu_bf16", lambda: calls.append(1) or (False, "because"))
+    assert gemm.native_half_gemm("cpu", torch.float32) and not calls  # fp32 asks nothing
+    assert not gemm.native_half_gemm("cpu", BF16)
+    assert gemm.stores_rounded_fp32("cpu", BF16)
+    assert gemm.cpu_bf16_gemm_path() == {"path": "fp32", "why": "because"}
+    assert calls == [1]
+
+
+def test_the_measurement_gives_both_rates():
+    rate = gemm._time_bf16_against_fp32(m=16, k=32, n=24, rounds=2)
+    assert set(rate) == {"native", "fp32"}
+    assert all(0 < r < float("inf") for r in rate.values())
 
 
 @pytest.mark.parametrize("kind", ["quick", "erf"])

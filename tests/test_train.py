@@ -154,5 +154,5 @@ def test_the_log_says_how_half_precision_runs_on_this_cpu(monkeypatch, native):
     assert _precision_label(cpu, "fp32") == "fp32"
     label = _precision_label(cpu, "amp")
     assert label.startswith("bf16 (asked amp")
-    for label in (label, _precision_label(cpu, "bf16")):
-        assert ("fp32 GEMMs of bf16 values; the reason measured" in label) is (not native)
+    for text in (label, _precision_label(cpu, "bf16")):
+        assert ("fp32 GEMMs of bf16 values; the reason measured" in text) is (not native)

@@ -171,7 +171,7 @@ def test_the_block_output_has_one_owner(fresh_clip, tokenizer):
 
 
 # fp64 where every op of the method takes it (tight bounds); the fused AdaptFormer op is fp32 at
-# most, and this tiny random model's fp32 gradients are only ~3e-3 from fp64 either way.
+# most.
 @pytest.mark.parametrize(
     "method,dtype,tol",
     [
@@ -224,8 +224,13 @@ def test_the_last_block_run_for_cls_alone_gives_the_full_blocks_feature(
         model.tuner.zero_grad()
         out.square().sum().backward(retain_graph=True)
         grads.append([None if p.grad is None else p.grad.clone() for p in model.tuner.parameters()])
+    # fp64: each tensor to its own size. fp32: to the largest gradient of the tuner, the size
+    # fp32's rounding noise scales with: this tiny random model amplifies it to ~3e-3 of that
+    # through its blocks, so a small tensor (block 0's AdaptFormer scale) can differ by a few
+    # per cent of its own size, by an amount that differs between kernels and CPUs.
+    overall = max(float(g.abs().max()) for g in grads[1] if g is not None and g.numel())
     for (name, _), a, b in zip(model.tuner.named_parameters(), *grads):
         assert (a is None) == (b is None), name
         if a is not None and a.numel():
-            scale = float(b.abs().max()) + 1e-30
+            scale = overall if dtype == torch.float32 else float(b.abs().max()) + 1e-30
             assert float((a - b).abs().max()) <= tol * scale, (name, float((a - b).abs().max()), scale)

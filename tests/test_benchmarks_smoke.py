@@ -61,3 +61,20 @@ def test_kink_guard_moves_only_rows_near_the_relu_kink():
     moved = (guarded[0].reshape(-1, 32) != a.reshape(-1, 32)).any(-1)
     assert moved[5] and moved.sum() < moved.numel() // 4
     assert all(torch.equal(g, t) for g, t in zip(guarded[1:], tensors[1:]))
+
+
+def test_train_step_standalone_smoke_run(tmp_path):
+    # The standalone step benchmark (its own main, not run.py's): every candidate timed, the
+    # ratios and the bf16 GEMM path it measured with are in the JSON.
+    out_file = tmp_path / "train_step.json"
+    script = os.path.join(ROOT, "benchmarks", "bench_train_step.py")
+    cmd = [sys.executable, script, "--smoke", "--repeats", "1", "--no-memory", "--out", str(out_file)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    payload = json.loads(out_file.read_text())
+    assert payload["threads"] == 2 and payload["gemm_flops_per_s"]["fp32"] > 0
+    for row in payload["rows"]:
+        assert row["fast_bf16_gemms"]["path"] in ("native", "fp32") and row["fast_bf16_gemms"]["why"]
+        assert row["s"] and all(t > 0 for t in row["s"].values())
+        assert "fast_fp32 / reference_fp32" in row["ratios"]
+    assert "fast_bf16 GEMMs:" in out.stdout

@@ -33,6 +33,7 @@ __all__ = [
     "rank_device",
     "average_gradients",
     "broadcast_module",
+    "agree_on_cpu_bf16_path",
     "all_reduce_sum",
     "gather_objects",
     "check_batch_split",
@@ -158,6 +159,18 @@ def broadcast_module(module: torch.nn.Module, ctx: DistContext, src: int = 0) ->
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src)
+
+
+def agree_on_cpu_bf16_path(ctx: DistContext) -> None:
+    """Make every process take rank 0's bf16 GEMM path on CPU (``ops.gemm``): each would
+    otherwise measure its own, and processes sharing a machine can measure differently."""
+    if not ctx.enabled:
+        return
+    from .ops import gemm
+
+    choice = [gemm.cpu_bf16_gemm_path() if ctx.is_main else None]
+    dist.broadcast_object_list(choice, src=0)
+    gemm.use_cpu_bf16_gemm_path(choice[0])
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from .data.uint8_transforms import (
 )
 from .distributed import (
     DistContext,
+    agree_on_cpu_bf16_path,
     all_reduce_sum,
     average_gradients,
     broadcast_module,
@@ -403,6 +404,8 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext, 
             )
         cfg.model_dir = own_model_dir(cfg.output_dir)
         logger.info("test_only without model_dir: evaluating the tuner in %s", cfg.model_dir)
+    if ctx.enabled and device.type == "cpu" and {cfg.prec_train, cfg.prec_test} != {"fp32"}:
+        agree_on_cpu_bf16_path(ctx)  # one GEMM path for every process (ops/gemm.py)
     logger.info(
         "liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
         cfg.dataset,

@@ -86,6 +86,10 @@ def test_fast_train_gives_every_process_the_same_tuner_and_metrics(worker_result
     assert a["group_alive"] and b["group_alive"]
 
 
+def test_every_process_takes_rank_0s_bf16_gemm_path(worker_results):
+    assert [r["bf16_path"] for r in worker_results] == [{"path": "fp32", "why": "rank 0"}] * 2
+
+
 def test_torchrun_cli_trains_writes_once_and_reloads(tmp_path):
     out = tmp_path / "run"
     proc = torchrun(

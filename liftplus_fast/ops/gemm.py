@@ -52,6 +52,7 @@ __all__ = [
     "rounded_fp32",
     "runs_in_fp32",
     "stores_rounded_fp32",
+    "use_cpu_bf16_gemm_path",
 ]
 
 ENV_VAR = "LIFTPLUS_FAST_HALF_GEMM"
@@ -131,6 +132,14 @@ def cpu_bf16_gemm_path() -> Dict[str, str]:
     (decided on the first call, see the module's docstring)."""
     native = _cpu_native_bf16()
     return {"path": "native" if native else "fp32", "why": _CPU_BF16_WHY or "set by the caller"}
+
+
+def use_cpu_bf16_gemm_path(choice: Dict[str, str]) -> None:
+    """Take ``choice`` (what :func:`cpu_bf16_gemm_path` returned, e.g. on another process)."""
+    global _CPU_NATIVE_BF16, _CPU_BF16_WHY
+    if not isinstance(choice, dict) or choice.get("path") not in ("native", "fp32"):
+        raise ValueError(f"choice must be a dict with path 'native' or 'fp32'; got {choice!r}")
+    _CPU_NATIVE_BF16, _CPU_BF16_WHY = choice["path"] == "native", str(choice.get("why", ""))
 
 
 def native_half_gemm(device, dtype: torch.dtype) -> bool:

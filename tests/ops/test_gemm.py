@@ -154,3 +154,13 @@ def test_attention_runs_fp32_inside_with_bf16_in_and_out(emulated):
     assert float(_ulps(out, exact).max()) <= 1.01
     out.float().square().sum().backward()
     assert qkv.grad.dtype == BF16 and torch.isfinite(qkv.grad.float()).all()
+
+
+def test_a_path_taken_from_elsewhere_is_checked(monkeypatch):
+    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", None)
+    monkeypatch.setattr(gemm, "_CPU_BF16_WHY", "")
+    gemm.use_cpu_bf16_gemm_path({"path": "native", "why": "rank 0 measured"})
+    assert gemm.cpu_bf16_gemm_path() == {"path": "native", "why": "rank 0 measured"}
+    assert gemm.native_half_gemm("cpu", BF16)
+    with pytest.raises(ValueError, match="choice must be a dict with path"):
+        gemm.use_cpu_bf16_gemm_path({"path": "fast"})

@@ -80,7 +80,8 @@ class _HalfSavedFp32Attention(torch.autograd.Function):
     def forward(ctx, qkv, num_heads, batch_first, scale):
         q, k, v = (_fp32_heads(t, num_heads, batch_first) for t in qkv.chunk(3, dim=-1))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
-        o = reference.merge_heads(out, batch_first).to(qkv.dtype)
+        o = qkv.new_empty(qkv.shape[:-1] + (qkv.shape[-1] // 3,))
+        reference.split_heads(o, num_heads, batch_first).copy_(out)  # merge and round in one pass
         ctx.save_for_backward(qkv, o, lse)
         ctx.args = (num_heads, batch_first, scale)
         return o
@@ -94,8 +95,10 @@ class _HalfSavedFp32Attention(torch.autograd.Function):
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, False, scale=scale
         )
-        merged = [reference.merge_heads(g, batch_first) for g in grads]
-        return torch.cat(merged, dim=-1).to(qkv.dtype), None, None, None
+        grad_qkv = torch.empty_like(qkv)
+        for part, g in zip(grad_qkv.chunk(3, dim=-1), grads):  # merge, pack and round in one pass
+            reference.split_heads(part, num_heads, batch_first).copy_(g)
+        return grad_qkv, None, None, None
 
 
 def _reference_attention(qkv, num_heads, batch_first, scale):

@@ -57,6 +57,7 @@ __all__ = [
 
 ENV_VAR = "LIFTPLUS_FAST_HALF_GEMM"
 _HALF = (torch.bfloat16, torch.float16)
+_PATHS = ("native", "fp32")
 
 
 # The fp32 path is chosen only when its measured time is below the bf16 GEMM's divided by this.
@@ -65,7 +66,7 @@ FP32_MARGIN = 1.2
 
 def _forced_path() -> Optional[str]:
     mode = os.environ.get(ENV_VAR, "").strip().lower()
-    if mode and mode not in ("native", "fp32"):
+    if mode and mode not in _PATHS:
         raise ValueError(f"{ENV_VAR} must be 'native' or 'fp32' (or unset); got {mode!r}")
     return mode or None
 
@@ -137,7 +138,7 @@ def cpu_bf16_gemm_path() -> Dict[str, str]:
 def use_cpu_bf16_gemm_path(choice: Dict[str, str]) -> None:
     """Take ``choice`` (what :func:`cpu_bf16_gemm_path` returned, e.g. on another process)."""
     global _CPU_NATIVE_BF16, _CPU_BF16_WHY
-    if not isinstance(choice, dict) or choice.get("path") not in ("native", "fp32"):
+    if not isinstance(choice, dict) or choice.get("path") not in _PATHS:
         raise ValueError(f"choice must be a dict with path 'native' or 'fp32'; got {choice!r}")
     _CPU_NATIVE_BF16, _CPU_BF16_WHY = choice["path"] == "native", str(choice.get("why", ""))
 

@@ -17,12 +17,10 @@ def backend_info() -> dict:
     and on CPU tensors here), ``cuda_available``, ``cpu_bf16_gemm`` (whether bf16 GEMMs run natively
     on this CPU or as fp32 GEMMs of bf16 values, and why; measured on first use, see
     :mod:`liftplus_fast.ops.gemm`) and ``ops``: for each op the backend used for
-    CPU and for CUDA tensors.
+    CPU and for CUDA tensors, its implementations and, under ``notes``, why an op runs another
+    backend than the forced one (that backend does not implement it).
     """
     status = native_status()
-    from .ops import _dispatch
-
-    _dispatch._load_triton()
     return {
         "torch": torch.__version__,
         "requested": requested_backend(),

@@ -5,10 +5,15 @@
 * ``auto``: native CPU kernels for CPU tensors, Triton (or the CUDA extension) for CUDA
   tensors, the reference path when neither is available;
 * ``reference``: the pure-PyTorch oracle everywhere;
-* ``cpu`` / ``cuda`` / ``triton``: that backend or a clear error saying why it cannot run.
+* ``cpu`` / ``cuda`` / ``triton``: that backend for every op it implements (or a clear error
+  saying why it cannot run on these tensors), and the automatic order for the ops it does not
+  implement (attention and the MLP's bias + GELU have CPU kernels only: on CUDA PyTorch's own
+  kernels are the fast path), so a forced backend never stops a model.
 
-Each op module registers its implementations with :func:`register`; the choice made for
-each (op, backend) is logged once.
+Each op module registers its implementations with :func:`register`; a backend package that
+registers implementations later (the Triton kernels, imported on first need) is announced with
+:func:`add_loader`. The choice made for each (op, device type) is logged once, with the reason
+when the forced backend does not implement the op.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ _IMPLS: Dict[str, Dict[str, Callable]] = {}
 _NATIVE_NAMES: Dict[str, str] = {}
 # (op, device type, LIFTPLUS_FAST_BACKEND, TRITON_INTERPRET) -> backend; cleared by register().
 _CHOICES: Dict[tuple, str] = {}
+# backend name -> function that imports the package registering that backend's implementations
+_LOADERS: Dict[str, Callable[[], None]] = {}
 
 
 class BackendUnavailableError(UserInputError, RuntimeError):
@@ -53,6 +60,23 @@ def register_native(op: str, fn: Callable, native_name: str) -> None:
     """Register ``fn`` (a call of ``liftplus_fast::native_name``) as the cpu and cuda backends."""
     for backend in ("cpu", "cuda"):
         register(op, backend, fn, native_name=native_name)
+
+
+def add_loader(backend: str, load: Callable[[], None]) -> None:
+    """Announce that ``load()`` registers ``backend``'s implementations (called on first need).
+
+    The loader is handed in by the package above the backend, so this module never imports a
+    backend package (which imports this module to register).
+    """
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+    _LOADERS[backend] = load
+
+
+def load_backends() -> None:
+    """Run every announced loader once (each registers its backend's implementations)."""
+    while _LOADERS:
+        _LOADERS.popitem()[1]()
 
 
 def requested_backend() -> str:
@@ -92,12 +116,16 @@ def _native_ok(op: str, device_type: str) -> tuple[bool, str]:
     return True, ""
 
 
+def implements(op: str, backend: str) -> bool:
+    """Whether ``backend`` has an implementation of ``op`` (loading announced backends first)."""
+    if backend not in _IMPLS.get(op, {}) and backend in _LOADERS:
+        _LOADERS.pop(backend)()
+    return backend in _IMPLS.get(op, {})
+
+
 def _available(op: str, backend: str, device_type: str) -> tuple[bool, str]:
-    if backend not in _IMPLS.get(op, {}):
-        if backend == "triton":
-            _load_triton()
-        if backend not in _IMPLS.get(op, {}):
-            return False, f"{op} has no {backend} implementation"
+    if not implements(op, backend):
+        return False, f"{op} has no {backend} implementation"
     if backend == "reference":
         return True, ""
     if backend == "triton":
@@ -107,22 +135,27 @@ def _available(op: str, backend: str, device_type: str) -> tuple[bool, str]:
     return _native_ok(op, device_type)
 
 
-def _load_triton() -> None:
-    try:
-        from . import triton as _triton_ops  # noqa: F401  (registers the Triton implementations)
-    except ImportError as exc:
-        logger.debug("Triton implementations unavailable: %s", exc)
-
-
 def choose(op: str, device: torch.device) -> str:
     """Name of the backend that runs ``op`` for tensors on ``device``."""
-    device_type = torch.device(device).type
+    return _choose(op, torch.device(device).type)[0]
+
+
+def _choose(op: str, device_type: str) -> tuple[str, str]:
+    """The backend for ``op`` on ``device_type`` tensors and, when it is not the one asked for,
+    why (empty otherwise)."""
     requested = requested_backend()
     if requested != "auto":
-        ok, why = _available(op, requested, device_type)
-        if not ok:
-            raise BackendUnavailableError(f"{ENV_VAR}={requested} cannot run {op}: {why}")
-        return requested
+        if implements(op, requested):
+            ok, why = _available(op, requested, device_type)
+            if not ok:
+                raise BackendUnavailableError(f"{ENV_VAR}={requested} cannot run {op}: {why}")
+            return requested, ""
+        backend = _automatic(op, device_type)
+        return backend, f"{ENV_VAR}={requested} has no {op} implementation; automatic order"
+    return _automatic(op, device_type), ""
+
+
+def _automatic(op: str, device_type: str) -> str:
     if device_type == "cuda":
         order = ("triton", "cuda", "reference")
     elif device_type == "cpu":
@@ -142,9 +175,10 @@ def _choose_and_log(op: str, device_type: str) -> str:
     key = (op, device_type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
     backend = _CHOICES.get(key)
     if backend is None:
-        backend = choose(op, torch.device(device_type))
+        backend, why = _choose(op, device_type)
         _CHOICES[key] = backend
-        logger.info("liftplus_fast: %s on %s tensors runs the %s backend", op, device_type, backend)
+        note = f" ({why})" if why else ""
+        logger.info("liftplus_fast: %s on %s tensors runs the %s backend%s", op, device_type, backend, note)
     return backend
 
 
@@ -154,15 +188,21 @@ def dispatch(op: str, device: torch.device) -> Callable:
 
 
 def describe() -> dict:
-    """For each registered op: the backend used for CPU and for CUDA tensors (or the error)."""
+    """For each registered op: the backend used for CPU and for CUDA tensors (or the error),
+    its implementations and, under ``notes``, why an op does not run the forced backend."""
+    load_backends()
     table = {}
     for op in sorted(_IMPLS):
-        row = {}
+        row, notes = {}, {}
         for device_type in ("cpu", "cuda"):
             try:
-                row[device_type] = choose(op, torch.device(device_type))
+                row[device_type], why = _choose(op, device_type)
+                if why:
+                    notes[device_type] = why
             except RuntimeError as exc:
                 row[device_type] = f"unavailable: {exc}"
         row["implementations"] = sorted(_IMPLS[op])
+        if notes:
+            row["notes"] = notes
         table[op] = row
     return table

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _library, reference
+from ._bindings import tte as _binding
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import dispatch, register, register_native
 from ._native import native_status
@@ -54,40 +55,8 @@ register(OP, "reference", reference.tte_aggregate)
 register(OP_FEATURES, "reference", reference.tte_mean_unit_features)
 
 
-def kernel_calls(namespace: str):
-    """The backend functions running ``namespace::tte_aggregate`` and ``tte_mean_unit_features``."""
-    agg = _library.op(namespace, "tte_aggregate")
-    unit = _library.op(namespace, "tte_mean_unit_features")
-
-    def aggregate(crop_logits, labels):
-        mean, pred, correct, total = agg(crop_logits, labels)
-        if labels is None:
-            return TTEResult(mean, pred, None, None)
-        return TTEResult(mean, pred, correct, total)
-
-    def unit_mean(crop_feats):
-        return unit(crop_feats)
-
-    return aggregate, unit_mean
-
-
-def _fake_tte(crop_logits, labels):
-    _c, b, k = crop_logits.shape
-    counts = (k,) if labels is not None else (0,)
-    return (
-        crop_logits.new_empty((b, k)),
-        crop_logits.new_empty((b,), dtype=torch.int64),
-        crop_logits.new_empty(counts, dtype=torch.int64),
-        crop_logits.new_empty(counts, dtype=torch.int64),
-    )
-
-
-def _fake_unit_mean(crop_feats):
-    return crop_feats.new_empty(crop_feats.shape[1:])
-
-
 if native_status().loaded:
-    _library.register_fakes(_library.NATIVE, tte_aggregate=_fake_tte, tte_mean_unit_features=_fake_unit_mean)
-    _aggregate, _unit_mean = kernel_calls(_library.NATIVE)
+    _binding.register_fakes(_library.NATIVE)
+    _aggregate, _unit_mean = _binding.kernel_calls(_library.NATIVE)
     register_native(OP, _aggregate, "tte_aggregate")
     register_native(OP_FEATURES, _unit_mean, "tte_mean_unit_features")

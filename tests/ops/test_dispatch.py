@@ -41,6 +41,44 @@ def test_forced_backend_that_cannot_run_says_why(monkeypatch):
         _dispatch.choose("tte_aggregate", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("forced", ["cuda", "triton"])
+def test_forced_backend_runs_the_automatic_order_for_ops_it_does_not_implement(monkeypatch, forced):
+    # attention and linear_gelu have CPU kernels only: forcing a GPU backend must not stop a
+    # model at its first block; the choice and its reason are in backend_info and the log.
+    monkeypatch.delenv("LIFTPLUS_FAST_BACKEND", raising=False)
+    auto = {op: _dispatch.choose(op, torch.device("cpu")) for op in ("attention", "linear_gelu")}
+    monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", forced)
+    for op, backend in auto.items():
+        assert not _dispatch.implements(op, forced)
+        assert _dispatch.choose(op, torch.device("cpu")) == backend
+        row = lf.backend_info()["ops"][op]
+        assert row["cpu"] == backend and row["cuda"] == "reference"
+        assert row["notes"]["cuda"] == f"LIFTPLUS_FAST_BACKEND={forced} has no {op} implementation; automatic order"
+
+
+def test_the_log_names_the_backend_of_each_op_and_why(monkeypatch, caplog):
+    monkeypatch.setenv("LIFTPLUS_FAST_BACKEND", "cuda")
+    monkeypatch.setattr(_dispatch, "_CHOICES", {})  # each choice is logged once per process
+    x = torch.randn(2, 5, 24)
+    with caplog.at_level("INFO", logger="liftplus_fast"):
+        lf.ops.attention(x, 2)
+    assert any(
+        "attention on cpu tensors runs the" in r.message and "LIFTPLUS_FAST_BACKEND=cuda has no attention" in r.message
+        for r in caplog.records
+    ), [r.message for r in caplog.records]
+
+
+def test_backend_packages_are_announced_not_imported_by_the_dispatcher():
+    # ops/triton imports the dispatcher to register; the dispatcher reaches it only through the
+    # loader the ops package hands in (no import circle).
+    src = open(_dispatch.__file__).read()
+    assert "from . import triton" not in src and "import_module" not in src
+    for name in ("adaptformer", "la_cosine_ce", "tte"):
+        path = os.path.join(os.path.dirname(_dispatch.__file__), "triton", f"{name}.py")
+        text = open(path).read()
+        assert f"from ..{name} import" not in text and "from .._dispatch" not in text, path
+
+
 @pytest.mark.skipif(not NATIVE, reason="native extension not built")
 def test_auto_uses_native_cpu_kernel_for_tte():
     assert _dispatch.choose("tte_aggregate", torch.device("cpu")) == "cpu"

@@ -23,8 +23,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .._bindings.adaptformer import kernel_call, register_autograd
 from .._library import SCHEMAS, TRITON
-from ..adaptformer import kernel_call, register_backend
 from ._common import LazyKernel, cdiv, cfg, dot_meta, num_sms, pow2_at_least
 
 MAX_R = 256
@@ -460,7 +460,7 @@ def check_limits(a, down_w) -> None:
         )
 
 
-register_backend(TRITON)
+register_autograd(TRITON)
 _run = kernel_call(TRITON)
 
 

@@ -29,8 +29,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .._bindings.la_cosine_ce import kernel_call, register_autograd
 from .._library import SCHEMAS, TRITON
-from ..la_cosine_ce import kernel_call, register_backend
 from ._common import LazyKernel, cdiv, cfg, dot_meta, num_sms, pow2_at_least
 
 MAX_D = 2048
@@ -419,7 +419,7 @@ def check_labels(weight, labels) -> None:
     )
 
 
-register_backend(TRITON)
+register_autograd(TRITON)
 _run = kernel_call(TRITON)
 
 

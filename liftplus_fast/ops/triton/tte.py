@@ -14,8 +14,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .._bindings.tte import kernel_calls
 from .._library import SCHEMAS, TRITON
-from ..tte import kernel_calls
 from ._common import LazyKernel, cdiv, cfg, pow2_at_least
 
 

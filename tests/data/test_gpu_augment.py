@@ -65,6 +65,7 @@ def test_fast_train_augment_on_device_matches_worker_path(caches):
         lf.fast_train(dataset="imagefolder", root=root, augment_on_device=True, backbone="tiny_vit")
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("fmt", ["raw", "jpeg"])
 def test_cuda_decode_and_augment_within_the_equivalence_bounds(caches, fmt):

@@ -31,9 +31,19 @@ def backends(op: str, device_type: str):
 
 
 def cases(op: str):
-    """``pytest.param(device, backend)`` for every device of this machine and backend of ``op``."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    params = [pytest.param(dev, b, id=f"{dev}-{b}") for dev in devices for b in backends(op, dev)]
+    """``pytest.param(device, backend)``: every CPU backend of ``op`` that runs here, and the CUDA
+    cases (``cuda``, ``triton``) of every backend implementing ``op``, always collected and
+    marked ``gpu`` (``pytest -m gpu`` selects them), skipped with the reason where they cannot
+    run."""
+    params = [pytest.param("cpu", b, id=f"cpu-{b}") for b in backends(op, "cpu")]
+    for b in ("cuda", "triton"):
+        if not _dispatch.implements(op, b):
+            continue
+        ok, why = _dispatch._available(op, b, "cuda")
+        if ok and not torch.cuda.is_available():
+            ok, why = False, "needs a CUDA device"
+        marks = [pytest.mark.gpu] + ([] if ok else [pytest.mark.skip(reason=why)])
+        params.append(pytest.param("cuda", b, id=f"cuda-{b}", marks=marks))
     return params or [
         pytest.param(
             "cpu", None, id="no-kernel-backend", marks=pytest.mark.skip(reason=f"no kernel backend of {op} here")

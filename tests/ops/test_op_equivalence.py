@@ -127,3 +127,45 @@ def test_tte_mean_unit_features(device, name, dtype, shape):
     assert out.dtype == dtype
     rtol = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
     assert_matches(["unit_mean"], [out], [ref.float()], rtol=rtol)
+
+
+@pytest.mark.parametrize("device,name", cases("tte_aggregate"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tte_aggregate_nan_is_the_first_maximum(device, name, dtype):
+    # torch.argmax's rule: a NaN beats every number and the first NaN wins. The kernels stream K
+    # in chunks (16 wide under the interpreter, 256 on the GPU): the NaNs sit in later chunks than
+    # larger numbers and infinities.
+    k = 600
+    x = torch.randn(2, 5, k, generator=torch.Generator().manual_seed(7))
+    x[:, 0, 10] = 50.0
+    x[0, 0, 500] = float("nan")  # one crop's NaN makes the mean NaN
+    x[1, 1, 300] = float("nan")
+    x[0, 1, 520] = float("nan")  # a second NaN, later
+    x[:, 2, 7] = float("inf")
+    x[0, 2, 400] = float("nan")
+    x[:, 3, :] = float("-inf")  # no maximum but -inf: the first index
+    x = x.to(dtype).to(device)
+    y = torch.tensor([500, 0, 400, 0, 3], device=device)
+    with backend(name):
+        out = lf.ops.tte_aggregate(x, y)
+    ref = reference.tte_aggregate(x, y)
+    assert ref.pred.tolist()[:4] == [500, 300, 400, 0]
+    assert torch.equal(out.pred, ref.pred)
+    assert torch.equal(out.correct, ref.correct) and torch.equal(out.total, ref.total)
+
+
+@pytest.mark.parametrize("device,name", cases("tte_aggregate"))
+def test_tte_aggregate_offsets_past_2_31_elements(device, name):
+    # Crops 2^30 + 64 elements apart: crop 2 starts past 2^31, where int32 offsets wrap.
+    if device != "cuda":
+        pytest.skip("the view spans 4 GiB: GPU case only")
+    stride = 2**30 + 64
+    base = torch.empty(2 * stride + 16, dtype=torch.float16, device=device)
+    x = base.as_strided((3, 2, 8), (stride, 8, 1))
+    x.copy_(torch.randn(3, 2, 8))
+    y = torch.tensor([1, 5], device=device)
+    with backend(name):
+        out = lf.ops.tte_aggregate(x, y)
+    ref = reference.tte_aggregate(x.contiguous(), y)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=4e-3, atol=4e-3)
+    assert torch.equal(out.pred, out.logits.argmax(-1)) and torch.equal(out.total, ref.total)

@@ -4,13 +4,17 @@
 the CPU interpreter (``TRITON_INTERPRET=1``). The package may be imported before a test sets
 that variable (``lf.backend_info()`` probes the Triton backend), so kernels are not decorated
 at import: :class:`LazyKernel` builds the jitted (and autotuned) kernel on first launch for the
-interpreter state in force at that moment and caches one build per state.
+interpreter state in force at that moment and caches one build per state and config variant.
+
+Triton launches on the *current* CUDA device, whatever device the tensors are on, so every
+launch runs inside :func:`on_device` of its tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Mapping, Sequence, Union
 
 import torch
 import triton
@@ -23,28 +27,46 @@ def interpreting() -> bool:
 class LazyKernel:
     """A Triton kernel source plus its GPU autotune configs, jitted on first use.
 
-    Under the interpreter only ``interp_config`` is used: autotuning there would only multiply
-    the (slow, numpy-backed) runs without telling anything about GPU speed.
+    ``gpu_configs`` is one list, or a mapping from a variant name to a list: the caller picks the
+    variant (say, ``"fp32"``) from what it launches, so a sweep runs only where it can pay off
+    and a cold start compiles one config elsewhere. Under the interpreter only
+    ``interp_config`` is used: autotuning there would only multiply the (slow, numpy-backed)
+    runs without telling anything about GPU speed.
     """
 
     def __init__(
-        self, fn: Callable, gpu_configs: Sequence[triton.Config], interp_config: triton.Config, key: List[str]
+        self,
+        fn: Callable,
+        gpu_configs: Union[Sequence[triton.Config], Mapping[str, Sequence[triton.Config]]],
+        interp_config: triton.Config,
+        key: List[str],
     ):
         self.fn = fn
-        self.gpu_configs = list(gpu_configs)
+        variants = gpu_configs if isinstance(gpu_configs, Mapping) else {"": gpu_configs}
+        self.gpu_configs = {name: list(configs) for name, configs in variants.items()}
         self.interp_config = interp_config
         self.key = key
-        self._built: Dict[bool, object] = {}
+        self._built: Dict[tuple, object] = {}
 
-    def get(self):
+    def get(self, variant: str = ""):
         flag = interpreting()
-        kernel = self._built.get(flag)
+        build = (flag, "" if flag else variant)
+        kernel = self._built.get(build)
         if kernel is None:
-            configs = [self.interp_config] if flag else self.gpu_configs
+            configs = [self.interp_config] if flag else self.gpu_configs[variant]
             # A fresh copy of the function object per build: triton caches state on it.
             kernel = triton.autotune(configs=configs, key=self.key)(triton.jit(self.fn))
-            self._built[flag] = kernel
+            self._built[build] = kernel
         return kernel
+
+    def config_count(self) -> int:
+        """GPU configs over all variants (what a cold start may compile per specialisation)."""
+        return sum(len(c) for c in self.gpu_configs.values())
+
+
+def on_device(t: torch.Tensor):
+    """Make ``t``'s CUDA device current for the launches inside (a no-op for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def cfg(num_warps: int = 4, num_stages: int = 2, **meta) -> triton.Config:

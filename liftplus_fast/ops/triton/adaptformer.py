@@ -25,7 +25,7 @@ from torch.library import triton_op, wrap_triton
 
 from .._bindings.adaptformer import kernel_call, register_autograd
 from .._library import SCHEMAS, TRITON
-from ._common import LazyKernel, cdiv, cfg, dot_meta, num_sms, pow2_at_least
+from ._common import LazyKernel, cdiv, cfg, dot_meta, num_sms, on_device, pow2_at_least
 
 MAX_R = 256
 
@@ -278,25 +278,33 @@ def _bwd_weights(
     tl.store(P_BU + base + cols, acc_bu, mask=cmask)
 
 
-# Hopper/Ampere: 64-128 rows per program keep the r-wide accumulators (≤ 256 fp32 columns) in
-# registers; D is streamed in 64/128-wide chunks (bf16: 128-256 B rows per load).
-_ROW_CONFIGS = [
-    cfg(4, 2, BLOCK_N=32, BLOCK_D=128),
-    cfg(4, 3, BLOCK_N=64, BLOCK_D=64),
-    cfg(8, 3, BLOCK_N=64, BLOCK_D=128),
-    cfg(8, 2, BLOCK_N=128, BLOCK_D=64),
-]
-_WEIGHT_CONFIGS = [
-    cfg(4, 3, BLOCK_N=32, BLOCK_D=64),
-    cfg(4, 3, BLOCK_N=64, BLOCK_D=64),
-    cfg(8, 3, BLOCK_N=64, BLOCK_D=128),
-    cfg(8, 2, BLOCK_N=32, BLOCK_D=128),
-]
+# Hopper/Ampere, half precision and r ≤ 64: 64-128 rows per program keep the r-wide accumulators
+# in registers; D is streamed in 64/128-wide chunks (bf16: 128-256 B rows per load); the sweep
+# picks among two tile shapes. Where a sweep cannot pay off one config is fixed, so a cold start
+# compiles one variant: fp32 (ieee dots run on CUDA cores, fully unrolled: compile time grows
+# with the tile, and small tiles keep it to seconds) and r ≥ 128 (the BLOCK_N × r accumulators
+# fill the registers at 64 rows whatever the rest).
+_ROW_CONFIGS = {
+    "half": [cfg(4, 3, BLOCK_N=64, BLOCK_D=64), cfg(8, 2, BLOCK_N=128, BLOCK_D=64)],
+    "half_wide_r": [cfg(8, 2, BLOCK_N=64, BLOCK_D=64)],
+    "fp32": [cfg(4, 2, BLOCK_N=16, BLOCK_D=32)],
+}
+_WEIGHT_CONFIGS = {
+    "half": [cfg(4, 3, BLOCK_N=64, BLOCK_D=64), cfg(8, 3, BLOCK_N=64, BLOCK_D=128)],
+    "half_wide_r": [cfg(8, 2, BLOCK_N=32, BLOCK_D=64)],
+    "fp32": [cfg(8, 2, BLOCK_N=16, BLOCK_D=32)],
+}
 _INTERP = cfg(1, 1, BLOCK_N=16, BLOCK_D=32)
 
 _FWD = LazyKernel(_fwd, _ROW_CONFIGS, _INTERP, key=["D", "BLOCK_R"])
 _BWD_ROWS = LazyKernel(_bwd_rows, _ROW_CONFIGS, _INTERP, key=["D", "BLOCK_R"])
 _BWD_WEIGHTS = LazyKernel(_bwd_weights, _WEIGHT_CONFIGS, _INTERP, key=["D", "BLOCK_R"])
+
+
+def _variant(dtype: torch.dtype, block_r: int) -> str:
+    if dtype == torch.float32:
+        return "fp32"
+    return "half_wide_r" if block_r >= 128 else "half"
 
 
 def _as_rows(t: Tensor) -> Tensor:
@@ -325,28 +333,30 @@ def adaptformer_fwd(
     rstd = torch.empty_like(mean)
     z = torch.empty((n, r), device=a.device, dtype=torch.float32)
     meta = dot_meta(a.dtype)
+    block_r = pow2_at_least(r)
     if n > 0:
-        wrap_triton(_FWD.get())[lambda m: (cdiv(n, m["BLOCK_N"]),)](
-            a2,
-            m2,
-            ln_w.contiguous(),
-            ln_b.contiguous(),
-            down_w.contiguous(),
-            down_b.contiguous(),
-            up_w.contiguous(),
-            up_b.contiguous(),
-            scale,
-            y,
-            mean,
-            rstd,
-            z,
-            n,
-            d,
-            r,
-            eps,
-            BLOCK_R=pow2_at_least(r),
-            **meta,
-        )
+        with on_device(a2):
+            wrap_triton(_FWD.get(_variant(a.dtype, block_r)))[lambda m: (cdiv(n, m["BLOCK_N"]),)](
+                a2,
+                m2,
+                ln_w.contiguous(),
+                ln_b.contiguous(),
+                down_w.contiguous(),
+                down_b.contiguous(),
+                up_w.contiguous(),
+                up_b.contiguous(),
+                scale,
+                y,
+                mean,
+                rstd,
+                z,
+                n,
+                d,
+                r,
+                eps,
+                BLOCK_R=block_r,
+                **meta,
+            )
     return y.view(a.shape), mean, rstd, z
 
 
@@ -379,6 +389,7 @@ def adaptformer_bwd(
     dev = a.device
     meta = dot_meta(a.dtype)
     block_r = pow2_at_least(r)
+    variant = _variant(a.dtype, block_r)
     ln_w, ln_b = ln_w.contiguous(), ln_b.contiguous()
     down_w, up_w = down_w.contiguous(), up_w.contiguous()
     da = torch.empty_like(a2)
@@ -392,48 +403,49 @@ def adaptformer_bwd(
     p_lnb = torch.empty_like(p_lnw)
     p_bu = torch.empty_like(p_lnw)
     if n > 0:
-        wrap_triton(_BWD_ROWS.get())[lambda m: (cdiv(n, m["BLOCK_N"]),)](
-            g2,
-            a2,
-            ln_w,
-            down_w,
-            up_w,
-            up_b.contiguous(),
-            scale,
-            mean,
-            rstd,
-            z,
-            da,
-            dz,
-            ds_row,
-            n,
-            d,
-            r,
-            BLOCK_R=block_r,
-            **meta,
-        )
-        wrap_triton(_BWD_WEIGHTS.get())[lambda m: (cdiv(d, m["BLOCK_D"]), splits)](
-            g2,
-            a2,
-            ln_w,
-            ln_b,
-            down_w,
-            mean,
-            rstd,
-            z,
-            dz,
-            p_wu,
-            p_wd,
-            p_lnw,
-            p_lnb,
-            p_bu,
-            n,
-            d,
-            r,
-            rows_per_split,
-            BLOCK_R=block_r,
-            **meta,
-        )
+        with on_device(a2):
+            wrap_triton(_BWD_ROWS.get(variant))[lambda m: (cdiv(n, m["BLOCK_N"]),)](
+                g2,
+                a2,
+                ln_w,
+                down_w,
+                up_w,
+                up_b.contiguous(),
+                scale,
+                mean,
+                rstd,
+                z,
+                da,
+                dz,
+                ds_row,
+                n,
+                d,
+                r,
+                BLOCK_R=block_r,
+                **meta,
+            )
+            wrap_triton(_BWD_WEIGHTS.get(variant))[lambda m: (cdiv(d, m["BLOCK_D"]), splits)](
+                g2,
+                a2,
+                ln_w,
+                ln_b,
+                down_w,
+                mean,
+                rstd,
+                z,
+                dz,
+                p_wu,
+                p_wd,
+                p_lnw,
+                p_lnb,
+                p_bu,
+                n,
+                d,
+                r,
+                rows_per_split,
+                BLOCK_R=block_r,
+                **meta,
+            )
     else:
         for t in (p_wu, p_wd, p_lnw, p_lnb, p_bu, dz, ds_row):
             t.zero_()

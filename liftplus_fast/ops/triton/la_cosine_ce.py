@@ -9,17 +9,20 @@ class norms are accumulated in the same D loop as the dot product and applied to
 * ``_fwd``: grid (row blocks, class splits); each program streams its classes in chunks and
   keeps a running (max, sum-exp) per row; the splits' partial (max, sum) pairs and the target
   logit are combined on the host (B × splits values).
-* ``_bwd_feat``: grid (row blocks, class splits). Recomputes the tile, ``dC`` from the saved
-  logsumexp, accumulates ``Σ_k dC·s/‖W_k‖·W_k`` and ``t_b = Σ_k dC·C`` (which equals
-  ``⟨F̂, dF̂⟩``, so the normalisation backward needs no second pass):
-  ``dF = (acc − F̂·t)/‖F‖``.
-* ``_bwd_weight``: grid (class tiles, row splits), symmetric for ``dW``.
+* ``_bwd_feat``: grid (row blocks, class splits, D tiles). Recomputes the tile, ``dC`` from
+  the saved logsumexp, accumulates ``Σ_k dC·s/‖W_k‖·W_k`` over the program's D tile and
+  ``t_b = Σ_k dC·C`` (which equals ``⟨F̂, dF̂⟩``, so the normalisation backward needs no second
+  pass): ``dF = (acc − F̂·t)/‖F‖``.
+* ``_bwd_weight``: grid (class tiles, row splits, D tiles), symmetric for ``dW``.
 
 Splits write fp32 partials that are summed in a fixed order (deterministic, no atomics); with
 one split the kernel stores the final gradient directly.
 
-Limit: D ≤ ``MAX_D`` (2048) because the backward keeps full-width feature/weight rows of a tile
-in SRAM/registers.
+D tiles: a row of up to ``TILE_BYTES`` stays on chip whole (one D tile: the loaded rows serve
+both the logits tile and the gradient product). Wider rows (fp32 past 512 columns, half past
+1024) are split into D tiles of that width; each program then streams the logits tile's dot
+product over all of D and keeps only its own tile of the gradient, recomputing the tile once per
+D tile (2-4 times at D ≤ 2048: cheap next to the bytes moved). No limit on D follows.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from torch.library import triton_op, wrap_triton
 
 from .._bindings.la_cosine_ce import kernel_call, register_autograd
 from .._library import SCHEMAS, TRITON
-from ._common import LazyKernel, cdiv, cfg, dot_meta, num_sms, pow2_at_least
+from ._common import LazyKernel, cdiv, cfg, dot_meta, interpreting, num_sms, on_device, pow2_at_least
 
-MAX_D = 2048
-_EPS = 1e-12
+# Bytes of one row tile kept on chip in the backward (see the module doc).
+TILE_BYTES = 2048
 
 
 def _fwd(
@@ -128,17 +131,28 @@ def _bwd_feat(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_DF: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
-    cols = tl.arange(0, BLOCK_DF)
+    roff = rows.to(tl.int64) * D
+    cols = tl.program_id(2) * BLOCK_DF + tl.arange(0, BLOCK_DF)
     cmask = cols < D
     fmask = rmask[:, None] & cmask[None, :]
-    f = tl.load(F + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=fmask, other=0.0)
+    f = tl.load(F + roff[:, None] + cols[None, :], mask=fmask, other=0.0)
     f32 = f.to(tl.float32)
-    inv_f = 1.0 / tl.maximum(tl.sqrt(tl.sum(f32 * f32, axis=1)), 1e-12)
+    if ONE_TILE:
+        fsq = tl.sum(f32 * f32, axis=1)
+    else:
+        fsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_DF):
+            dc = d0 + tl.arange(0, BLOCK_DF)
+            fc = tl.load(F + roff[:, None] + dc[None, :], mask=rmask[:, None] & (dc < D)[None, :], other=0.0)
+            fc = fc.to(tl.float32)
+            fsq += tl.sum(fc * fc, axis=1)
+    inv_f = 1.0 / tl.maximum(tl.sqrt(fsq), 1e-12)
     fd = f.to(ELEM_T).to(DOT_T)
     lab = tl.load(LAB + rows, mask=rmask, other=-1)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
@@ -150,18 +164,33 @@ def _bwd_feat(
     for kc in range(k0, k1, BLOCK_K):
         ks = kc + tl.arange(0, BLOCK_K)
         kmask = ks < k1
-        w = tl.load(W + ks.to(tl.int64)[:, None] * D + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        w32 = w.to(tl.float32)
-        inv_w = 1.0 / tl.maximum(tl.sqrt(tl.sum(w32 * w32, axis=1)), 1e-12)
+        koff = ks.to(tl.int64) * D
+        w = tl.load(W + koff[:, None] + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         wd = w.to(ELEM_T).to(DOT_T)
-        c = tl.dot(fd, tl.trans(wd), input_precision=PREC) * (scale * inv_f)[:, None] * inv_w[None, :]
+        if ONE_TILE:
+            w32 = w.to(tl.float32)
+            wsq = tl.sum(w32 * w32, axis=1)
+            dot = tl.dot(fd, tl.trans(wd), input_precision=PREC)
+        else:
+            wsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            dot = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_DF):
+                dc = d0 + tl.arange(0, BLOCK_DF)
+                dmask = (dc < D)[None, :]
+                fc = tl.load(F + roff[:, None] + dc[None, :], mask=rmask[:, None] & dmask, other=0.0)
+                wc = tl.load(W + koff[:, None] + dc[None, :], mask=kmask[:, None] & dmask, other=0.0)
+                wc32 = wc.to(tl.float32)
+                wsq += tl.sum(wc32 * wc32, axis=1)
+                dot += tl.dot(fc.to(ELEM_T).to(DOT_T), tl.trans(wc.to(ELEM_T).to(DOT_T)), input_precision=PREC)
+        inv_w = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)
+        c = dot * (scale * inv_f)[:, None] * inv_w[None, :]
         lp = tl.load(LP + ks, mask=kmask, other=0.0).to(tl.float32)
         tmask = rmask[:, None] & kmask[None, :]
         prob = tl.exp(c + tau * lp[None, :] - lse[:, None])
         onehot = (ks[None, :] == lab[:, None]).to(tl.float32)
-        dc = tl.where(tmask, (prob - onehot) * gscale, 0.0)
-        t += tl.sum(dc * c, axis=1)
-        coeff = (dc * scale * inv_w[None, :]).to(ELEM_T).to(DOT_T)
+        dc_ = tl.where(tmask, (prob - onehot) * gscale, 0.0)
+        t += tl.sum(dc_ * c, axis=1)
+        coeff = (dc_ * scale * inv_w[None, :]).to(ELEM_T).to(DOT_T)
         acc += tl.dot(coeff, wd, input_precision=PREC)
     out = inv_f[:, None] * acc - f32 * (inv_f * inv_f * t)[:, None]
     tl.store(
@@ -190,17 +219,28 @@ def _bwd_weight(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_DF: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < K
-    cols = tl.arange(0, BLOCK_DF)
+    koff = ks.to(tl.int64) * D
+    cols = tl.program_id(2) * BLOCK_DF + tl.arange(0, BLOCK_DF)
     cmask = cols < D
     wmask = kmask[:, None] & cmask[None, :]
-    w = tl.load(W + ks.to(tl.int64)[:, None] * D + cols[None, :], mask=wmask, other=0.0)
+    w = tl.load(W + koff[:, None] + cols[None, :], mask=wmask, other=0.0)
     w32 = w.to(tl.float32)
-    inv_w = 1.0 / tl.maximum(tl.sqrt(tl.sum(w32 * w32, axis=1)), 1e-12)
+    if ONE_TILE:
+        wsq = tl.sum(w32 * w32, axis=1)
+    else:
+        wsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_DF):
+            dc = d0 + tl.arange(0, BLOCK_DF)
+            wc = tl.load(W + koff[:, None] + dc[None, :], mask=kmask[:, None] & (dc < D)[None, :], other=0.0)
+            wc = wc.to(tl.float32)
+            wsq += tl.sum(wc * wc, axis=1)
+    inv_w = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)
     wd = w.to(ELEM_T).to(DOT_T)
     lp = tl.load(LP + ks, mask=kmask, other=0.0).to(tl.float32)
     gscale = tl.load(GL).to(tl.float32) * inv_b
@@ -211,46 +251,71 @@ def _bwd_weight(
     for bc in range(b0, b1, BLOCK_M):
         rows = bc + tl.arange(0, BLOCK_M)
         rmask = rows < b1
-        f = tl.load(F + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        f32 = f.to(tl.float32)
-        inv_f = 1.0 / tl.maximum(tl.sqrt(tl.sum(f32 * f32, axis=1)), 1e-12)
+        roff = rows.to(tl.int64) * D
+        f = tl.load(F + roff[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         fd = f.to(ELEM_T).to(DOT_T)
-        c = tl.dot(fd, tl.trans(wd), input_precision=PREC) * (scale * inv_f)[:, None] * inv_w[None, :]
+        if ONE_TILE:
+            f32 = f.to(tl.float32)
+            fsq = tl.sum(f32 * f32, axis=1)
+            dot = tl.dot(fd, tl.trans(wd), input_precision=PREC)
+        else:
+            fsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+            dot = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_DF):
+                dc = d0 + tl.arange(0, BLOCK_DF)
+                dmask = (dc < D)[None, :]
+                fc = tl.load(F + roff[:, None] + dc[None, :], mask=rmask[:, None] & dmask, other=0.0)
+                wc = tl.load(W + koff[:, None] + dc[None, :], mask=kmask[:, None] & dmask, other=0.0)
+                fc32 = fc.to(tl.float32)
+                fsq += tl.sum(fc32 * fc32, axis=1)
+                dot += tl.dot(fc.to(ELEM_T).to(DOT_T), tl.trans(wc.to(ELEM_T).to(DOT_T)), input_precision=PREC)
+        inv_f = 1.0 / tl.maximum(tl.sqrt(fsq), 1e-12)
+        c = dot * (scale * inv_f)[:, None] * inv_w[None, :]
         lab = tl.load(LAB + rows, mask=rmask, other=-1)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
         tmask = rmask[:, None] & kmask[None, :]
         prob = tl.exp(c + tau * lp[None, :] - lse[:, None])
         onehot = (ks[None, :] == lab[:, None]).to(tl.float32)
-        dc = tl.where(tmask, (prob - onehot) * gscale, 0.0)
-        t += tl.sum(dc * c, axis=0)
-        coeff = (dc * (scale * inv_f)[:, None]).to(ELEM_T).to(DOT_T)
+        dc_ = tl.where(tmask, (prob - onehot) * gscale, 0.0)
+        t += tl.sum(dc_ * c, axis=0)
+        coeff = (dc_ * (scale * inv_f)[:, None]).to(ELEM_T).to(DOT_T)
         acc += tl.dot(tl.trans(coeff), fd, input_precision=PREC)
     out = inv_w[:, None] * acc - w32 * (inv_w * inv_w * t)[:, None]
     tl.store(OUT + (split * K + ks).to(tl.int64)[:, None] * D + cols[None, :], out.to(OUT.dtype.element_ty), mask=wmask)
 
 
-# Forward: class chunks of 64-128 with D streamed in 64-128 columns (tensor-core tiles on
-# Ampere/Hopper). Backward: full-width rows (≤ 2048) of a 16-32 tile plus the same-size fp32
-# accumulator stay on chip.
+# Forward, half precision: class chunks of 64-128 with D streamed in 64-wide chunks
+# (tensor-core tiles on Ampere/Hopper), two shapes swept. Backward: row tiles of ≤ TILE_BYTES
+# plus the same-size fp32 accumulator stay on chip at 16-32 rows × 16-32 classes. fp32 (the
+# model's call: fp32 features and weight) runs ieee dots on CUDA cores, unrolled per tile:
+# one small config each, which compiles in seconds; a sweep would compile several per shape.
 _FWD = LazyKernel(
     _fwd,
-    [
-        cfg(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64),
-        cfg(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_D=64),
-        cfg(8, 3, BLOCK_M=128, BLOCK_K=64, BLOCK_D=64),
-        cfg(4, 4, BLOCK_M=32, BLOCK_K=128, BLOCK_D=128),
-    ],
+    {
+        "half": [cfg(4, 3, BLOCK_M=64, BLOCK_K=64, BLOCK_D=64), cfg(8, 3, BLOCK_M=64, BLOCK_K=128, BLOCK_D=64)],
+        "fp32": [cfg(4, 2, BLOCK_M=32, BLOCK_K=32, BLOCK_D=32)],
+    },
     cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_D=32),
     key=["D", "K", "WRITE_LOGITS"],
 )
-_BWD_CFGS = [
-    cfg(4, 2, BLOCK_M=16, BLOCK_K=16),
-    cfg(8, 2, BLOCK_M=16, BLOCK_K=32),
-    cfg(8, 2, BLOCK_M=32, BLOCK_K=16),
-    cfg(8, 1, BLOCK_M=32, BLOCK_K=32),
-]
-_BWD_FEAT = LazyKernel(_bwd_feat, _BWD_CFGS, cfg(1, 1, BLOCK_M=16, BLOCK_K=16), key=["BLOCK_DF", "K"])
-_BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, cfg(1, 1, BLOCK_M=16, BLOCK_K=16), key=["BLOCK_DF", "B"])
+_BWD_CFGS = {
+    "half": [cfg(4, 2, BLOCK_M=16, BLOCK_K=16), cfg(8, 2, BLOCK_M=32, BLOCK_K=32)],
+    "fp32": [cfg(4, 2, BLOCK_M=16, BLOCK_K=16)],
+}
+_BWD_INTERP = cfg(1, 1, BLOCK_M=16, BLOCK_K=16)
+_BWD_FEAT = LazyKernel(_bwd_feat, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "K"])
+_BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "B"])
+
+
+def _variant(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def d_tile(d: int, dtype: torch.dtype) -> int:
+    """Width of the backward's D tiles: the whole row when it fits ``TILE_BYTES`` (32 columns
+    under the interpreter, so CPU tests reach the tiled path at small D)."""
+    cap = 32 if interpreting() else TILE_BYTES // (torch.finfo(dtype).bits // 8)
+    return min(pow2_at_least(d), cap)
 
 
 def _class_splits(b: int, k: int, device) -> int:
@@ -289,24 +354,25 @@ def la_cosine_ce_fwd(
     pm = torch.empty((splits, b), device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
     tgt = torch.empty((b,), device=dev, dtype=torch.float32)
-    wrap_triton(_FWD.get())[lambda m: (cdiv(b, m["BLOCK_M"]), splits)](
-        feat,
-        weight,
-        labels,
-        log_prior,
-        logits,
-        pm,
-        pl,
-        tgt,
-        b,
-        k,
-        d,
-        k_per,
-        scale,
-        tau,
-        WRITE_LOGITS=return_logits,
-        **dot_meta(feat.dtype),
-    )
+    with on_device(feat):
+        wrap_triton(_FWD.get(_variant(feat.dtype)))[lambda m: (cdiv(b, m["BLOCK_M"]), splits)](
+            feat,
+            weight,
+            labels,
+            log_prior,
+            logits,
+            pm,
+            pl,
+            tgt,
+            b,
+            k,
+            d,
+            k_per,
+            scale,
+            tau,
+            WRITE_LOGITS=return_logits,
+            **dot_meta(feat.dtype),
+        )
     mx = pm.max(0).values
     lse = mx + torch.log((pl * torch.exp(pm - mx)).sum(0))
     loss = (lse - tgt).mean()
@@ -345,31 +411,20 @@ def _backward(grad_loss, feat, weight, labels, log_prior, lse, scale, tau):
     )
     grad_loss = grad_loss.reshape(()).float().contiguous()
     meta = dot_meta(feat.dtype)
-    block_df = pow2_at_least(d)
+    variant = _variant(feat.dtype)
+    block_df = d_tile(d, feat.dtype)
+    tiles = cdiv(d, block_df)
+    meta.update(BLOCK_DF=block_df, ONE_TILE=tiles == 1)
 
     ks = _class_splits(b, k, dev)
     k_per = cdiv(k, ks)
     ks = cdiv(k, k_per)
     # One split stores the final gradient in the output dtype; several store fp32 partials.
     g_feat = torch.empty_like(feat) if ks == 1 else torch.empty((ks, b, d), device=dev, dtype=torch.float32)
-    wrap_triton(_BWD_FEAT.get())[lambda m: (cdiv(b, m["BLOCK_M"]), ks)](
-        feat,
-        weight,
-        labels,
-        log_prior,
-        lse,
-        grad_loss,
-        g_feat,
-        b,
-        k,
-        d,
-        k_per,
-        scale,
-        tau,
-        1.0 / b,
-        BLOCK_DF=block_df,
-        **meta,
-    )
+    with on_device(feat):
+        wrap_triton(_BWD_FEAT.get(variant))[lambda m: (cdiv(b, m["BLOCK_M"]), ks, tiles)](
+            feat, weight, labels, log_prior, lse, grad_loss, g_feat, b, k, d, k_per, scale, tau, 1.0 / b, **meta
+        )
     if ks > 1:
         g_feat = g_feat.sum(0).to(feat.dtype)
 
@@ -377,38 +432,13 @@ def _backward(grad_loss, feat, weight, labels, log_prior, lse, scale, tau):
     b_per = cdiv(b, bs)
     bs = cdiv(b, b_per)
     g_weight = torch.empty_like(weight) if bs == 1 else torch.empty((bs, k, d), device=dev, dtype=torch.float32)
-    wrap_triton(_BWD_WEIGHT.get())[lambda m: (cdiv(k, m["BLOCK_K"]), bs)](
-        feat,
-        weight,
-        labels,
-        log_prior,
-        lse,
-        grad_loss,
-        g_weight,
-        b,
-        k,
-        d,
-        b_per,
-        scale,
-        tau,
-        1.0 / b,
-        BLOCK_DF=block_df,
-        **meta,
-    )
+    with on_device(feat):
+        wrap_triton(_BWD_WEIGHT.get(variant))[lambda m: (cdiv(k, m["BLOCK_K"]), bs, tiles)](
+            feat, weight, labels, log_prior, lse, grad_loss, g_weight, b, k, d, b_per, scale, tau, 1.0 / b, **meta
+        )
     if bs > 1:
         g_weight = g_weight.sum(0).to(weight.dtype)
     return g_feat, g_weight
-
-
-def check_limits(feat) -> None:
-    """Reject what the kernels cannot run (arguments are validated by the public op)."""
-    d = feat.shape[-1]
-    if d > MAX_D:
-        raise ValueError(
-            f"la_cosine_cross_entropy (triton): feature width D = {d} (feat shape "
-            f"{tuple(feat.shape)}) exceeds the kernel limit D <= {MAX_D}: the backward "
-            "keeps full rows on chip; use the reference or native backend"
-        )
 
 
 def check_labels(weight, labels) -> None:
@@ -425,6 +455,5 @@ _run = kernel_call(TRITON)
 
 def la_cosine_cross_entropy(feat, weight, labels, log_prior, scale, tau, return_logits):
     """Backend entry for :func:`liftplus_fast.ops.la_cosine_cross_entropy`."""
-    check_limits(feat)
     check_labels(weight, labels)
     return _run(feat, weight, labels, log_prior, float(scale), float(tau), bool(return_logits))

@@ -2,8 +2,10 @@
 
 * ``_aggregate``: one program per block of images; streams K in chunks, averages the C crops
   in fp32, rounds the mean to the input dtype (the reference takes the argmax of the rounded
-  mean), keeps a running first-maximum argmax and, with labels, adds the hit to per-class
-  int64 counters. Integer atomics commute, so the counts are deterministic.
+  mean), keeps a running first-maximum argmax (a NaN counts as the maximum and the first NaN
+  wins, as in ``torch.argmax``) and, with labels, adds the hit to per-class int64 counters.
+  Integer atomics commute, so the counts are deterministic. Offsets are int64: a strided
+  ``[C, B, K]`` view may span more than 2^31 elements.
 * ``_unit_mean``: per image, crop norms over D chunks, then the mean of the unit vectors.
 """
 
@@ -16,7 +18,7 @@ from torch.library import triton_op, wrap_triton
 
 from .._bindings.tte import kernel_calls
 from .._library import SCHEMAS, TRITON
-from ._common import LazyKernel, cdiv, cfg, pow2_at_least
+from ._common import LazyKernel, cdiv, cfg, on_device, pow2_at_least
 
 
 def _aggregate(
@@ -42,24 +44,33 @@ def _aggregate(
     rmask = rows < B
     best = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     best_i = tl.zeros([BLOCK_B], dtype=tl.int64)
+    found_nan = tl.zeros([BLOCK_B], dtype=tl.int1)
+    roff = rows.to(tl.int64)[:, None] * sb
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         m2 = rmask[:, None] & (ks < K)[None, :]
+        koff = ks.to(tl.int64)[None, :] * sk
         acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-        for c in range(0, C):
-            acc += tl.load(X + c * sc + rows.to(tl.int64)[:, None] * sb + ks[None, :] * sk, mask=m2, other=0.0).to(
-                tl.float32
-            )
+        ptr = X + roff + koff
+        for _c in range(0, C):
+            acc += tl.load(ptr, mask=m2, other=0.0).to(tl.float32)
+            ptr += sc  # pointer arithmetic is 64-bit: c * sc never forms in int32
         # Divide (not multiply by 1/C) to round exactly like the reference's mean().
         mean = (acc / C).to(OUT.dtype.element_ty)
         tl.store(OUT + rows.to(tl.int64)[:, None] * K + ks[None, :], mean, mask=m2)
         v = tl.where(m2, mean.to(tl.float32), float("-inf"))
+        # tl.max may drop NaNs: they are found apart, and the first one wins over any number.
+        is_nan = v != v
+        nan_i = tl.min(tl.where(is_nan, ks[None, :], K), axis=1).to(tl.int64)
+        v = tl.where(is_nan, float("-inf"), v)
         cmax = tl.max(v, axis=1)
         cidx = tl.min(tl.where(v == cmax[:, None], ks[None, :], K), axis=1).to(tl.int64)
         # Strictly greater: an equal maximum in a later chunk never replaces an earlier one.
-        better = cmax > best
-        best_i = tl.where(better, cidx, best_i)
+        better = (cmax > best) & ~found_nan
+        first_nan = (nan_i < K) & ~found_nan
+        best_i = tl.where(first_nan, nan_i, tl.where(better, cidx, best_i))
         best = tl.where(better, cmax, best)
+        found_nan = found_nan | first_nan
     tl.store(PRED + rows, best_i, mask=rmask)
     if HAS_LABELS:
         lab = tl.load(LAB + rows, mask=rmask, other=0)
@@ -108,9 +119,10 @@ def tte_aggregate_op(crop_logits: Tensor, labels: Tensor | None) -> tuple[Tensor
     if b > 0:
         lab = labels.contiguous() if labels is not None else pred
         sc, sb, sk = crop_logits.stride()
-        wrap_triton(_AGG.get())[lambda m: (cdiv(b, m["BLOCK_B"]),)](
-            crop_logits, lab, out, pred, correct, total, c, b, k, sc, sb, sk, 1.0 / c, HAS_LABELS=labels is not None
-        )
+        with on_device(crop_logits):
+            wrap_triton(_AGG.get())[lambda m: (cdiv(b, m["BLOCK_B"]),)](
+                crop_logits, lab, out, pred, correct, total, c, b, k, sc, sb, sk, 1.0 / c, HAS_LABELS=labels is not None
+            )
     return out, pred, correct, total
 
 
@@ -120,7 +132,8 @@ def tte_mean_unit_features_op(crop_feats: Tensor) -> Tensor:
     x = crop_feats.contiguous()
     out = torch.empty((b, d), device=x.device, dtype=x.dtype)
     if b > 0 and d > 0:
-        wrap_triton(_UNIT.get())[(b,)](x, out, c, b, d, 1.0 / c, BLOCK_C=pow2_at_least(c, 1))
+        with on_device(x):
+            wrap_triton(_UNIT.get())[(b,)](x, out, c, b, d, 1.0 / c, BLOCK_C=pow2_at_least(c, 1))
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import statistics
 import sys
@@ -51,29 +52,57 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# On CUDA one timed sample spans at least this long (calls repeated back to back), so launch
+# gaps and the event resolution (~0.5 µs) stay small against it.
+CUDA_SAMPLE_S = 1e-3
+
+
 def time_interleaved(
     candidates: Dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 3, device: str = "cpu"
 ) -> Dict[str, List[float]]:
     """Seconds per call of each candidate; candidates alternate within every repeat.
 
     The order rotates each repeat so that no candidate always follows the same neighbour
-    (cache state and clock boosts then spread evenly).
+    (cache state and clock boosts then spread evenly). On CUDA a sample is timed with CUDA
+    events around as many back-to-back calls as fill :data:`CUDA_SAMPLE_S` (counted once after
+    the warm-up), so µs-scale kernels are not timed by the host clock.
     """
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
             candidates[name]()
     synchronize(device)
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    inner = {name: _calls_per_sample(candidates[name]) if cuda else 1 for name in names}
     times: Dict[str, List[float]] = {name: [] for name in names}
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            synchronize(device)
-            t0 = time.perf_counter()
-            candidates[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - t0)
+            fn, n = candidates[name], inner[name]
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(n):
+                    fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3 / n)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                synchronize(device)
+                times[name].append(time.perf_counter() - t0)
     return times
+
+
+def _calls_per_sample(fn: Callable[[], object]) -> int:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end) / 1e3, 1e-6)
+    return max(1, min(1000, int(CUDA_SAMPLE_S / once)))
 
 
 def median(xs: List[float]) -> float:
@@ -153,14 +182,18 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def compiled(fn: Callable) -> Callable:
+def compiled(fn: Callable, reset: bool = False) -> Callable:
     """``torch.compile`` of a reference function (the peer every fused op is compared with).
 
-    Every benchmark shape is a static-shape specialisation; the recompile limit is raised so
-    that later shapes are not silently run eagerly once dynamo's default limit (8) is hit.
+    Every benchmark shape is a static-shape specialisation (``dynamic=False``: after a second
+    shape dynamo would otherwise switch to a dynamic-shape graph); the recompile limit is raised
+    so that later shapes are not silently run eagerly once dynamo's default limit (8) is hit.
+    ``reset=True`` first drops every compiled graph (a case then compiles for itself alone).
     """
     import torch._dynamo
 
+    if reset:
+        torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -200,3 +233,14 @@ def summarize(case: Case, times: Dict[str, List[float]], memory: Dict[str, int])
     if case.items:
         row["items_per_s"] = {n: case.items / t for n, t in med.items()}
     return row
+
+
+def write_json(path: str, payload) -> None:
+    """Write ``payload`` to ``path`` through a temporary file and a rename (never half-written)."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import sys
@@ -73,14 +72,6 @@ def print_table(name, rows):
             print(f"    note: {note}")
 
 
-def write_json(path, payload):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny case per benchmark")
@@ -134,7 +125,7 @@ def main(argv=None):
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             # After every case: a run stopped by a time limit keeps the rows it measured.
-            write_json(
+            common.write_json(
                 os.path.join(args.out, f"{module.NAME}.json"),
                 {"name": module.NAME, "machine": machine, "smoke": args.smoke, "rows": rows},
             )

@@ -1,23 +1,38 @@
-"""One unattended GPU check: offline install, native build, GPU tests, GPU benchmarks, a training step.
+"""One unattended GPU check, staged for a short lease: install, build, tests, step, benchmarks.
 
-    python tools/gpu_check.py OUT --wheels WHEELS      # or: make gpu-check OUT=dir WHEELS=dir
-    python tools/gpu_check.py OUT --cpu                # the same steps with CUDA off (no GPU)
-    python tools/gpu_check.py --download-wheels WHEELS --python-version 3.12   # networked machine
+    python tools/gpu_check.py OUT --wheels WHEELS          # quick mode (about 7.5 min at most)
+    python tools/gpu_check.py OUT --wheels WHEELS --full   # every test and benchmark shape
+    python tools/gpu_check.py OUT --cpu                    # the same parts without a GPU
+    python tools/gpu_check.py --download-wheels WHEELS     # on a machine with network
 
-Made for a bare CUDA machine without network that holds torch, triton, cmake and ninja: the
-distributions the package needs and the machine lacks are installed from WHEELS (``pip install
---no-index --no-deps``), the extension is built in place for the local GPU's architecture only,
-then ``pytest -m gpu``, the GPU benchmark cases and a short end-to-end training step run. Every
-part runs in its own subprocess under a time limit taken from one overall budget (default
-450 s); a part that fails or runs out of time is recorded and the next one runs. OUT receives
-``summary.json`` (rewritten after every part), ``gpu_check.log`` (everything the parts printed),
-``junit.xml``, ``bench/triton_gpu.json`` and ``tables.md`` (the benchmark rows as Markdown).
+Made for a bare CUDA machine without network that holds torch, triton, cmake and ninja. Parts,
+in order, each in its own subprocess with its own time limit (:data:`MODES`); a part that fails
+or runs out of time is recorded and the next one runs, and ``OUT/summary.json`` is rewritten
+after every part, so a run cut short keeps what it found:
+
+* ``env``: Python, torch, triton, GPU, nvcc, cmake, ninja;
+* ``install``: every distribution of :data:`REQUIRED` that does not import here is installed
+  from WHEELS (``pip --no-index --no-deps``; then whatever an import still misses, from the same
+  folder), never touching the machine's torch;
+* ``build``: the native extension for the local GPU's architecture only;
+* ``tests``: ``pytest -m gpu`` (over pytest-xdist workers where the machine has pytest-xdist:
+  a cold start is Triton compilation, which then runs in parallel);
+* ``e2e``: a LIFT+ training step with the Triton, CUDA-extension and reference backends forced in
+  turn (first losses compared), then one ``fast_train`` epoch;
+* ``step``: ``benchmarks/bench_gpu_step.py`` (the published step under bf16 autocast, eager and
+  compiled, against the package's amp and bf16 steps);
+* ``bench``: ``benchmarks/run.py --only triton_gpu`` (the fused ops at the model's shapes).
+
+With ``--cpu`` every part runs on the CPU: a CPU build, the GPU tests collected (all skip), the
+e2e step on a tiny ViT with Triton under ``TRITON_INTERPRET=1``, the step benchmark on a tiny
+ViT, and every op benchmark case built (on the meta device) with the tiny ones run.
+OUT receives at most eight files: ``summary.json``, ``gpu_check.log``, ``junit.xml``,
+``e2e.json``, ``gpu_step.json``, ``gpu_step.md``, ``triton_gpu.json`` and ``tables.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -26,38 +41,45 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("env", "install", "build", "tests", "e2e", "bench")
-# (distribution, import name): what the package and its tests import beyond torch, triton and
-# numpy. open_clip imports huggingface_hub and timm only when asked for hub models or timm towers.
+PARTS = ("env", "install", "build", "tests", "e2e", "step", "bench")
+# Seconds each part may take, everything it runs included. Quick: a cold H200 run (Triton and
+# inductor compiling from nothing) inside a 10-minute command; the limits add up to 7.4 minutes.
+# Full: every test and benchmark shape, for a longer lease (and the limits of --cpu runs).
+MODES = {
+    "quick": {"env": 15, "install": 25, "build": 90, "tests": 110, "e2e": 65, "step": 100, "bench": 40},
+    "full": {"env": 30, "install": 90, "build": 300, "tests": 900, "e2e": 180, "step": 300, "bench": 900},
+}
+# (distribution, import name): what the package, its tests, benchmarks and this check import
+# beyond torch and triton (tests/test_gpu_check.py keeps it complete). What these need in turn
+# comes into the wheel folder with them (see download_wheels).
 REQUIRED = [
     ("torchvision", "torchvision"),
     ("open_clip_torch", "open_clip"),
-    ("ftfy", "ftfy"),
-    ("wcwidth", "wcwidth"),
-    ("regex", "regex"),
-    ("tqdm", "tqdm"),
     ("safetensors", "safetensors"),
+    ("numpy", "numpy"),
+    ("pillow", "PIL"),
+    ("tqdm", "tqdm"),
+    ("matplotlib", "matplotlib"),
+    ("scikit-learn", "sklearn"),
+    ("timm", "timm"),
+    ("tensorboard", "tensorboard"),
     ("pytest", "pytest"),
-    ("iniconfig", "iniconfig"),
-    ("pluggy", "pluggy"),
-    ("packaging", "packaging"),
-    ("pygments", "pygments"),
+    ("pytest-benchmark", "pytest_benchmark"),
     ("hypothesis", "hypothesis"),
-    ("sortedcontainers", "sortedcontainers"),
 ]
-# Each part's own cap in seconds for the default budget (scaled with --budget, and never past
-# what is left of it); bench takes what is left.
-DEFAULT_BUDGET = 450.0
-CAPS = {"env": 60, "install": 90, "build": 240, "tests": 150, "e2e": 75, "bench": 10**6}
+# Never downloaded nor installed: the GPU machine's own builds.
+MACHINE_OWN = ("torch", "triton", "nvidia-", "cuda-", "setuptools", "pip")
 
 
-def download_command(dest: str, python_version: str, required=REQUIRED, torch_version: str = "2.11") -> list:
-    """The ``pip download`` command that fills ``dest`` with wheels of ``required`` for a
-    CPython ``python_version`` on manylinux x86-64 (run it on a machine with network).
+def download_command(dest: str, python_version: str, names, torch_version: str = "2.11") -> list:
+    """The ``pip download`` command that puts wheels of ``names`` (distribution names) for a
+    CPython ``python_version`` on manylinux x86-64 into ``dest``, without their dependencies.
 
     torchvision is pinned to the release paired with ``torch_version`` (0.21 with 2.6, one minor
     step per torch minor): PyPI's build of it matches PyPI's default CUDA build of that torch.
@@ -65,60 +87,103 @@ def download_command(dest: str, python_version: str, required=REQUIRED, torch_ve
     tag = "cp" + python_version.replace(".", "")
     major, minor = (int(x) for x in torch_version.split(".")[:2])
     pins = {"torchvision": f"torchvision==0.{minor + 15}.*"} if major == 2 else {}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--dest",
-        dest,
-        "--python-version",
-        python_version,
-        "--implementation",
-        "cp",
-        "--abi",
-        tag,
-        "--abi",
-        "abi3",
-        "--abi",
-        "none",
-    ]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", dest]
+    cmd += ["--python-version", python_version, "--implementation", "cp"]
+    cmd += ["--abi", tag, "--abi", "abi3", "--abi", "none"]
     for plat in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"):
         cmd += ["--platform", plat]
-    return cmd + [pins.get(dist, dist) for dist, _ in required]
+    return cmd + [pins.get(name, name) for name in names]
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def wheel_requirements(path: str, python_version: str) -> list:
+    """Distribution names a wheel requires for CPython ``python_version`` on Linux x86-64
+    (extras left out)."""
+    from packaging.requirements import Requirement
+
+    env = {
+        "python_version": python_version,
+        "python_full_version": python_version + ".0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
+    with zipfile.ZipFile(path) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(meta).decode("utf-8", "replace").splitlines()
+    names = []
+    for line in lines:
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or req.marker.evaluate(env):
+                names.append(req.name)
+    return names
+
+
+def download_wheels(dest: str, python_version: str, names, torch_version: str) -> int:
+    """Fill ``dest`` with wheels of ``names`` and of everything they require, round by round
+    (``pip download --no-deps`` each time, so pip never fetches another torch)."""
+    os.makedirs(dest, exist_ok=True)
+    wanted, done = list(names), set()
+    while wanted:
+        rc = subprocess.call(download_command(dest, python_version, wanted, torch_version))
+        if rc != 0:
+            return rc
+        done |= {_norm(n) for n in wanted}
+        needed = set()
+        for f in os.listdir(dest):
+            if f.endswith(".whl"):
+                needed |= {_norm(n) for n in wheel_requirements(os.path.join(dest, f), python_version)}
+        wanted = sorted(n for n in needed - done if not n.startswith(tuple(_norm(m) for m in MACHINE_OWN)))
+    return 0
 
 
 class Check:
-    """The running check: log file, progress lines, summary JSON and the time budget."""
+    """The running check: log file, progress lines, summary JSON and the parts' time limits."""
 
-    def __init__(self, out: str, budget: float):
+    def __init__(self, out: str, caps: dict, mode: str):
         self.out = os.path.abspath(out)
         os.makedirs(self.out, exist_ok=True)
         self.log_path = os.path.join(self.out, "gpu_check.log")
         self.log = open(self.log_path, "a", buffering=1)
         self.t0 = time.monotonic()
-        self.budget = budget
-        self.summary = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": budget, "parts": {}}
+        self.caps = caps
+        self.summary = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mode": mode,
+            "limits_s": caps,
+            "parts": {},
+        }
 
     def say(self, msg: str) -> None:
         line = f"[gpu-check {time.monotonic() - self.t0:6.1f}s] {msg}"
         print(line, flush=True)
         self.log.write(line + "\n")
 
-    def left(self) -> float:
-        return self.budget - (time.monotonic() - self.t0)
+    def begin(self, part: str) -> None:
+        """Start ``part``'s clock: everything it runs shares its limit."""
+        self.deadline = time.monotonic() + self.caps[part]
 
-    def cap(self, part: str) -> float:
-        """Seconds ``part`` may take: its cap scaled to the budget, within what is left."""
-        return min(CAPS[part] * self.budget / DEFAULT_BUDGET, self.left())
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 1.0)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
 
     def write_summary(self) -> None:
-        _write_json(os.path.join(self.out, "summary.json"), self.summary)
+        _write_json(self.path("summary.json"), self.summary)
 
-    def run(self, cmd: list, timeout: float, env: dict | None = None) -> tuple[int, str]:
-        """Run ``cmd`` (output into the log, last lines returned); rc 124 when it ran out of time."""
+    def run(self, cmd: list, timeout: float | None = None, env: dict | None = None) -> tuple[int, str]:
+        """Run ``cmd`` (output into the log, last lines returned) for at most ``timeout`` seconds
+        and what is left of the part's limit; rc 124 when it ran out of time."""
+        timeout = self.remaining() if timeout is None else min(timeout, self.remaining())
         shown = " ".join(c if len(c) < 120 else c[:60] + "..." for c in cmd).replace("\n", " ")
         self.say("$ " + shown)
         full_env = dict(
@@ -165,6 +230,13 @@ class Check:
         return rc, "\n".join(tail)
 
 
+def _python_json(check: Check, code: str, timeout: float | None = None, env: dict | None = None):
+    """Run ``code`` in a fresh interpreter; it prints one ``RESULT <json>`` line."""
+    rc, tail = check.run([sys.executable, "-c", code], timeout, env)
+    found = next((json.loads(line[7:]) for line in tail.splitlines() if line.startswith("RESULT ")), {})
+    return rc, found, tail
+
+
 # --- parts: each returns a dict with "ok" and what it found ------------------------------------
 
 
@@ -175,16 +247,13 @@ def part_env(check: Check, args) -> dict:
         "        'torch_cuda': torch.version.cuda, 'cuda_available': torch.cuda.is_available()}\n"
         "try:\n    import triton; info['triton'] = triton.__version__\n"
         "except ImportError as e:\n    info['triton'] = None\n"
-        "try:\n    import torchvision; info['torchvision'] = torchvision.__version__\n"
-        "except Exception as e:\n    info['torchvision'] = 'not importable: %s' % e\n"
         "if torch.cuda.is_available():\n"
         "    p = torch.cuda.get_device_properties(0)\n"
-        "    info.update(gpu=p.name, capability='%d.%d' % (p.major, p.minor),\n"
+        "    info.update(gpu=p.name, capability='%d.%d' % (p.major, p.minor), sms=p.multi_processor_count,\n"
         "                gpu_memory_gb=round(p.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count())\n"
-        "print('ENV ' + json.dumps(info))\n"
+        "print('RESULT ' + json.dumps(info))\n"
     )
-    rc, tail = check.run([sys.executable, "-c", code], check.cap("env"))
-    info = next((json.loads(line[4:]) for line in tail.splitlines() if line.startswith("ENV ")), {})
+    rc, info, _ = _python_json(check, code)
     info["cpus"] = os.cpu_count()
     info["platform"] = platform.platform()
     for tool in ("nvcc", "cmake", "ninja"):
@@ -197,7 +266,7 @@ def part_env(check: Check, args) -> dict:
 
 def _tool_version(tool: str):
     local = os.path.join(os.path.dirname(sys.executable), tool)
-    exe = local if os.path.exists(local) else (find_nvcc() or tool if tool == "nvcc" else tool)
+    exe = local if os.path.exists(local) else ((find_nvcc() or tool) if tool == "nvcc" else tool)
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -206,48 +275,109 @@ def _tool_version(tool: str):
     return lines[-1].strip() if tool == "nvcc" and lines else (lines[0].strip() if lines else None)
 
 
-def missing_distributions(required=REQUIRED) -> list:
-    """The ``(distribution, import name)`` pairs whose module this interpreter cannot import."""
-    return [(dist, mod) for dist, mod in required if importlib.util.find_spec(mod) is None]
+def find_nvcc():
+    """nvcc on PATH, else under CUDA_HOME / CUDA_PATH / /usr/local/cuda; None when absent."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return None
 
 
-def find_wheel(wheels: str, dist: str):
-    """The newest wheel of ``dist`` in folder ``wheels`` (names normalised as in PEP 427), or None."""
-    norm = dist.lower().replace("-", "_").replace(".", "_")
-    names = sorted(
-        f for f in os.listdir(wheels) if f.endswith(".whl") and f.split("-")[0].lower().replace(".", "_") == norm
-    )
-    return os.path.join(wheels, names[-1]) if names else None
+_PROBE = """
+import importlib, json, sys
+failed = {}
+for mod in sys.argv[1:]:
+    try:
+        importlib.import_module(mod)
+    except BaseException as exc:  # a module that imports half-way is as missing as an absent one
+        failed[mod] = {"error": f"{type(exc).__name__}: {exc}"[:300],
+                       "missing": getattr(exc, "name", None) if isinstance(exc, ImportError) else None}
+print("RESULT " + json.dumps(failed))
+"""
 
 
-def install_offline(check: Check, wheels, required=REQUIRED, timeout: float = 90) -> dict:
-    """Install the missing ``required`` distributions from the wheel folder, without network or
-    dependency resolution (the machine's torch must never be replaced)."""
-    missing = [dist for dist, _ in missing_distributions(required)]
-    result = {"missing_before": missing, "installed": [], "no_wheel": []}
-    if not missing:
+def failed_imports(check: Check, modules, timeout: float | None = None) -> dict:
+    """``module -> {"error", "missing"}`` for each of ``modules`` that a fresh interpreter cannot
+    import (``missing``: the module an ImportError names, often a dependency)."""
+    rc, tail = check.run([sys.executable, "-c", _PROBE, *modules], timeout)
+    found = next((json.loads(line[7:]) for line in tail.splitlines() if line.startswith("RESULT ")), None)
+    if found is None:
+        return {m: {"error": f"the import probe failed (rc {rc}): {tail[-500:]}", "missing": None} for m in modules}
+    return found
+
+
+def wheel_modules(path: str) -> set:
+    """Top-level import names a wheel installs (from its file list)."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    tops = set()
+    for n in names:
+        head = n.split("/", 1)[0]
+        if head.endswith((".dist-info", ".data")):
+            continue
+        tops.add(head[:-3] if head.endswith(".py") else head.split(".", 1)[0])
+    return tops
+
+
+def find_wheel(wheels: str, dist: str = None, module: str = None):
+    """The newest wheel in ``wheels`` of distribution ``dist`` (names normalised as in PEP 427),
+    or, given ``module``, one that installs that top-level module; None when there is none."""
+    files = sorted(f for f in os.listdir(wheels) if f.endswith(".whl"))
+    if dist is not None:
+        found = [f for f in files if _norm(f.split("-")[0]) == _norm(dist)]
+    else:
+        found = [f for f in files if module in wheel_modules(os.path.join(wheels, f))]
+    return os.path.join(wheels, found[-1]) if found else None
+
+
+def install_offline(check: Check, wheels, required=REQUIRED) -> dict:
+    """Install from the wheel folder every ``required`` distribution whose module does not import
+    here, then whatever the imports still miss, without network or dependency resolution (the
+    machine's torch is never replaced)."""
+    modules = {mod: dist for dist, mod in required}
+    failed = failed_imports(check, list(modules))
+    result = {"missing_before": sorted(modules[m] for m in failed), "installed": [], "no_wheel": []}
+    if not failed:
         return {"ok": True, **result}
     if not wheels or not os.path.isdir(wheels):
-        result["error"] = f"missing {missing} and no wheel folder (--wheels DIR); fill one with: " + " ".join(
-            download_command("DIR", "X.Y", required)
+        result["error"] = f"cannot import {sorted(failed)} and no wheel folder (--wheels DIR); fill one with: " + (
+            " ".join(download_command("DIR", "X.Y", sorted(modules[m] for m in failed)))
         )
+        result["import_errors"] = failed
         return {"ok": False, **result}
-    files = []
-    for dist in missing:
-        wheel = find_wheel(wheels, dist)
-        (files.append(wheel) or result["installed"].append(os.path.basename(wheel))) if wheel else result[
-            "no_wheel"
-        ].append(dist)
-    if files:
+    tried = set()
+    for _round in range(6):  # the distributions asked for, then the dependencies they miss
+        files = []
+        for mod, why in failed.items():
+            missing = why.get("missing")
+            dep = missing.split(".")[0] if missing and missing.split(".")[0] != mod else None
+            wheel = find_wheel(wheels, module=dep) if dep else find_wheel(wheels, dist=modules.get(mod, mod))
+            if wheel is None:
+                result["no_wheel"].append(dep or modules.get(mod, mod))
+            elif wheel not in tried:
+                files.append(wheel)
+        files = sorted(set(files))
+        if not files:
+            break
+        tried |= set(files)
         rc, tail = check.run(
-            [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check", *files],
-            timeout,
+            [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check", *files]
         )
+        result["installed"] += [os.path.basename(f) for f in files]
         if rc != 0:
             result["error"] = tail[-2000:]
-    importlib.invalidate_caches()
-    result["still_missing"] = [dist for dist, _ in missing_distributions(required)]
-    return {"ok": not result["still_missing"] and "error" not in result, **result}
+            break
+        failed = failed_imports(check, list(modules))
+        if not failed:
+            break
+    result["no_wheel"] = sorted(set(result["no_wheel"]))
+    result["still_missing"] = sorted(modules[m] for m in failed)
+    if failed:
+        result["import_errors"] = failed
+    return {"ok": not failed and "error" not in result, **result}
 
 
 def requirements(extra) -> list:
@@ -256,7 +386,7 @@ def requirements(extra) -> list:
 
 
 def part_install(check: Check, args) -> dict:
-    return install_offline(check, args.wheels, requirements(args.require), timeout=check.cap("install"))
+    return install_offline(check, args.wheels, requirements(args.require))
 
 
 def part_build(check: Check, args) -> dict:
@@ -272,62 +402,40 @@ def part_build(check: Check, args) -> dict:
         if nvcc and not os.environ.get("CUDACXX"):
             env["CUDACXX"] = nvcc  # CMake looks on PATH only; toolkits often sit outside it
     t0 = time.monotonic()
-    rc, tail = check.run([sys.executable, "setup.py", "build_ext", "--inplace"], check.cap("build"), env)
-    result = {"ok": rc == 0, "seconds": round(time.monotonic() - t0, 1), "env": env}
+    # The last 20 s are the load probe's.
+    rc, tail = check.run([sys.executable, "setup.py", "build_ext", "--inplace"], check.remaining() - 20, env)
+    result = {"ok": rc == 0, "build_s": round(time.monotonic() - t0, 1), "env": env}
     if rc != 0:
         result["error"] = tail[-3000:]
         return result
     probe = (
         "import json, liftplus_fast as lf; i = lf.backend_info(); "
-        "print('NATIVE ' + json.dumps({'native': i['native'], 'ops': i['ops']}))"
+        "print('RESULT ' + json.dumps({'native': i['native'], 'ops': i['ops']}))"
     )
-    rc, tail = check.run([sys.executable, "-c", probe], 60)
-    found = next((json.loads(line[7:]) for line in tail.splitlines() if line.startswith("NATIVE ")), {})
+    rc, found, _ = _python_json(check, probe, 20)
     result.update(found)
     native = found.get("native", {})
     result["ok"] = rc == 0 and bool(native.get("loaded")) and (args.cpu or bool(native.get("cuda")))
     return result
 
 
-def find_nvcc():
-    """nvcc on PATH, else under CUDA_HOME / CUDA_PATH / /usr/local/cuda; None when absent."""
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return None
-
-
 def part_tests(check: Check, args) -> dict:
-    junit = os.path.join(check.out, "junit.xml")
-    # A test module that cannot be imported here (say, a missing optional package) must not stop
-    # the GPU tests of the other modules.
+    junit = check.path("junit.xml")
     check.log.flush()
     start = check.log.tell()
-    rc, tail = check.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-v",
-            "-m",
-            "gpu",
-            "-p",
-            "no:cacheprovider",
-            "--continue-on-collection-errors",
-            "-rfEs",
-            f"--junitxml={junit}",
-            "tests",
-        ],
-        check.cap("tests"),
-    )
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs"]
+    # Workers compile Triton kernels in parallel (a cold start is compile-bound); a module that
+    # cannot be imported here must not stop the GPU tests of the others.
+    workers = 0 if args.cpu else min(8, max(1, (os.cpu_count() or 1) // 2))
+    if workers > 1 and not failed_imports(check, ["xdist"], 20):
+        cmd += ["-n", str(workers)]
+    cmd += ["--continue-on-collection-errors", f"--junitxml={junit}", "tests"]
+    rc, tail = check.run(cmd)
     # pytest writes the JUnit file at the end only: after a timeout count the verbose lines.
     with open(check.log_path, errors="replace") as f:
         f.seek(start)
         lines = f.read().splitlines()
-    result = {"rc": rc, **(junit_counts(junit) if rc != 124 else verbose_counts(lines))}
+    result = {"rc": rc, "workers": workers, **(junit_counts(junit) if rc != 124 else verbose_counts(lines))}
     # On a GPU the selected tests must really run, not all skip (rc 5: none selected).
     ran = result.get("tests", 0) - result.get("skipped", 0)
     result["ok"] = rc == 0 and (args.cpu or ran > 0)
@@ -337,12 +445,14 @@ def part_tests(check: Check, args) -> dict:
 
 
 def verbose_counts(lines: list) -> dict:
-    """Counts from ``pytest -v`` lines (``tests/x.py::test_y PASSED [ 3%]``), failed names."""
-    status = [
-        (p[0], p[1])
-        for p in (line.split() for line in lines)
-        if len(p) >= 2 and "::" in p[0] and p[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR")
-    ]
+    """Counts from ``pytest -v`` lines (``tests/x.py::test_y PASSED [ 3%]``, or with xdist
+    ``[gw0] [ 3%] PASSED tests/x.py::test_y``), failed names."""
+    status = []
+    for parts in (line.split() for line in lines):
+        names = [p for p in parts if "::" in p]
+        states = [p for p in parts if p in ("PASSED", "FAILED", "SKIPPED", "ERROR")]
+        if names and states:
+            status.append((names[0], states[0]))
     return {
         "tests": len(status),
         "failures": sum(s == "FAILED" for _, s in status),
@@ -371,11 +481,11 @@ def junit_counts(path: str) -> dict:
 
 
 def part_e2e(check: Check, args) -> dict:
-    out_json = os.path.join(check.out, "e2e.json")
-    rc, tail = check.run(
-        [sys.executable, os.path.abspath(__file__), "--e2e", out_json] + (["--cpu"] if args.cpu else []),
-        check.cap("e2e"),
-    )
+    out_json = check.path("e2e.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--e2e", out_json] + (["--cpu"] if args.cpu else [])
+    # On the CPU the Triton backend runs under the interpreter, which must be set before
+    # triton.language is imported: in the subprocess's environment.
+    rc, tail = check.run(cmd, env={"TRITON_INTERPRET": "1"} if args.cpu else None)
     result = json.load(open(out_json)) if os.path.exists(out_json) else {}
     result["ok"] = rc == 0 and bool(result.get("ok"))
     if rc != 0:
@@ -383,22 +493,46 @@ def part_e2e(check: Check, args) -> dict:
     return result
 
 
-def part_bench(check: Check, args) -> dict:
-    bench_dir = os.path.join(check.out, "bench")
-    # Rows are written as they finish, so a run cut short by the budget keeps what it measured.
-    cmd = [sys.executable, "benchmarks/run.py", "--only", "triton_gpu", "--repeats", "10", "--out", bench_dir]
-    rc, tail = check.run(cmd + (["--smoke"] if args.smoke else []), max(check.left() - 5, 1))
-    path = os.path.join(bench_dir, "triton_gpu.json")
-    rows = json.load(open(path))["rows"] if os.path.exists(path) else []
-    tables = markdown_tables(rows)
-    with open(os.path.join(check.out, "tables.md"), "w") as f:
-        f.write(tables)
+def part_step(check: Check, args) -> dict:
+    out_json = check.path("gpu_step.json")
+    cmd = [sys.executable, "benchmarks/bench_gpu_step.py", "--out", out_json, "--repeats", "5" if args.full else "3"]
+    rc, tail = check.run(cmd + (["--cpu"] if args.cpu else []))
+    result = json.load(open(out_json)) if os.path.exists(out_json) else {}
+    timed = result.get("median_step_ms", {})
     return {
-        "ok": rc == 0 and (bool(rows) or args.cpu),
+        "ok": rc == 0 and len(timed) == 4,
         "rc": rc,
-        "cases": len(rows),
-        "complete": rc == 0,
-        "tables_md": "tables.md",
+        "images_per_s": result.get("images_per_s"),
+        "peak_mem_mb": result.get("peak_mem_mb"),
+        "speedup": result.get("speedup"),
+        "warmup_s": result.get("warmup_s"),
+        **({"tail": tail[-3000:]} if rc != 0 else {}),
+    }
+
+
+def part_bench(check: Check, args) -> dict:
+    path = check.path("triton_gpu.json")
+    if args.cpu:
+        # No GPU: build every case (meta tensors) and run the tiny ones, Triton interpreted.
+        cmd = [sys.executable, "benchmarks/bench_triton_gpu.py", "--rehearse", "--out", path]
+        rc, tail = check.run(cmd, env={"TRITON_INTERPRET": "1"})
+        payload = json.load(open(path)) if os.path.exists(path) else {}
+        rows = payload.get("rows", [])
+        built = len(payload.get("built", []))
+    else:
+        # Rows are written as they finish, so a run cut short keeps what it measured.
+        cmd = [sys.executable, "benchmarks/run.py", "--only", "triton_gpu", "--repeats", "9", "--out", check.out]
+        rc, tail = check.run(cmd + ([] if args.full else ["--smoke"]))
+        rows = json.load(open(path))["rows"] if os.path.exists(path) else []
+        built = len(rows)
+    with open(check.path("tables.md"), "w") as f:
+        f.write(markdown_tables(rows))
+    return {
+        "ok": rc == 0 and bool(rows),
+        "rc": rc,
+        "cases_built": built,
+        "cases_measured": len(rows),
+        **({"tail": tail[-3000:]} if rc != 0 else {}),
     }
 
 
@@ -430,8 +564,9 @@ def markdown_tables(rows: list) -> str:
 
 
 def e2e(out_json: str, cpu: bool) -> int:
-    """A LIFT+ model on a randomly initialised CLIP: timed training steps with the fused ops and
-    with the reference, their first losses compared, then one short ``fast_train`` run."""
+    """A LIFT+ model on a randomly initialised CLIP: timed training steps with each backend
+    forced in turn (the ops a backend lacks take the automatic order), first losses compared
+    with the reference, then one short ``fast_train`` run."""
     import torch
 
     sys.path.insert(0, ROOT)
@@ -439,28 +574,24 @@ def e2e(out_json: str, cpu: bool) -> int:
     from liftplus_fast.ops._dispatch import ENV_VAR
 
     device = torch.device("cpu" if cpu else "cuda")
-    backbone, size, batch, k, steps = ("tiny_vit", 32, 8, 10, 3) if cpu else ("ViT-B-16", 224, 64, 1000, 10)
-    result: dict = {
-        "device": str(device),
-        "backbone": backbone,
-        "batch": batch,
-        "classes": k,
-        "precision": "amp",
-        "steps": steps,
-    }
+    backbone, size, batch, k, steps = ("tiny_vit", 32, 8, 10, 2) if cpu else ("ViT-B-16", 224, 64, 1000, 5)
+    result: dict = {"device": str(device), "backbone": backbone, "batch": batch, "classes": k, "steps": steps}
+    result["precision"] = "amp"
     counts = [max(1, int(500 * 0.01 ** (i / (k - 1)))) for i in range(k)]
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, k, (batch,), generator=g).to(device)
-    backends = ("auto", "reference") if cpu else ("triton", "cuda", "reference")
-    result["dispatch"] = lf.backend_info()["ops"]
+    # The CPU rehearses the GPU run: Triton (interpreted), the native kernels, the reference.
+    backends = ("triton", "cpu" if cpu else "cuda", "reference")
     for name in backends:
         os.environ[ENV_VAR] = name
+        result.setdefault("dispatch", {})[name] = {op: row[device.type] for op, row in lf.backend_info()["ops"].items()}
         try:
             result[name] = _timed_steps(lf, device, backbone, size, k, counts, images, labels, steps)
         except Exception as exc:  # e.g. the CUDA extension did not build: time the others
             result[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"e2e {name}: {result[name]}", flush=True)
+        _write_json(out_json, result)
     os.environ.pop(ENV_VAR)
     ref = result["reference"]
     ok = "error" not in ref
@@ -475,25 +606,26 @@ def e2e(out_json: str, cpu: bool) -> int:
         ok = ok and run["first_loss_rel_diff"] < 1e-2 and math.isfinite(run["last_loss"])
     _write_json(out_json, result)
     try:
-        train = lf.fast_train(
-            dataset="digits_lt",
-            root=os.path.join(os.path.dirname(out_json), "data"),
-            backbone="tiny_vit",
-            pretrained=None,
-            method="lift+",
-            progress=False,
-            num_epochs=1,
-            batch_size=32,
-            resolution=32,
-            num_workers=0,
-            device=str(device),
-        )
+        with tempfile.TemporaryDirectory() as root:  # the digits come from scikit-learn
+            train = lf.fast_train(
+                dataset="digits_lt",
+                root=root,
+                backbone="tiny_vit",
+                pretrained=None,
+                method="lift+",
+                progress=False,
+                num_epochs=1,
+                batch_size=32,
+                resolution=32,
+                num_workers=0,
+                device=str(device),
+            )
         result["fast_train_digits"] = {
             "metrics": {m: v for m, v in train.metrics.items() if m != "per_class"},
             "timings": train.timings,
         }
         ok = ok and math.isfinite(train.metrics["overall"])
-    except Exception as exc:  # scikit-learn (the digits) may be missing on a bare machine
+    except Exception as exc:
         result["fast_train_digits"] = {"error": f"{type(exc).__name__}: {exc}"}
         ok = False
     result["ok"] = bool(ok)
@@ -507,7 +639,7 @@ def _timed_steps(lf, device, backbone, size, k, counts, images, labels, steps) -
 
     torch.manual_seed(0)
     clip, tok = lf.load_clip(backbone, None, device=device)
-    cfg = lf.make_config("lift+", {"num_classes": k, "resolution": size})
+    cfg = lf.make_config("lift+", {"num_classes": k, "resolution": size, "classifier_init": "random"})
     model = lf.build_lift_model(clip, cfg, counts, [f"class {i}" for i in range(k)], tok)
     params = [p for p in model.tuner.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=5e-4)
@@ -528,9 +660,7 @@ def _timed_steps(lf, device, backbone, size, k, counts, images, labels, steps) -
             loss.backward()
             opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        losses.append(float(loss.detach()))
         times.append(time.perf_counter() - t0)
     median = sorted(times[2:])[len(times[2:]) // 2]
     return {
@@ -538,6 +668,7 @@ def _timed_steps(lf, device, backbone, size, k, counts, images, labels, steps) -
         "images_per_s": images.shape[0] / median,
         "first_loss": losses[0],
         "last_loss": losses[-1],
+        "compute_dtype": str(model.compute_dtype),
         "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
 
@@ -553,16 +684,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", help="folder for summary.json, gpu_check.log and tables")
     parser.add_argument("--wheels", help="folder of wheels for what is missing here (see --download-wheels)")
-    parser.add_argument("--cpu", action="store_true", help="CUDA off: build CPU kernels, run the CPU-capable parts")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds for everything (default 450)")
+    parser.add_argument("--cpu", action="store_true", help="no GPU: run every part on the CPU")
+    parser.add_argument("--full", action="store_true", help="full mode: longer limits, every benchmark shape")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    parser.add_argument("--smoke", action="store_true", help="one benchmark case per op")
     parser.add_argument(
         "--require",
         action="append",
         default=[],
         metavar="DIST[:MODULE]",
-        help="also install this distribution from the wheels when missing (e.g. timm)",
+        help="also install this distribution from the wheels when it does not import",
     )
     parser.add_argument("--download-wheels", metavar="DIR", help="fill DIR with the wheels (needs network)")
     parser.add_argument("--python-version", default="3.12", help="target Python of --download-wheels")
@@ -574,22 +704,21 @@ def main(argv=None) -> int:
     if args.e2e:
         return e2e(args.e2e, args.cpu)
     if args.download_wheels:
-        return subprocess.call(
-            download_command(args.download_wheels, args.python_version, requirements(args.require), args.torch_version)
-        )
+        names = [dist for dist, _ in requirements(args.require)]
+        return download_wheels(args.download_wheels, args.python_version, names, args.torch_version)
     if not args.out:
         parser.error("OUT (the result folder) is required")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {unknown}; expected names from {','.join(PARTS)}")
-    check = Check(args.out, args.budget)
-    check.summary["mode"] = "cpu" if args.cpu else "gpu"
+    mode = "full" if args.full else "quick"
+    # A CPU rehearsal does the quick mode's work with the full mode's limits (CPUs are slower).
+    check = Check(args.out, MODES["full" if args.cpu else mode], mode)
+    check.summary["device"] = "cpu" if args.cpu else "gpu"
     for name in [p for p in PARTS if p in parts]:
-        if check.left() < 5:
-            check.summary["parts"][name] = {"ok": False, "error": "no time left in the budget"}
-            continue
-        check.say(f"== {name} ({check.left():.0f}s left)")
+        check.say(f"== {name} (limit {check.caps[name]:.0f}s)")
+        check.begin(name)
         t0 = time.monotonic()
         try:
             result = globals()[f"part_{name}"](check, args)

@@ -49,10 +49,10 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("env", "install", "build", "tests", "e2e", "step", "bench")
 # Seconds each part may take, everything it runs included. Quick: a cold H200 run (Triton and
-# inductor compiling from nothing) inside a 10-minute command; the limits add up to 7.4 minutes.
+# inductor compiling from nothing) inside a 10-minute command; the limits add up to 7.25 minutes.
 # Full: every test and benchmark shape, for a longer lease (and the limits of --cpu runs).
 MODES = {
-    "quick": {"env": 15, "install": 25, "build": 90, "tests": 110, "e2e": 65, "step": 100, "bench": 40},
+    "quick": {"env": 15, "install": 30, "build": 75, "tests": 110, "e2e": 65, "step": 100, "bench": 40},
     "full": {"env": 30, "install": 90, "build": 300, "tests": 900, "e2e": 180, "step": 300, "bench": 900},
 }
 # (distribution, import name): what the package, its tests, benchmarks and this check import
@@ -301,7 +301,7 @@ print("RESULT " + json.dumps(failed))
 
 def failed_imports(check: Check, modules, timeout: float | None = None) -> dict:
     """``module -> {"error", "missing"}`` for each of ``modules`` that a fresh interpreter cannot
-    import (``missing``: the module an ImportError names, often a dependency)."""
+    import (``missing``: the module an ImportError names, often a dependency's)."""
     rc, tail = check.run([sys.executable, "-c", _PROBE, *modules], timeout)
     found = next((json.loads(line[7:]) for line in tail.splitlines() if line.startswith("RESULT ")), None)
     if found is None:
@@ -309,34 +309,17 @@ def failed_imports(check: Check, modules, timeout: float | None = None) -> dict:
     return found
 
 
-def wheel_modules(path: str) -> set:
-    """Top-level import names a wheel installs (from its file list)."""
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    tops = set()
-    for n in names:
-        head = n.split("/", 1)[0]
-        if head.endswith((".dist-info", ".data")):
-            continue
-        tops.add(head[:-3] if head.endswith(".py") else head.split(".", 1)[0])
-    return tops
-
-
-def find_wheel(wheels: str, dist: str = None, module: str = None):
-    """The newest wheel in ``wheels`` of distribution ``dist`` (names normalised as in PEP 427),
-    or, given ``module``, one that installs that top-level module; None when there is none."""
-    files = sorted(f for f in os.listdir(wheels) if f.endswith(".whl"))
-    if dist is not None:
-        found = [f for f in files if _norm(f.split("-")[0]) == _norm(dist)]
-    else:
-        found = [f for f in files if module in wheel_modules(os.path.join(wheels, f))]
+def find_wheel(wheels: str, dist: str):
+    """The newest wheel of ``dist`` in folder ``wheels`` (names normalised as in PEP 427), or None."""
+    found = sorted(f for f in os.listdir(wheels) if f.endswith(".whl") and _norm(f.split("-")[0]) == _norm(dist))
     return os.path.join(wheels, found[-1]) if found else None
 
 
 def install_offline(check: Check, wheels, required=REQUIRED) -> dict:
     """Install from the wheel folder every ``required`` distribution whose module does not import
-    here, then whatever the imports still miss, without network or dependency resolution (the
-    machine's torch is never replaced)."""
+    here, with whatever those wheels require and this interpreter lacks (found in the same
+    folder), in one ``pip --no-index --no-deps`` call: no network, no dependency resolution, the
+    machine's torch never replaced. Presence is checked by importing, before and after."""
     modules = {mod: dist for dist, mod in required}
     failed = failed_imports(check, list(modules))
     result = {"missing_before": sorted(modules[m] for m in failed), "installed": [], "no_wheel": []}
@@ -348,36 +331,46 @@ def install_offline(check: Check, wheels, required=REQUIRED) -> dict:
         )
         result["import_errors"] = failed
         return {"ok": False, **result}
-    tried = set()
-    for _round in range(6):  # the distributions asked for, then the dependencies they miss
-        files = []
-        for mod, why in failed.items():
-            missing = why.get("missing")
-            dep = missing.split(".")[0] if missing and missing.split(".")[0] != mod else None
-            wheel = find_wheel(wheels, module=dep) if dep else find_wheel(wheels, dist=modules.get(mod, mod))
-            if wheel is None:
-                result["no_wheel"].append(dep or modules.get(mod, mod))
-            elif wheel not in tried:
-                files.append(wheel)
-        files = sorted(set(files))
-        if not files:
-            break
-        tried |= set(files)
-        rc, tail = check.run(
-            [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check", *files]
-        )
-        result["installed"] += [os.path.basename(f) for f in files]
+    chosen, queue = [], []
+    for mod in failed:
+        wheel = find_wheel(wheels, dist=modules[mod])
+        if wheel is None:
+            result["no_wheel"].append(modules[mod])
+        elif wheel not in chosen:
+            chosen.append(wheel)
+            queue.append(wheel)
+    while queue:
+        for name in wheel_requirements(queue.pop(), platform.python_version()):
+            if _norm(name).startswith(tuple(_norm(m) for m in MACHINE_OWN)) or _installed(name):
+                continue
+            dep = find_wheel(wheels, dist=name)
+            if dep is None:
+                result["no_wheel"].append(name)
+            elif dep not in chosen:
+                chosen.append(dep)
+                queue.append(dep)
+    if chosen:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check"]
+        rc, tail = check.run(cmd + chosen)
+        result["installed"] = [os.path.basename(f) for f in chosen]
         if rc != 0:
             result["error"] = tail[-2000:]
-            break
         failed = failed_imports(check, list(modules))
-        if not failed:
-            break
     result["no_wheel"] = sorted(set(result["no_wheel"]))
     result["still_missing"] = sorted(modules[m] for m in failed)
     if failed:
         result["import_errors"] = failed
     return {"ok": not failed and "error" not in result, **result}
+
+
+def _installed(dist: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def requirements(extra) -> list:

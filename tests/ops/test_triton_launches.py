@@ -6,6 +6,7 @@ check holds on any machine; the run needs two GPUs.
 """
 
 import ast
+import inspect
 import os
 
 import pytest
@@ -59,3 +60,34 @@ def test_tensors_on_the_second_gpu(monkeypatch):
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
     loss.backward()
     assert f.grad.device == f.device and torch.isfinite(f.grad).all()
+
+
+def test_triton_ops_declare_their_schema_in_annotations():
+    # torch releases before 2.12 ignore triton_op's schema= and infer the schema from the
+    # annotations: they must say what _library.SCHEMAS says (argument and result types).
+    pytest.importorskip("triton")
+    from torch._library.infer_schema import infer_schema
+
+    from liftplus_fast.ops import _library
+    from liftplus_fast.ops.triton import adaptformer, la_cosine_ce, tte
+
+    fns = {
+        "adaptformer_fwd": adaptformer.adaptformer_fwd,
+        "adaptformer_bwd": adaptformer.adaptformer_bwd,
+        "la_cosine_ce_fwd": la_cosine_ce.la_cosine_ce_fwd,
+        "la_cosine_ce_bwd": la_cosine_ce.la_cosine_ce_bwd,
+        "tte_aggregate": tte.tte_aggregate_op,
+        "tte_mean_unit_features": tte.tte_mean_unit_features_op,
+    }
+    assert set(fns) == set(_library.SCHEMAS)
+
+    def types(schema):
+        args, results = schema.split(" -> ")
+        strip = [a.strip().rsplit(" ", 1)[0] if " " in a.strip() else a.strip() for a in args.strip("()").split(",")]
+        res = [r.strip().split(" ")[0] for r in results.strip("()").split(",")]
+        return strip, res
+
+    for name, op in fns.items():
+        # triton_op wraps the decorated function in a backend function that closes over it.
+        fn = inspect.getclosurevars(op._init_fn).nonlocals["fn"]
+        assert types(infer_schema(fn, mutates_args=())) == types(_library.SCHEMAS[name]), name

@@ -337,7 +337,7 @@ def la_cosine_ce_fwd(
     tau: float,
     return_logits: bool,
     compute_grad: bool = False,
-):
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b, d = feat.shape
     k = weight.shape[0]
     dev = feat.device
@@ -395,7 +395,7 @@ def la_cosine_ce_bwd(
     lse: Tensor,
     scale: float,
     tau: float,
-):
+) -> tuple[Tensor, Tensor]:
     return _backward(grad_loss, feat, weight, labels, log_prior, lse, scale, tau)
 
 

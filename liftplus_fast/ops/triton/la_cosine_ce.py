@@ -63,6 +63,9 @@ def _fwd(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # Scalars in fp32 whatever the launcher typed them (inductor passes Python floats as fp64).
+    scale = tl.cast(scale, tl.float32)
+    tau = tl.cast(tau, tl.float32)
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,6 +136,10 @@ def _bwd_feat(
     BLOCK_DF: tl.constexpr,
     ONE_TILE: tl.constexpr,
 ):
+    # Scalars in fp32 whatever the launcher typed them (inductor passes Python floats as fp64).
+    scale = tl.cast(scale, tl.float32)
+    tau = tl.cast(tau, tl.float32)
+    inv_b = tl.cast(inv_b, tl.float32)
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -221,6 +228,10 @@ def _bwd_weight(
     BLOCK_DF: tl.constexpr,
     ONE_TILE: tl.constexpr,
 ):
+    # Scalars in fp32 whatever the launcher typed them (inductor passes Python floats as fp64).
+    scale = tl.cast(scale, tl.float32)
+    tau = tl.cast(tau, tl.float32)
+    inv_b = tl.cast(inv_b, tl.float32)
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

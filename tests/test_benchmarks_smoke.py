@@ -78,3 +78,20 @@ def test_train_step_standalone_smoke_run(tmp_path):
         assert row["s"] and all(t > 0 for t in row["s"].values())
         assert "fast_fp32 / reference_fp32" in row["ratios"]
     assert "fast_bf16 GEMMs:" in out.stdout
+
+
+def test_every_benchmark_module_imports():
+    # A benchmark that no longer imports (a renamed package function, say) would give a GPU
+    # lease zero rows; each module is imported in a fresh interpreter, as benchmarks/run.py does.
+    folder = os.path.join(ROOT, "benchmarks")
+    names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py"))
+    assert {"bench_triton_gpu", "bench_gpu_step", "common", "run"} <= set(names)
+    code = (
+        "import importlib, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "for name in sys.argv[3:]:\n    importlib.import_module(name)\nprint('imported', len(sys.argv) - 3)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, ROOT, folder, *names], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"imported {len(names)}"

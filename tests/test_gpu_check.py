@@ -95,9 +95,8 @@ def test_installs_what_does_not_import_with_its_requirements_from_the_folder(tmp
     log = open(tmp_path / "out" / "gpu_check.log").read()
     assert "--no-index" in log and "--no-deps" in log
     # A second run finds it importable and installs nothing.
-    _, again = run_check(
-        venv_python, tmp_path / "out2", "--parts", "install", "--wheels", str(wheels), "--require", "lpf-probe:lpf_probe"
-    )
+    args = ("--parts", "install", "--wheels", str(wheels), "--require", "lpf-probe:lpf_probe")
+    _, again = run_check(venv_python, tmp_path / "out2", *args)
     assert again["parts"]["install"]["missing_before"] == [] and again["parts"]["install"]["ok"]
 
 

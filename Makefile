@@ -42,9 +42,11 @@ bench: $(BUILD_STAMP)
 bench-smoke: $(BUILD_STAMP)
 	$(PY) benchmarks/run.py --smoke
 
-# One unattended check on a CUDA machine without network (docs/gpu.md): installs what is missing
-# from WHEELS, builds for the local GPU, runs the GPU tests, benchmarks and a training step, and
-# writes summary.json + gpu_check.log into OUT. Uses the Python that holds torch, not .venv.
+# One unattended check on a CUDA machine without network (docs/gpu.md): installs what does not
+# import from WHEELS, builds for the local GPU, runs the GPU tests, a training step with each
+# backend, the step and op benchmarks, and writes summary.json + gpu_check.log into OUT (quick
+# mode, 8.7 min at most; GPU_CHECK_ARGS=--full for every shape). Uses the Python that holds
+# torch, not .venv.
 OUT    ?= gpu-check-out
 WHEELS ?=
 gpu-check:

@@ -1,6 +1,6 @@
 """One unattended GPU check, staged for a short lease: install, build, tests, step, benchmarks.
 
-    python tools/gpu_check.py OUT --wheels WHEELS          # quick mode (about 7.5 min at most)
+    python tools/gpu_check.py OUT --wheels WHEELS          # quick mode (8.7 min at most)
     python tools/gpu_check.py OUT --wheels WHEELS --full   # every test and benchmark shape
     python tools/gpu_check.py OUT --cpu                    # the same parts without a GPU
     python tools/gpu_check.py --download-wheels WHEELS     # on a machine with network

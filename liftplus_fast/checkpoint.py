@@ -18,14 +18,10 @@ from typing import Any, Dict
 
 import torch
 
-from .errors import MissingInputError, UserInputError
+from .errors import MissingInputError, OutputWriteError, UserInputError
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 FORMAT = "liftplus_fast/1"
-
-
-class OutputWriteError(OSError):
-    """A file of the output folder could not be written; the previous version, if any, is intact."""
 
 
 def _umask() -> int:

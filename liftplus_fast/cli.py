@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import UserInputError
+from .errors import LiftPlusError, UserInputError
 
 BACKBONE_HELP = (
     "backbone config name (clip_vit_b16, clip_vit_l14@336px, clip_rn50, in21k_vit_b16, in1k_rn50, "
@@ -229,10 +229,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "cache":
             return cmd_cache(args)
         return cmd_info(args)
-    except (UserInputError, OSError) as exc:
-        # One clear sentence for bad input (the package's UserInputError) and for what the
-        # environment refused (OSError: a full disk, a missing permission); any other failure
-        # (a kernel bug, an assertion) is the package's and keeps its traceback.
+    except (LiftPlusError, OSError) as exc:
+        # One clear sentence for what the package raises on purpose (bad input, a failed write)
+        # and for what the environment refused (OSError: a full disk, a missing permission); any
+        # other failure (a kernel bug, an assertion) is the package's and keeps its traceback.
         if os.environ.get("LIFTPLUS_FAST_DEBUG") == "1":
             raise
         print(f"liftplus-fast: error: {error_sentence(exc)}", file=sys.stderr)

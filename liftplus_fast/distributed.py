@@ -22,7 +22,7 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import UserInputError
+from .errors import CollectiveTimeoutError, UserInputError
 
 __all__ = [
     "CollectiveTimeoutError",
@@ -95,14 +95,6 @@ def init_distributed(device: torch.device, timeout: float = 1800.0) -> DistConte
         backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=float(timeout))
     )
     return DistContext(rank, world, local_rank, owns_group=True)
-
-
-class CollectiveTimeoutError(TimeoutError, RuntimeError):
-    """A collective waited longer than ``dist_timeout`` for another process.
-
-    A ``TimeoutError`` (the environment failed, not the input: the command line prints it as one
-    line) and a ``RuntimeError`` (what torch.distributed raised before it was explained).
-    """
 
 
 def explain_timeout(exc: BaseException, timeout: float) -> BaseException:

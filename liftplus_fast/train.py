@@ -62,7 +62,7 @@ from .distributed import (
     shard,
     shutdown_distributed,
 )
-from .errors import UserInputError
+from .errors import DivergenceError, UserInputError
 from .evaluate import evaluate, format_accuracy
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .ops.gemm import cpu_bf16_gemm_path
@@ -82,10 +82,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("liftplus_fast")
-
-
-class DivergenceError(UserInputError, RuntimeError):
-    """Training produced a non-finite loss or parameters; the last good checkpoint is kept."""
 
 
 @dataclass

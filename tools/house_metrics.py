@@ -155,7 +155,7 @@ def functions(root: str = ROOT, package: str = PACKAGE) -> List[Tuple[int, str]]
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
 
-        def walk(node, prefix):
+        def walk(node, prefix, module=module):
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     start = min([child.lineno] + [d.lineno for d in child.decorator_list])

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import UserInputError
+from ..errors import CacheError, UserInputError
 from .splits import count_per_class
 
 MAGIC = "liftplus_fast.decode_once_cache"
@@ -46,10 +46,6 @@ DEFAULT_JPEG_QUALITY = 95
 warnings.filterwarnings(
     "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
 )
-
-
-class CacheError(UserInputError):
-    """A cache that is missing, incomplete, truncated, stale or not a cache of this package."""
 
 
 def data_path(cache_dir: str, split: str) -> str:

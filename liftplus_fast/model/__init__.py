@@ -16,9 +16,8 @@ from .classifiers import (
     LinearClassifier,
     build_classifier,
 )
-from .lift_model import LiftModel, build_lift_model
+from .lift_model import LiftModel, build_lift_model, load_tuner
 from .losses import build_loss
-from .tuner_files import load_tuner
 from .tuners import TUNERS
 
 __all__ = [

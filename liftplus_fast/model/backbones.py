@@ -13,7 +13,8 @@ import os
 import tempfile
 from typing import Optional, Tuple
 
-from ..errors import UserInputError
+from ..errors import BackboneLoadError, UserInputError
+from .timm_backbones import TIMM_BACKBONES, is_timm_name, load_timm, timm_input_config
 
 __all__ = [
     "BackboneLoadError",
@@ -57,10 +58,6 @@ _TINY_VIT_CFG = {
 }
 
 
-class BackboneLoadError(UserInputError, RuntimeError):
-    """The backbone's weights could not be obtained (download failed, or no such file)."""
-
-
 def _register_tiny_vit() -> None:
     import open_clip
 
@@ -76,8 +73,6 @@ def _register_tiny_vit() -> None:
 
 def known_backbones() -> list:
     """The published config names plus ``tiny_vit`` (any open_clip or timm model name is also accepted)."""
-    from .timm_backbones import TIMM_BACKBONES
-
     return list(PUBLISHED_BACKBONES) + list(TIMM_BACKBONES) + [TINY_VIT]
 
 
@@ -97,8 +92,6 @@ def load_backbone(backbone: str, pretrained: Optional[str] = None, device="cpu")
     model names to :func:`~liftplus_fast.model.timm_backbones.load_timm`, whose tokenizer is
     ``None`` (no text encoder).
     """
-    from .timm_backbones import is_timm_name, load_timm
-
     if _is_clip_name(backbone):
         return load_clip(backbone, pretrained, device=device)
     if is_timm_name(backbone):
@@ -110,8 +103,6 @@ def backbone_input_config(backbone: str) -> dict:
     """The input size (and, for timm, mean/std) a backbone was trained with, read from its
     config without building it; ``{}`` when unknown. Used when the run does not set them."""
     import open_clip
-
-    from .timm_backbones import is_timm_name, timm_input_config
 
     if _is_clip_name(backbone):
         name, _ = _resolve(backbone)

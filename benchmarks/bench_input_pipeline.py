@@ -49,6 +49,7 @@ from liftplus_fast.data.uint8_transforms import (  # noqa: E402
     build_cached_train_transform,
     cached_batch_loader,
 )
+from liftplus_fast.files import atomic_write, atomic_write_bytes  # noqa: E402
 
 NAME = "input_pipeline"
 WORKERS = int(os.environ.get("LIFTPLUS_FAST_BENCH_WORKERS", "2"))
@@ -69,7 +70,7 @@ def _folder(smoke: bool) -> str:
     done = os.path.join(root, "DONE")
     if not os.path.exists(done):
         write_image_folder(root, [per_class] * classes, test_per_class=test, sizes=sizes, quality=90)
-        open(done, "w").close()
+        atomic_write_bytes(done, b"")
     return root
 
 
@@ -95,8 +96,9 @@ def _epoch_folder(smoke: bool, root: str, formats) -> tuple:
                             try:
                                 os.link(os.path.join(d, f), dst)
                             except OSError:
-                                shutil.copyfile(os.path.join(d, f), dst)
-        open(done, "w").close()
+                                with open(os.path.join(d, f), "rb") as src:
+                                    atomic_write(dst, lambda out, src=src: shutil.copyfileobj(src, out))
+        atomic_write_bytes(done, b"")
     return out, {fmt: _cache(out, fmt) for fmt in formats}
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import sys
 
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
+from liftplus_fast.files import atomic_write_json  # noqa: E402
 from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
 from liftplus_fast.ops.gemm import cpu_bf16_gemm_path, cpu_has_bf16_units  # noqa: E402
 from liftplus_fast.train import make_optimizer  # noqa: E402
@@ -320,11 +320,7 @@ def main(argv=None):
                 row[f"profile_{n}"] = table
         results.append(row)
         del case, models
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"gemm_flops_per_s": gemm, "threads": args.threads, "rows": results}, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, {"gemm_flops_per_s": gemm, "threads": args.threads, "rows": results}, indent=1)
     print(f"\nwrote {args.out}")
 
 

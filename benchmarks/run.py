@@ -4,14 +4,13 @@
     python benchmarks/run.py --smoke         # one tiny case per benchmark (CI)
     python benchmarks/run.py --only adaptformer --repeats 21
 
-Writes ``benchmarks/results/<name>.json`` (written to a temporary file, then renamed).
+Writes ``benchmarks/results/<name>.json`` (whole or not at all, :mod:`liftplus_fast.files`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
+
+from liftplus_fast.files import atomic_write_json  # noqa: E402
 
 
 def discover(only=None):
@@ -71,14 +72,6 @@ def print_table(name, rows):
             print("    images/s: " + ", ".join(f"{c} {v:.0f}" for c, v in row["items_per_s"].items()))
         for note in row.get("notes", []):
             print(f"    note: {note}")
-
-
-def write_json(path, payload):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -134,7 +127,7 @@ def main(argv=None):
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             # After every case: a run stopped by a time limit keeps the rows it measured.
-            write_json(
+            atomic_write_json(
                 os.path.join(args.out, f"{module.NAME}.json"),
                 {"name": module.NAME, "machine": machine, "smoke": args.smoke, "rows": rows},
             )

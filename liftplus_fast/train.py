@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
-from .checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import LiftConfig, backbone_preset, make_config, validate
 from .data import (
     DownSampler,
@@ -64,6 +64,7 @@ from .distributed import (
 )
 from .errors import DivergenceError, UserInputError
 from .evaluate import evaluate, format_accuracy
+from .files import atomic_write_json
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .ops.gemm import cpu_bf16_gemm_path
 from .plotting import plot_per_class_accuracy

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserInputError
+from ..files import atomic_write, atomic_write_bytes
 from .cache_store import (
     MAGIC,
     VERSION,
@@ -73,19 +74,6 @@ def encode_for_cache(img: Image.Image, options: CacheOptions) -> Tuple[bytes, Tu
     return buf.getvalue(), (h, w), orig
 
 
-def _atomic_write(path: str, payload: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def build_chunk(work_dir: str, chunk: int, paths: Sequence[str], options: CacheOptions) -> Dict[str, Any]:
     """Decode, resize and encode ``paths`` into ``work_dir/chunk_<n>.{bin,json}``; return the manifest."""
     blobs: List[bytes] = []
@@ -111,8 +99,8 @@ def build_chunk(work_dir: str, chunk: int, paths: Sequence[str], options: CacheO
         manifest["stored_hw"].append(stored)
         manifest["orig_hw"].append(orig)
         manifest["ok"].append(True)
-    _atomic_write(os.path.join(work_dir, f"chunk_{chunk:06d}.bin"), b"".join(blobs))
-    _atomic_write(os.path.join(work_dir, f"chunk_{chunk:06d}.json"), json.dumps(manifest).encode())
+    atomic_write_bytes(os.path.join(work_dir, f"chunk_{chunk:06d}.bin"), b"".join(blobs))
+    atomic_write_bytes(os.path.join(work_dir, f"chunk_{chunk:06d}.json"), json.dumps(manifest).encode())
     return manifest
 
 
@@ -219,23 +207,20 @@ def _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifest
         orig.extend(m["orig_hw"])
         skipped.extend(m["skipped"])
         source_bytes += m["source_bytes"]
-    final = data_path(cache_dir, split)
-    tmp = f"{final}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as out:
-            for k in range(n_chunks):
-                with open(os.path.join(work_dir, f"chunk_{k:06d}.bin"), "rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 22)
-            out.flush()
-            os.fsync(out.fileno())
-        # The old index goes first: a new data file must never pair with an old index.
+
+    def concatenate(out) -> None:
+        for k in range(n_chunks):
+            with open(os.path.join(work_dir, f"chunk_{k:06d}.bin"), "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+
+    def drop_old_index() -> None:
+        # A new data file must never pair with an old index.
         if os.path.exists(index_path(cache_dir, split)):
             os.remove(index_path(cache_dir, split))
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _atomic_write(skipped_path(cache_dir, split), "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped).encode())
+
+    atomic_write(data_path(cache_dir, split), concatenate, before_replace=drop_old_index)
+    listing = "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped)
+    atomic_write_bytes(skipped_path(cache_dir, split), listing.encode())
     sizes = np.asarray(nbytes, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
     data_bytes = int(sizes.sum())

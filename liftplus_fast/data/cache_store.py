@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import os
 import warnings
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import CacheError, UserInputError
+from ..files import atomic_write
 from .splits import count_per_class
 
 MAGIC = "liftplus_fast.decode_once_cache"
@@ -115,19 +115,9 @@ def source_fingerprint(
 
 
 def write_index(path: str, arrays: Dict[str, np.ndarray], header: Dict[str, Any]) -> None:
-    """Write an index atomically (temporary file, fsync, rename)."""
-    buf = io.BytesIO()
-    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write an index atomically."""
+    header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    atomic_write(path, lambda f: np.savez(f, header=header_bytes, **arrays))
 
 
 INDEX_ARRAYS = ("offsets", "nbytes", "stored_hw", "orig_hw", "labels")

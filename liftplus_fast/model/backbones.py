@@ -7,13 +7,13 @@ which need QuickGELU. ``tiny_vit`` is a tiny randomly initialised CLIP for tests
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
 from typing import Optional, Tuple
 
 from ..errors import BackboneLoadError, UserInputError
+from ..files import atomic_write_json
 from .timm_backbones import TIMM_BACKBONES, is_timm_name, load_timm, timm_input_config
 
 __all__ = [
@@ -66,8 +66,7 @@ def _register_tiny_vit() -> None:
     # add_model_config reads JSON files from a folder; a private temp folder keeps the package
     # free of data files that would need packaging rules.
     folder = tempfile.mkdtemp(prefix="liftplus_fast_cfg_")
-    with open(os.path.join(folder, TINY_VIT + ".json"), "w") as f:
-        json.dump(_TINY_VIT_CFG, f)
+    atomic_write_json(os.path.join(folder, TINY_VIT + ".json"), _TINY_VIT_CFG)
     open_clip.add_model_config(folder)
 
 

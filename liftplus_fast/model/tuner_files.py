@@ -17,7 +17,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..checkpoint import atomic_write_bytes, atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "CONFIG_NAME",
@@ -70,7 +70,7 @@ def save_tuner(model, path: str) -> None:
     }
     os.makedirs(path, exist_ok=True)
     payload = save(tensors, metadata={"format": FORMAT})
-    atomic_write_bytes(os.path.join(path, TENSORS_NAME), lambda f: f.write(payload))
+    atomic_write_bytes(os.path.join(path, TENSORS_NAME), payload)
     atomic_write_json(os.path.join(path, CONFIG_NAME), config)
 
 

@@ -37,7 +37,7 @@ from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
 from liftplus_fast.files import atomic_write_json  # noqa: E402
 from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
 from liftplus_fast.ops.gemm import cpu_bf16_gemm_path, cpu_has_bf16_units  # noqa: E402
-from liftplus_fast.train import make_optimizer  # noqa: E402
+from liftplus_fast.train_loop import make_optimizer  # noqa: E402
 
 NAME = "train_step"
 BF16 = ("reference", "compile", "fast_bf16")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .ops import _dispatch
 from .ops._dispatch import describe, requested_backend, triton_usable
 from .ops._native import native_status
 from .ops.gemm import cpu_bf16_gemm_path
@@ -20,8 +21,6 @@ def backend_info() -> dict:
     CPU and for CUDA tensors.
     """
     status = native_status()
-    from .ops import _dispatch
-
     _dispatch._load_triton()
     return {
         "torch": torch.__version__,

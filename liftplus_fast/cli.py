@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional
 
 from ._info import backend_info
-from .config import LiftConfig
+from .config import METHODS, LiftConfig
 from .data.cache_build import build_cache
 from .data.cache_store import CacheOptions
 from .demo import run_demo
@@ -47,13 +47,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="data set name (cifar100_ir100, imagenet_lt, places_lt, inat2018, digits_lt, ...)",
     )
-    p.add_argument("-b", "--backbone", default="clip_vit_b16", help=BACKBONE_HELP)
-    p.add_argument(
-        "-m",
-        "--method",
-        default="lift+",
-        help="method (lift+, lift, zs, lp, fft, bitfit, vpt, lora, adapter, adaptformer, ssf, aft, coop)",
-    )
+    p.add_argument("-b", "--backbone", default=LiftConfig.backbone, help=BACKBONE_HELP)
+    p.add_argument("-m", "--method", default=LiftConfig.method, help=f"method ({', '.join(METHODS)})")
     p.add_argument("--root", default=None, help=f"data root (default {LiftConfig.root})")
     p.add_argument(
         "--pretrained", default=None, help="open_clip tag or local checkpoint path (default: openai for CLIP backbones)"

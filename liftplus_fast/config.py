@@ -1,8 +1,13 @@
 """Configuration of a LIFT+ run, with the option names of the published LIFT+ code.
 
-:class:`LiftConfig` holds every option; :data:`METHODS` maps a method name (``-m`` of the
-command line) to its preset; :func:`make_config` applies a method preset and ``key value``
-overrides (``v.adaptformer_dim 8`` style, as the published command line takes them).
+:class:`LiftConfig` holds every option, each declared once as a field with its type, default,
+check and one line of help (:func:`liftplus_fast.options.option`); :class:`TunerConfig` holds
+the ``v.*`` / ``l.*`` tuner options the same way. :data:`OPTION_CHECKS` and :func:`option_table`
+are read from those declarations, and the choices of an option come from the part that
+implements it (:data:`liftplus_fast.model.classifiers.CLASSIFIERS`, ...). :data:`METHODS` maps a
+method name (``-m`` of the command line) to its preset; :func:`make_config` applies a method
+preset and ``key value`` overrides (``v.adaptformer_dim 8`` style, as the published command line
+takes them).
 """
 
 from __future__ import annotations

@@ -42,13 +42,10 @@ import common  # noqa: E402
 from liftplus_fast import fast_train, make_config  # noqa: E402
 from liftplus_fast.data import build_dataset, build_test_transform, build_train_transform  # noqa: E402
 from liftplus_fast.data.cache_build import build_cache, open_source_cache  # noqa: E402
+from liftplus_fast.data.cached_transforms import build_cached_test_transform, build_cached_train_transform  # noqa: E402
+from liftplus_fast.data.loaders import build_loader  # noqa: E402
 from liftplus_fast.data.synthetic_images import PHOTO_SIZES, write_image_folder  # noqa: E402
-from liftplus_fast.data.uint8_transforms import (  # noqa: E402
-    EpochTaggedSampler,
-    build_cached_test_transform,
-    build_cached_train_transform,
-    cached_batch_loader,
-)
+from liftplus_fast.files import atomic_write, atomic_write_bytes  # noqa: E402
 
 NAME = "input_pipeline"
 WORKERS = int(os.environ.get("LIFTPLUS_FAST_BENCH_WORKERS", "2"))
@@ -69,7 +66,7 @@ def _folder(smoke: bool) -> str:
     done = os.path.join(root, "DONE")
     if not os.path.exists(done):
         write_image_folder(root, [per_class] * classes, test_per_class=test, sizes=sizes, quality=90)
-        open(done, "w").close()
+        atomic_write_bytes(done, b"")
     return root
 
 
@@ -95,8 +92,9 @@ def _epoch_folder(smoke: bool, root: str, formats) -> tuple:
                             try:
                                 os.link(os.path.join(d, f), dst)
                             except OSError:
-                                shutil.copyfile(os.path.join(d, f), dst)
-        open(done, "w").close()
+                                with open(os.path.join(d, f), "rb") as src:
+                                    atomic_write(dst, lambda out, src=src: shutil.copyfileobj(src, out))
+        atomic_write_bytes(done, b"")
     return out, {fmt: _cache(out, fmt) for fmt in formats}
 
 
@@ -107,7 +105,7 @@ def _candidate(fmt: str) -> str:
 
 def _cache(root: str, fmt: str) -> str:
     cdir = os.path.join(root, f"cache_{fmt}")
-    build_cache("imagefolder", root, cdir, cache_size=256, cache_format=fmt, workers=WORKERS, progress=False)
+    build_cache("imagefolder", root, cdir, cache_size=256, cache_format=fmt, num_workers=WORKERS, progress=False)
     return cdir
 
 
@@ -128,15 +126,13 @@ class _Passes(torch.utils.data.Sampler):
         return self.n * self.passes
 
 
-def _loader(dataset, cached: bool, cfg, epoch_tags: bool, passes: int):
-    """A loader built once, as the training builds it (persistent workers when there are any)."""
+def _loader(dataset, cfg, training: bool, passes: int):
+    """A loader built once by the training's own front door (``build_loader``), with persistent
+    workers when there are any; the cached sets' workers normalise into batches they reuse."""
     sampler = _Passes(len(dataset), passes)
-    common_kw = dict(num_workers=_workers, persistent_workers=_workers > 0)
-    if not cached:
-        return torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler, **common_kw)
-    batches = EpochTaggedSampler(sampler, BATCH) if epoch_tags else torch.utils.data.BatchSampler(sampler, BATCH, False)
-    # As training on the CPU reads it: normalised in the workers, into batches they reuse.
-    return cached_batch_loader(dataset, batches, _workers, cfg.mean, cfg.std, persistent_workers=_workers > 0)
+    return build_loader(
+        dataset, cfg, batch_size=BATCH, shuffle=training, sampler=sampler, persistent_workers=_workers > 0
+    )
 
 
 def _run_loader(loader):
@@ -149,16 +145,12 @@ def _run_loader(loader):
 
 def _transform_case(name, split, cfg, root, caches, ref_transform, cached_transform, smoke):
     ref_set = build_dataset("imagefolder", root, split, ref_transform)
-    sets = {"reference": (ref_set, False)}
+    sets = {"reference": ref_set}
     for fmt, cdir in caches.items():
-        sets[_candidate(fmt)] = (
-            open_source_cache("imagefolder", root, split, cdir, transform=cached_transform),
-            True,
-        )
+        sets[_candidate(fmt)] = open_source_cache("imagefolder", root, split, cdir, transform=cached_transform)
     passes = 1 if smoke else PASSES[split]
     n = len(ref_set) * passes
-    tags = split == "train"
-    loaders = {cand: _loader(ds, c, cfg, tags, passes) for cand, (ds, c) in sets.items()}
+    loaders = {cand: _loader(ds, cfg, split == "train", passes) for cand, ds in sets.items()}
     candidates = {cand: (lambda loader=loader: _run_loader(loader)) for cand, loader in loaders.items()}
     src_bytes = _bytes(os.path.join(root, split))
     notes = [
@@ -251,8 +243,8 @@ def cases(smoke: bool):
     if not smoke:
         caches["raw"] = _cache(root, "raw")
     res = 224
-    cfg = make_config("lift+", {"resolution": res, "num_epochs": 5})
-    tte_cfg = make_config("lift+", {"resolution": res, "tte": True})
+    cfg = make_config("lift+", {"resolution": res, "num_epochs": 5, "num_workers": _workers})
+    tte_cfg = make_config("lift+", {"resolution": res, "tte": True, "num_workers": _workers})
     out = [
         _transform_case(
             "train (MDA)",

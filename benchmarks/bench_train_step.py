@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import sys
 
@@ -35,9 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
+from liftplus_fast.files import atomic_write_json  # noqa: E402
 from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
 from liftplus_fast.ops.gemm import cpu_bf16_gemm_path, cpu_has_bf16_units  # noqa: E402
-from liftplus_fast.train import make_optimizer  # noqa: E402
+from liftplus_fast.train_loop import TrainStep, make_optimizer  # noqa: E402
 
 NAME = "train_step"
 BF16 = ("reference", "compile", "fast_bf16")
@@ -59,11 +59,16 @@ def backend(name):
 def _step_fn(model, images, labels, backend_name, autocast, compile_loss=False, fast_optim=False):
     params = [p for p in model.tuner.parameters() if p.requires_grad]
     cfg = model.cfg
-    optim = (
-        make_optimizer(params, cfg)
-        if fast_optim
-        else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    )
+    if fast_optim:
+        # The package's own step, as fast_train runs it.
+        train_step = TrainStep(model, make_optimizer(params, cfg))
+
+        def fast_step():
+            with backend(backend_name):
+                train_step(images, labels)
+
+        return fast_step
+    optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def loss_fn(x, y):
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -320,11 +325,7 @@ def main(argv=None):
                 row[f"profile_{n}"] = table
         results.append(row)
         del case, models
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"gemm_flops_per_s": gemm, "threads": args.threads, "rows": results}, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, {"gemm_flops_per_s": gemm, "threads": args.threads, "rows": results}, indent=1)
     print(f"\nwrote {args.out}")
 
 

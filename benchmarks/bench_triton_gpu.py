@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from liftplus_fast.config import bottleneck_dim  # noqa: E402
+from liftplus_fast.model.tuners import bottleneck_dim  # noqa: E402
 from liftplus_fast.ops import _library, reference  # noqa: E402
 from liftplus_fast.ops._bindings import adaptformer as af_binding  # noqa: E402
 from liftplus_fast.ops._bindings import la_cosine_ce as ce_binding  # noqa: E402

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import statistics
 import sys
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from liftplus_fast.files import atomic_write_json
 
 REFERENCE = "reference"
 COMPILE = "compile"
@@ -236,11 +237,8 @@ def summarize(case: Case, times: Dict[str, List[float]], memory: Dict[str, int])
 
 
 def write_json(path: str, payload) -> None:
-    """Write ``payload`` to ``path`` through a temporary file and a rename (never half-written)."""
+    """Write ``payload`` to ``path`` (its folder made when missing) with the package's atomic writer."""
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, payload)

@@ -4,7 +4,7 @@
     python benchmarks/run.py --smoke         # one tiny case per benchmark (CI)
     python benchmarks/run.py --only adaptformer --repeats 21
 
-Writes ``benchmarks/results/<name>.json`` (written to a temporary file, then renamed).
+Writes ``benchmarks/results/<name>.json`` (whole or not at all, :mod:`liftplus_fast.files`).
 """
 
 from __future__ import annotations

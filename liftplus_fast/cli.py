@@ -16,7 +16,16 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import UserInputError
+from ._info import backend_info
+from .config import METHODS, LiftConfig
+from .data.cache_build import build_cache
+from .data.cache_store import CacheOptions
+from .demo import run_demo
+from .distributed import is_main_process
+from .errors import LiftPlusError
+from .evaluate import format_accuracy
+from .options import describe
+from .train import build_run_config, fast_train
 
 BACKBONE_HELP = (
     "backbone config name (clip_vit_b16, clip_vit_l14@336px, clip_rn50, in21k_vit_b16, in1k_rn50, "
@@ -38,14 +47,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         required=True,
         help="data set name (cifar100_ir100, imagenet_lt, places_lt, inat2018, digits_lt, ...)",
     )
-    p.add_argument("-b", "--backbone", default="clip_vit_b16", help=BACKBONE_HELP)
-    p.add_argument(
-        "-m",
-        "--method",
-        default="lift+",
-        help="method (lift+, lift, zs, lp, fft, bitfit, vpt, lora, adapter, adaptformer, ssf, aft, coop)",
-    )
-    p.add_argument("--root", default=None, help="data root (default ./data)")
+    p.add_argument("-b", "--backbone", default=LiftConfig.backbone, help=BACKBONE_HELP)
+    p.add_argument("-m", "--method", default=LiftConfig.method, help=f"method ({', '.join(METHODS)})")
+    p.add_argument("--root", default=None, help=f"data root (default {LiftConfig.root})")
     p.add_argument(
         "--pretrained", default=None, help="open_clip tag or local checkpoint path (default: openai for CLIP backbones)"
     )
@@ -70,11 +74,10 @@ def _pretrained_default(args) -> Optional[str]:
     return "default" if args.backbone.startswith(("in21k_", "in1k_")) else None
 
 
-def resolve_command(args, test_only: bool = False):
+def resolve_command(args, test_only: bool = False) -> LiftConfig:
     """The :class:`~liftplus_fast.config.LiftConfig` a ``train``/``test`` command runs with
-    (presets, published option names, output folder), without running anything."""
-    from .train import build_run_config
-
+    (presets, published option names, output folder), without running anything: every argument
+    of the command is resolved here."""
     opts = list(args.opts)
     overrides = {"test_only": True} if test_only else {}
     if args.root is not None:
@@ -91,10 +94,6 @@ def resolve_command(args, test_only: bool = False):
 
 
 def cmd_train(args, test_only: bool = False) -> int:
-    from .distributed import is_main_process
-    from .evaluate import format_accuracy
-    from .train import fast_train
-
     cfg = resolve_command(args, test_only)
     result = fast_train(
         config=cfg, progress=not args.no_progress, resume=getattr(args, "resume", False), overwrite=args.overwrite
@@ -109,53 +108,11 @@ def cmd_train(args, test_only: bool = False) -> int:
     return 0
 
 
-CACHE_OPTIONS = {
-    "split_dir": None,
-    "cache_dir": None,
-    "cache_size": 256,
-    "cache_format": "jpeg",
-    "cache_quality": 95,
-    "num_workers": None,
-}
-
-
-def cache_options(opts: List[str]) -> dict:
-    """The ``key value`` options of ``liftplus-fast cache`` (:data:`CACHE_OPTIONS`), checked."""
-    from .config import _parse_value
-
-    if len(opts) % 2:
-        raise UserInputError(f"options must come as 'key value' pairs; got {opts}")
-    out = dict(CACHE_OPTIONS)
-    for key, value in zip(opts[::2], opts[1::2]):
-        if key not in CACHE_OPTIONS:
-            raise UserInputError(f"unknown cache option {key!r}; known: {', '.join(CACHE_OPTIONS)}")
-        out[key] = _parse_value(value)
-    for key in ("cache_size", "cache_quality"):
-        if not isinstance(out[key], int) or isinstance(out[key], bool):
-            raise UserInputError(f"{key} must be an integer; got {out[key]!r}")
-    if out["num_workers"] is not None and (not isinstance(out["num_workers"], int) or out["num_workers"] < 0):
-        raise UserInputError(f"num_workers must be a non-negative integer; got {out['num_workers']!r}")
-    return out
-
-
 def cmd_cache(args) -> int:
-    from .data.cache_build import build_cache
-
-    opts = cache_options(list(args.opts))
-    root = args.root or "./data"
-    cache_dir = opts["cache_dir"] or os.path.join(root, "liftplus_fast_cache")
-    workers = opts["num_workers"] if opts["num_workers"] is not None else min(4, os.cpu_count() or 1)
-    summary = build_cache(
-        args.data,
-        root,
-        cache_dir,
-        split_dir=opts["split_dir"],
-        cache_size=opts["cache_size"],
-        cache_format=opts["cache_format"],
-        quality=opts["cache_quality"],
-        workers=workers,
-        progress=not args.no_progress,
-    )
+    options = CacheOptions.from_pairs(list(args.opts))
+    root = args.root or LiftConfig.root
+    cache_dir = options.folder(root)
+    summary = build_cache(args.data, root, options=options, progress=not args.no_progress)
     for split, s in summary.items():
         ratio = s["data_bytes"] / max(s["source_bytes"], 1)
         print(
@@ -169,8 +126,6 @@ def cmd_cache(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
     run_demo(
         output_dir=args.output_dir or os.path.join("output", "demo"), epochs=args.epochs, progress=not args.no_progress
     )
@@ -178,8 +133,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_info(_args) -> int:
-    from . import backend_info
-
     print(json.dumps(backend_info(), indent=2, default=str))
     return 0
 
@@ -199,13 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="image-file data set (imagefolder, listfile, imagenet_lt, places_lt, inat2018)",
     )
-    p_cache.add_argument("--root", default=None, help="data root (default ./data)")
+    p_cache.add_argument("--root", default=None, help=f"data root (default {LiftConfig.root})")
     p_cache.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_cache.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
-        help="split_dir S, cache_dir C (default ROOT/liftplus_fast_cache), cache_size 256, "
-        "cache_format jpeg|raw, cache_quality 95, num_workers N",
+        help="'key value' options: " + ", ".join(f"{o.name} (default {o.default})" for o in describe(CacheOptions)),
     )
     p_demo = sub.add_parser("demo", help="offline demo on the embedded long-tailed digits")
     p_demo.add_argument("--output-dir", default=None)
@@ -229,10 +181,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "cache":
             return cmd_cache(args)
         return cmd_info(args)
-    except (UserInputError, OSError) as exc:
-        # One clear sentence for bad input (the package's UserInputError) and for what the
-        # environment refused (OSError: a full disk, a missing permission); any other failure
-        # (a kernel bug, an assertion) is the package's and keeps its traceback.
+    except (LiftPlusError, OSError) as exc:
+        # One clear sentence for what the package raises on purpose (bad input, a failed write)
+        # and for what the environment refused (OSError: a full disk, a missing permission); any
+        # other failure (a kernel bug, an assertion) is the package's and keeps its traceback.
         if os.environ.get("LIFTPLUS_FAST_DEBUG") == "1":
             raise
         print(f"liftplus-fast: error: {error_sentence(exc)}", file=sys.stderr)

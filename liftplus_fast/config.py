@@ -1,21 +1,46 @@
 """Configuration of a LIFT+ run, with the option names of the published LIFT+ code.
 
-:class:`LiftConfig` holds every option; :data:`METHODS` maps a method name (``-m`` of the
-command line) to its preset; :func:`make_config` applies a method preset and ``key value``
-overrides (``v.adaptformer_dim 8`` style, as the published command line takes them).
+:class:`LiftConfig` holds every option, each declared once as a field with its type, default,
+check and one line of help (:func:`liftplus_fast.options.option`); :class:`TunerConfig` holds
+the ``v.*`` / ``l.*`` tuner options the same way. :data:`OPTION_CHECKS` and :func:`option_table`
+are read from those declarations, and the choices of an option come from the part that
+implements it (:data:`liftplus_fast.model.classifiers.CLASSIFIERS`, ...). :data:`METHODS` maps a
+method name (``-m`` of the command line) to its preset; :func:`make_config` applies a method
+preset and ``key value`` overrides (``v.adaptformer_dim 8`` style, as the published command line
+takes them).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
-import math
-import re
 from dataclasses import InitVar, dataclass, field, fields
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional
 
+from .data.transforms import MDA_FUNCS
 from .errors import UserInputError
+from .model.classifiers import CLASSIFIERS
+from .model.inits import CLASSIFIER_INITS
+from .model.losses import LOSSES
+from .model.precision import PRECISIONS
+from .model.text_head import COOP_CLS_POSITIONS, COOP_INITS
+from .model.tuners import AFT_LOCS, Layers, check_layers
+from .options import (
+    OptionInfo,
+    check_fields,
+    check_value,
+    choice,
+    describe,
+    flag,
+    integer,
+    key_value_pairs,
+    number,
+    option,
+    parse_value,
+    rgb,
+    text,
+)
+from .options import device as device_check
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,159 +68,6 @@ BACKBONE_PRESETS: Dict[str, Dict[str, Any]] = {
     "in1k_rn101": _IN1K_PRESET,
     "in1k_rn152": _IN1K_PRESET,
 }
-
-Layers = Union[None, int, str, Sequence[int]]
-
-
-@dataclass
-class TunerConfig:
-    """Which parameter-efficient tuners go into the image encoder, and where (``v.*`` options).
-
-    ``*_layers``: ``None`` (all blocks), an int k (the last k blocks; 0 selects none, so the
-    tuner adds nothing, as in the published partial fine-tuning sweep), a list of block indices
-    or an expression string such as ``"[1, 2]"`` or ``"range(3)"``. ``*_dim`` / ``pt_len``:
-    ``None`` picks the published rule from the class count. ``unfreeze_bn`` trains the
-    BatchNorm layers (affine and running statistics) of a ResNet backbone.
-    """
-
-    fft: bool = False
-    fft_layers: Layers = None
-    bitfit: bool = False
-    bitfit_layers: Layers = None
-    pt: bool = False
-    pt_layers: Layers = None
-    pt_len: Optional[int] = None
-    lora: bool = False
-    lora_layers: Layers = None
-    lora_dim: Optional[int] = None
-    adapter: bool = False
-    adapter_layers: Layers = None
-    adapter_dim: Optional[int] = None
-    adaptformer: bool = False
-    adaptformer_layers: Layers = None
-    adaptformer_dim: Optional[int] = None
-    ssf: bool = False
-    ssf_layers: Layers = None
-    aft: bool = False
-    aft_layers: Layers = None
-    aft_ratio: Optional[float] = None
-    aft_loc: str = "all"
-    aft_seed: int = 0
-    unfreeze_bn: bool = False
-
-
-def text_tuner_defaults() -> TunerConfig:
-    """The published defaults of the text-encoder tuners (``l.*`` options)."""
-    return TunerConfig(pt_layers="deep", pt_len=2, lora_dim=4, adapter_dim=4, adaptformer_dim=4)
-
-
-@dataclass
-class LiftConfig:
-    """Every option of a run. Defaults are the published LIFT+ defaults (method ``lift+``).
-
-    ``LiftConfig(method="lora", num_classes=K)`` applies the method's preset (:data:`METHODS`)
-    to every option not given, so the method named is the method built; a value given (even one
-    equal to the default, and any ``v.*`` field given in ``v=TunerConfig(...)``) always wins.
-    :func:`make_config` applies presets and overrides in an explicit order, and
-    :meth:`from_dict` restores a saved config as it was (no preset).
-    """
-
-    method: str = "lift+"
-    num_classes: Optional[int] = None
-    # data
-    dataset: str = "cifar100_ir100"
-    root: str = "./data"
-    # Folder of the split files of list-file data sets (train.txt, test.txt, classnames.txt);
-    # None: the data root.
-    split_dir: Optional[str] = None
-    # Decode-once cache folder (built by `liftplus-fast cache`); None: decode the source images.
-    data_cache: Optional[str] = None
-    # Train from a cache whose build skipped undecodable training images.
-    allow_skipped: bool = False
-    # Decode and augment cached images in batches on the training device (the GPU) rather
-    # than in the DataLoader workers.
-    augment_on_device: bool = False
-    resolution: int = 224
-    mean: tuple = CLIP_MEAN
-    std: tuple = CLIP_STD
-    num_workers: int = 4
-    # backbone
-    backbone: str = "clip_vit_b16"
-    pretrained: Optional[str] = "openai"
-    # run
-    seed: Optional[int] = 0
-    deterministic: bool = True
-    device: str = "auto"
-    # Mixed precision, owned by the model (frozen weights stored once in the half type): "amp"
-    # trains in fp16 with a gradient scaler on CUDA, in bf16 on CPU (the CPU's fast half type); "fp16"/"bf16" name the
-    # half type; "fp32" is full precision (use it to reproduce fp32 numbers exactly).
-    prec_train: str = "amp"  # fp32 / amp / fp16 / bf16
-    prec_test: str = "fp16"  # fp32 / fp16 / bf16 (half precision is bf16 on CPU)
-    # optimisation
-    num_epochs: int = 5
-    batch_size: int = 128
-    accum_step: int = 1
-    lr: float = 0.02
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    loss_type: str = "LA"
-    la_tau: float = 1.0
-    # augmentation and test
-    mda: bool = True
-    mda_func: str = "convex"
-    tte: bool = False
-    expand: Optional[int] = None
-    # method
-    zero_shot: bool = False
-    classifier: Optional[str] = "CosineClassifier"
-    classifier_scale: float = 25.0
-    classifier_init: Optional[str] = "semantic"
-    v: TunerConfig = field(default_factory=TunerConfig)
-    l: TunerConfig = field(default_factory=text_tuner_defaults)  # noqa: E741 (published name)
-    # CLIP-side methods of the published code (text prompts, projections, CLIP-Adapter)
-    coop: bool = False
-    coop_init: Optional[str] = None
-    coop_ctx_len: int = 4
-    coop_cls_pos: str = "end"
-    proj_tuning: bool = False
-    clip_adapter: bool = False
-    clip_adapter_dim: int = 4
-    # outputs
-    test_only: bool = False
-    model_dir: Optional[str] = None
-    output_dir: Optional[str] = None
-    print_freq: int = 10
-    # reliability
-    nonfinite_loss: str = "error"  # "error": stop the run; "skip": skip the step (as a grad scaler)
-    dist_timeout: float = 1800.0  # seconds a collective waits for a stalled process
-    apply_preset: InitVar[bool] = True
-
-    def __post_init__(self, apply_preset: bool) -> None:
-        if apply_preset:
-            self.method = resolve_method(self.method)
-            _fill_preset(self)
-        validate(self)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-ready dict of every option."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "LiftConfig":
-        """Inverse of :meth:`to_dict` (unknown keys raise ``ValueError``)."""
-        d = dict(d)
-        v = TunerConfig(**d.pop("v", {}))
-        if "l" in d:
-            d["l"] = TunerConfig(**d["l"])
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserInputError(f"unknown LiftConfig option(s): {', '.join(unknown)}")
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(v=v, apply_preset=False, **d)
-
 
 # Method presets: ``-m NAME`` of the command line. Keys are LiftConfig options; ``v.x`` sets
 # TunerConfig.x. Names follow the published configs plus one name per compared tuner.
@@ -227,13 +99,196 @@ METHOD_ALIASES = {
     "liftplus": "lift+",
 }
 
-LOSSES = ("CE", "Focal", "LDAM", "CB", "GRW", "BS", "LA", "LADE")
-CLASSIFIERS = ("CosineClassifier", "LinearClassifier", "L2NormClassifier", "LayerNormClassifier")
-CLASSIFIER_INITS = ("semantic", "class_mean", "linear_probing", "random", None)
-MDA_FUNCS = ("min", "max", "linear", "convex", "concave")
-AFT_LOCS = ("attn", "mlp", "all")
-PRECISIONS_TRAIN = ("fp32", "amp", "fp16", "bf16")
-PRECISIONS_TEST = ("fp32", "fp16", "bf16", "amp")
+# Non-finite loss policies (nonfinite_loss), implemented by the training loop.
+NONFINITE_LOSS = ("error", "skip")
+
+# Every option below is declared once: its type (the annotation), default, check and one line of
+# help (liftplus_fast.options.option). Vocabularies come from the parts that implement them.
+_LAYERS_HELP = "{} blocks: None (all), k (the last k; 0: none), a list, or an expression such as 'range(3)'"
+_DIM = integer(lo=1, optional=True)
+
+
+@dataclass
+class TunerConfig:
+    """Which parameter-efficient tuners go into an encoder, and where (``v.*``: image, ``l.*``: text).
+
+    ``*_layers``: ``None`` (all blocks), an int k (the last k blocks; 0 selects none, so the
+    tuner adds nothing, as in the published partial fine-tuning sweep), a list of block indices
+    or an expression string such as ``"[1, 2]"`` or ``"range(3)"``. ``*_dim`` / ``pt_len``:
+    ``None`` picks the published rule from the class count. The tuners are those
+    :data:`liftplus_fast.model.tuners.TUNERS` installs, in its order.
+    """
+
+    fft: bool = option(False, flag, "full fine-tuning (FFT) of the selected blocks")
+    fft_layers: Layers = option(None, check_layers, _LAYERS_HELP.format("FFT"))
+    bitfit: bool = option(False, flag, "bias-terms fine-tuning (BitFit)")
+    bitfit_layers: Layers = option(None, check_layers, _LAYERS_HELP.format("BitFit"))
+    pt: bool = option(False, flag, "prompt tuning (VPT-deep): learnable tokens in every selected block")
+    pt_layers: Layers = option(None, check_layers, _LAYERS_HELP.format("prompt-tuning"))
+    pt_len: Optional[int] = option(None, _DIM, "prompt length; None: the published rule from the class count")
+    lora: bool = option(False, flag, "low-rank adaptation (LoRA) of the query and value projections")
+    lora_layers: Layers = option(None, check_layers, _LAYERS_HELP.format("LoRA"))
+    lora_dim: Optional[int] = option(None, _DIM, "LoRA bottleneck dimension; None: the published rule")
+    adapter: bool = option(False, flag, "Adapter: a bottleneck in series after the MLP")
+    adapter_layers: Layers = option(None, check_layers, _LAYERS_HELP.format("Adapter"))
+    adapter_dim: Optional[int] = option(None, _DIM, "Adapter bottleneck dimension; None: the published rule")
+    adaptformer: bool = option(False, flag, "AdaptFormer: a scaled bottleneck parallel to the MLP")
+    adaptformer_layers: Layers = option(None, check_layers, _LAYERS_HELP.format("AdaptFormer"))
+    adaptformer_dim: Optional[int] = option(None, _DIM, "AdaptFormer bottleneck dimension; None: the published rule")
+    ssf: bool = option(False, flag, "scaling and shifting (SSF) of the linear layers' outputs")
+    ssf_layers: Layers = option(None, check_layers, _LAYERS_HELP.format("SSF"))
+    aft: bool = option(False, flag, "arbitrary fine-tuning (AFT): a random fixed subset of the weights")
+    aft_layers: Layers = option(None, check_layers, _LAYERS_HELP.format("AFT"))
+    aft_ratio: Optional[float] = option(
+        None,
+        number(float, lo=0, hi=1, lo_open=True, optional=True),
+        "fraction of the weights AFT trains; None: as many weights as a linear classifier (classes x width)",
+    )
+    aft_loc: str = option("all", choice(AFT_LOCS), "where AFT picks weights: attention, MLP or all linear layers")
+    aft_seed: int = option(0, integer(lo=0), "seed of the AFT weight masks")
+    unfreeze_bn: bool = option(False, flag, "train the BatchNorm layers (affine and statistics) of a ResNet backbone")
+
+
+def text_tuner_defaults() -> TunerConfig:
+    """The published defaults of the text-encoder tuners (``l.*`` options)."""
+    return TunerConfig(pt_layers="deep", pt_len=2, lora_dim=4, adapter_dim=4, adaptformer_dim=4)
+
+
+@dataclass
+class LiftConfig:
+    """Every option of a run. Defaults are the published LIFT+ defaults (method ``lift+``).
+
+    ``LiftConfig(method="lora", num_classes=K)`` applies the method's preset (:data:`METHODS`)
+    to every option not given, so the method named is the method built; a value given (even one
+    equal to the default, and any ``v.*`` field given in ``v=TunerConfig(...)``) always wins.
+    :func:`make_config` applies presets and overrides in an explicit order, and
+    :meth:`from_dict` restores a saved config as it was (no preset).
+    """
+
+    method: str = option("lift+", choice(METHODS), "the method; its preset fills every option not given")
+    num_classes: Optional[int] = option(None, integer(lo=2, optional=True), "classes; None: the data set's")
+    # data
+    dataset: str = option("cifar100_ir100", text(), "data set name (cifar100_ir100, imagenet_lt, places_lt, ...)")
+    root: str = option("./data", text(), "folder where the data sets are stored")
+    split_dir: Optional[str] = option(
+        None, text(optional=True), "folder of a list-file data set's train.txt, test.txt, classnames.txt; None: root"
+    )
+    data_cache: Optional[str] = option(
+        None, text(optional=True), "decode-once cache folder (liftplus-fast cache); None: decode the source images"
+    )
+    allow_skipped: bool = option(False, flag, "train from a cache whose build skipped undecodable training images")
+    augment_on_device: bool = option(
+        False, flag, "decode and augment cached images in batches on the training device (needs data_cache)"
+    )
+    resolution: int = option(224, integer(lo=1), "side of the square input images in pixels")
+    mean: tuple = option(CLIP_MEAN, rgb(False), "per-channel mean the images are normalised with")
+    std: tuple = option(CLIP_STD, rgb(True), "per-channel standard deviation the images are normalised with")
+    num_workers: int = option(4, integer(lo=0), "data-loading processes (at most the CPU count)")
+    # backbone
+    backbone: str = option(
+        "clip_vit_b16", text(), "backbone: a published name (clip_vit_b16, ...), an open_clip or timm model name"
+    )
+    pretrained: Optional[str] = option(
+        "openai",
+        text(optional=True),
+        "backbone weights: an open_clip tag, 'default' (timm's), a checkpoint file, or None (random)",
+    )
+    # run
+    seed: Optional[int] = option(0, integer(lo=0, optional=True), "seed of Python, NumPy and torch; None: unseeded")
+    deterministic: bool = option(True, flag, "deterministic algorithms, for reproducible results")
+    device: str = option("auto", device_check, "where to run: auto (CUDA when available), cpu, cuda or cuda:N")
+    prec_train: str = option(
+        "amp", choice(PRECISIONS), "training precision; amp: fp16 with loss scaling on CUDA, bf16 on CPU"
+    )
+    prec_test: str = option("fp16", choice(PRECISIONS), "evaluation precision (every half precision is bf16 on CPU)")
+    # optimisation
+    num_epochs: int = option(5, integer(lo=1), "training epochs")
+    batch_size: int = option(128, integer(lo=1), "images per optimiser step (over all processes)")
+    accum_step: int = option(1, integer(lo=1), "gradient-accumulation micro-batches per step; must divide batch_size")
+    lr: float = option(0.02, number(lo=0, lo_open=True), "SGD learning rate, cosine-annealed over the epochs")
+    weight_decay: float = option(5e-4, number(lo=0), "SGD weight decay")
+    momentum: float = option(0.9, number(lo=0, hi=1), "SGD momentum")
+    loss_type: str = option("LA", choice(tuple(LOSSES)), "training loss (LA: logit-adjusted cross-entropy)")
+    la_tau: float = option(1.0, number(lo=0), "strength of the LA loss's logit adjustment (tau)")
+    # augmentation and test
+    mda: bool = option(True, flag, "minimalist data augmentation; False: random resized crop and flip")
+    mda_func: str = option("convex", choice(MDA_FUNCS), "how MDA's smallest crop area grows over the epochs")
+    tte: bool = option(False, flag, "test-time ensembling over five crops of each test image")
+    expand: Optional[int] = option(
+        None,
+        integer(lo=0, optional=True),
+        "pixels the test resize adds to resolution before cropping; None: 24 with tte, else resolution // 7",
+    )
+    # method
+    zero_shot: bool = option(False, flag, "evaluate zero-shot CLIP, without training")
+    classifier: Optional[str] = option(
+        "CosineClassifier",
+        choice(tuple(CLASSIFIERS), optional=True),
+        "classifier head on the image feature; None: CLIP's text encoder as the head",
+    )
+    classifier_scale: float = option(25.0, number(lo=0, lo_open=True), "logit scale of the classifier")
+    classifier_init: Optional[str] = option(
+        "semantic",
+        choice(CLASSIFIER_INITS, optional=True),
+        "classifier initialisation: class-name prompts (semantic), image features, or random",
+    )
+    v: TunerConfig = field(default_factory=TunerConfig, metadata={"help": "image-encoder tuners (v.* options)"})
+    l: TunerConfig = field(  # noqa: E741 (published name)
+        default_factory=text_tuner_defaults, metadata={"help": "text-encoder tuners (l.* options)"}
+    )
+    # CLIP-side methods of the published code (text prompts, projections, CLIP-Adapter)
+    coop: bool = option(False, flag, "context optimisation (CoOp): learnable context tokens in the class prompts")
+    coop_init: Optional[str] = option(
+        None, choice(COOP_INITS, optional=True), "initial CoOp contexts: None (random) or those of 'a photo of a'"
+    )
+    coop_ctx_len: int = option(4, integer(lo=1), "number of learnable CoOp context tokens")
+    coop_cls_pos: str = option("end", choice(COOP_CLS_POSITIONS), "position of the class name in the CoOp prompts")
+    proj_tuning: bool = option(False, flag, "fine-tune CLIP's image and text projections")
+    clip_adapter: bool = option(False, flag, "CLIP-Adapters on the projected image and text features")
+    clip_adapter_dim: int = option(4, integer(lo=1), "hidden dimension of the CLIP-Adapters")
+    # outputs
+    test_only: bool = option(False, flag, "load a trained tuner (model_dir) and evaluate it")
+    model_dir: Optional[str] = option(
+        None, text(optional=True), "folder or checkpoint of the tuner to load; None with test_only: the run's own"
+    )
+    output_dir: Optional[str] = option(
+        None, text(optional=True), "folder of the run's config, log, metrics, checkpoint and plot; None: no files"
+    )
+    print_freq: int = option(10, integer(lo=1), "a training log line every this many batches")
+    # reliability
+    nonfinite_loss: str = option(
+        "error", choice(NONFINITE_LOSS), "a step with a non-finite loss: error stops the run, skip skips the step"
+    )
+    dist_timeout: float = option(
+        1800.0, number(lo=0, lo_open=True), "seconds a data-parallel collective waits for a stalled process"
+    )
+    apply_preset: InitVar[bool] = True
+
+    def __post_init__(self, apply_preset: bool) -> None:
+        if apply_preset:
+            self.method = resolve_method(self.method)
+            _fill_preset(self)
+        validate(self)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict of every option."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LiftConfig":
+        """Inverse of :meth:`to_dict` (unknown keys raise ``ValueError``)."""
+        d = dict(d)
+        v = TunerConfig(**d.pop("v", {}))
+        if "l" in d:
+            d["l"] = TunerConfig(**d["l"])
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserInputError(f"unknown LiftConfig option(s): {', '.join(unknown)}")
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(v=v, apply_preset=False, **d)
 
 
 def resolve_method(name: str) -> str:
@@ -244,22 +299,6 @@ def resolve_method(name: str) -> str:
     return key
 
 
-def _parse_value(text: Any) -> Any:
-    if not isinstance(text, str):
-        return text
-    lowered = text.lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered == "true":
-        return True
-    if lowered == "false":
-        return False
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 # Published scripts/run_expand.sh passes ``tte_expand``, which the published config does not
 # have (its yacs merge refuses it); it means ``expand``, so it is read as that here.
 OPTION_ALIASES = {"tte_expand": "expand"}
@@ -267,7 +306,7 @@ OPTION_ALIASES = {"tte_expand": "expand"}
 
 def set_option(cfg: LiftConfig, key: str, value: Any) -> None:
     """Set ``key`` (``lr``, ``v.adaptformer_dim``, ``l.lora``, ...) from a value or its string form."""
-    value = _parse_value(value)
+    value = parse_value(value)
     key = OPTION_ALIASES.get(key, key)
     target, name = cfg, key
     if key.startswith("v.") or key.startswith("v_"):
@@ -337,10 +376,7 @@ def make_config(
     cfg = LiftConfig(method=resolve_method(method), apply_preset=False)
     for key, value in METHODS[cfg.method].items():
         set_option(cfg, key, value)
-    opts = list(opts)
-    if len(opts) % 2:
-        raise UserInputError(f"options must come as 'key value' pairs; got {opts}")
-    pairs = list(zip(opts[::2], opts[1::2]))
+    pairs = key_value_pairs(opts)
     backbone = (overrides or {}).get("backbone", cfg.backbone)
     backbone = next((v for k, v in reversed(pairs) if k == "backbone"), backbone)
     for key, value in backbone_preset(backbone).items():
@@ -360,9 +396,7 @@ def validate(cfg: LiftConfig) -> None:
     accepted for float options, and lists for ``mean``/``std``.
     """
     for target, prefix in ((cfg, ""), (cfg.v, "v."), (cfg.l, "l.")):
-        for f in fields(target):
-            if f.name not in ("v", "l"):
-                setattr(target, f.name, check_option(prefix + f.name, getattr(target, f.name)))
+        check_fields(target, prefix)
     if cfg.batch_size % cfg.accum_step:
         raise UserInputError(f"batch_size ({cfg.batch_size}) must be divisible by accum_step ({cfg.accum_step})")
     if cfg.augment_on_device and cfg.data_cache is None:
@@ -374,218 +408,23 @@ def check_option(name: str, value: Any) -> Any:
     check = OPTION_CHECKS.get(name)
     if check is None:
         raise UserInputError(f"unknown option {name!r}")
-    ok, out, expected = check(value)
-    if not ok:
-        raise UserInputError(f"option {name} must be {expected}; got {value!r}")
-    return out
+    return check_value(name, check, value)
 
 
-def check_aft_loc(loc: str) -> None:
-    """``UserInputError`` unless ``loc`` is an AFT location (:data:`AFT_LOCS`)."""
-    check_option("v.aft_loc", loc)
+def _option_fields(target) -> Dict[str, Any]:
+    return {f.name: f.metadata["check"] for f in fields(target) if f.metadata.get("check") is not None}
 
 
-def _number(kind, lo=None, hi=None, lo_open=False, hi_open=False, optional=False):
-    # A checker returns (ok, normalised value, what is expected) so every message has one shape.
-    bounds = []
-    if lo is not None:
-        bounds.append(f"{'>' if lo_open else '>='} {lo}")
-    if hi is not None:
-        bounds.append(f"{'<' if hi_open else '<='} {hi}")
-    what = ("an integer" if kind is int else "a finite number") + (" " + " and ".join(bounds) if bounds else "")
-    if optional:
-        what += " or None"
-
-    def check(value):
-        if value is None:
-            return optional, value, what
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False, value, what
-        if kind is int and not (isinstance(value, int) or float(value).is_integer()):
-            return False, value, what
-        if kind is float and not math.isfinite(value):
-            return False, value, what
-        value = kind(value)
-        if lo is not None and (value < lo or (lo_open and value == lo)):
-            return False, value, what
-        if hi is not None and (value > hi or (hi_open and value == hi)):
-            return False, value, what
-        return True, value, what
-
-    return check
-
-
-def _choice(values, optional=False):
-    what = "one of " + ", ".join(repr(v) for v in values) + (" or None" if optional else "")
-
-    def check(value):
-        return (value is None and optional) or (isinstance(value, str) and value in values), value, what
-
-    return check
-
-
-def _flag(value):
-    return isinstance(value, bool), value, "True or False"
-
-
-def _text(optional=False, nonempty=True):
-    what = ("a non-empty string" if nonempty else "a string") + (" or None" if optional else "")
-
-    def check(value):
-        if value is None:
-            return optional, value, what
-        return isinstance(value, str) and (bool(value.strip()) or not nonempty), value, what
-
-    return check
-
-
-def _triple(positive):
-    what = "three finite numbers (one per RGB channel)" + (", all > 0" if positive else "")
-
-    def check(value):
-        if (
-            not isinstance(value, (list, tuple))
-            or len(value) != 3
-            or any(
-                isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or (positive and x <= 0)
-                for x in value
-            )
-        ):
-            return False, value, what
-        return True, tuple(float(x) for x in value), what
-
-    return check
-
-
-def _layers(value):
-    what = (
-        "None, a block count k >= 0 (0: none), a list of block indices, 'deep' (all) or an "
-        "expression such as 'range(3)'"
-    )
-    if value is None:
-        return True, value, what
-    if isinstance(value, bool):
-        return False, value, what
-    if isinstance(value, int):
-        return value >= 0, value, what
-    if value == "deep":  # every block (VPT-deep); the published default of l.pt_layers
-        return True, value, what
-    if isinstance(value, str):
-        try:
-            parsed = list(eval(value, {"__builtins__": {}}, {"range": range, "list": list}))  # noqa: S307
-        except Exception:  # user text: any failure means it is not a layers expression
-            return False, value, what
-        return all(isinstance(i, int) and not isinstance(i, bool) for i in parsed), value, what
-    if isinstance(value, (list, tuple)):
-        return all(isinstance(i, int) and not isinstance(i, bool) for i in value), list(value), what
-    return False, value, what
-
-
-def _device(value):
-    what = "'auto', 'cpu', 'cuda' or 'cuda:N'"
-    ok = isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
-    return ok, value, what
-
-
-_dim = _number(int, lo=1, optional=True)
-# Every option, by the name the command line uses, with its type and range.
-OPTION_CHECKS = {
-    "method": _choice(tuple(METHODS)),
-    "num_classes": _number(int, lo=2, optional=True),
-    "dataset": _text(),
-    "root": _text(),
-    "backbone": _text(),
-    "split_dir": _text(optional=True),
-    "data_cache": _text(optional=True),
-    "allow_skipped": _flag,
-    "augment_on_device": _flag,
-    "resolution": _number(int, lo=1),
-    "mean": _triple(False),
-    "std": _triple(True),
-    "num_workers": _number(int, lo=0),
-    "pretrained": _text(optional=True),
-    "seed": _number(int, lo=0, optional=True),
-    "deterministic": _flag,
-    "device": _device,
-    "prec_train": _choice(PRECISIONS_TRAIN),
-    "prec_test": _choice(PRECISIONS_TEST),
-    "num_epochs": _number(int, lo=1),
-    "batch_size": _number(int, lo=1),
-    "accum_step": _number(int, lo=1),
-    "lr": _number(float, lo=0, lo_open=True),
-    "weight_decay": _number(float, lo=0),
-    "momentum": _number(float, lo=0, hi=1),
-    "loss_type": _choice(LOSSES),
-    "la_tau": _number(float, lo=0),
-    "mda": _flag,
-    "mda_func": _choice(MDA_FUNCS),
-    "tte": _flag,
-    "expand": _number(int, lo=0, optional=True),
-    "zero_shot": _flag,
-    "classifier": _choice(CLASSIFIERS, optional=True),
-    "classifier_scale": _number(float, lo=0, lo_open=True),
-    "classifier_init": _choice(tuple(c for c in CLASSIFIER_INITS if c is not None), optional=True),
-    "test_only": _flag,
-    "model_dir": _text(optional=True),
-    "output_dir": _text(optional=True),
-    "print_freq": _number(int, lo=1),
-    "nonfinite_loss": _choice(("error", "skip")),
-    "dist_timeout": _number(float, lo=0, lo_open=True),
-    "v.pt_len": _dim,
-    "v.lora_dim": _dim,
-    "v.adapter_dim": _dim,
-    "v.adaptformer_dim": _dim,
-    "v.aft_ratio": _number(float, lo=0, hi=1, lo_open=True, optional=True),
-    "v.aft_loc": _choice(AFT_LOCS),
-    "v.aft_seed": _number(int, lo=0),
+# Every option by the name the command line uses, with its check: read from the declarations.
+OPTION_CHECKS: Dict[str, Any] = {
+    **_option_fields(LiftConfig),
+    **{f"v.{name}": check for name, check in _option_fields(TunerConfig).items()},
+    **{f"l.{name}": check for name, check in _option_fields(TunerConfig).items()},
 }
-OPTION_CHECKS.update(
-    {
-        "coop": _flag,
-        "coop_init": _choice(("photo",), optional=True),
-        "coop_ctx_len": _number(int, lo=1),
-        "coop_cls_pos": _choice(("front", "middle", "end")),
-        "proj_tuning": _flag,
-        "clip_adapter": _flag,
-        "clip_adapter_dim": _number(int, lo=1),
-        "v.unfreeze_bn": _flag,
-        "l.unfreeze_bn": _flag,
-    }
-)
-for _part in ("v", "l"):  # image (v.*) and text (l.*) encoder tuners share their options
-    for _tuner in ("fft", "bitfit", "pt", "lora", "adapter", "adaptformer", "ssf", "aft"):
-        OPTION_CHECKS[f"{_part}.{_tuner}"] = _flag
-        OPTION_CHECKS[f"{_part}.{_tuner}_layers"] = _layers
-    for _key in ("pt_len", "lora_dim", "adapter_dim", "adaptformer_dim", "aft_ratio", "aft_loc", "aft_seed"):
-        OPTION_CHECKS[f"l.{_key}"] = OPTION_CHECKS[f"v.{_key}"]
 
 
-def parse_layers(layers: Layers, n_layers: int) -> List[int]:
-    """Block indices selected by a ``*_layers`` option (see :class:`TunerConfig`)."""
-    if layers is None or layers == "deep":
-        return list(range(n_layers))
-    if isinstance(layers, bool):
-        raise UserInputError(f"layers must be None, an int, a list or an expression; got {layers!r}")
-    if isinstance(layers, int):
-        if not 0 <= layers <= n_layers:
-            raise UserInputError(f"layers={layers} selects the last k blocks; k must be in [0, {n_layers}]")
-        return list(range(n_layers - layers, n_layers))
-    if isinstance(layers, str):
-        try:
-            parsed = eval(layers, {"__builtins__": {}}, {"range": range, "list": list})  # noqa: S307
-        except Exception as exc:  # the expression is user text: report it whatever failed
-            raise UserInputError(f"could not read layers expression {layers!r}: {exc}") from None
-        return parse_layers(list(parsed), n_layers)
-    out = [int(i) for i in layers]
-    bad = [i for i in out if not -n_layers <= i < n_layers]
-    if bad:
-        raise UserInputError(f"layer indices {bad} are out of range for {n_layers} blocks")
-    return [i % n_layers for i in out]
-
-
-def bottleneck_dim(num_classes: int, n_layers: int, divisor: int) -> int:
-    """The published bottleneck rule ``2 ** max(0, floor(log2(K / (divisor * L))))``.
-
-    ``divisor`` is 2 for Adapter/AdaptFormer, 4 for LoRA and 1 for the VPT prompt length.
-    """
-    return 2 ** max(0, int(math.log2(num_classes / (n_layers * divisor))))
+def option_table() -> List[OptionInfo]:
+    """Every option with its type, default, what it accepts and one line of help, in declaration
+    order (image-encoder ``v.*`` and text-encoder ``l.*`` tuner options after the others)."""
+    cfg = LiftConfig(apply_preset=False)
+    return describe(cfg) + describe(cfg.v, "v.") + describe(cfg.l, "l.")

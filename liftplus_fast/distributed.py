@@ -22,30 +22,24 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import UserInputError
+from .errors import CollectiveTimeoutError, UserInputError
+from .ops import gemm
 
 __all__ = [
     "CollectiveTimeoutError",
     "DistContext",
+    "all_reduce_sum",
     "explain_timeout",
     "init_distributed",
-    "shutdown_distributed",
-    "rank_device",
-    "average_gradients",
-    "broadcast_module",
-    "agree_on_cpu_bf16_path",
-    "all_reduce_sum",
-    "gather_objects",
-    "check_batch_split",
-    "shard",
     "is_main_process",
-    "rank_seed",
+    "shutdown_distributed",
 ]
 
 
 @dataclass
 class DistContext:
-    """Where this process sits in a data-parallel run (``world_size == 1``: a single process)."""
+    """Where this process sits in a data-parallel run (``world_size == 1``: a single process),
+    and the collectives the run uses: each one is a no-op for a single process."""
 
     rank: int = 0
     world_size: int = 1
@@ -59,6 +53,85 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """One GPU per process: ``cuda`` becomes ``cuda:LOCAL_RANK``; CPU stays CPU."""
+        if self.enabled and device.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def rank_seed(self, seed: int) -> int:
+        """A seed of this process's own: ``seed`` on rank 0 (and alone), far apart on the others."""
+        return seed + 100_003 * self.rank
+
+    def micro_batch(self, batch_size: int, accum_step: int) -> int:
+        """The per-process micro-batch size, or ``ValueError`` naming ``batch_size``."""
+        parts = accum_step * self.world_size
+        if batch_size % parts:
+            raise UserInputError(
+                f"batch_size ({batch_size}) must be divisible by accum_step ({accum_step}) "
+                f"times the number of processes ({self.world_size})"
+            )
+        return batch_size // parts
+
+    def shard(self, dataset):
+        """This process's share of ``dataset`` for evaluation: every ``world_size``-th item, no padding."""
+        if not self.enabled:
+            return dataset
+        return torch.utils.data.Subset(dataset, range(self.rank, len(dataset), self.world_size))
+
+    def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Replace every ``p.grad`` by its mean over the processes (one flat all-reduce per dtype)."""
+        if not self.enabled:
+            return
+        by_dtype = {}
+        for g in (p.grad for p in params if p.grad is not None):
+            by_dtype.setdefault((g.dtype, g.device), []).append(g)
+        for group in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat)
+            flat.div_(self.world_size)
+            offset = 0
+            for g in group:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def broadcast_module(self, module: torch.nn.Module, src: int = 0) -> None:
+        """Copy ``module``'s parameters and buffers from rank ``src`` to every process."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(t.data, src)
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the processes (a new tensor; for one process, ``values`` itself).
+        NCCL needs the tensor on the process's GPU, Gloo on the CPU: the caller places it."""
+        return all_reduce_sum(values) if self.enabled else values
+
+    def any_process(self, flag: bool, device) -> bool:
+        """Whether ``flag`` is set on any process, so that every process takes the same branch
+        (a branch one process took alone would leave the next collective waiting)."""
+        if not self.enabled:
+            return flag
+        return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+    def gather_objects(self, obj) -> List:
+        """Every process's ``obj``, in rank order (``[obj]`` for a single process)."""
+        if not self.enabled:
+            return [obj]
+        out: List[Optional[object]] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agree_on_cpu_bf16_path(self) -> None:
+        """Make every process take rank 0's bf16 GEMM path on CPU (``ops.gemm``): each would
+        otherwise measure its own, and processes sharing a machine can measure differently."""
+        if not self.enabled:
+            return
+        choice = [gemm.cpu_bf16_gemm_path() if self.is_main else None]
+        dist.broadcast_object_list(choice, src=0)
+        gemm.use_cpu_bf16_gemm_path(choice[0])
 
 
 def _env_int(name: str, default: int) -> int:
@@ -97,14 +170,6 @@ def init_distributed(device: torch.device, timeout: float = 1800.0) -> DistConte
     return DistContext(rank, world, local_rank, owns_group=True)
 
 
-class CollectiveTimeoutError(TimeoutError, RuntimeError):
-    """A collective waited longer than ``dist_timeout`` for another process.
-
-    A ``TimeoutError`` (the environment failed, not the input: the command line prints it as one
-    line) and a ``RuntimeError`` (what torch.distributed raised before it was explained).
-    """
-
-
 def explain_timeout(exc: BaseException, timeout: float) -> BaseException:
     """``exc`` as one sentence naming ``dist_timeout`` when it is a collective's timeout, else ``exc``.
 
@@ -127,52 +192,6 @@ def shutdown_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
-    """One GPU per process: ``cuda`` becomes ``cuda:LOCAL_RANK``; CPU stays CPU."""
-    if ctx.enabled and device.type == "cuda":
-        return torch.device("cuda", ctx.local_rank)
-    return device
-
-
-def average_gradients(params: Iterable[torch.nn.Parameter], ctx: DistContext) -> None:
-    """Replace every ``p.grad`` by its mean over the processes (one flat all-reduce per dtype)."""
-    if not ctx.enabled:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    by_dtype = {}
-    for g in grads:
-        by_dtype.setdefault((g.dtype, g.device), []).append(g)
-    for group in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in group])
-        dist.all_reduce(flat)
-        flat.div_(ctx.world_size)
-        offset = 0
-        for g in group:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def broadcast_module(module: torch.nn.Module, ctx: DistContext, src: int = 0) -> None:
-    """Copy ``module``'s parameters and buffers from rank ``src`` to every process."""
-    if not ctx.enabled:
-        return
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src)
-
-
-def agree_on_cpu_bf16_path(ctx: DistContext) -> None:
-    """Make every process take rank 0's bf16 GEMM path on CPU (``ops.gemm``): each would
-    otherwise measure its own, and processes sharing a machine can measure differently."""
-    if not ctx.enabled:
-        return
-    from .ops import gemm
-
-    choice = [gemm.cpu_bf16_gemm_path() if ctx.is_main else None]
-    dist.broadcast_object_list(choice, src=0)
-    gemm.use_cpu_bf16_gemm_path(choice[0])
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum ``values`` over the default process group (a new tensor; the input is left alone).
 
@@ -184,38 +203,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     out = values.clone()
     dist.all_reduce(out)
     return out
-
-
-def rank_seed(seed: int, ctx: DistContext) -> int:
-    """A seed of this process's own: ``seed`` on rank 0 (and alone), far apart on the others."""
-    return seed + 100_003 * ctx.rank
-
-
-def gather_objects(obj, ctx: DistContext) -> List:
-    """Every process's ``obj``, in rank order (``[obj]`` for a single process)."""
-    if not ctx.enabled:
-        return [obj]
-    out: List[Optional[object]] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def check_batch_split(batch_size: int, accum_step: int, ctx: DistContext) -> int:
-    """The per-process micro-batch size, or ``ValueError`` naming ``batch_size``."""
-    parts = accum_step * ctx.world_size
-    if batch_size % parts:
-        raise UserInputError(
-            f"batch_size ({batch_size}) must be divisible by accum_step ({accum_step}) "
-            f"times the number of processes ({ctx.world_size})"
-        )
-    return batch_size // parts
-
-
-def shard(dataset, ctx: DistContext):
-    """This process's share of ``dataset`` for evaluation: every ``world_size``-th item, no padding."""
-    if not ctx.enabled:
-        return dataset
-    return torch.utils.data.Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
 
 
 def is_main_process() -> bool:

@@ -1,14 +1,51 @@
-"""The package's one exception type for bad user input.
+"""Every exception the package raises on purpose, under one base class, :class:`LiftPlusError`.
 
-:class:`UserInputError` marks an error in what the user gave (an option, a name, a path, an
-environment variable), as opposed to a failure inside the package. The command line prints it
-as one line and exits with status 2; everything else keeps its traceback. It subclasses
-``ValueError``, so callers that catch ``ValueError`` keep working; :class:`MissingInputError`
-(a missing file or folder the user named) is also a ``FileNotFoundError``.
+Catch :class:`LiftPlusError` for all of them. Each also derives from the built-in exception a
+caller would expect (``ValueError`` for bad input, ``OSError`` for what the environment
+refused), so ``except ValueError`` and ``except OSError`` keep working::
+
+    LiftPlusError
+    ├── UserInputError (ValueError)          bad input: an option, a name, a path, a data file
+    │   ├── MissingInputError (FileNotFoundError)   a file or folder the user named is missing
+    │   ├── CorruptImageError                an image file that cannot be decoded
+    │   ├── CacheError                       a decode-once cache that is missing, stale or damaged
+    │   ├── ResumeMismatchError              resume asked with other schedule options
+    │   ├── BackboneLoadError (RuntimeError)         backbone weights not obtainable
+    │   ├── DatasetUnavailableError (RuntimeError)   data set neither on disk nor downloadable
+    │   ├── DivergenceError (RuntimeError)           non-finite loss or tuner
+    │   └── BackendUnavailableError (RuntimeError)   the kernel backend asked for cannot run
+    │                                                (defined beside the dispatcher, ops/_dispatch.py)
+    ├── OutputWriteError (OSError)           an output file could not be written
+    ├── RunExistsError (FileExistsError)     the output folder holds a run; no resume/overwrite
+    └── CollectiveTimeoutError (TimeoutError, RuntimeError)   a stalled data-parallel process
+
+The command line prints a :class:`LiftPlusError` (and any ``OSError``) as one line and exits
+with status 2; every other exception is a bug of the package and keeps its traceback.
 """
 
+from typing import Optional
 
-class UserInputError(ValueError):
+__all__ = [
+    "BackboneLoadError",
+    "CacheError",
+    "CollectiveTimeoutError",
+    "CorruptImageError",
+    "DatasetUnavailableError",
+    "DivergenceError",
+    "LiftPlusError",
+    "MissingInputError",
+    "OutputWriteError",
+    "ResumeMismatchError",
+    "RunExistsError",
+    "UserInputError",
+]
+
+
+class LiftPlusError(Exception):
+    """Base of every exception the package raises on purpose."""
+
+
+class UserInputError(LiftPlusError, ValueError):
     """Bad input from the user; the message names the input and what was expected."""
 
 
@@ -16,4 +53,49 @@ class MissingInputError(UserInputError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 
 
-__all__ = ["MissingInputError", "UserInputError"]
+class CorruptImageError(UserInputError):
+    """An image file exists but cannot be decoded. ``path`` holds the file.
+
+    ``CorruptImageError(message)`` (one argument) is accepted too, so the error survives being
+    re-raised from a DataLoader worker.
+    """
+
+    def __init__(self, path: str, reason: Optional[str] = None):
+        self.path = path
+        super().__init__(path if reason is None else f"cannot decode image {path!r}: {reason}")
+
+
+class CacheError(UserInputError):
+    """A cache that is missing, incomplete, truncated, stale or not a cache of this package."""
+
+
+class ResumeMismatchError(UserInputError):
+    """A resume was asked for with options that differ from those the run was started with."""
+
+
+class BackboneLoadError(UserInputError, RuntimeError):
+    """The backbone's weights could not be obtained (download failed, or no such file)."""
+
+
+class DatasetUnavailableError(UserInputError, RuntimeError):
+    """The data set is not on disk and could not be downloaded."""
+
+
+class DivergenceError(UserInputError, RuntimeError):
+    """Training produced a non-finite loss or parameters; the last good checkpoint is kept."""
+
+
+class OutputWriteError(LiftPlusError, OSError):
+    """A file of the output folder could not be written; the previous version, if any, is intact."""
+
+
+class RunExistsError(LiftPlusError, FileExistsError):
+    """The output folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+class CollectiveTimeoutError(LiftPlusError, TimeoutError, RuntimeError):
+    """A collective waited longer than ``dist_timeout`` for another process.
+
+    A ``TimeoutError`` (the environment failed, not the input: the command line prints it as one
+    line) and a ``RuntimeError`` (what torch.distributed raised before it was explained).
+    """

@@ -18,6 +18,7 @@ from . import ops
 from .data import group_accuracies
 from .distributed import all_reduce_sum
 from .model.precision import half_dtype_of
+from .progress import progress_bar
 
 __all__ = ["evaluate", "metrics_from_counts", "autocast_context", "precision_context", "format_accuracy"]
 
@@ -139,8 +140,6 @@ def evaluate(
         ``{"overall", "mean", "many", "med", "few", "per_class", "num_samples"}``, accuracies
         in percent.
     """
-    from .progress import progress_bar as tqdm  # tqdm on a terminal, plain lines in a log file
-
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -154,7 +153,7 @@ def evaluate(
     model.eval()
     try:
         with torch.inference_mode(), precision_context(model, device, precision):
-            for images, labels in tqdm(loader, desc="Testing", disable=not progress, leave=False):
+            for images, labels in progress_bar(loader, desc="Testing", disable=not progress, leave=False):
                 if tte is True and images.dim() != 5:
                     raise ValueError(
                         "tte=True needs [B, C, 3, H, W] crops from the test transform "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Dict, Sequence
 
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write
 
 # Shot thresholds of the published evaluation: few < 20 <= medium <= 100 < many.
 FEW_MAX, MANY_MIN = 20, 100
@@ -64,6 +64,6 @@ def plot_per_class_accuracy(
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return path

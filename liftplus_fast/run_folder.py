@@ -19,8 +19,8 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from .checkpoint import CHECKPOINT_NAME, OutputWriteError
-from .errors import UserInputError
+from .checkpoint import CHECKPOINT_NAME
+from .errors import OutputWriteError, ResumeMismatchError, RunExistsError, UserInputError
 
 __all__ = [
     "RunExistsError",
@@ -53,14 +53,6 @@ RESUME_FREE_OPTIONS = frozenset(
         "nonfinite_loss",
     }
 )
-
-
-class RunExistsError(FileExistsError):
-    """The output folder already holds a run and neither resume nor overwrite was asked for."""
-
-
-class ResumeMismatchError(UserInputError):
-    """A resume was asked for with options that differ from those the run was started with."""
 
 
 def _holds_run(path: str) -> List[str]:

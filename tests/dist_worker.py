@@ -47,20 +47,20 @@ def main(out_dir: str) -> None:
     full = copy.deepcopy(model)
     full.training_loss(images, labels)[0].backward()
     model.training_loss(images[ctx.rank :: 2], labels[ctx.rank :: 2])[0].backward()
-    D.average_gradients(params, ctx)
+    ctx.average_gradients(params)
     full_params = [p for p in full.tuner.parameters() if p.requires_grad]
     result["grad_err"] = max(float((p.grad - q.grad).abs().max()) for p, q in zip(params, full_params))
     result["grad_norm"] = float(sum(q.grad.norm() for q in full_params))
 
     # 2. Broadcast: rank 1's perturbed tuner becomes rank 0's.
     other, _ = tiny_model(seed=ctx.rank + 7)
-    D.broadcast_module(other.tuner, ctx)
+    ctx.broadcast_module(other.tuner)
     result["broadcast_tuner"] = {k: v.clone() for k, v in other.tuner.state_dict().items()}
 
     # 3. Sharded evaluation sums to the whole test set's metrics.
     tte_cfg = make_config("lift+", {"num_classes": K, "resolution": 32, "tte": True, "expand": 8})
     test_set = build_dataset("digits_lt", "./data", "test", build_test_transform(tte_cfg))
-    loader = torch.utils.data.DataLoader(D.shard(test_set, ctx), batch_size=32)
+    loader = torch.utils.data.DataLoader(ctx.shard(test_set), batch_size=32)
     result["eval_sharded"] = lf.evaluate(model, loader, counts, progress=False, distributed=True)
     whole = torch.utils.data.DataLoader(test_set, batch_size=32)
     result["eval_whole"] = lf.evaluate(model, whole, counts, progress=False)
@@ -87,7 +87,7 @@ def main(out_dir: str) -> None:
     from liftplus_fast.ops import gemm
 
     gemm.use_cpu_bf16_gemm_path({"path": "native" if ctx.rank else "fp32", "why": f"rank {ctx.rank}"})
-    D.agree_on_cpu_bf16_path(ctx)
+    ctx.agree_on_cpu_bf16_path()
     result["bf16_path"] = gemm.cpu_bf16_gemm_path()
 
     torch.save(result, os.path.join(out_dir, f"rank{ctx.rank}.pt"))

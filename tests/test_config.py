@@ -2,7 +2,8 @@
 
 import pytest
 
-from liftplus_fast.config import METHODS, LiftConfig, bottleneck_dim, make_config, parse_layers, resolve_method
+from liftplus_fast.config import METHODS, LiftConfig, make_config, resolve_method
+from liftplus_fast.model.tuners import bottleneck_dim, parse_layers
 
 
 def test_lift_plus_defaults_are_the_published_recipe():

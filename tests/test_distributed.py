@@ -30,16 +30,16 @@ def test_single_process_context_is_inert(monkeypatch):
     g = torch.ones(3)
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = g.clone()
-    D.average_gradients([p], ctx)
+    ctx.average_gradients([p])
     assert torch.equal(p.grad, g)
-    assert D.check_batch_split(128, 2, ctx) == 64
+    assert ctx.micro_batch(128, 2) == 64
 
 
 def test_batch_split_error_names_batch_size():
     ctx = D.DistContext(rank=0, world_size=3)
     with pytest.raises(ValueError, match=r"batch_size \(64\).*accum_step \(2\).*processes \(3\)"):
-        D.check_batch_split(64, 2, ctx)
-    assert D.check_batch_split(96, 2, ctx) == 16
+        ctx.micro_batch(64, 2)
+    assert ctx.micro_batch(96, 2) == 16
 
 
 def test_bad_world_size_env_is_named(monkeypatch):
@@ -149,7 +149,7 @@ def test_torchrun_cli_trains_writes_once_and_reloads(tmp_path):
 def test_resume_restores_each_process_random_state():
     import logging
 
-    from liftplus_fast.train import _restore_rng, logger
+    from liftplus_fast.train_loop import logger, restore_rng
 
     states = []
     for seed in (11, 22):
@@ -157,9 +157,9 @@ def test_resume_restores_each_process_random_state():
         states.append(torch.get_rng_state())
     ckpt = {"torch_rng": states[0], "torch_rng_ranks": states}
     torch.manual_seed(0)
-    _restore_rng(ckpt, D.DistContext(rank=1, world_size=2))
+    restore_rng(ckpt, D.DistContext(rank=1, world_size=2))
     assert torch.equal(torch.get_rng_state(), states[1])
-    _restore_rng(ckpt, D.DistContext())  # a single process resumes rank 0's stream
+    restore_rng(ckpt, D.DistContext())  # a single process resumes rank 0's stream
     assert torch.equal(torch.get_rng_state(), states[0])
     torch.manual_seed(0)
     before = torch.get_rng_state()
@@ -168,7 +168,7 @@ def test_resume_restores_each_process_random_state():
     handler.emit = lambda record: seen.append(record.getMessage())
     logger.addHandler(handler)  # fast_train turns propagation off, so caplog cannot be relied on
     try:
-        _restore_rng(ckpt, D.DistContext(rank=0, world_size=4))
+        restore_rng(ckpt, D.DistContext(rank=0, world_size=4))
     finally:
         logger.removeHandler(handler)
     assert any("another process count" in m for m in seen)

@@ -9,6 +9,7 @@ import torch
 import liftplus_fast as lf
 from liftplus_fast import checkpoint as ckpt_mod
 from liftplus_fast import train as train_mod
+from liftplus_fast import train_loop
 
 TINY = dict(
     dataset="digits_lt",
@@ -70,10 +71,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(two_epoch_run, tmp_
         raise KeyboardInterrupt  # simulated crash right after the first epoch's checkpoint
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(train_loop, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         lf.fast_train(method="lift+", output_dir=str(out), num_epochs=2, **TINY)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(train_loop, "save_checkpoint", real_save)
     r = lf.fast_train(method="lift+", output_dir=str(out), num_epochs=2, resume=True, **TINY)
     assert [h["epoch"] for h in r.history] == [2]
     a = r.model.official_tuner_state_dict()

@@ -636,30 +636,23 @@ def e2e(out_json: str, cpu: bool) -> int:
 def _timed_steps(lf, device, backbone, size, k, counts, images, labels, steps) -> dict:
     import torch
 
+    from liftplus_fast.train_loop import TrainStep, make_optimizer
+
     torch.manual_seed(0)
     clip, tok = lf.load_clip(backbone, None, device=device)
     cfg = lf.make_config("lift+", {"num_classes": k, "resolution": size, "classifier_init": "random"})
     model = lf.build_lift_model(clip, cfg, counts, [f"class {i}" for i in range(k)], tok)
     params = [p for p in model.tuner.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=5e-4)
-    # The model owns its precision (prec_train "amp": half-precision compute, fp32 tuner), as in
-    # fast_train; fp16 on CUDA needs the gradient scaler.
-    scaler = torch.amp.GradScaler("cuda") if model.needs_grad_scaler else None
+    # The step fast_train runs: the model's own precision, the gradient scaler where it computes
+    # in fp16, the published SGD.
+    step = TrainStep(model, make_optimizer(params, cfg))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     for _ in range(steps + 2):  # two warm-up steps (autotuning, allocator)
         t0 = time.perf_counter()
-        loss, _ = model.training_loss(images, labels)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        loss, _ = step(images, labels)
+        losses.append(loss)
         times.append(time.perf_counter() - t0)
     median = sorted(times[2:])[len(times[2:]) // 2]
     return {
@@ -673,6 +666,8 @@ def _timed_steps(lf, device, backbone, size, k, counts, images, labels, steps) -
 
 
 def _write_json(path: str, payload) -> None:
+    # Not liftplus_fast.files: this process writes the summary before the package's own
+    # dependencies are installed, so it cannot import the package.
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, default=str)

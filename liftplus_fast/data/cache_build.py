@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserInputError
+from ..files import atomic_write, atomic_write_bytes
 from .cache_store import (
     MAGIC,
     VERSION,
@@ -69,21 +70,8 @@ def encode_for_cache(img: Image.Image, options: CacheOptions) -> Tuple[bytes, Tu
         return np.asarray(img, dtype=np.uint8).tobytes(), (h, w), orig
     buf = io.BytesIO()
     # 4:4:4 chroma: subsampled chroma alone costs ~1/255 of error on colour edges.
-    img.save(buf, format="JPEG", quality=options.quality, subsampling=0)
+    img.save(buf, format="JPEG", quality=options.cache_quality, subsampling=0)
     return buf.getvalue(), (h, w), orig
-
-
-def _atomic_write(path: str, payload: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def build_chunk(work_dir: str, chunk: int, paths: Sequence[str], options: CacheOptions) -> Dict[str, Any]:
@@ -111,8 +99,8 @@ def build_chunk(work_dir: str, chunk: int, paths: Sequence[str], options: CacheO
         manifest["stored_hw"].append(stored)
         manifest["orig_hw"].append(orig)
         manifest["ok"].append(True)
-    _atomic_write(os.path.join(work_dir, f"chunk_{chunk:06d}.bin"), b"".join(blobs))
-    _atomic_write(os.path.join(work_dir, f"chunk_{chunk:06d}.json"), json.dumps(manifest).encode())
+    atomic_write_bytes(os.path.join(work_dir, f"chunk_{chunk:06d}.bin"), b"".join(blobs))
+    atomic_write_bytes(os.path.join(work_dir, f"chunk_{chunk:06d}.json"), json.dumps(manifest).encode())
     return manifest
 
 
@@ -219,23 +207,20 @@ def _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifest
         orig.extend(m["orig_hw"])
         skipped.extend(m["skipped"])
         source_bytes += m["source_bytes"]
-    final = data_path(cache_dir, split)
-    tmp = f"{final}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as out:
-            for k in range(n_chunks):
-                with open(os.path.join(work_dir, f"chunk_{k:06d}.bin"), "rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 22)
-            out.flush()
-            os.fsync(out.fileno())
-        # The old index goes first: a new data file must never pair with an old index.
+
+    def concatenate(out) -> None:
+        for k in range(n_chunks):
+            with open(os.path.join(work_dir, f"chunk_{k:06d}.bin"), "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 22)
+
+    def drop_old_index() -> None:
+        # A new data file must never pair with an old index.
         if os.path.exists(index_path(cache_dir, split)):
             os.remove(index_path(cache_dir, split))
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _atomic_write(skipped_path(cache_dir, split), "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped).encode())
+
+    atomic_write(data_path(cache_dir, split), concatenate, before_replace=drop_old_index)
+    listing = "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped)
+    atomic_write_bytes(skipped_path(cache_dir, split), listing.encode())
     sizes = np.asarray(nbytes, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
     data_bytes = int(sizes.sum())
@@ -247,7 +232,7 @@ def _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifest
         "split": split,
         "cache_size": options.cache_size,
         "cache_format": options.cache_format,
-        "quality": options.quality,
+        "quality": options.cache_quality,
         "data_bytes": data_bytes,
         "source_bytes": source_bytes,
         "images": len(labels),
@@ -270,34 +255,35 @@ def _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifest
 def build_cache(
     dataset: str,
     root: str,
-    cache_dir: str,
-    split_dir: Optional[str] = None,
-    cache_size: int = 256,
-    cache_format: str = "jpeg",
-    quality: int = 95,
-    workers: int = 0,
+    cache_dir: Optional[str] = None,
+    *,
+    options: Optional[CacheOptions] = None,
     splits: Sequence[str] = CACHE_SPLITS,
     progress: bool = True,
+    **values,
 ) -> Dict[str, Dict[str, Any]]:
-    """Build the decode-once cache of ``dataset``'s ``splits`` in ``cache_dir``; summaries per split.
+    """Build the decode-once cache of ``dataset``'s ``splits``; summaries per split.
 
-    ``dataset`` must be an image-file data set (``imagefolder``, ``listfile``, ``imagenet_lt``,
-    ``places_lt``, ``inat2018``). ``workers`` processes decode in parallel (0: in this process).
-    Up-to-date splits are kept, interrupted builds resume, stale ones are rebuilt. Files that
-    cannot be decoded are logged, listed in ``<split>.skipped.txt`` and left out.
+    The build follows ``options`` (a :class:`CacheOptions`), or the :class:`CacheOptions`
+    fields given as keywords (``cache_size=128``, ``cache_format="raw"``, ``num_workers=2``);
+    ``cache_dir`` overrides the options' folder. ``dataset`` must be an image-file data set
+    (``imagefolder``, ``listfile``, ``imagenet_lt``, ``places_lt``, ``inat2018``). Up-to-date
+    splits are kept, interrupted builds resume, stale ones are rebuilt. Files that cannot be
+    decoded are logged, listed in ``<split>.skipped.txt`` and left out.
     """
-    options = CacheOptions(int(cache_size), str(cache_format), int(quality))
-    if not isinstance(workers, int) or workers < 0:
-        raise UserInputError(f"workers must be a non-negative integer; got {workers!r}")
+    if options is not None and values:
+        raise TypeError("give either options or CacheOptions fields as keywords, not both")
+    options = options if options is not None else CacheOptions(**values)
+    folder = cache_dir or options.folder(root)
     out = {}
     for split in splits:
-        source = build_dataset(dataset, root, split, None, split_dir)
+        source = build_dataset(dataset, root, split, None, options.split_dir)
         if not isinstance(source, ImageFileDataset):
             raise UserInputError(
                 f"the decode-once cache reads image files; dataset {dataset!r} is not an "
                 "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)"
             )
-        out[split] = build_split(source, dataset, split, cache_dir, options, workers, progress)
+        out[split] = build_split(source, dataset, split, folder, options, options.workers(), progress)
     return out
 
 
@@ -316,7 +302,9 @@ def open_source_cache(
     current list under those options must match.
     """
     header, _ = read_index(cache_dir, split)
-    options = CacheOptions(int(header["cache_size"]), header["cache_format"], int(header["quality"]))
+    options = CacheOptions(
+        cache_size=int(header["cache_size"]), cache_format=header["cache_format"], cache_quality=int(header["quality"])
+    )
     source = build_dataset(dataset, root, split, None, split_dir)
     if not isinstance(source, ImageFileDataset):
         raise UserInputError(f"data_cache applies to image-file data sets; {dataset!r} is not one")

@@ -20,25 +20,25 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import UserInputError
+from ..errors import CacheError, UserInputError
+from ..files import atomic_write
+from ..options import check_fields, choice, integer, key_value_pairs, option, parse_value, text
+from .normalize import normalization_affine
 from .splits import count_per_class
 
 MAGIC = "liftplus_fast.decode_once_cache"
 VERSION = 1
 CACHE_FORMATS = ("jpeg", "raw")
-DEFAULT_CACHE_SIZE = 256
-DEFAULT_JPEG_QUALITY = 95
 
 
 # torchvision 0.29 flags its image codecs as deprecated in favour of TorchCodec; they are the
@@ -46,10 +46,6 @@ DEFAULT_JPEG_QUALITY = 95
 warnings.filterwarnings(
     "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
 )
-
-
-class CacheError(UserInputError):
-    """A cache that is missing, incomplete, truncated, stale or not a cache of this package."""
 
 
 def data_path(cache_dir: str, split: str) -> str:
@@ -69,21 +65,46 @@ def skipped_path(cache_dir: str, split: str) -> str:
 
 @dataclass(frozen=True)
 class CacheOptions:
-    """What a cache is built with; part of its fingerprint."""
+    """The options of ``liftplus-fast cache`` (``key value`` on its command line), checked.
 
-    cache_size: int = DEFAULT_CACHE_SIZE
-    cache_format: str = "jpeg"
-    quality: int = DEFAULT_JPEG_QUALITY
+    ``cache_size``, ``cache_format`` and ``cache_quality`` define what is stored and enter the
+    cache's fingerprint; the others say where it goes and how many processes build it.
+    """
+
+    split_dir: Optional[str] = option(
+        None, text(optional=True), "folder of a list-file data set's split files; None: the data root"
+    )
+    cache_dir: Optional[str] = option(None, text(optional=True), "cache folder; None: ROOT/liftplus_fast_cache")
+    cache_size: int = option(256, integer(lo=1), "short side the images are stored at, in pixels (never upsampled)")
+    cache_format: str = option(
+        "jpeg", choice(CACHE_FORMATS), "jpeg (4:4:4 chroma, cache_quality) or raw pixels (no decoding, larger)"
+    )
+    cache_quality: int = option(95, integer(lo=1, hi=100), "JPEG quality of a jpeg cache")
+    num_workers: Optional[int] = option(
+        None, integer(lo=0, optional=True), "decoding processes (0: this one); None: min(4, CPU count)"
+    )
 
     def __post_init__(self):
-        if not isinstance(self.cache_size, int) or self.cache_size < 1:
-            raise UserInputError(
-                f"cache_size must be a positive integer (short side in pixels); got {self.cache_size!r}"
-            )
-        if self.cache_format not in CACHE_FORMATS:
-            raise UserInputError(f"cache_format must be one of {CACHE_FORMATS}; got {self.cache_format!r}")
-        if not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
-            raise UserInputError(f"cache quality must be an integer in [1, 100]; got {self.quality!r}")
+        check_fields(self)
+
+    @classmethod
+    def from_pairs(cls, opts: Sequence[str]) -> "CacheOptions":
+        """The options given as ``key value`` words (``["cache_size", "128"]``)."""
+        known = [f.name for f in fields(cls)]
+        values = {}
+        for key, value in key_value_pairs(opts):
+            if key not in known:
+                raise UserInputError(f"unknown cache option {key!r}; known: {', '.join(known)}")
+            values[key] = parse_value(value)
+        return cls(**values)
+
+    def folder(self, root: str) -> str:
+        """The cache folder for the data root ``root``."""
+        return self.cache_dir or os.path.join(root, "liftplus_fast_cache")
+
+    def workers(self) -> int:
+        """How many processes decode."""
+        return self.num_workers if self.num_workers is not None else min(4, os.cpu_count() or 1)
 
 
 def source_fingerprint(
@@ -109,7 +130,7 @@ def source_fingerprint(
         "split": split,
         "cache_size": options.cache_size,
         "cache_format": options.cache_format,
-        "quality": options.quality if options.cache_format == "jpeg" else None,
+        "quality": options.cache_quality if options.cache_format == "jpeg" else None,
         "classnames": list(classnames),
     }
     h.update(json.dumps(head, sort_keys=True).encode())
@@ -119,19 +140,9 @@ def source_fingerprint(
 
 
 def write_index(path: str, arrays: Dict[str, np.ndarray], header: Dict[str, Any]) -> None:
-    """Write an index atomically (temporary file, fsync, rename)."""
-    buf = io.BytesIO()
-    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write an index atomically."""
+    header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    atomic_write(path, lambda f: np.savez(f, header=header_bytes, **arrays))
 
 
 INDEX_ARRAYS = ("offsets", "nbytes", "stored_hw", "orig_hw", "labels")
@@ -231,7 +242,8 @@ class BatchRing:
     once. Reuse is safe while the main process holds fewer than ``depth`` of this worker's
     batches: a DataLoader keeps at most ``prefetch_factor`` batches per worker in flight, and a
     training loop holds the one it trains on while asking for the next, so ``depth =
-    prefetch_factor + 2`` (:func:`ring_depth`). A caller that keeps batches longer must clone them.
+    prefetch_factor + 2`` (:func:`~liftplus_fast.data.loaders.ring_depth`). A caller that keeps
+    batches longer must clone them.
     """
 
     def __init__(self, depth: int):
@@ -254,15 +266,10 @@ class BatchRing:
         return slots[turn][: shape[0]]
 
 
-def ring_depth(prefetch_factor: int) -> int:
-    """How many batches a worker's :class:`BatchRing` needs under ``DataLoader(prefetch_factor=...)``."""
-    return int(prefetch_factor) + 2
-
-
 class CachedImageDataset(Dataset):
     """One split of a decode-once cache, as a data set of uint8 images.
 
-    ``dataset[i]`` or ``dataset[(epoch, i)]`` (the form :class:`EpochTaggedSampler` yields)
+    ``dataset[i]`` or ``dataset[(epoch, i)]`` (the form :class:`~liftplus_fast.data.loaders.EpochTaggedSampler` yields)
     returns ``(image, label)``: with ``transform=None`` the stored ``[3, h, w]`` uint8 tensor,
     otherwise ``transform(image, orig_hw, epoch)`` where ``orig_hw`` is the source image's
     (height, width), so crop boxes are drawn as on the source and mapped onto the stored image.
@@ -272,13 +279,14 @@ class CachedImageDataset(Dataset):
     worker, so sending it costs no copy; uint8, or float32 normalised for a :meth:`normalized`
     view) and the labels as a list. Load it with
     ``DataLoader(dataset, batch_size=None, sampler=<a sampler of index lists>)``
-    (:class:`EpochTaggedSampler` with ``batch_size``, or ``BatchSampler``) and normalise with
-    :class:`NormalizedLoader`; the boxes are drawn in the same order as item by item.
+    (:class:`~liftplus_fast.data.loaders.EpochTaggedSampler` with ``batch_size``, or
+    ``BatchSampler``) and normalise with :class:`~liftplus_fast.data.loaders.NormalizedLoader`;
+    the boxes are drawn in the same order as item by item.
 
     Args:
         cache_dir: the cache folder.
         split: ``"train"`` or ``"test"``.
-        transform: a transform of :mod:`liftplus_fast.data.uint8_transforms` (or ``None``).
+        transform: a transform of :mod:`liftplus_fast.data.cached_transforms` (or ``None``).
         fingerprint: the fingerprint of the source the caller expects (``None``: not checked).
         allow_skipped: accept a training split whose build skipped undecodable files.
 
@@ -358,8 +366,6 @@ class CachedImageDataset(Dataset):
         in parallel with the others and with the training step, instead of the main process
         normalising whole batches between steps.
         """
-        from .uint8_transforms import normalization_affine
-
         view = copy.copy(self)
         view._affine = normalization_affine(mean, std)
         return view
@@ -368,8 +374,8 @@ class CachedImageDataset(Dataset):
         """A view whose batches (``dataset[list]``) in a DataLoader worker reuse ``depth`` buffers in turn.
 
         See :class:`BatchRing` for why and for when it is safe (``depth``:
-        :func:`ring_depth` of the loader's ``prefetch_factor``). Outside a worker batches are
-        fresh tensors as before.
+        :func:`~liftplus_fast.data.loaders.ring_depth` of the loader's ``prefetch_factor``).
+        Outside a worker every batch is a fresh tensor.
         """
         view = copy.copy(self)
         view._ring_depth = int(depth)
@@ -380,7 +386,7 @@ class CachedImageDataset(Dataset):
         """``(images, labels)`` of ``items`` (indices or ``(epoch, index)`` pairs), transformed into one tensor."""
         if self.transform is None or not hasattr(self.transform, "write"):
             raise UserInputError(
-                "batched reads (dataset[list]) need a transform of liftplus_fast.data.uint8_transforms; "
+                "batched reads (dataset[list]) need a transform of liftplus_fast.data.cached_transforms; "
                 f"got transform={self.transform!r}"
             )
         pairs = [item if isinstance(item, tuple) else (None, item) for item in items]

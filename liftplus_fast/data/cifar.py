@@ -13,15 +13,11 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from torchvision.datasets import CIFAR100
 
-from ..errors import UserInputError
+from ..errors import DatasetUnavailableError, UserInputError
 from .splits import count_per_class
 
 NUM_CLASSES = 100
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-
-
-class DatasetUnavailableError(UserInputError, RuntimeError):
-    """The data set is not on disk and could not be downloaded."""
 
 
 def long_tail_counts(img_max: float, num_classes: int, imb_factor: float) -> List[int]:

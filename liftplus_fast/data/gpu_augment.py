@@ -1,9 +1,10 @@
 """Decoding and augmenting cached images on the GPU, in batches.
 
 The DataLoader workers only slice the cache's memory map (:meth:`CachedImageDataset.encoded`);
-:class:`GPUAugmentLoader` sends each batch's bytes to the device, decodes the JPEGs there in one
+:func:`augment_batch`, called by :class:`~liftplus_fast.data.loaders.GPUAugmentLoader`, sends
+each batch's bytes to the device, decodes the JPEGs there in one
 ``torchvision.io.decode_jpeg(..., device=...)`` call (raw caches are reshaped), applies the same
-uint8 transforms as the worker path (:mod:`liftplus_fast.data.uint8_transforms`: crop boxes
+uint8 transforms as the worker path (:mod:`liftplus_fast.data.cached_transforms`: crop boxes
 drawn on the CPU with the reference's calls, crops and resizes on the device) and normalises
 the batch there. With ``device="cpu"`` it runs the same code on the CPU, which is how the
 logic is tested without a GPU.
@@ -19,7 +20,7 @@ from typing import Callable, List, Sequence, Tuple
 
 import torch
 
-from .uint8_transforms import normalize_batch
+from .normalize import normalize_batch
 
 
 def collate_encoded(batch: Sequence[Tuple[tuple, int]]):
@@ -48,33 +49,3 @@ def augment_batch(
     images = decode_batch(items, cache_format, device)
     out = torch.stack([transform(img, orig, epoch) for img, (_, _, orig, epoch) in zip(images, items)])
     return normalize_batch(out, mean, std)
-
-
-class GPUAugmentLoader:
-    """Iterates a DataLoader over :meth:`CachedImageDataset.encoded` items as normalised batches on ``device``.
-
-    ``transform`` and ``cache_format`` are the cached data set's; other attributes (``sampler``,
-    ``generator``, ``len``) are the wrapped loader's.
-    """
-
-    def __init__(self, loader, transform: Callable, cache_format: str, mean, std, device):
-        self.loader = loader
-        self.transform = transform
-        self.cache_format = cache_format
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.device = torch.device(device)
-
-    def __iter__(self):
-        return self._batches(iter(self.loader))
-
-    def _batches(self, batches):
-        for items, labels in batches:
-            yield augment_batch(items, self.transform, self.cache_format, self.device, self.mean, self.std), labels
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)

@@ -9,24 +9,11 @@ its name.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import MissingInputError, UserInputError
-
-
-class CorruptImageError(UserInputError):
-    """An image file exists but cannot be decoded. ``path`` holds the file.
-
-    ``CorruptImageError(message)`` (one argument) is accepted too, so the error survives being
-    re-raised from a DataLoader worker.
-    """
-
-    def __init__(self, path: str, reason: Optional[str] = None):
-        self.path = path
-        super().__init__(path if reason is None else f"cannot decode image {path!r}: {reason}")
+from ..errors import CorruptImageError, MissingInputError
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write, atomic_write_bytes
+
 # Height x width of the photographs the published data sets hold (ImageNet/Places/iNaturalist).
 PHOTO_SIZES: Tuple[Tuple[int, int], ...] = ((375, 500), (500, 375), (480, 640), (768, 1024), (600, 800))
 
@@ -68,13 +70,13 @@ def write_image_folder(
                 h, w = sizes[n % len(sizes)]
                 n += 1
                 rel = f"{split}/{name}/{i:05d}.jpg"
-                synthetic_image(label, h, w, rng).save(os.path.join(root, rel), quality=quality)
+                image = synthetic_image(label, h, w, rng)
+                atomic_write(os.path.join(root, rel), lambda f, im=image: im.save(f, format="JPEG", quality=quality))
                 written[split].append(rel)
                 lines[split].append(f"{rel} {label}")
     if listfiles:
         for split in ("train", "test"):
-            with open(os.path.join(root, f"{split}.txt"), "w") as f:
-                f.write("\n".join(lines[split]) + "\n")
-        with open(os.path.join(root, "classnames.txt"), "w") as f:
-            f.write("\n".join(n.replace("_", " ") for n in names) + "\n")
+            atomic_write_bytes(os.path.join(root, f"{split}.txt"), ("\n".join(lines[split]) + "\n").encode())
+        text = "\n".join(n.replace("_", " ") for n in names) + "\n"
+        atomic_write_bytes(os.path.join(root, "classnames.txt"), text.encode())
     return written

@@ -10,7 +10,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import get_dimensions, resized_crop
 
-from ..config import MDA_FUNCS
+# mda_func: the schedule s(t) of MDA's smallest crop area over training (see mda_min_scale).
+MDA_FUNCS = ("min", "max", "linear", "convex", "concave")
 
 
 def check_mda_func(func: str) -> None:

@@ -7,13 +7,14 @@ which need QuickGELU. ``tiny_vit`` is a tiny randomly initialised CLIP for tests
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
 from typing import Optional, Tuple
 
-from ..errors import UserInputError
+from ..errors import BackboneLoadError, UserInputError
+from ..files import atomic_write_json
+from .timm_backbones import TIMM_BACKBONES, is_timm_name, load_timm, timm_input_config
 
 __all__ = [
     "BackboneLoadError",
@@ -57,10 +58,6 @@ _TINY_VIT_CFG = {
 }
 
 
-class BackboneLoadError(UserInputError, RuntimeError):
-    """The backbone's weights could not be obtained (download failed, or no such file)."""
-
-
 def _register_tiny_vit() -> None:
     import open_clip
 
@@ -69,15 +66,12 @@ def _register_tiny_vit() -> None:
     # add_model_config reads JSON files from a folder; a private temp folder keeps the package
     # free of data files that would need packaging rules.
     folder = tempfile.mkdtemp(prefix="liftplus_fast_cfg_")
-    with open(os.path.join(folder, TINY_VIT + ".json"), "w") as f:
-        json.dump(_TINY_VIT_CFG, f)
+    atomic_write_json(os.path.join(folder, TINY_VIT + ".json"), _TINY_VIT_CFG)
     open_clip.add_model_config(folder)
 
 
 def known_backbones() -> list:
     """The published config names plus ``tiny_vit`` (any open_clip or timm model name is also accepted)."""
-    from .timm_backbones import TIMM_BACKBONES
-
     return list(PUBLISHED_BACKBONES) + list(TIMM_BACKBONES) + [TINY_VIT]
 
 
@@ -97,8 +91,6 @@ def load_backbone(backbone: str, pretrained: Optional[str] = None, device="cpu")
     model names to :func:`~liftplus_fast.model.timm_backbones.load_timm`, whose tokenizer is
     ``None`` (no text encoder).
     """
-    from .timm_backbones import is_timm_name, load_timm
-
     if _is_clip_name(backbone):
         return load_clip(backbone, pretrained, device=device)
     if is_timm_name(backbone):
@@ -110,8 +102,6 @@ def backbone_input_config(backbone: str) -> dict:
     """The input size (and, for timm, mean/std) a backbone was trained with, read from its
     config without building it; ``{}`` when unknown. Used when the run does not set them."""
     import open_clip
-
-    from .timm_backbones import is_timm_name, timm_input_config
 
     if _is_clip_name(backbone):
         name, _ = _resolve(backbone)

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from .tuners import fp32_layer_norm
 
 __all__ = [
+    "CLASSIFIER_INITS",
     "CLASS_PROMPT",
+    "FEATURE_INITS",
     "class_mean_weights",
     "class_prompts",
     "default_tokenizer",
@@ -23,6 +25,10 @@ __all__ = [
     "text_parts",
 ]
 
+# classifier_init: "semantic" from the text encoder's class prompts, the FEATURE_INITS from image
+# features of the training set, "random" keeps the classifier's own random initialisation.
+FEATURE_INITS = ("class_mean", "linear_probing")
+CLASSIFIER_INITS = ("semantic", *FEATURE_INITS, "random")
 CLASS_PROMPT = "a photo of a {}."
 _TEXT_BATCH = 1000  # the published code encodes prompts in chunks of 1000 to bound memory
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -12,15 +13,18 @@ from .. import ops
 from ..config import LiftConfig
 from ..errors import UserInputError
 from ..ops.gemm import stores_rounded_fp32
+from .backbones import load_clip
 from .classifiers import CosineClassifier, build_classifier
-from .encoders import build_image_encoder, feature_device, image_tower
+from .encoders import ResNetEncoder, build_image_encoder, feature_device, image_tower
 from .inits import class_mean_weights, linear_probing_weights, semantic_weights
 from .losses import build_loss, check_cls_num_list, log_prior
 from .official_ckpt import export_official, import_official
 from .precision import compute_dtype, convert_frozen, needs_grad_scaler
 from .text_head import TextHead
+from .tuner_files import format_trainable_parameters, read_tuner, save_tuner, trainable_parameters
+from .tuners import TUNERS
 
-__all__ = ["LiftModel", "TunerRoot", "build_lift_model"]
+__all__ = ["LiftModel", "TunerRoot", "build_lift_model", "load_tuner"]
 
 
 class TunerRoot(nn.Module):
@@ -89,8 +93,6 @@ class LiftModel(nn.Module):
                 f"{what} needs a CLIP text encoder; backbone {cfg.backbone!r} has none "
                 "(use classifier_init class_mean, the published default for non-CLIP backbones)"
             )
-        from .tuners import TUNERS
-
         clip_side = bool(cfg.coop or cfg.proj_tuning or cfg.clip_adapter) or any(
             getattr(cfg.l, name) for name in TUNERS
         )
@@ -124,8 +126,6 @@ class LiftModel(nn.Module):
         self.to(device)
         self.precision = cfg.prec_train
         self.compute_dtype = compute_dtype(cfg.prec_train, device)
-        from .encoders import ResNetEncoder
-
         if isinstance(self.image_encoder, ResNetEncoder):
             # BatchNorm tuners (bitfit / unfreeze_bn) mix trained fp32 and frozen tensors in one
             # op, which half precision refuses: ResNets keep their weights in fp32.
@@ -253,20 +253,14 @@ class LiftModel(nn.Module):
     def save_tuner(self, path: str) -> None:
         """Write ``path/tuner.safetensors`` (the trained tensors only) and ``path/tuner_config.json``
         (method, options, backbone, class names and counts); rebuild with ``lf.load_tuner(path)``."""
-        from .tuner_files import save_tuner
-
         save_tuner(self, path)
 
     def get_nb_trainable_parameters(self) -> tuple:
         """``(trainable, total)`` parameter counts."""
-        from .tuner_files import trainable_parameters
-
         return trainable_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         """Print ``trainable params: N || all params: M || trainable%: P`` (as PEFT does)."""
-        from .tuner_files import format_trainable_parameters
-
         print(format_trainable_parameters(self))
 
 
@@ -292,3 +286,36 @@ def build_lift_model(
     The model reads only model options of ``cfg`` (method, tuners ``v``, classifier, loss).
     """
     return LiftModel(clip_model, cfg, cls_num_list, classnames, tokenizer, init_classifier)
+
+
+def load_tuner(path: str, clip_model=None, tokenizer=None, device=None) -> LiftModel:
+    """Rebuild the ``LiftModel`` saved by :meth:`LiftModel.save_tuner` in folder ``path``.
+
+    Args:
+        path: the folder holding ``tuner.safetensors`` and ``tuner_config.json``.
+        clip_model: the frozen CLIP to wrap (used in place). ``None`` loads the backbone named in
+            the config with its ``pretrained`` weights (a tag or a local file).
+        tokenizer: for a zero-shot text head; defaults to the backbone's.
+        device: where the model goes; default the CLIP's device.
+
+    Returns:
+        The ``LiftModel`` with the saved tuner, in eval mode.
+    """
+    config, state = read_tuner(path)
+    cfg = LiftConfig.from_dict(config["config"])
+    if clip_model is None:
+        clip_model, tokenizer = load_clip(cfg.backbone, cfg.pretrained, device=device or "cpu")
+    width = clip_model.visual.conv1.weight.shape[0] if hasattr(clip_model.visual, "conv1") else None
+    if width is not None and config.get("feature_dim") not in (None, width):
+        raise ValueError(
+            f"the tuner in {path!r} was trained on a {config['feature_dim']}-wide "
+            f"{config['backbone']!r}; clip_model is {width} wide"
+        )
+    # The saved classifier replaces any initialisation: skip the text-encoder pass of "semantic".
+    build_cfg = dataclasses.replace(cfg, classifier_init=None, apply_preset=False) if cfg.classifier else cfg
+    model = build_lift_model(clip_model, build_cfg, config["cls_num_list"], config["classnames"], tokenizer=tokenizer)
+    model.cfg = cfg
+    model.load_official_tuner(state)
+    if device is not None:
+        model.to(device)
+    return model.eval()

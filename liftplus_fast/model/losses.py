@@ -20,6 +20,7 @@ __all__ = [
     "GeneralizedReweightLoss",
     "LADELoss",
     "LDAMLoss",
+    "LOSSES",
     "LogitAdjustedLoss",
     "build_loss",
     "check_cls_num_list",
@@ -183,25 +184,29 @@ class LADELoss(nn.Module):
 
 def build_loss(cfg, cls_num_list) -> nn.Module:
     """The loss module of ``cfg.loss_type`` for the class counts ``cls_num_list``."""
-    t = cfg.loss_type
     if cfg.num_classes is not None and len(cls_num_list) != cfg.num_classes:
         raise ValueError(f"cls_num_list has {len(cls_num_list)} entries but cfg.num_classes is {cfg.num_classes}")
-    if t == "CE":
+    if cfg.loss_type not in LOSSES:
+        raise ValueError(f"unknown loss_type {cfg.loss_type!r}; expected one of {', '.join(LOSSES)}")
+    return LOSSES[cfg.loss_type](cfg, cls_num_list)
+
+
+def _unweighted(loss: type):
+    def build(cfg, cls_num_list):
         check_cls_num_list(cls_num_list, need_positive=False)
-        return CrossEntropyLoss()
-    if t == "Focal":
-        check_cls_num_list(cls_num_list, need_positive=False)
-        return FocalLoss()
-    if t == "LDAM":
-        return LDAMLoss(cls_num_list, s=cfg.classifier_scale)
-    if t == "CB":
-        return ClassBalancedLoss(cls_num_list)
-    if t == "GRW":
-        return GeneralizedReweightLoss(cls_num_list)
-    if t == "BS":
-        return BalancedSoftmaxLoss(cls_num_list)
-    if t == "LA":
-        return LogitAdjustedLoss(cls_num_list, tau=cfg.la_tau)
-    if t == "LADE":
-        return LADELoss(cls_num_list)
-    raise ValueError(f"unknown loss_type {t!r}; expected CE, Focal, LDAM, CB, GRW, BS, LA or LADE")
+        return loss()
+
+    return build
+
+
+# loss_type -> builder(cfg, cls_num_list): the published names (utils/losses.py).
+LOSSES = {
+    "CE": _unweighted(CrossEntropyLoss),
+    "Focal": _unweighted(FocalLoss),
+    "LDAM": lambda cfg, counts: LDAMLoss(counts, s=cfg.classifier_scale),
+    "CB": lambda cfg, counts: ClassBalancedLoss(counts),
+    "GRW": lambda cfg, counts: GeneralizedReweightLoss(counts),
+    "BS": lambda cfg, counts: BalancedSoftmaxLoss(counts),
+    "LA": lambda cfg, counts: LogitAdjustedLoss(counts, tau=cfg.la_tau),
+    "LADE": lambda cfg, counts: LADELoss(counts),
+}

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import gemm
-from ..ops._dispatch import requested_backend
 from ..ops.reference import merge_heads, split_heads
 from .tuners import BlockTuner, fp32_layer_norm
 
@@ -189,9 +188,10 @@ class PEFTVisionTransformer(nn.Module):
         raw_len = x.shape[1]
         if not self.batch_first:
             x = x.transpose(0, 1)
-        # Only the CLS token of the last block's output is read: its block runs for it alone
-        # (not on the reference backend, which keeps the published computation).
-        last = len(self.blocks) - 1 if requested_backend() != "reference" else -1
+        # Only the CLS token of the last block's output is read: its block runs for it alone,
+        # except where every op is asked to run its reference (the oracle keeps the published
+        # computation, all tokens through every block).
+        last = len(self.blocks) - 1 if ops.requested_backend() != "reference" else -1
         for i, blk in enumerate(self.blocks):
             x = blk(x, raw_len, first_only=i == last)
         cls_out = x[:, 0] if self.batch_first else x[0]

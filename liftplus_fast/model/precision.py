@@ -32,8 +32,7 @@ def compute_dtype(precision: str, device) -> torch.dtype:
     if precision == "fp32":
         return torch.float32
     if torch.device(device).type != "cuda":
-        # fp16 has no fast GEMMs on CPUs: every half precision is bf16 there (as before, when
-        # the package autocast to bf16 on CPU).
+        # fp16 has no fast GEMMs on CPUs: every half precision is bf16 there.
         return torch.bfloat16
     return torch.bfloat16 if precision == "bf16" else torch.float16
 

@@ -30,7 +30,10 @@ from .inits import CLASS_PROMPT, default_tokenizer, text_parts
 from .peft_vit import PEFTBlock
 from .tuners import TUNERS, Adapter, fp32_layer_norm, install_tuners
 
-__all__ = ["TextHead", "coop_template"]
+__all__ = ["COOP_CLS_POSITIONS", "COOP_INITS", "TextHead", "coop_template"]
+
+COOP_CLS_POSITIONS = ("front", "middle", "end")  # where the class name sits among the contexts
+COOP_INITS = ("photo",)  # None: random contexts
 
 
 def coop_template(ctx_len: int, cls_pos: str, init: Optional[str]) -> Tuple[str, List[int]]:
@@ -39,7 +42,7 @@ def coop_template(ctx_len: int, cls_pos: str, init: Optional[str]) -> Tuple[str,
     if init == "photo":
         return CLASS_PROMPT, [0, 1, 2, 3, -1]  # "a photo of a" and the full stop
     if init is not None:
-        raise UserInputError(f"coop_init must be None or 'photo'; got {init!r}")
+        raise UserInputError(f"coop_init must be None or one of {COOP_INITS}; got {init!r}")
     if cls_pos == "front":
         return "{}" + " X" * ctx_len + ".", list(range(-ctx_len - 1, -1))
     if cls_pos == "middle":
@@ -47,7 +50,7 @@ def coop_template(ctx_len: int, cls_pos: str, init: Optional[str]) -> Tuple[str,
         return "X " * left + "{}" + " X" * right + ".", list(range(left)) + list(range(-right - 1, -1))
     if cls_pos == "end":
         return "X " * ctx_len + "{}.", list(range(ctx_len))
-    raise UserInputError(f"coop_cls_pos must be 'front', 'middle' or 'end'; got {cls_pos!r}")
+    raise UserInputError(f"coop_cls_pos must be one of {COOP_CLS_POSITIONS}; got {cls_pos!r}")
 
 
 def _context_index(tokens: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:

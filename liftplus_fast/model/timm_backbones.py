@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..errors import UserInputError
+from ..errors import BackboneLoadError, UserInputError
 
 __all__ = ["TIMM_BACKBONES", "is_timm_name", "load_timm", "timm_input_config"]
 
@@ -88,8 +88,6 @@ def load_timm(backbone: str, pretrained: Optional[str] = None, device="cpu", **m
     """
     import timm
     import torch
-
-    from .backbones import BackboneLoadError
 
     name = timm_model_name(backbone)
     if name is None:

@@ -5,24 +5,26 @@ names (``image_encoder.blocks.{i}.adaptformer.*``, ``classifier.weight``). ``tun
 holds everything needed to rebuild the model around a CLIP: the method and every option, the
 backbone name and weights tag, the class names and training class counts. The published-format
 ``checkpoint.pth.tar`` (see :mod:`liftplus_fast.checkpoint`) stays the interchange format with
-the published code; these files are for sharing and deploying a tuner without pickles.
+the published code; these files are for sharing and deploying a tuner without pickles. This module reads and
+writes the files only; :func:`liftplus_fast.model.load_tuner` rebuilds the model from them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+from typing import Dict, Tuple
 
-from ..checkpoint import atomic_write_bytes, atomic_write_json
-from ..config import LiftConfig
+import torch
+
+from ..files import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "CONFIG_NAME",
     "FORMAT",
     "TENSORS_NAME",
     "format_trainable_parameters",
-    "load_tuner",
+    "read_tuner",
     "read_tuner_config",
     "save_tuner",
     "trainable_parameters",
@@ -68,7 +70,7 @@ def save_tuner(model, path: str) -> None:
     }
     os.makedirs(path, exist_ok=True)
     payload = save(tensors, metadata={"format": FORMAT})
-    atomic_write_bytes(os.path.join(path, TENSORS_NAME), lambda f: f.write(payload))
+    atomic_write_bytes(os.path.join(path, TENSORS_NAME), payload)
     atomic_write_json(os.path.join(path, CONFIG_NAME), config)
 
 
@@ -88,50 +90,22 @@ def read_tuner_config(path: str) -> dict:
     return config
 
 
-def load_tuner(path: str, clip_model=None, tokenizer=None, device=None):
-    """Rebuild the ``LiftModel`` saved by :func:`save_tuner` in folder ``path``.
+def read_tuner(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """``(tuner_config.json as a dict, the tensors of tuner.safetensors)`` of folder ``path``.
 
-    Args:
-        path: the folder holding ``tuner.safetensors`` and ``tuner_config.json``.
-        clip_model: the frozen CLIP to wrap (used in place). ``None`` loads the backbone named in
-            the config with its ``pretrained`` weights (a tag or a local file).
-        tokenizer: for a zero-shot text head; defaults to the backbone's.
-        device: where the model goes; default the CLIP's device.
-
-    Returns:
-        The ``LiftModel`` with the saved tuner, in eval mode.
+    Reads files only: the model is rebuilt from them by :func:`liftplus_fast.model.load_tuner`.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .backbones import load_clip
-    from .lift_model import build_lift_model
 
     config = read_tuner_config(path)
     tensors_file = os.path.join(path, TENSORS_NAME)
     if not os.path.isfile(tensors_file):
         raise FileNotFoundError(f"no {TENSORS_NAME} in {path!r} (the config is there: a partial copy?)")
-    cfg = LiftConfig.from_dict(config["config"])
-    if clip_model is None:
-        clip_model, tokenizer = load_clip(cfg.backbone, cfg.pretrained, device=device or "cpu")
-    width = clip_model.visual.conv1.weight.shape[0] if hasattr(clip_model.visual, "conv1") else None
-    if width is not None and config.get("feature_dim") not in (None, width):
-        raise ValueError(
-            f"the tuner in {path!r} was trained on a {config['feature_dim']}-wide "
-            f"{config['backbone']!r}; clip_model is {width} wide"
-        )
     try:
-        state = load_file(tensors_file)
+        return config, load_file(tensors_file)
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"could not read {tensors_file!r}: {exc}") from None
-    # The saved classifier replaces any initialisation: skip the text-encoder pass of "semantic".
-    build_cfg = dataclasses.replace(cfg, classifier_init=None, apply_preset=False) if cfg.classifier else cfg
-    model = build_lift_model(clip_model, build_cfg, config["cls_num_list"], config["classnames"], tokenizer=tokenizer)
-    model.cfg = cfg
-    model.load_official_tuner(state)
-    if device is not None:
-        model.to(device)
-    return model.eval()
 
 
 def format_trainable_parameters(model) -> str:

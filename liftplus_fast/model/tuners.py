@@ -22,17 +22,18 @@ published LIFT+ code so that the tuner's ``state_dict()`` is the official checkp
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..config import bottleneck_dim, check_aft_loc, parse_layers
+from ..errors import UserInputError
 from ..ops import gemm
 
 __all__ = [
+    "AFT_LOCS",
     "AdaptFormer",
     "Adapter",
     "BlockTuner",
@@ -43,9 +44,74 @@ __all__ = [
     "QVLoRA",
     "SSF",
     "TUNERS",
+    "bottleneck_dim",
+    "check_layers",
     "fp32_layer_norm",
     "install_tuners",
+    "parse_layers",
 ]
+
+Layers = Union[None, int, str, Sequence[int]]
+LAYERS_EXPECTED = (
+    "None, a block count k >= 0 (0: none), a list of block indices, 'deep' (all) or an expression such as 'range(3)'"
+)
+
+
+def _read_layers_expression(text: str) -> List[Any]:
+    # The published option accepts Python expressions such as "[1, 2]" or "range(3)".
+    return list(eval(text, {"__builtins__": {}}, {"range": range, "list": list}))  # noqa: S307
+
+
+def check_layers(value) -> Tuple[bool, Any, str]:
+    """The option check of a ``*_layers`` value (the forms :func:`parse_layers` reads)."""
+    if value is None or value == "deep":  # "deep": every block (VPT-deep), the published l.pt_layers
+        return True, value, LAYERS_EXPECTED
+    if isinstance(value, bool):
+        return False, value, LAYERS_EXPECTED
+    if isinstance(value, int):
+        return value >= 0, value, LAYERS_EXPECTED
+    if isinstance(value, str):
+        try:
+            parsed = _read_layers_expression(value)
+        except Exception:  # user text: any failure means it is not a layers expression
+            return False, value, LAYERS_EXPECTED
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in parsed), value, LAYERS_EXPECTED
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in value), list(value), LAYERS_EXPECTED
+    return False, value, LAYERS_EXPECTED
+
+
+def parse_layers(layers: Layers, n_layers: int) -> List[int]:
+    """Block indices selected by a ``*_layers`` option: ``None`` or ``"deep"`` (all blocks), an
+    int k (the last k blocks; 0 selects none), a list of indices or an expression string such
+    as ``"[1, 2]"`` or ``"range(3)"``."""
+    if layers is None or layers == "deep":
+        return list(range(n_layers))
+    if isinstance(layers, bool):
+        raise UserInputError(f"layers must be None, an int, a list or an expression; got {layers!r}")
+    if isinstance(layers, int):
+        if not 0 <= layers <= n_layers:
+            raise UserInputError(f"layers={layers} selects the last k blocks; k must be in [0, {n_layers}]")
+        return list(range(n_layers - layers, n_layers))
+    if isinstance(layers, str):
+        try:
+            parsed = _read_layers_expression(layers)
+        except Exception as exc:  # the expression is user text: report it whatever failed
+            raise UserInputError(f"could not read layers expression {layers!r}: {exc}") from None
+        return parse_layers(parsed, n_layers)
+    out = [int(i) for i in layers]
+    bad = [i for i in out if not -n_layers <= i < n_layers]
+    if bad:
+        raise UserInputError(f"layer indices {bad} are out of range for {n_layers} blocks")
+    return [i % n_layers for i in out]
+
+
+def bottleneck_dim(num_classes: int, n_layers: int, divisor: int) -> int:
+    """The published bottleneck rule ``2 ** max(0, floor(log2(K / (divisor * L))))``.
+
+    ``divisor`` is 2 for Adapter/AdaptFormer, 4 for LoRA and 1 for the VPT prompt length.
+    """
+    return 2 ** max(0, int(math.log2(num_classes / (n_layers * divisor))))
 
 
 def fp32_layer_norm(x, weight, bias, eps):
@@ -314,11 +380,23 @@ def _install_ssf(blocks, layers, v, k):
     return f"SSF on blocks {layers}"
 
 
+# v.aft_loc: where arbitrary fine-tuning masks weights, and the trained tensors per block
+# (as multiples of the width, plus the biases' extra rows) its default ratio divides by.
+AFT_SITES = {
+    "attn": (("attn_in", "attn_out"), 4, 4),
+    "mlp": (("mlp_in", "mlp_out"), 8, 5),
+    "all": (("attn_in", "attn_out", "mlp_in", "mlp_out"), 12, 9),
+}
+AFT_LOCS = tuple(AFT_SITES)
+
+
 def aft_ratio(num_classes: int, n_layers: int, width: int, loc: str) -> float:
-    """Published default mask ratio: about K trained weights per selected block."""
-    check_aft_loc(loc)
-    per = {"attn": width * 4 + 4, "mlp": width * 8 + 5, "all": width * 12 + 9}
-    return num_classes / (n_layers * per[loc])
+    """Published default mask ratio: as many trained weights in all as a linear classifier of the
+    ``num_classes`` classes has (``num_classes * width``)."""
+    if loc not in AFT_SITES:
+        raise UserInputError(f"option v.aft_loc must be one of {', '.join(map(repr, AFT_LOCS))}; got {loc!r}")
+    _, per_width, extra = AFT_SITES[loc]
+    return num_classes / (n_layers * (width * per_width + extra))
 
 
 def _install_aft(blocks, layers, v, k):
@@ -340,11 +418,7 @@ def _install_aft(blocks, layers, v, k):
             return m.to(t.device)
 
         sites = _linear_sites(blocks[i].block)
-        chosen = {
-            "attn": ("attn_in", "attn_out"),
-            "mlp": ("mlp_in", "mlp_out"),
-            "all": ("attn_in", "attn_out", "mlp_in", "mlp_out"),
-        }[loc]
+        chosen = AFT_SITES[loc][0]
         aft = nn.ModuleDict()
         for s in chosen:
             w, b = sites[s]

@@ -5,16 +5,10 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from liftplus_fast.data.cache_build import build_cache, open_source_cache
+from liftplus_fast.data.cached_transforms import CachedMDACrop, CachedResizeCrop
+from liftplus_fast.data.loaders import EpochTaggedSampler, NormalizedLoader
+from liftplus_fast.data.normalize import normalization_affine, normalize_batch, normalize_into
 from liftplus_fast.data.synthetic_images import write_image_folder
-from liftplus_fast.data.uint8_transforms import (
-    CachedMDACrop,
-    CachedResizeCrop,
-    EpochTaggedSampler,
-    NormalizedLoader,
-    normalization_affine,
-    normalize_batch,
-    normalize_into,
-)
 from liftplus_fast.errors import UserInputError
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
@@ -96,12 +90,12 @@ def test_epoch_tagged_batches_group_as_dataloader_does():
 
 
 def test_chunked_normalisation_equals_one_pass_and_checks_shapes(monkeypatch):
-    from liftplus_fast.data import uint8_transforms
+    from liftplus_fast.data import normalize
 
     x = torch.randint(0, 256, (3, 5, 3, 16, 16), dtype=torch.uint8)
     affine = normalization_affine(MEAN, STD)
     want = (x.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
-    monkeypatch.setattr(uint8_transforms, "_CHUNK", 2 * 3 * 16 * 16)  # two crops per chunk
+    monkeypatch.setattr(normalize, "_CHUNK", 2 * 3 * 16 * 16)  # two crops per chunk
     got = normalize_into(torch.empty(x.shape), x, affine)
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="shape"):
@@ -111,7 +105,8 @@ def test_chunked_normalisation_equals_one_pass_and_checks_shapes(monkeypatch):
 
 
 def test_batch_ring_hands_out_its_slots_in_turn_and_grows_for_longer_batches():
-    from liftplus_fast.data.cache_store import BatchRing, ring_depth
+    from liftplus_fast.data.cache_store import BatchRing
+    from liftplus_fast.data.loaders import ring_depth
 
     ring = BatchRing(3)
     first = [ring.take((4, 3, 2, 2), torch.float32) for _ in range(3)]
@@ -136,7 +131,7 @@ def test_reused_worker_batches_are_the_fresh_ones_while_the_loop_holds_one(cache
     # A training loop holds the batch it trains on while it asks for the next; with reused
     # buffers sized from prefetch_factor, no batch changes under it. Compared with fresh
     # batches, for one and for two workers (one worker is the tightest case).
-    from liftplus_fast.data.uint8_transforms import cached_batch_loader
+    from liftplus_fast.data.loaders import cached_batch_loader
 
     root, dirs = caches
     ds = open_source_cache("imagefolder", root, "train", dirs["raw"], transform=CachedMDACrop(32, 3))

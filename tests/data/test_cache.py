@@ -13,7 +13,7 @@ from torchvision.transforms import InterpolationMode
 import liftplus_fast as lf
 from liftplus_fast.cli import main as cli_main
 from liftplus_fast.config import make_config
-from liftplus_fast.data import build_dataset, build_test_transform, cache_build, uint8_transforms
+from liftplus_fast.data import build_dataset, build_test_transform, cache_build, cached_transforms
 from liftplus_fast.data import transforms as ref_transforms
 from liftplus_fast.data.cache_build import build_cache, cached_size, open_source_cache
 from liftplus_fast.data.cache_store import (
@@ -24,15 +24,11 @@ from liftplus_fast.data.cache_store import (
     read_index,
     skipped_path,
 )
+from liftplus_fast.data.cached_transforms import CachedMDACrop, CachedResizeCrop, map_box
 from liftplus_fast.data.images import load_rgb_image
+from liftplus_fast.data.loaders import EpochTaggedSampler
+from liftplus_fast.data.normalize import normalize_batch
 from liftplus_fast.data.synthetic_images import write_image_folder
-from liftplus_fast.data.uint8_transforms import (
-    CachedMDACrop,
-    CachedResizeCrop,
-    EpochTaggedSampler,
-    map_box,
-    normalize_batch,
-)
 from tests.data.tiny_run import tiny_run
 
 SIZES = ((40, 52), (52, 40), (36, 36), (48, 64))
@@ -78,7 +74,7 @@ def test_build_open_and_up_to_date(folder, tmp_path, fmt):
 
 
 def test_parallel_build_equals_serial_build(folder, tmp_path):
-    build_cache("imagefolder", folder, str(tmp_path / "a"), cache_format="raw", progress=False, workers=0)
+    build_cache("imagefolder", folder, str(tmp_path / "a"), cache_format="raw", progress=False, num_workers=0)
     cache_build_split = cache_build.build_split
     src = build_dataset("imagefolder", folder, "train")
     cache_build_split(
@@ -141,7 +137,7 @@ def test_test_and_tte_geometry_is_exact(tmp_path):
     for tte in (False, True):
         cfg = make_config("lift+", {"resolution": 32, "tte": tte, "expand": 8})
         ref_t = build_test_transform(cfg)
-        got_t = uint8_transforms.build_cached_test_transform(cfg)
+        got_t = cached_transforms.build_cached_test_transform(cfg)
         for i in range(len(ds)):
             want = ref_t(load_rgb_image(ds_path(root, i)))
             got = normalize_batch(got_t(ds.read(i), tuple(ds.orig_hw[i])), cfg.mean, cfg.std)
@@ -185,7 +181,7 @@ def test_seeded_run_draws_the_same_boxes_with_and_without_cache(folder, tmp_path
         return box
 
     monkeypatch.setattr(ref_transforms, "sample_square_box", record)
-    monkeypatch.setattr(uint8_transforms, "sample_square_box", record)
+    monkeypatch.setattr(cached_transforms, "sample_square_box", record)
     common = tiny_run(
         dataset="imagefolder",
         root=folder,

@@ -9,9 +9,10 @@ import torch
 
 import liftplus_fast as lf
 from liftplus_fast.data.cache_build import build_cache, open_source_cache
+from liftplus_fast.data.cached_transforms import CachedMDACrop, CachedResizeCrop
 from liftplus_fast.data.gpu_augment import augment_batch, collate_encoded
+from liftplus_fast.data.normalize import normalize_batch
 from liftplus_fast.data.synthetic_images import write_image_folder
-from liftplus_fast.data.uint8_transforms import CachedMDACrop, CachedResizeCrop, normalize_batch
 from tests.data.tiny_run import tiny_run
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)

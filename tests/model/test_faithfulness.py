@@ -12,7 +12,7 @@ import torch
 
 import liftplus_fast as lf
 from liftplus_fast.ops._dispatch import ENV_VAR
-from liftplus_fast.train import make_optimizer
+from liftplus_fast.train_loop import make_optimizer
 
 from .conftest import CLASSNAMES, COUNTS, cfg_for
 

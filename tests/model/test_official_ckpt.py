@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liftplus_fast.config import bottleneck_dim
 from liftplus_fast.model import build_lift_model
+from liftplus_fast.model.tuners import bottleneck_dim
 
 from .conftest import CLASSNAMES, COUNTS, K, cfg_for
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from liftplus_fast.config import bottleneck_dim
 from liftplus_fast.model import build_lift_model
+from liftplus_fast.model.tuners import bottleneck_dim
 
 from .conftest import CLASSNAMES, COUNTS, K, cfg_for, plain_preproj_feature
 

@@ -42,7 +42,7 @@ def is_bf16_valued(t):
     return torch.equal(t, t.to(torch.bfloat16).to(t.dtype))
 
 
-# On CPU every half precision is bf16 (fp16 GEMMs have no fast path there), as before.
+# On CPU every half precision is bf16 (fp16 GEMMs have no fast path there).
 @pytest.mark.parametrize(
     "prec,dtype", [("bf16", torch.bfloat16), ("amp", torch.bfloat16), ("fp16", torch.bfloat16), ("fp32", torch.float32)]
 )

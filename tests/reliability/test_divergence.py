@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import liftplus_fast as lf
-from liftplus_fast import train as train_mod
+from liftplus_fast import train_loop
 from liftplus_fast.checkpoint import load_checkpoint
+from liftplus_fast.errors import DivergenceError
 from liftplus_fast.model.lift_model import LiftModel
-from liftplus_fast.train import DivergenceError
 
 from .conftest import list_run_args, make_list_dataset
 
@@ -23,7 +23,7 @@ def nan_loss_at(monkeypatch, epoch, step):
     """Make the loss of (1-based) ``epoch``/``step`` NaN (``step=None``: every step of it)."""
     real = LiftModel.training_loss
     state = {"epoch": 0, "step": 0}
-    real_set_epoch = train_mod.set_transform_epoch
+    real_set_epoch = train_loop.set_transform_epoch
 
     def set_epoch(transform, e):
         state["epoch"], state["step"] = e + 1, 0
@@ -36,7 +36,7 @@ def nan_loss_at(monkeypatch, epoch, step):
             value = value * float("nan")
         return value, logits
 
-    monkeypatch.setattr(train_mod, "set_transform_epoch", set_epoch)
+    monkeypatch.setattr(train_loop, "set_transform_epoch", set_epoch)
     monkeypatch.setattr(LiftModel, "training_loss", loss)
 
 

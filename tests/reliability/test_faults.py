@@ -116,7 +116,7 @@ def test_test_split_problems_are_found_before_training(damage, match, tmp_path, 
     else:
         open(os.path.join(root, "test.txt"), "w").close()
     trained = []
-    monkeypatch.setattr(train_mod, "_train", lambda *a, **k: trained.append(1) or [])
+    monkeypatch.setattr(train_mod, "train_epochs", lambda *a, **k: trained.append(1) or [])
     out = tmp_path / "out"
     with pytest.raises((FileNotFoundError, ValueError), match=match):
         lf.fast_train(method="lift+", output_dir=str(out), **list_run_args(root))

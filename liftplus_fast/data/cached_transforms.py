@@ -1,10 +1,10 @@
-"""MDA, test and five-crop TTE transforms on uint8 tensors of cached images, and batched normalisation.
+"""MDA, test and five-crop TTE transforms on the uint8 images of the decode-once cache.
 
 The reference transforms (:mod:`liftplus_fast.data.transforms`) work on the decoded source
 image with PIL and return normalised float tensors. These work on the image stored in the
 decode-once cache (short side at most ``cache_size``) and return uint8 tensors, normalised
-later per batch (:func:`normalize_batch`, in the main process or on the GPU), which also
-moves 4x fewer bytes from the DataLoader workers.
+later per batch (:mod:`liftplus_fast.data.normalize`, in the DataLoader workers or on the
+GPU), which also moves 4x fewer bytes from the workers.
 
 * Crop boxes are drawn exactly as the reference draws them: the same function
   (:func:`~liftplus_fast.data.transforms.sample_square_box`), with the *source* image's size,
@@ -13,8 +13,8 @@ moves 4x fewer bytes from the DataLoader workers.
 * The test resize keeps the reference's output size (computed from the source size), so the
   centre crop and the five TTE crops have exactly the reference geometry.
 * The MDA schedule takes the epoch as an argument (tagged onto every index by
-  :class:`EpochTaggedSampler`), so persistent workers and GPU-side augmentation need no
-  per-epoch call into a worker.
+  :class:`~liftplus_fast.data.loaders.EpochTaggedSampler`), so persistent workers and
+  GPU-side augmentation need no per-epoch call into a worker.
 
 Resizes are bicubic with antialiasing (torchvision's uint8 kernels, which match PIL's to
 ~0.1/255 mean absolute error) and run on whatever device the image tensor is on.
@@ -22,15 +22,25 @@ Resizes are bicubic with antialiasing (torchvision's uint8 kernels, which match 
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torchvision.transforms.v2.functional as F
-from torch.utils.data import Sampler
 from torchvision.transforms import InterpolationMode
 
 from ..errors import UserInputError
+from .normalize import normalize_into
 from .transforms import MDA_FUNCS, mda_min_scale, sample_square_box
+
+__all__ = [
+    "CachedMDACrop",
+    "CachedResizeCrop",
+    "build_cached_plain_transform",
+    "build_cached_test_transform",
+    "build_cached_train_transform",
+    "map_box",
+    "resized_output_size",
+]
 
 HW = Tuple[int, int]
 
@@ -105,8 +115,8 @@ class CachedMDACrop:
     def write(self, out: torch.Tensor, image: torch.Tensor, orig_hw: HW, epoch: int, affine=None) -> None:
         """The crop of :meth:`__call__` written into ``out`` (a slot of a batch).
 
-        ``affine``: ``(scale, shift)`` of :func:`normalization_affine` to write it normalised
-        into a float ``out``; ``None`` copies the uint8 pixels.
+        ``affine``: ``(scale, shift)`` of :func:`~liftplus_fast.data.normalize.normalization_affine`
+        to write it normalised into a float ``out``; ``None`` copies the uint8 pixels.
         """
         crop = self(image, orig_hw, epoch)
         out.copy_(crop) if affine is None else normalize_into(out, crop, affine)
@@ -198,187 +208,3 @@ def build_cached_test_transform(cfg) -> CachedResizeCrop:
 def build_cached_plain_transform(cfg) -> CachedResizeCrop:
     """The cached counterpart of :func:`~liftplus_fast.data.transforms.build_plain_transform`."""
     return CachedResizeCrop(cfg.resolution, cfg.resolution)
-
-
-def normalization_affine(
-    mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32, device=None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, shift)``, each ``[3, 1, 1]``, with ``(x / 255 - mean) / std == x * scale + shift``."""
-    if len(mean) != 3 or len(std) != 3:
-        raise UserInputError(f"mean and std need 3 values (RGB); got mean={mean!r}, std={std!r}")
-    m = torch.as_tensor(mean, dtype=dtype, device=device).view(3, 1, 1)
-    s = torch.as_tensor(std, dtype=dtype, device=device).view(3, 1, 1)
-    return 1.0 / (255.0 * s), -m / s
-
-
-# Elements per normalisation chunk: the float chunk (2 MiB) stays in cache between the
-# conversion and the multiply-add, instead of a batch-sized second pass through memory.
-_CHUNK = 1 << 19
-
-
-def normalize_into(out: torch.Tensor, images: torch.Tensor, affine: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """uint8 ``images`` ``[..., 3, H, W]`` written into the float tensor ``out`` as ``images * scale + shift``.
-
-    Returns ``out``. The chunks keep the float data in cache between the passes.
-    """
-    scale, shift = affine
-    if out.shape != images.shape:
-        raise ValueError(f"normalize_into: out has shape {tuple(out.shape)}, images {tuple(images.shape)}")
-    if out.device.type != "cpu" or out.dim() <= 3:
-        chunks = [(out, images)]
-    else:
-        flat_out, flat_in = out.view(-1, *out.shape[-3:]), images.reshape(-1, *images.shape[-3:])
-        step = max(1, _CHUNK // max(1, flat_out[0].numel()))
-        chunks = [(flat_out[i : i + step], flat_in[i : i + step]) for i in range(0, flat_out.shape[0], step)]
-    for dst, src in chunks:
-        # Convert, scale, shift: three cache-resident passes, each vectorised. A mixed
-        # uint8/float addcmul does not vectorise, and a float addcmul with two broadcast
-        # [3, 1, 1] operands runs 5x slower than a broadcast multiply or add.
-        dst.copy_(src)
-        dst.mul_(scale).add_(shift)
-    return out
-
-
-def normalize_batch(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """uint8 ``[..., 3, H, W]`` images to ``(x / 255 - mean) / std`` in ``dtype`` (one float copy per batch)."""
-    if images.dtype != torch.uint8:
-        raise TypeError(f"normalize_batch expects uint8 images; got {images.dtype}")
-    affine = normalization_affine(mean, std, dtype, images.device)
-    return normalize_into(torch.empty(images.shape, dtype=dtype, device=images.device), images, affine)
-
-
-class EpochTaggedSampler(Sampler):
-    """Yields ``(epoch, index)`` for each index of ``sampler``, so transforms receive the epoch.
-
-    With ``batch_size``, yields lists of ``batch_size`` such pairs instead (the last one
-    shorter), grouped as ``DataLoader(batch_size=...)`` groups them, for data sets that build
-    whole batches (``CachedImageDataset[list]`` under ``DataLoader(batch_size=None)``).
-
-    :meth:`set_epoch` sets the tag (and forwards to the wrapped sampler when it has one, e.g.
-    ``DistributedSampler``). The order of the wrapped sampler is unchanged.
-    """
-
-    def __init__(self, sampler: Sampler, batch_size: Optional[int] = None):
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise UserInputError(f"batch_size must be a positive integer or None; got {batch_size!r}")
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Tag the following indices with ``epoch``."""
-        self.epoch = int(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator:
-        epoch = self.epoch
-        pairs = ((epoch, int(i)) for i in self.sampler)
-        if self.batch_size is None:
-            return pairs
-        return _batched(pairs, self.batch_size)
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n if self.batch_size is None else -(-n // self.batch_size)
-
-
-def _batched(items: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-class NormalizedLoader:
-    """Wraps a DataLoader of batches: moves each to ``device`` and normalises the uint8 ones there.
-
-    Iterates like the wrapped loader, ``(images, labels)``, with float32 images and int64 label
-    tensors; batches the workers already normalised (float, from
-    :meth:`CachedImageDataset.normalized`) are only moved. Other attributes (``sampler``,
-    ``generator``, ``dataset``, ``len``) are the wrapped loader's.
-    """
-
-    def __init__(self, loader, mean: Sequence[float], std: Sequence[float], device=None):
-        self.loader = loader
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.device = torch.device(device) if device is not None else None
-
-    def __iter__(self):
-        # Start the wrapped iterator now, as iterating the loader itself would: its seed draws
-        # (and so the crops) then match those of an unwrapped loader.
-        return self._normalized(iter(self.loader))
-
-    def _normalized(self, batches):
-        for images, labels in batches:
-            if self.device is not None:
-                images = images.to(self.device, non_blocking=True)
-            if images.dtype == torch.uint8:
-                images = normalize_batch(images, self.mean, self.std)
-            yield images, torch.as_tensor(labels, dtype=torch.int64)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        if name == "loader":  # not yet set (unpickling): avoid recursion
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-
-# Batches each DataLoader worker prepares ahead (DataLoader's default, stated so the workers'
-# batch rings can be sized from it).
-PREFETCH_FACTOR = 2
-
-
-def view_of(dataset, make):
-    """``make(dataset)`` (a view such as ``normalized()``) of a cached data set, through a ``Subset`` (a shard)."""
-    from torch.utils.data import Subset
-
-    if isinstance(dataset, Subset):
-        return Subset(make(dataset.dataset), dataset.indices)
-    return make(dataset)
-
-
-def cached_batch_loader(
-    dataset,
-    batches: Sampler,
-    num_workers: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device=None,
-    generator: Optional[torch.Generator] = None,
-    persistent_workers: bool = False,
-) -> NormalizedLoader:
-    """Whole batches of a :class:`~liftplus_fast.data.cache_store.CachedImageDataset`, as training reads them.
-
-    ``batches`` yields lists of indices (or of ``(epoch, index)`` pairs); each worker builds a
-    whole batch per list (``dataset[list]``). For a CPU ``device`` (or ``None``) the workers
-    normalise, in parallel with the training step, into shared-memory batches they reuse in turn
-    (:class:`~liftplus_fast.data.cache_store.BatchRing`: a yielded batch stays valid until two
-    more have been asked for; clone it to keep it longer). Otherwise they send uint8 batches
-    (4x fewer bytes), normalised on ``device``.
-    """
-    from .cache_store import ring_depth
-
-    if device is None or torch.device(device).type == "cpu":
-        dataset = view_of(dataset, lambda d: d.normalized(mean, std))
-    if num_workers > 0:
-        dataset = view_of(dataset, lambda d: d.reusing_batches(ring_depth(PREFETCH_FACTOR)))
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        sampler=batches,
-        num_workers=num_workers,
-        prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
-        persistent_workers=persistent_workers and num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        generator=generator,
-    )
-    return NormalizedLoader(loader, mean, std, device)

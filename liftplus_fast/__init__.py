@@ -28,6 +28,7 @@ _LAZY = {
     "TrainResult": ".train",
     "evaluate": ".evaluate",
     "build_lift_model": ".model",
+    "load_backbone": ".model",
     "load_clip": ".model",
     "load_tuner": ".model",
     "LiftModel": ".model",

@@ -84,12 +84,27 @@ def _is_clip_name(backbone: str) -> bool:
 
 
 def load_backbone(backbone: str, pretrained: Optional[str] = None, device="cpu"):
-    """Build any supported backbone: ``(model, tokenizer)``.
+    """Build any supported backbone, frozen-ready for :func:`~liftplus_fast.model.build_lift_model`.
 
-    CLIP names (published ``clip_*`` names, open_clip names, ``tiny_vit``) go to :func:`load_clip`;
-    the published ImageNet backbones (``in21k_vit_b16``, ``in1k_rn50``, ...) and plain timm
-    model names to :func:`~liftplus_fast.model.timm_backbones.load_timm`, whose tokenizer is
-    ``None`` (no text encoder).
+    Args:
+        backbone: a CLIP (what :func:`load_clip` takes: ``clip_vit_b16`` ... ``clip_rn50``,
+            ``clip_rn101``, an open_clip name or source, ``tiny_vit``), a published ImageNet
+            backbone (``in21k_vit_b16``, ``in21k_vit_b16@384px``, ``in21k_vit_l16``,
+            ``in21k_vit_l16@384px``, ``in1k_rn50``, ``in1k_rn101``, ``in1k_rn152``; the
+            published spellings ``IN21K-ViT-B/16`` too) or any timm model name
+            (``vit_small_patch16_224``, ``resnet18``, ``name.tag``).
+        pretrained: ``None`` for random initialisation, a local weights file, or a tag: an
+            open_clip tag for a CLIP (``"openai"``), for timm ``"default"`` (what the published
+            ``pretrained=True`` loads; ``"openai"`` means the same there) or a timm tag.
+        device: where to put the model.
+
+    Returns:
+        ``(model, tokenizer)`` in eval mode and fp32; the tokenizer is ``None`` for timm
+        backbones (no text encoder: their classifier starts from class means).
+
+    Raises:
+        UserInputError: unknown backbone name.
+        BackboneLoadError: the weights could not be obtained or do not fit.
     """
     if _is_clip_name(backbone):
         return load_clip(backbone, pretrained, device=device)
@@ -165,10 +180,15 @@ def _resolve(backbone: str) -> Tuple[str, bool]:
         return key, False
     if key.replace("/", "-") in open_clip.list_models():  # "ViT-B/16", as OpenAI's clip names it
         return key.replace("/", "-"), False
+    if is_timm_name(backbone):
+        raise UserInputError(
+            f"backbone {backbone!r} is a timm model, not a CLIP: build it with "
+            f"lf.load_backbone({backbone!r}, pretrained), which builds every supported backbone"
+        )
     raise UserInputError(
         f"unknown backbone {backbone!r}; known names: {', '.join(known_backbones())}, "
         f"or any open_clip model name (open_clip.list_models(), {len(open_clip.list_models())} names) "
-        "or timm model name (timm.list_models())"
+        "or timm model name (timm.list_models(), built by load_backbone)"
     )
 
 
@@ -190,7 +210,9 @@ def load_clip(backbone: str, pretrained: Optional[str] = None, device="cpu"):
         ``(clip_model, tokenizer)``, the model in eval mode and fp32.
 
     Raises:
-        ValueError: unknown backbone name.
+        UserInputError: unknown backbone name, or a timm backbone (``in21k_vit_b16``,
+            ``in1k_rn50``, a timm model name), which the message sends to :func:`load_backbone`
+            (a timm model has no tokenizer and is not a CLIP, so it is not built here).
         BackboneLoadError: the weights could not be downloaded or the file does not exist.
     """
     import open_clip

@@ -7,7 +7,8 @@ ResNet: the attention-pool output; timm ResNet: the pooled 2048-d feature) and h
 
 * ``width``: that feature's size;
 * ``install(v, num_classes)``: attach the tuners enabled in ``v`` (a ``TunerConfig``);
-* ``tuner``: the module of trained tensors, laid out as the published ``image_encoder`` tuner.
+* ``tuner``: the module of trained tensors, laid out as the published ``image_encoder`` tuner;
+* ``family`` and ``blocks``: what a tuner's tensors are laid out for (:func:`describe_encoder`).
 
 ViT blocks of both libraries run through :class:`~liftplus_fast.model.peft_vit.PEFTBlock`; a timm
 block is seen through :class:`TimmBlockView`, which names its tensors as open_clip does.
@@ -28,7 +29,14 @@ from ..ops import gemm
 from .peft_vit import PEFTBlock, PEFTVisionTransformer, _ln
 from .tuners import SSF, BlockTuner, install_tuners
 
-__all__ = ["ResNetEncoder", "TimmBlockView", "TimmViTEncoder", "build_image_encoder", "image_tower"]
+__all__ = [
+    "ResNetEncoder",
+    "TimmBlockView",
+    "TimmViTEncoder",
+    "build_image_encoder",
+    "describe_encoder",
+    "image_tower",
+]
 
 
 def image_tower(backbone: nn.Module) -> nn.Module:
@@ -58,6 +66,8 @@ class _ViTTuning:
 
 class CLIPViTEncoder(_ViTTuning, PEFTVisionTransformer):
     """open_clip ViT image tower (see :class:`PEFTVisionTransformer`)."""
+
+    family = "CLIP ViT"
 
 
 class _AttnView(nn.Module):
@@ -99,6 +109,8 @@ class TimmBlockView(nn.Module):
 class TimmViTEncoder(_ViTTuning, nn.Module):
     """timm ``VisionTransformer`` up to the pre-logits feature (CLS token after ``norm``)."""
 
+    family = "timm ViT"
+
     def __init__(self, vit: nn.Module):
         super().__init__()
         if getattr(vit, "num_prefix_tokens", 1) != 1 or getattr(vit, "cls_token", None) is None:
@@ -130,10 +142,10 @@ class TimmViTEncoder(_ViTTuning, nn.Module):
 def _resnet_parts(visual: nn.Module):
     layers = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
     if hasattr(visual, "attnpool"):  # open_clip ModifiedResNet
-        return visual.stem, layers, visual.attnpool, int(visual.output_dim)
+        return "CLIP ResNet", visual.stem, layers, visual.attnpool, int(visual.output_dim)
     if hasattr(visual, "global_pool") and hasattr(visual, "conv1"):  # timm ResNet
         stem = nn.Sequential(OrderedDict(conv1=visual.conv1, bn1=visual.bn1, act1=visual.act1, maxpool=visual.maxpool))
-        return stem, layers, visual.global_pool, int(visual.num_features)
+        return "timm ResNet", stem, layers, visual.global_pool, int(visual.num_features)
     raise NotImplementedError(f"unsupported ResNet image tower {type(visual).__name__}")
 
 
@@ -143,7 +155,7 @@ class ResNetEncoder(nn.Module):
     def __init__(self, visual: nn.Module):
         super().__init__()
         self.visual = visual
-        self.stem, layers, self.global_pool, self._width = _resnet_parts(visual)
+        self.family, self.stem, layers, self.global_pool, self._width = _resnet_parts(visual)
         # One flat sequence of bottlenecks, as the published PEFT_RN: its indices name the
         # trained tensors ("0_conv1_weight" is layer1[0].conv1.weight).
         self.blocks = nn.Sequential(*[b for layer in layers for b in layer])
@@ -208,6 +220,13 @@ def build_image_encoder(backbone: nn.Module) -> nn.Module:
         f"unsupported image tower {type(visual).__name__}: expected an open_clip "
         "ViT or ModifiedResNet, or a timm VisionTransformer or ResNet"
     )
+
+
+def describe_encoder(encoder: nn.Module) -> dict:
+    """``{"image_encoder": family, "feature_dim": width, "blocks": count}``: what a tuner of this
+    encoder is laid out for (its tensors are indexed by block and sized by the feature width).
+    A ResNet's blocks are its bottlenecks, counted as the published ``PEFT_RN`` flattens them."""
+    return {"image_encoder": encoder.family, "feature_dim": int(encoder.width), "blocks": len(encoder.blocks)}
 
 
 def feature_device(backbone: nn.Module) -> torch.device:

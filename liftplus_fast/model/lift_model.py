@@ -13,9 +13,9 @@ from .. import ops
 from ..config import LiftConfig
 from ..errors import UserInputError
 from ..ops.gemm import stores_rounded_fp32
-from .backbones import load_clip
+from .backbones import load_backbone
 from .classifiers import CosineClassifier, build_classifier
-from .encoders import ResNetEncoder, build_image_encoder, feature_device, image_tower
+from .encoders import ResNetEncoder, build_image_encoder, describe_encoder, feature_device, image_tower
 from .inits import class_mean_weights, linear_probing_weights, semantic_weights
 from .losses import build_loss, check_cls_num_list, log_prior
 from .official_ckpt import export_official, import_official
@@ -293,24 +293,25 @@ def load_tuner(path: str, clip_model=None, tokenizer=None, device=None) -> LiftM
 
     Args:
         path: the folder holding ``tuner.safetensors`` and ``tuner_config.json``.
-        clip_model: the frozen CLIP to wrap (used in place). ``None`` loads the backbone named in
-            the config with its ``pretrained`` weights (a tag or a local file).
+        clip_model: the frozen backbone to wrap (used in place): an open_clip CLIP (ViT or
+            ResNet) or a timm ViT / ResNet, as :func:`~liftplus_fast.model.load_backbone` builds
+            them. ``None`` loads the backbone named in the config with its ``pretrained``
+            weights (a tag or a local file) through ``load_backbone``.
         tokenizer: for a zero-shot text head; defaults to the backbone's.
-        device: where the model goes; default the CLIP's device.
+        device: where the model goes; default the backbone's device.
 
     Returns:
         The ``LiftModel`` with the saved tuner, in eval mode.
+
+    Raises:
+        UserInputError: ``clip_model`` is not the kind of image encoder the tuner was trained on
+            (family, feature width or block count differ); checked before the backbone is touched.
     """
     config, state = read_tuner(path)
     cfg = LiftConfig.from_dict(config["config"])
     if clip_model is None:
-        clip_model, tokenizer = load_clip(cfg.backbone, cfg.pretrained, device=device or "cpu")
-    width = clip_model.visual.conv1.weight.shape[0] if hasattr(clip_model.visual, "conv1") else None
-    if width is not None and config.get("feature_dim") not in (None, width):
-        raise ValueError(
-            f"the tuner in {path!r} was trained on a {config['feature_dim']}-wide "
-            f"{config['backbone']!r}; clip_model is {width} wide"
-        )
+        clip_model, tokenizer = load_backbone(cfg.backbone, cfg.pretrained, device=device or "cpu")
+    _check_backbone_fits(path, config, describe_encoder(build_image_encoder(clip_model)))
     # The saved classifier replaces any initialisation: skip the text-encoder pass of "semantic".
     build_cfg = dataclasses.replace(cfg, classifier_init=None, apply_preset=False) if cfg.classifier else cfg
     model = build_lift_model(clip_model, build_cfg, config["cls_num_list"], config["classnames"], tokenizer=tokenizer)
@@ -319,3 +320,27 @@ def load_tuner(path: str, clip_model=None, tokenizer=None, device=None) -> LiftM
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _encoder_words(description: dict) -> str:
+    words = [str(description["image_encoder"])] if "image_encoder" in description else []
+    words += [
+        f"{description[k]} {label}" for k, label in (("feature_dim", "wide"), ("blocks", "blocks")) if k in description
+    ]
+    return ", ".join(words)
+
+
+def _check_backbone_fits(path: str, config: dict, have: dict) -> None:
+    """``UserInputError`` naming what differs between the saved tuner's encoder and ``have``.
+
+    Only what the file records is compared (a file may hold ``feature_dim`` alone).
+    """
+    saved = {k: config[k] for k in have if k in config}
+    differ = [k for k in saved if saved[k] != have[k]]
+    if differ:
+        names = {"image_encoder": "family", "feature_dim": "feature width", "blocks": "block count"}
+        differing = ", ".join(names[k] for k in differ)
+        raise UserInputError(
+            f"the tuner in {path!r} was trained on backbone {config.get('backbone')!r} ({_encoder_words(saved)}); "
+            f"the backbone it is loaded onto is {_encoder_words(have)} (differing: {differing})"
+        )

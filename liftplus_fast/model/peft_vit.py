@@ -155,7 +155,7 @@ class PEFTVisionTransformer(nn.Module):
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
             raise NotImplementedError(
                 f"PEFT surgery supports open_clip ViT image encoders; got {type(visual).__name__} "
-                "(ResNet CLIP backbones are not supported by liftplus_fast.model)"
+                "(ResNet towers go through liftplus_fast.model.encoders.ResNetEncoder)"
             )
         if (
             getattr(visual, "attn_pool", None) is not None

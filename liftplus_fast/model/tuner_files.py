@@ -2,8 +2,9 @@
 
 ``tuner.safetensors`` holds only the trained tensors, under the published checkpoint's key
 names (``image_encoder.blocks.{i}.adaptformer.*``, ``classifier.weight``). ``tuner_config.json``
-holds everything needed to rebuild the model around a CLIP: the method and every option, the
-backbone name and weights tag, the class names and training class counts. The published-format
+holds everything needed to rebuild the model around its backbone: the method and every option,
+the backbone name and weights tag, the image encoder it was trained on (family, feature width,
+block count), the class names and training class counts. The published-format
 ``checkpoint.pth.tar`` (see :mod:`liftplus_fast.checkpoint`) stays the interchange format with
 the published code; these files are for sharing and deploying a tuner without pickles. This module reads and
 writes the files only; :func:`liftplus_fast.model.load_tuner` rebuilds the model from them.
@@ -18,6 +19,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..files import atomic_write_bytes, atomic_write_json
+from .encoders import describe_encoder
 
 __all__ = [
     "CONFIG_NAME",
@@ -63,7 +65,7 @@ def save_tuner(model, path: str) -> None:
         "num_classes": model.num_classes,
         "classnames": model.classnames,
         "cls_num_list": [int(c) for c in model.cls_num.tolist()],
-        "feature_dim": int(model.feature_dim),
+        **describe_encoder(model.image_encoder),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "config": model.cfg.to_dict(),

@@ -115,7 +115,9 @@ def load_backbone(backbone: str, pretrained: Optional[str] = None, device="cpu")
 
 def backbone_input_config(backbone: str) -> dict:
     """The input size (and, for timm, mean/std) a backbone was trained with, read from its
-    config without building it; ``{}`` when unknown. Used when the run does not set them."""
+    config without building it, and for timm the ``class_mean`` classifier init (no text
+    encoder, as the published timm presets); ``{}`` when unknown. Used for a backbone without a
+    published preset, where the run does not set them."""
     import open_clip
 
     if _is_clip_name(backbone):
@@ -125,7 +127,7 @@ def backbone_input_config(backbone: str) -> dict:
             size = size[0]
         return {"resolution": int(size)} if size else {}
     if is_timm_name(backbone):
-        return timm_input_config(backbone)
+        return {**timm_input_config(backbone), "classifier_init": "class_mean"}
     return {}
 
 

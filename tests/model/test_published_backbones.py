@@ -200,8 +200,13 @@ def test_backbone_presets_follow_the_published_configs():
     assert build_run_config(backbone="clip_vit_l14@336px", opts=["resolution", "224"]).resolution == 224
     assert build_run_config(backbone="clip_vit_l14@336px", resolution=280).resolution == 280
     # plain names bring their own input size
-    assert build_run_config(backbone="vit_small_patch16_384", pretrained=None).resolution == 384
-    assert build_run_config(backbone="ViT-L-14-336").resolution == 336
+    cfg = build_run_config(backbone="vit_small_patch16_384", pretrained=None)
+    assert (cfg.resolution, cfg.classifier_init) == (384, "class_mean")  # a timm model has no text encoder
+    cfg = build_run_config(backbone="ViT-L-14-336")
+    assert (cfg.resolution, cfg.classifier_init) == (336, "semantic")
+    assert build_run_config(backbone="resnet18", opts=["classifier_init", "linear_probing"]).classifier_init == (
+        "linear_probing"
+    )
     assert timm_input_config("resnet50")["mean"] == (0.485, 0.456, 0.406)
 
 

@@ -84,7 +84,7 @@ def _is_clip_name(backbone: str) -> bool:
 
 
 def load_backbone(backbone: str, pretrained: Optional[str] = None, device="cpu"):
-    """Build any supported backbone, frozen-ready for :func:`~liftplus_fast.model.build_lift_model`.
+    """Build a backbone of any supported family for :func:`~liftplus_fast.model.build_lift_model`.
 
     Args:
         backbone: a CLIP (what :func:`load_clip` takes: ``clip_vit_b16`` ... ``clip_rn50``,

@@ -14,19 +14,22 @@ refused), so ``except ValueError`` and ``except OSError`` keep working::
     │   ├── DatasetUnavailableError (RuntimeError)   data set neither on disk nor downloadable
     │   ├── DivergenceError (RuntimeError)           non-finite loss or tuner
     │   └── BackendUnavailableError (RuntimeError)   the kernel backend asked for cannot run
-    │                                                (defined beside the dispatcher, ops/_dispatch.py)
     ├── OutputWriteError (OSError)           an output file could not be written
     ├── RunExistsError (FileExistsError)     the output folder holds a run; no resume/overwrite
-    └── CollectiveTimeoutError (TimeoutError, RuntimeError)   a stalled data-parallel process
+    ├── RunInUseError (BlockingIOError)      the output folder is locked by a live run
+    ├── CollectiveTimeoutError (TimeoutError, RuntimeError)   a stalled data-parallel process
+    └── RunStoppedError                      SIGINT/SIGTERM: stopped at a safe point
 
 The command line prints a :class:`LiftPlusError` (and any ``OSError``) as one line and exits
-with status 2; every other exception is a bug of the package and keeps its traceback.
+with status 2 (a :class:`RunStoppedError` with 128 + the signal's number, as a shell reports a
+command a signal ended); every other exception is a bug of the package and keeps its traceback.
 """
 
 from typing import Optional
 
 __all__ = [
     "BackboneLoadError",
+    "BackendUnavailableError",
     "CacheError",
     "CollectiveTimeoutError",
     "CorruptImageError",
@@ -37,6 +40,8 @@ __all__ = [
     "OutputWriteError",
     "ResumeMismatchError",
     "RunExistsError",
+    "RunInUseError",
+    "RunStoppedError",
     "UserInputError",
 ]
 
@@ -85,6 +90,10 @@ class DivergenceError(UserInputError, RuntimeError):
     """Training produced a non-finite loss or parameters; the last good checkpoint is kept."""
 
 
+class BackendUnavailableError(UserInputError, RuntimeError):
+    """The backend ``LIFTPLUS_FAST_BACKEND`` asks for cannot run an op on these tensors."""
+
+
 class OutputWriteError(LiftPlusError, OSError):
     """A file of the output folder could not be written; the previous version, if any, is intact."""
 
@@ -99,3 +108,27 @@ class CollectiveTimeoutError(LiftPlusError, TimeoutError, RuntimeError):
     A ``TimeoutError`` (the environment failed, not the input: the command line prints it as one
     line) and a ``RuntimeError`` (what torch.distributed raised before it was explained).
     """
+
+
+class RunInUseError(LiftPlusError, BlockingIOError):
+    """The output folder is locked by a live run (see :mod:`liftplus_fast.run_lock`).
+
+    ``holder`` is what the live run wrote about itself (``pid``, ``host``, ``command``,
+    ``started``), or ``{}`` when it had not written it yet.
+    """
+
+    def __init__(self, message: str, holder: Optional[dict] = None):
+        super().__init__(message)
+        self.holder = dict(holder or {})
+
+
+class RunStoppedError(LiftPlusError):
+    """SIGINT or SIGTERM stopped the work at a safe point (see :mod:`liftplus_fast.stop_signals`).
+
+    ``signum`` is the signal's number; the message says where the work stopped, what was kept
+    and how to continue.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)

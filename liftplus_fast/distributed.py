@@ -116,6 +116,15 @@ class DistContext:
             return flag
         return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` on every process (``obj`` itself for a single process): what one
+        process read from its disk reaches processes on nodes that do not share that disk."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def gather_objects(self, obj) -> List:
         """Every process's ``obj``, in rank order (``[obj]`` for a single process)."""
         if not self.enabled:

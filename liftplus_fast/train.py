@@ -31,7 +31,7 @@ from .model.inits import FEATURE_INITS
 from .ops.gemm import cpu_bf16_gemm_path
 from .plotting import plot_per_class_accuracy
 from .progress import progress_bar
-from .run_folder import check_resume, clear_previous_run, prepare_output_dir
+from .run_folder import check_resume, clear_previous_run, prepare_output_dir, restarted_run
 from .runtime import attach_log, deterministic_mode, resolve_device, seed_everything
 from .train_loop import train_epochs
 
@@ -145,6 +145,7 @@ def fast_train(
     """
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
     ctx = init_distributed(resolve_device(cfg.device), timeout=cfg.dist_timeout)
+    lock = None
     try:
         if ctx.is_main:
             # test_only without model_dir evaluates the run this folder holds: not a new run over it
@@ -154,9 +155,16 @@ def fast_train(
                 and cfg.output_dir
                 and own_model_dir(cfg.output_dir) == cfg.output_dir
             )
-            prepare_output_dir(cfg.output_dir, resume or (own_test and not overwrite), overwrite)
+            restarted = restarted_run(cfg.output_dir)
+            if restarted:
+                resume, overwrite = True, False
+            lock = prepare_output_dir(cfg.output_dir, resume, overwrite, reads_run=own_test and not overwrite)
         handler = attach_log(cfg.output_dir, ctx.is_main)
+        if ctx.is_main and restarted:
+            logger.info("torchrun restart %s: resuming the run in %s", restarted, cfg.output_dir)
     except BaseException:
+        if lock is not None:
+            lock.release()
         shutdown_distributed(ctx)
         raise
     try:
@@ -173,6 +181,8 @@ def fast_train(
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
         shutdown_distributed(ctx)
 
 
@@ -261,18 +271,28 @@ def _image_features(model, loader, device, progress: bool):
     return torch.cat(feats), torch.cat(labels)
 
 
+def _read_tuner_state(cfg: LiftConfig, checkpoint_path, resume: bool, ctx: DistContext):
+    """``(what, checkpoint)``: the trained tuner of ``model_dir`` (``"model_dir"``), the run's own
+    checkpoint to resume (``"resume"``), or ``(None, None)``. Rank 0 reads the file and hands it
+    to the other processes, so nodes need not share the output folder."""
+    found: Tuple[Optional[str], Any] = (None, None)
+    if ctx.is_main:
+        if cfg.model_dir is not None:
+            found = ("model_dir", load_checkpoint(cfg.model_dir))
+        elif resume:
+            found = ("resume", load_checkpoint(checkpoint_path))  # prepare_output_dir saw it there
+    return ctx.broadcast_object(found)
+
+
 def _set_up_tuner(model, cfg: LiftConfig, data: RunDatasets, checkpoint_path, *, resume, device, ctx, progress):
     """Load a trained tuner (model_dir), resume a checkpoint, or initialise the classifier from
     image features; then give every process rank 0's tuner. Returns ``(start epoch, checkpoint)``."""
-    start_epoch, state = 0, None
-    if resume and not (checkpoint_path and os.path.exists(checkpoint_path)):
-        logger.warning("resume: no checkpoint at %s; training from the start", checkpoint_path or "(no output_dir)")
-    if cfg.model_dir is not None:
-        state = load_checkpoint(cfg.model_dir)
+    start_epoch = 0
+    what, state = _read_tuner_state(cfg, checkpoint_path, resume, ctx)
+    if what == "model_dir":
         model.load_official_tuner(state["tuner"])
         logger.info("loaded tuner from %s", cfg.model_dir)
-    elif resume and checkpoint_path and os.path.exists(checkpoint_path):
-        state = load_checkpoint(checkpoint_path)
+    elif what == "resume":
         if "config" not in state:
             logger.warning("resume: %s does not record its options; continuing with those given", checkpoint_path)
         check_resume(state.get("config"), cfg.to_dict(), checkpoint_path)

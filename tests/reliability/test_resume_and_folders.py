@@ -131,3 +131,43 @@ def test_the_resume_rule_frees_only_options_that_do_not_change_training():
     names = [c[0] for c in resume_conflicts(cfg, changed)]
     assert names == ["prec_train", "seed", "v.adaptformer_dim"]
     assert {"num_epochs", "lr", "batch_size", "seed", "method"}.isdisjoint(RESUME_FREE_OPTIONS)
+
+
+def test_resume_without_a_run_is_an_error_naming_the_folder(tmp_path):
+    missing = tmp_path / "never_ran"
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume: the output folder '.*never_ran' does not exist"):
+        lf.fast_train(method="lift+", output_dir=str(missing), resume=True, **dict(TINY, num_epochs=1))
+    assert not missing.exists()  # not created by a refused resume
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume in '.*empty': it has no checkpoint\.pth\.tar .*notes\.txt"):
+        lf.fast_train(method="lift+", output_dir=str(empty), resume=True, **dict(TINY, num_epochs=1))
+    assert sorted(os.listdir(empty)) == ["notes.txt"]  # no log, config or lock file left
+    with pytest.raises(ValueError, match="resume needs the output folder"):
+        lf.fast_train(method="lift+", output_dir=None, resume=True, **dict(TINY, num_epochs=1))
+
+
+def test_resume_without_a_run_on_the_command_line_is_one_line(tmp_path, capsys):
+    from liftplus_fast.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    code = main(
+        ["train", "-d", "digits_lt", "-b", "tiny_vit", "--pretrained", "none", "--output-dir", str(out), "--resume"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nothing to resume in" in err[0] and str(out) in err[0], err
+
+
+def test_a_torchrun_restart_resumes_the_checkpoint_of_the_run_it_restarts(finished, data_root, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    shutil.copytree(finished[0], out)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    # The restarted worker runs the first attempt's command line: no --resume, even --overwrite.
+    again = run(data_root, output_dir=out, overwrite=True)
+    assert again.history == []  # the finished run was continued (nothing left to train), not replaced
+    assert "torchrun restart 1: resuming the run in" in open(os.path.join(out, "log.txt")).read()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(RunExistsError):
+        run(data_root, output_dir=out)

@@ -8,7 +8,6 @@ import torch
 
 import liftplus_fast as lf
 from liftplus_fast import checkpoint as ckpt_mod
-from liftplus_fast import train as train_mod
 from liftplus_fast import train_loop
 
 TINY = dict(

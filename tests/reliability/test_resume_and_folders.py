@@ -141,7 +141,8 @@ def test_resume_without_a_run_is_an_error_naming_the_folder(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("mine")
-    with pytest.raises(FileNotFoundError, match=r"nothing to resume in '.*empty': it has no checkpoint\.pth\.tar .*notes\.txt"):
+    no_checkpoint = r"nothing to resume in '.*empty': it has no checkpoint\.pth\.tar .*notes\.txt"
+    with pytest.raises(FileNotFoundError, match=no_checkpoint):
         lf.fast_train(method="lift+", output_dir=str(empty), resume=True, **dict(TINY, num_epochs=1))
     assert sorted(os.listdir(empty)) == ["notes.txt"]  # no log, config or lock file left
     with pytest.raises(ValueError, match="resume needs the output folder"):

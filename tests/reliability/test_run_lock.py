@@ -89,8 +89,9 @@ def test_one_process_cannot_lock_a_folder_twice(tmp_path):
         with pytest.raises(RunInUseError, match=rf"in use by this process \(pid {os.getpid()}"):
             lock_run_folder(str(tmp_path / "." / ""))  # the same folder by another spelling
         assert (tmp_path / LOCK_NAME).exists()  # the refused attempt did not drop the lock
+        script = f"from liftplus_fast.run_lock import lock_run_folder; lock_run_folder({str(tmp_path)!r})"
         probe = subprocess.run(
-            [sys.executable, "-c", f"from liftplus_fast.run_lock import lock_run_folder; lock_run_folder({str(tmp_path)!r})"],
+            [sys.executable, "-c", script],
             env=ENV,
             capture_output=True,
             text=True,

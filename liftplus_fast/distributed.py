@@ -112,9 +112,14 @@ class DistContext:
     def any_process(self, flag: bool, device) -> bool:
         """Whether ``flag`` is set on any process, so that every process takes the same branch
         (a branch one process took alone would leave the next collective waiting)."""
+        return self.any_processes([flag], device)[0]
+
+    def any_processes(self, flags: List[bool], device) -> List[bool]:
+        """:meth:`any_process` of several flags, in one all-reduce."""
         if not self.enabled:
-            return flag
-        return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+            return [bool(f) for f in flags]
+        summed = all_reduce_sum(torch.tensor([float(f) for f in flags], device=device))
+        return [bool(v > 0) for v in summed.tolist()]
 
     def broadcast_object(self, obj, src: int = 0):
         """Rank ``src``'s ``obj`` on every process (``obj`` itself for a single process): what one

@@ -125,10 +125,13 @@ class RunInUseError(LiftPlusError, BlockingIOError):
 class RunStoppedError(LiftPlusError):
     """SIGINT or SIGTERM stopped the work at a safe point (see :mod:`liftplus_fast.stop_signals`).
 
-    ``signum`` is the signal's number; the message says where the work stopped, what was kept
-    and how to continue.
+    ``signum`` is the signal's number; ``detail`` says where the work stopped and what was kept;
+    ``hint``, when the work can be continued, how (in Python terms; the command line prints its
+    own command). ``str()`` is the detail followed by the hint.
     """
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
+    def __init__(self, detail: str, signum: int, hint: Optional[str] = None):
+        super().__init__(detail + (f"; {hint}" if hint else ""))
+        self.detail = detail
         self.signum = int(signum)
+        self.hint = hint

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,6 +25,7 @@ from PIL import Image
 
 from ..errors import UserInputError
 from ..files import atomic_write, atomic_write_bytes
+from ..stop_signals import check_stop, handle_stop_signals, requested, safe_points, stop_error
 from .cache_store import (
     MAGIC,
     VERSION,
@@ -171,22 +172,42 @@ def build_split(
     )
     jobs = [(work_dir, k, source.paths[starts[k] : starts[k] + chunk_size], options) for k in todo]
     try:
-        if workers > 0 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(build_chunk, *job): job[1] for job in jobs}
-                for future in as_completed(futures):
-                    manifests[futures[future]] = m = future.result()
-                    _report(m, bar)
-        else:
-            for job in jobs:
-                manifests[job[1]] = m = build_chunk(*job)
-                _report(m, bar)
+        with safe_points():
+            _build_chunks(
+                jobs, workers, manifests, bar, f"while building the {split!r} cache in {cache_dir!r}", len(starts)
+            )
     finally:
         bar.close()
     summary = _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifests, len(starts))
     shutil.rmtree(work_dir, ignore_errors=True)
     summary.update(seconds=time.perf_counter() - t0, chunks_built=len(todo), chunks_reused=reused)
     return summary
+
+
+def _build_chunks(jobs, workers: int, manifests: Dict[int, Dict[str, Any]], bar, where: str, n_chunks: int) -> None:
+    """Build ``jobs`` (in ``workers`` processes), a stop signal taking effect between chunks."""
+
+    def stop_point() -> None:
+        check_stop(f"{where} ({len(manifests)} of {n_chunks} chunks are built and kept; the build resumes from them)")
+
+    if workers > 0 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending = {pool.submit(build_chunk, *job): job[1] for job in jobs}
+            try:
+                while pending:
+                    done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        manifests[pending.pop(future)] = m = future.result()
+                        _report(m, bar)
+                    stop_point()
+            finally:
+                # Chunks being built finish (each is written whole); those not started are dropped.
+                pool.shutdown(wait=True, cancel_futures=True)
+        return
+    for job in jobs:
+        stop_point()
+        manifests[job[1]] = m = build_chunk(*job)
+        _report(m, bar)
 
 
 def _report(manifest: Dict[str, Any], bar) -> None:
@@ -276,14 +297,20 @@ def build_cache(
     options = options if options is not None else CacheOptions(**values)
     folder = cache_dir or options.folder(root)
     out = {}
-    for split in splits:
-        source = build_dataset(dataset, root, split, None, options.split_dir)
-        if not isinstance(source, ImageFileDataset):
-            raise UserInputError(
-                f"the decode-once cache reads image files; dataset {dataset!r} is not an "
-                "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)"
-            )
-        out[split] = build_split(source, dataset, split, folder, options, options.workers(), progress)
+    with handle_stop_signals():
+        try:
+            for split in splits:
+                source = build_dataset(dataset, root, split, None, options.split_dir)
+                if not isinstance(source, ImageFileDataset):
+                    raise UserInputError(
+                        f"the decode-once cache reads image files; dataset {dataset!r} is not an "
+                        "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)"
+                    )
+                out[split] = build_split(source, dataset, split, folder, options, options.workers(), progress)
+        except KeyboardInterrupt:
+            if requested() is None:
+                raise
+            raise stop_error(f"while preparing the cache in {folder!r} (built chunks are kept)") from None
     return out
 
 

@@ -119,7 +119,8 @@ def cmd_cache(args) -> int:
         ratio = s["data_bytes"] / max(s["source_bytes"], 1)
         print(
             f"{split}: {s['images']} images, {s['skipped']} skipped, {s['data_bytes'] / 2**20:.1f} MiB "
-            f"({ratio:.2f}x the source files' {s['source_bytes'] / 2**20:.1f} MiB), {s['seconds']:.1f} s"
+            f"({ratio:.2f}x the source files' {s['source_bytes'] / 2**20:.1f} MiB), {s['seconds']:.1f} s, "
+            f"{s['decoded']} decoded"
         )
         if s["skipped"]:
             print(f"  skipped files are listed in {os.path.join(cache_dir, split + '.skipped.txt')}")

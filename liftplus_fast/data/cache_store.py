@@ -228,7 +228,7 @@ def _header_problem(header: Dict[str, Any]) -> str:
     for name, kind in HEADER_FIELDS.items():
         value = header.get(name)
         if not isinstance(value, kind) or isinstance(value, bool):
-            return f"header field {name!r} is not a {kind.__name__}: {value!r:.80}"
+            return f"header field {name!r} should be of type {kind.__name__}; got {value!r:.80}"
     if header["cache_format"] not in CACHE_FORMATS:
         return f"unknown cache_format {header['cache_format']!r}"
     if not all(isinstance(n, str) for n in header["classnames"]):

@@ -22,13 +22,14 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import CollectiveTimeoutError, UserInputError
+from .errors import CollectiveTimeoutError, ProcessLostError, UserInputError
 from .ops import gemm
 
 __all__ = [
     "CollectiveTimeoutError",
     "DistContext",
     "all_reduce_sum",
+    "explain_lost_process",
     "explain_timeout",
     "init_distributed",
     "is_main_process",
@@ -197,6 +198,28 @@ def explain_timeout(exc: BaseException, timeout: float) -> BaseException:
     return CollectiveTimeoutError(
         f"a collective waited longer than dist_timeout ({timeout:g} s) for another "
         f"process, which is stalled or gone ({first})"
+    )
+
+
+# How Gloo and NCCL report a peer process that has ended (its sockets closed by its kernel).
+_LOST_PEER = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "broken pipe",
+    "connection refused",
+    "remote process exited",
+    "communicator was aborted",
+)
+
+
+def explain_lost_process(exc: BaseException) -> BaseException:
+    """``exc`` as one sentence when a collective failed because another process ended, else ``exc``."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(w in text.lower() for w in _LOST_PEER):
+        return exc
+    first = text.strip().splitlines()[0].split("] ", 1)[-1].split(". This is typically")[0]
+    return ProcessLostError(
+        f"another process of the data-parallel run is gone (killed, crashed or its node lost: {first}); the job stops"
     )
 
 

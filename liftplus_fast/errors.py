@@ -18,6 +18,7 @@ refused), so ``except ValueError`` and ``except OSError`` keep working::
     ├── RunExistsError (FileExistsError)     the output folder holds a run; no resume/overwrite
     ├── RunInUseError (BlockingIOError)      the output folder is locked by a live run
     ├── CollectiveTimeoutError (TimeoutError, RuntimeError)   a stalled data-parallel process
+    ├── ProcessLostError (ConnectionError, RuntimeError)      a data-parallel process that ended
     └── RunStoppedError                      SIGINT/SIGTERM: stopped at a safe point
 
 The command line prints a :class:`LiftPlusError` (and any ``OSError``) as one line and exits
@@ -38,6 +39,7 @@ __all__ = [
     "LiftPlusError",
     "MissingInputError",
     "OutputWriteError",
+    "ProcessLostError",
     "ResumeMismatchError",
     "RunExistsError",
     "RunInUseError",
@@ -108,6 +110,12 @@ class CollectiveTimeoutError(LiftPlusError, TimeoutError, RuntimeError):
     A ``TimeoutError`` (the environment failed, not the input: the command line prints it as one
     line) and a ``RuntimeError`` (what torch.distributed raised before it was explained).
     """
+
+
+class ProcessLostError(LiftPlusError, ConnectionError, RuntimeError):
+    """Another process of a data-parallel run ended (killed, crashed, its node lost) while this
+    one exchanged data with it. A ``ConnectionError`` (the command line prints it as one line)
+    and a ``RuntimeError`` (what torch.distributed raised before it was explained)."""
 
 
 class RunInUseError(LiftPlusError, BlockingIOError):

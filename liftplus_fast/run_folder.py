@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from .checkpoint import CHECKPOINT_NAME
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .errors import MissingInputError, OutputWriteError, ResumeMismatchError, RunExistsError, UserInputError
 from .run_lock import RunLock, lock_run_folder
 
@@ -37,8 +37,11 @@ __all__ = [
     "check_resume",
     "lock_run_folder",
     "restarted_run",
+    "torchrun_job",
 ]
 
+# The checkpoint entry naming the torchrun job that wrote it (see restarted_run).
+TORCHRUN_JOB_KEY = "torchrun_job"
 # The files that make up a run (log.txt is appended to, never removed).
 RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "config.json", "per_class_accuracy.png")
 # Options that do not change what is trained: a resumed run may set them anew.
@@ -124,13 +127,29 @@ def _check_contents(path: str, resume: bool, may_hold_run: bool) -> None:
         )
 
 
-def restarted_run(path: Optional[str]) -> int:
-    """torchrun's restart number (``--max-restarts``) when this process restarts a run whose
-    folder holds a checkpoint, else 0: such a restart continues from the last checkpoint instead
-    of starting over (or being refused as a folder that holds a run)."""
-    count = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
-    n = int(count) if count.isdigit() else 0
-    return n if n and path and os.path.isfile(os.path.join(path, CHECKPOINT_NAME)) else 0
+def torchrun_job() -> Optional[str]:
+    """The id of the torchrun job this process belongs to (``--rdzv-id``; a random one with
+    ``--standalone``), or ``None`` outside torchrun. Checkpoints record it (``torchrun_job``)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def restarted_run(path: Optional[str]) -> Optional[str]:
+    """The torchrun job id when this process belongs to a job whose run in ``path`` it restarts
+    (``--max-restarts``, after a process or node failed), else ``None``.
+
+    The job that wrote the folder's checkpoint is the one running: its restarted processes
+    continue that checkpoint instead of starting over (or being refused as a folder that holds a
+    run). torchrun's restart counter cannot tell: a node whose own processes did not fail
+    restarts them with the counter unchanged.
+    """
+    job = torchrun_job()
+    if not (job and path and os.path.isfile(os.path.join(path, CHECKPOINT_NAME))):
+        return None
+    try:
+        written_by = load_checkpoint(path).get(TORCHRUN_JOB_KEY)
+    except (OSError, ValueError):
+        return None  # not resumable anyway: the run's own checks report it
+    return job if written_by == job else None
 
 
 def clear_previous_run(path: str) -> List[str]:

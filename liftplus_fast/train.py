@@ -22,7 +22,14 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .config import LiftConfig, backbone_preset, make_config, validate
 from .data import DownSampler, check_split
 from .data.loaders import RunDatasets, build_loader, build_run_datasets
-from .distributed import DistContext, explain_timeout, init_distributed, is_main_process, shutdown_distributed
+from .distributed import (
+    DistContext,
+    explain_lost_process,
+    explain_timeout,
+    init_distributed,
+    is_main_process,
+    shutdown_distributed,
+)
 from .errors import RunStoppedError, UserInputError
 from .evaluate import evaluate, format_accuracy
 from .files import atomic_write_json
@@ -188,7 +195,7 @@ def _train_in_folder(cfg: LiftConfig, *, progress: bool, resume: bool, overwrite
             lock = prepare_output_dir(cfg.output_dir, resume, overwrite, reads_run=own_test and not overwrite)
         handler = attach_log(cfg.output_dir, ctx.is_main)
         if ctx.is_main and restarted:
-            logger.info("torchrun restart %s: resuming the run in %s", restarted, cfg.output_dir)
+            logger.info("torchrun job %s restarted: resuming the run in %s", restarted, cfg.output_dir)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -203,9 +210,13 @@ def _train_in_folder(cfg: LiftConfig, *, progress: bool, resume: bool, overwrite
         if requested() is not None:  # a collective broken by a process that stopped first
             raise stop_error("while the processes stopped together") from None
         explained = explain_timeout(exc, cfg.dist_timeout)
+        explained = explain_lost_process(exc) if explained is exc else explained
         if explained is exc:
             raise
-        raise explained from None
+        checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT_NAME) if cfg.output_dir else None
+        resumable = bool(checkpoint_path) and os.path.exists(checkpoint_path)
+        resume = "; start the job again with --resume (resume=True in Python)" if resumable else ""
+        raise type(explained)(f"{explained} ({kept_checkpoint(checkpoint_path, ctx)}{resume})") from None
     finally:
         if handler is not None:
             logger.removeHandler(handler)

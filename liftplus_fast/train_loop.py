@@ -30,6 +30,7 @@ from .data.loaders import build_loader
 from .distributed import DistContext
 from .errors import DivergenceError, UserInputError
 from .progress import progress_bar
+from .run_folder import TORCHRUN_JOB_KEY, torchrun_job
 from .stop_signals import requested, stop_error
 from .train_log import TrainingLog
 
@@ -223,6 +224,8 @@ def _save_epoch(checkpoint_path: Optional[str], model, step: TrainStep, schedule
     rng_states = step.ctx.gather_objects(torch.get_rng_state())
     if checkpoint_path:
         extra = {"torch_rng_ranks": rng_states} if step.ctx.enabled else {}
+        if torchrun_job():  # so that the job's restarted processes continue this run
+            extra[TORCHRUN_JOB_KEY] = torchrun_job()
         save_checkpoint(
             checkpoint_path,
             model.official_tuner_state_dict(),

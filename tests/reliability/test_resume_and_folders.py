@@ -161,14 +161,18 @@ def test_resume_without_a_run_on_the_command_line_is_one_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "nothing to resume in" in err[0] and str(out) in err[0], err
 
 
-def test_a_torchrun_restart_resumes_the_checkpoint_of_the_run_it_restarts(finished, data_root, tmp_path, monkeypatch):
+def test_a_restarted_torchrun_job_resumes_its_own_checkpoint(data_root, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
-    shutil.copytree(finished[0], out)
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    # The restarted worker runs the first attempt's command line: no --resume, even --overwrite.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")  # what torchrun gives its processes
+    run(data_root, output_dir=out)
+    assert load_checkpoint(out)["torchrun_job"] == "job-1"
+    # A process of the same job, restarted by torchrun, runs the first command line again
+    # (no --resume, even --overwrite): it continues the run instead of replacing it.
     again = run(data_root, output_dir=out, overwrite=True)
-    assert again.history == []  # the finished run was continued (nothing left to train), not replaced
-    assert "torchrun restart 1: resuming the run in" in open(os.path.join(out, "log.txt")).read()
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert again.history == []  # the finished run was continued (nothing left to train)
+    assert "torchrun job job-1 restarted: resuming the run in" in open(os.path.join(out, "log.txt")).read()
+    # Another job into the folder follows the folder rules.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
     with pytest.raises(RunExistsError):
         run(data_root, output_dir=out)
+    assert [h["epoch"] for h in run(data_root, output_dir=out, overwrite=True).history] == [1]

@@ -223,3 +223,28 @@ def test_a_stopped_cache_command_is_one_line_saying_how_to_continue(tmp_path, mo
     assert err[0].endswith(
         "continue with: liftplus-fast cache -d imagenet_lt --root " + root + " --no-progress num_workers 0"
     )
+
+
+def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    proc = subprocess.Popen(
+        cmd + ["liftplus_fast"] + train_argv(out, epochs=6, batch=8),
+        cwd=str(tmp_path),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it to both processes
+    sent = time.monotonic()
+    code, err = finish(proc)
+    # Had the processes stopped at different steps, one would wait in an all-reduce for the other.
+    assert time.monotonic() - sent < 30 and code != 0
+    ours = [line for line in err if line.startswith("liftplus-fast:")]
+    assert len(ours) == 1, err  # rank 0 reports, once
+    assert ours[0].startswith("liftplus-fast: stopped by SIGTERM at epoch ")
+    assert ours[0].endswith("is kept; resume with the same torchrun command and --resume")
+    assert not any("Traceback" in line for line in err if line.startswith("[rank"))  # none from the workers
+    assert load_checkpoint(str(out))["epoch"] >= 1

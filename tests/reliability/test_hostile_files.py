@@ -352,6 +352,8 @@ def test_a_crafted_layers_option_on_the_command_line_is_refused(tmp_path, capsys
     assert main(argv + ["v.adaptformer_layers", escape(marker)]) == 2
     err = capsys.readouterr().err
     assert "option v.adaptformer_layers must be" in err and not marker.exists()
+    assert main(argv + ["mean", "[" * 100_000]) == 2  # nested too deep to read: a word, refused by the check
+    assert "option mean must be three finite numbers" in capsys.readouterr().err
 
 
 # --- cache index ------------------------------------------------------------------------------

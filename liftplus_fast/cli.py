@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from typing import List, Optional
 
@@ -22,9 +23,10 @@ from .data.cache_build import build_cache
 from .data.cache_store import CacheOptions
 from .demo import run_demo
 from .distributed import is_main_process
-from .errors import LiftPlusError
+from .errors import LiftPlusError, RunStoppedError
 from .evaluate import format_accuracy
 from .options import describe
+from .stop_signals import handle_stop_signals, requested, signal_name
 from .train import build_run_config, fast_train
 
 BACKBONE_HELP = (
@@ -117,7 +119,8 @@ def cmd_cache(args) -> int:
         ratio = s["data_bytes"] / max(s["source_bytes"], 1)
         print(
             f"{split}: {s['images']} images, {s['skipped']} skipped, {s['data_bytes'] / 2**20:.1f} MiB "
-            f"({ratio:.2f}x the source files' {s['source_bytes'] / 2**20:.1f} MiB), {s['seconds']:.1f} s"
+            f"({ratio:.2f}x the source files' {s['source_bytes'] / 2**20:.1f} MiB), {s['seconds']:.1f} s, "
+            f"{s['decoded']} decoded"
         )
         if s["skipped"]:
             print(f"  skipped files are listed in {os.path.join(cache_dir, split + '.skipped.txt')}")
@@ -170,17 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``liftplus-fast`` console script."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "test":
-            return cmd_train(args, test_only=True)
-        if args.command == "demo":
-            return cmd_demo(args)
-        if args.command == "cache":
-            return cmd_cache(args)
-        return cmd_info(args)
+        with handle_stop_signals():  # still handled while the stop is reported
+            try:
+                return _run_command(args)
+            except (RunStoppedError, KeyboardInterrupt) as exc:
+                return _report_stop(exc, argv, args.command)
     except (LiftPlusError, OSError) as exc:
         # One clear sentence for what the package raises on purpose (bad input, a failed write)
         # and for what the environment refused (OSError: a full disk, a missing permission); any
@@ -189,6 +189,41 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"liftplus-fast: error: {error_sentence(exc)}", file=sys.stderr)
         return 2
+
+
+def _run_command(args) -> int:
+    if args.command == "train":
+        return cmd_train(args)
+    if args.command == "test":
+        return cmd_train(args, test_only=True)
+    if args.command == "demo":
+        return cmd_demo(args)
+    if args.command == "cache":
+        return cmd_cache(args)
+    return cmd_info(args)
+
+
+def _report_stop(exc: BaseException, argv: List[str], command: str) -> int:
+    """One line for work a signal stopped (on rank 0), and the exit status 128 + the signal."""
+    signum = exc.signum if isinstance(exc, RunStoppedError) else requested()
+    if signum is None:
+        raise exc
+    if is_main_process():
+        detail = exc.detail if isinstance(exc, RunStoppedError) else f"stopped by {signal_name(signum)}"
+        hint = _continue_hint(argv, command) if getattr(exc, "hint", None) or command == "cache" else ""
+        print(f"liftplus-fast: {detail}{hint}", file=sys.stderr)
+    return 128 + signum
+
+
+def _continue_hint(argv: List[str], command: str) -> str:
+    """How to continue stopped work: the same command, resumed (a cache build resumes by itself)."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        return "; resume with the same torchrun command and --resume" if command == "train" else ""
+    words = [a for a in argv if a != "--overwrite"]
+    if command == "train" and "--resume" not in words:
+        words.insert(1, "--resume")  # after the command: later words are its key value options
+    line = " ".join(["liftplus-fast"] + [shlex.quote(w) for w in words])
+    return f"; resume with: {line}" if command == "train" else f"; continue with: {line}"
 
 
 def error_sentence(exc: BaseException) -> str:

@@ -276,19 +276,30 @@ class LiftConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "LiftConfig":
-        """Inverse of :meth:`to_dict` (unknown keys raise ``ValueError``)."""
-        d = dict(d)
-        v = TunerConfig(**d.pop("v", {}))
+        """Inverse of :meth:`to_dict`: every value checked, unknown keys and values that are not
+        options (a dict read from a file) raise ``ValueError`` naming them."""
+        d = _option_dict(d, "")
+        v = TunerConfig(**_option_dict(d.pop("v", {}), "v."))
         if "l" in d:
-            d["l"] = TunerConfig(**d["l"])
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserInputError(f"unknown LiftConfig option(s): {', '.join(unknown)}")
+            d["l"] = TunerConfig(**_option_dict(d["l"], "l."))
         for key in ("mean", "std"):
-            if key in d:
+            if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(v=v, apply_preset=False, **d)
+
+
+def _option_dict(d: Any, prefix: str) -> Dict[str, Any]:
+    """``d`` when it is a dict of known option names of ``LiftConfig`` (``prefix`` "") or
+    ``TunerConfig`` ("v." / "l."), else :class:`UserInputError` naming what is not."""
+    if not isinstance(d, dict):
+        what = f"the {prefix}* options" if prefix else "a LiftConfig's options"
+        raise UserInputError(f"{what} must be a mapping of names to values; got {d!r}")
+    known = {f.name for f in fields(TunerConfig if prefix else LiftConfig)}
+    unknown = sorted(str(k) for k in set(d) - known)
+    if unknown:
+        where = f"{prefix}* " if prefix else ""
+        raise UserInputError(f"unknown {where}option(s): {', '.join(prefix + k for k in unknown)}")
+    return dict(d)
 
 
 def resolve_method(name: str) -> str:

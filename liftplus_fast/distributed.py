@@ -22,13 +22,14 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import CollectiveTimeoutError, UserInputError
+from .errors import CollectiveTimeoutError, ProcessLostError, UserInputError
 from .ops import gemm
 
 __all__ = [
     "CollectiveTimeoutError",
     "DistContext",
     "all_reduce_sum",
+    "explain_lost_process",
     "explain_timeout",
     "init_distributed",
     "is_main_process",
@@ -112,9 +113,23 @@ class DistContext:
     def any_process(self, flag: bool, device) -> bool:
         """Whether ``flag`` is set on any process, so that every process takes the same branch
         (a branch one process took alone would leave the next collective waiting)."""
+        return self.any_processes([flag], device)[0]
+
+    def any_processes(self, flags: List[bool], device) -> List[bool]:
+        """:meth:`any_process` of several flags, in one all-reduce."""
         if not self.enabled:
-            return flag
-        return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+            return [bool(f) for f in flags]
+        summed = all_reduce_sum(torch.tensor([float(f) for f in flags], device=device))
+        return [bool(v > 0) for v in summed.tolist()]
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` on every process (``obj`` itself for a single process): what one
+        process read from its disk reaches processes on nodes that do not share that disk."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
 
     def gather_objects(self, obj) -> List:
         """Every process's ``obj``, in rank order (``[obj]`` for a single process)."""
@@ -183,6 +198,28 @@ def explain_timeout(exc: BaseException, timeout: float) -> BaseException:
     return CollectiveTimeoutError(
         f"a collective waited longer than dist_timeout ({timeout:g} s) for another "
         f"process, which is stalled or gone ({first})"
+    )
+
+
+# How Gloo and NCCL report a peer process that has ended (its sockets closed by its kernel).
+_LOST_PEER = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "broken pipe",
+    "connection refused",
+    "remote process exited",
+    "communicator was aborted",
+)
+
+
+def explain_lost_process(exc: BaseException) -> BaseException:
+    """``exc`` as one sentence when a collective failed because another process ended, else ``exc``."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(w in text.lower() for w in _LOST_PEER):
+        return exc
+    first = text.strip().splitlines()[0].split("] ", 1)[-1].split(". This is typically")[0]
+    return ProcessLostError(
+        f"another process of the data-parallel run is gone (killed, crashed or its node lost: {first}); the job stops"
     )
 
 

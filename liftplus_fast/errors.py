@@ -14,19 +14,23 @@ refused), so ``except ValueError`` and ``except OSError`` keep working::
     │   ├── DatasetUnavailableError (RuntimeError)   data set neither on disk nor downloadable
     │   ├── DivergenceError (RuntimeError)           non-finite loss or tuner
     │   └── BackendUnavailableError (RuntimeError)   the kernel backend asked for cannot run
-    │                                                (defined beside the dispatcher, ops/_dispatch.py)
     ├── OutputWriteError (OSError)           an output file could not be written
     ├── RunExistsError (FileExistsError)     the output folder holds a run; no resume/overwrite
-    └── CollectiveTimeoutError (TimeoutError, RuntimeError)   a stalled data-parallel process
+    ├── RunInUseError (BlockingIOError)      the output folder is locked by a live run
+    ├── CollectiveTimeoutError (TimeoutError, RuntimeError)   a stalled data-parallel process
+    ├── ProcessLostError (ConnectionError, RuntimeError)      a data-parallel process that ended
+    └── RunStoppedError                      SIGINT/SIGTERM: stopped at a safe point
 
 The command line prints a :class:`LiftPlusError` (and any ``OSError``) as one line and exits
-with status 2; every other exception is a bug of the package and keeps its traceback.
+with status 2 (a :class:`RunStoppedError` with 128 + the signal's number, as a shell reports a
+command a signal ended); every other exception is a bug of the package and keeps its traceback.
 """
 
 from typing import Optional
 
 __all__ = [
     "BackboneLoadError",
+    "BackendUnavailableError",
     "CacheError",
     "CollectiveTimeoutError",
     "CorruptImageError",
@@ -35,8 +39,11 @@ __all__ = [
     "LiftPlusError",
     "MissingInputError",
     "OutputWriteError",
+    "ProcessLostError",
     "ResumeMismatchError",
     "RunExistsError",
+    "RunInUseError",
+    "RunStoppedError",
     "UserInputError",
 ]
 
@@ -85,6 +92,10 @@ class DivergenceError(UserInputError, RuntimeError):
     """Training produced a non-finite loss or parameters; the last good checkpoint is kept."""
 
 
+class BackendUnavailableError(UserInputError, RuntimeError):
+    """The backend ``LIFTPLUS_FAST_BACKEND`` asks for cannot run an op on these tensors."""
+
+
 class OutputWriteError(LiftPlusError, OSError):
     """A file of the output folder could not be written; the previous version, if any, is intact."""
 
@@ -99,3 +110,36 @@ class CollectiveTimeoutError(LiftPlusError, TimeoutError, RuntimeError):
     A ``TimeoutError`` (the environment failed, not the input: the command line prints it as one
     line) and a ``RuntimeError`` (what torch.distributed raised before it was explained).
     """
+
+
+class ProcessLostError(LiftPlusError, ConnectionError, RuntimeError):
+    """Another process of a data-parallel run ended (killed, crashed, its node lost) while this
+    one exchanged data with it. A ``ConnectionError`` (the command line prints it as one line)
+    and a ``RuntimeError`` (what torch.distributed raised before it was explained)."""
+
+
+class RunInUseError(LiftPlusError, BlockingIOError):
+    """The output folder is locked by a live run (see :mod:`liftplus_fast.run_lock`).
+
+    ``holder`` is what the live run wrote about itself (``pid``, ``host``, ``command``,
+    ``started``), or ``{}`` when it had not written it yet.
+    """
+
+    def __init__(self, message: str, holder: Optional[dict] = None):
+        super().__init__(message)
+        self.holder = dict(holder or {})
+
+
+class RunStoppedError(LiftPlusError):
+    """SIGINT or SIGTERM stopped the work at a safe point (see :mod:`liftplus_fast.stop_signals`).
+
+    ``signum`` is the signal's number; ``detail`` says where the work stopped and what was kept;
+    ``hint``, when the work can be continued, how (in Python terms; the command line prints its
+    own command). ``str()`` is the detail followed by the hint.
+    """
+
+    def __init__(self, detail: str, signum: int, hint: Optional[str] = None):
+        super().__init__(detail + (f"; {hint}" if hint else ""))
+        self.detail = detail
+        self.signum = int(signum)
+        self.hint = hint

@@ -19,6 +19,7 @@ from .data import group_accuracies
 from .distributed import all_reduce_sum
 from .model.precision import half_dtype_of
 from .progress import progress_bar
+from .stop_signals import check_stop, safe_points
 
 __all__ = ["evaluate", "metrics_from_counts", "autocast_context", "precision_context", "format_accuracy"]
 
@@ -152,8 +153,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), precision_context(model, device, precision):
+        with torch.inference_mode(), precision_context(model, device, precision), safe_points():
             for images, labels in progress_bar(loader, desc="Testing", disable=not progress, leave=False):
+                check_stop("during evaluation")
                 if tte is True and images.dim() != 5:
                     raise ValueError(
                         "tte=True needs [B, C, 3, H, W] crops from the test transform "

@@ -105,7 +105,7 @@ def parse_value(text: Any) -> Any:
         return False
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, RecursionError, MemoryError):  # not a literal (or an absurd one)
         return text
 
 

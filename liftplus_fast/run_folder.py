@@ -1,11 +1,14 @@
 """The output folder of a run: what may be written into it, and when a checkpoint may be resumed.
 
-Three rules keep a folder's config, checkpoint and metrics from one and the same run:
+Four rules keep a folder's config, checkpoint and metrics from one and the same run:
 
+* one command at a time: the folder is locked while a command runs in it
+  (:mod:`liftplus_fast.run_lock`), and a second one is refused naming the first;
 * a folder that already holds a run (a checkpoint or metrics) is written into only when the run
   is resumed or ``overwrite`` is asked for; overwriting removes the old run's files just before
   the new run writes its own, after every check of the new run has passed;
-* the folder is checked to be a writable folder before anything runs;
+* the folder is checked to be a writable folder before anything runs, and a resume to hold a
+  checkpoint;
 * a run is resumed only with the options it was started with, except those in
   :data:`RESUME_FREE_OPTIONS` (where data is read from, workers, devices, evaluation and logging),
   so the schedule the log shows is the one config.json records.
@@ -19,8 +22,9 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from .checkpoint import CHECKPOINT_NAME
-from .errors import OutputWriteError, ResumeMismatchError, RunExistsError, UserInputError
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .errors import MissingInputError, OutputWriteError, ResumeMismatchError, RunExistsError, UserInputError
+from .run_lock import RunLock, lock_run_folder
 
 __all__ = [
     "RunExistsError",
@@ -31,8 +35,13 @@ __all__ = [
     "clear_previous_run",
     "resume_conflicts",
     "check_resume",
+    "lock_run_folder",
+    "restarted_run",
+    "torchrun_job",
 ]
 
+# The checkpoint entry naming the torchrun job that wrote it (see restarted_run).
+TORCHRUN_JOB_KEY = "torchrun_job"
 # The files that make up a run (log.txt is appended to, never removed).
 RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "config.json", "per_class_accuracy.png")
 # Options that do not change what is trained: a resumed run may set them anew.
@@ -59,22 +68,32 @@ def _holds_run(path: str) -> List[str]:
     return [name for name in (CHECKPOINT_NAME, "metrics.json") if os.path.exists(os.path.join(path, name))]
 
 
-def prepare_output_dir(path: Optional[str], resume: bool = False, overwrite: bool = False) -> None:
-    """Check that ``path`` can take this run's outputs before anything is trained.
+def prepare_output_dir(
+    path: Optional[str], resume: bool = False, overwrite: bool = False, reads_run: bool = False
+) -> Optional[RunLock]:
+    """Check that ``path`` can take this run's outputs before anything is trained, and lock it.
 
     Creates the folder when missing. Raises ``ValueError`` when ``path`` is a file or both
-    ``resume`` and ``overwrite`` are set, :class:`~liftplus_fast.checkpoint.OutputWriteError`
-    when the folder cannot be created or written, and :class:`RunExistsError` when it holds a
-    run and neither ``resume`` nor ``overwrite`` is set. Writes nothing that stays.
+    ``resume`` and ``overwrite`` are set, :class:`~liftplus_fast.errors.OutputWriteError` when
+    the folder cannot be created or written, :class:`~liftplus_fast.errors.RunInUseError` when a
+    live command holds it (:mod:`liftplus_fast.run_lock`), ``FileNotFoundError`` when ``resume``
+    finds no checkpoint to continue, and :class:`RunExistsError` when it holds a run and neither
+    ``resume``, ``overwrite`` nor ``reads_run`` (a command evaluating the run the folder holds)
+    is set. Returns the folder's :class:`~liftplus_fast.run_lock.RunLock`, which the caller
+    keeps until the run ends (``None`` without a folder); writes nothing else that stays.
     """
     if path is None:
-        return
+        if resume:
+            raise UserInputError("resume needs the output folder of the run to continue (output_dir / --output-dir)")
+        return None
     if resume and overwrite:
         raise UserInputError(
             f"resume and overwrite exclude each other: resume continues the run in {path!r}, overwrite replaces it"
         )
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserInputError(f"output_dir {path!r} is a file, not a folder; choose another output folder")
+    if resume and not os.path.isdir(path):
+        raise MissingInputError(f"nothing to resume: the output folder {path!r} does not exist")
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
@@ -82,13 +101,55 @@ def prepare_output_dir(path: Optional[str], resume: bool = False, overwrite: boo
         os.remove(probe)
     except OSError as exc:
         raise OutputWriteError(f"output folder {path!r} cannot be written: {exc.strerror or exc}") from None
+    lock = lock_run_folder(path)
+    try:
+        _check_contents(path, resume, overwrite or reads_run)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_contents(path: str, resume: bool, may_hold_run: bool) -> None:
     found = _holds_run(path)
-    if found and not (resume or overwrite):
+    if resume and CHECKPOINT_NAME not in found:
+        present = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        raise MissingInputError(
+            f"nothing to resume in {path!r}: it has no {CHECKPOINT_NAME} (the checkpoint a run writes after "
+            f"each epoch; the folder holds {', '.join(present) if present else 'no files'}). Start the run "
+            "without --resume (resume=True in Python)"
+        )
+    if found and not (resume or may_hold_run):
         raise RunExistsError(
             f"output folder {path!r} already holds a run ({', '.join(found)}); pass --resume to "
             "continue it or --overwrite to replace it (resume=True / overwrite=True in Python), "
             "or choose another output folder"
         )
+
+
+def torchrun_job() -> Optional[str]:
+    """The id of the torchrun job this process belongs to (``--rdzv-id``; a random one with
+    ``--standalone``), or ``None`` outside torchrun. Checkpoints record it (``torchrun_job``)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def restarted_run(path: Optional[str]) -> Optional[str]:
+    """The torchrun job id when this process belongs to a job whose run in ``path`` it restarts
+    (``--max-restarts``, after a process or node failed), else ``None``.
+
+    The job that wrote the folder's checkpoint is the one running: its restarted processes
+    continue that checkpoint instead of starting over (or being refused as a folder that holds a
+    run). torchrun's restart counter cannot tell: a node whose own processes did not fail
+    restarts them with the counter unchanged.
+    """
+    job = torchrun_job()
+    if not (job and path and os.path.isfile(os.path.join(path, CHECKPOINT_NAME))):
+        return None
+    try:
+        written_by = load_checkpoint(path).get(TORCHRUN_JOB_KEY)
+    except (OSError, ValueError):
+        return None  # not resumable anyway: the run's own checks report it
+    return job if written_by == job else None
 
 
 def clear_previous_run(path: str) -> List[str]:

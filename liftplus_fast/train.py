@@ -22,8 +22,15 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .config import LiftConfig, backbone_preset, make_config, validate
 from .data import DownSampler, check_split
 from .data.loaders import RunDatasets, build_loader, build_run_datasets
-from .distributed import DistContext, explain_timeout, init_distributed, shutdown_distributed
-from .errors import UserInputError
+from .distributed import (
+    DistContext,
+    explain_lost_process,
+    explain_timeout,
+    init_distributed,
+    is_main_process,
+    shutdown_distributed,
+)
+from .errors import RunStoppedError, UserInputError
 from .evaluate import evaluate, format_accuracy
 from .files import atomic_write_json
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
@@ -31,9 +38,10 @@ from .model.inits import FEATURE_INITS
 from .ops.gemm import cpu_bf16_gemm_path
 from .plotting import plot_per_class_accuracy
 from .progress import progress_bar
-from .run_folder import check_resume, clear_previous_run, prepare_output_dir
+from .run_folder import check_resume, clear_previous_run, prepare_output_dir, restarted_run
 from .runtime import attach_log, deterministic_mode, resolve_device, seed_everything
-from .train_loop import train_epochs
+from .stop_signals import check_stop, handle_stop_signals, requested, safe_points, stop_error
+from .train_loop import kept_checkpoint, train_epochs
 
 __all__ = ["TrainResult", "build_run_config", "fast_train", "own_model_dir"]
 
@@ -144,7 +152,34 @@ def fast_train(
     tuner and metrics, and only rank 0 writes ``output_dir``.
     """
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
+    with handle_stop_signals():
+        try:
+            return _train_in_folder(cfg, progress=progress, resume=resume, overwrite=overwrite)
+        except KeyboardInterrupt:
+            if requested() is None:
+                raise
+            raise _stopped(stop_error("outside the training and evaluation loops"), cfg) from None
+        except RunStoppedError as exc:
+            raise _stopped(exc, cfg) from None
+
+
+def _stopped(exc: RunStoppedError, cfg: LiftConfig) -> RunStoppedError:
+    """``exc`` completed with what the run keeps and, when it can be resumed, how."""
+    if not is_main_process():
+        return exc
+    path = os.path.join(cfg.output_dir, CHECKPOINT_NAME) if cfg.output_dir else None
+    if cfg.test_only:
+        return RunStoppedError(exc.detail, exc.signum)
+    kept = kept_checkpoint(path, DistContext())
+    hint = "continue with resume=True (--resume on the command line)" if path and os.path.exists(path) else None
+    return RunStoppedError(f"{exc.detail}; {kept}", exc.signum, hint)
+
+
+def _train_in_folder(cfg: LiftConfig, *, progress: bool, resume: bool, overwrite: bool) -> TrainResult:
+    """:func:`fast_train` once its config is built: the process group, the locked output folder,
+    the log, then the run."""
     ctx = init_distributed(resolve_device(cfg.device), timeout=cfg.dist_timeout)
+    lock = None
     try:
         if ctx.is_main:
             # test_only without model_dir evaluates the run this folder holds: not a new run over it
@@ -154,9 +189,16 @@ def fast_train(
                 and cfg.output_dir
                 and own_model_dir(cfg.output_dir) == cfg.output_dir
             )
-            prepare_output_dir(cfg.output_dir, resume or (own_test and not overwrite), overwrite)
+            restarted = restarted_run(cfg.output_dir)
+            if restarted:
+                resume, overwrite = True, False
+            lock = prepare_output_dir(cfg.output_dir, resume, overwrite, reads_run=own_test and not overwrite)
         handler = attach_log(cfg.output_dir, ctx.is_main)
+        if ctx.is_main and restarted:
+            logger.info("torchrun job %s restarted: resuming the run in %s", restarted, cfg.output_dir)
     except BaseException:
+        if lock is not None:
+            lock.release()
         shutdown_distributed(ctx)
         raise
     try:
@@ -165,14 +207,22 @@ def fast_train(
     except RuntimeError as exc:
         if not ctx.enabled:
             raise
+        if requested() is not None:  # a collective broken by a process that stopped first
+            raise stop_error("while the processes stopped together") from None
         explained = explain_timeout(exc, cfg.dist_timeout)
+        explained = explain_lost_process(exc) if explained is exc else explained
         if explained is exc:
             raise
-        raise explained from None
+        checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT_NAME) if cfg.output_dir else None
+        resumable = bool(checkpoint_path) and os.path.exists(checkpoint_path)
+        resume = "; start the job again with --resume (resume=True in Python)" if resumable else ""
+        raise type(explained)(f"{explained} ({kept_checkpoint(checkpoint_path, ctx)}{resume})") from None
     finally:
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
         shutdown_distributed(ctx)
 
 
@@ -255,24 +305,36 @@ def _build_model(cfg: LiftConfig, data: RunDatasets, cls_num_list: List[int], de
 @torch.no_grad()
 def _image_features(model, loader, device, progress: bool):
     feats, labels = [], []
-    for images, y in progress_bar(loader, desc="Features for classifier init", disable=not progress, leave=False):
-        feats.append(model.encode_image(images.to(device)).float().cpu())
-        labels.append(y)
+    with safe_points():
+        for images, y in progress_bar(loader, desc="Features for classifier init", disable=not progress, leave=False):
+            check_stop("while computing the features the classifier is initialised from")
+            feats.append(model.encode_image(images.to(device)).float().cpu())
+            labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+def _read_tuner_state(cfg: LiftConfig, checkpoint_path, resume: bool, ctx: DistContext):
+    """``(what, checkpoint)``: the trained tuner of ``model_dir`` (``"model_dir"``), the run's own
+    checkpoint to resume (``"resume"``), or ``(None, None)``. Rank 0 reads the file and hands it
+    to the other processes, so nodes need not share the output folder."""
+    found: Tuple[Optional[str], Any] = (None, None)
+    if ctx.is_main:
+        if cfg.model_dir is not None:
+            found = ("model_dir", load_checkpoint(cfg.model_dir))
+        elif resume:
+            found = ("resume", load_checkpoint(checkpoint_path))  # prepare_output_dir saw it there
+    return ctx.broadcast_object(found)
 
 
 def _set_up_tuner(model, cfg: LiftConfig, data: RunDatasets, checkpoint_path, *, resume, device, ctx, progress):
     """Load a trained tuner (model_dir), resume a checkpoint, or initialise the classifier from
     image features; then give every process rank 0's tuner. Returns ``(start epoch, checkpoint)``."""
-    start_epoch, state = 0, None
-    if resume and not (checkpoint_path and os.path.exists(checkpoint_path)):
-        logger.warning("resume: no checkpoint at %s; training from the start", checkpoint_path or "(no output_dir)")
-    if cfg.model_dir is not None:
-        state = load_checkpoint(cfg.model_dir)
+    start_epoch = 0
+    what, state = _read_tuner_state(cfg, checkpoint_path, resume, ctx)
+    if what == "model_dir":
         model.load_official_tuner(state["tuner"])
         logger.info("loaded tuner from %s", cfg.model_dir)
-    elif resume and checkpoint_path and os.path.exists(checkpoint_path):
-        state = load_checkpoint(checkpoint_path)
+    elif what == "resume":
         if "config" not in state:
             logger.warning("resume: %s does not record its options; continuing with those given", checkpoint_path)
         check_resume(state.get("config"), cfg.to_dict(), checkpoint_path)
@@ -321,18 +383,19 @@ def _run(cfg: LiftConfig, ctx: DistContext, *, progress: bool, resume: bool, ove
     history: List[Dict[str, float]] = []
     if not (cfg.zero_shot or cfg.test_only):
         t0 = time.perf_counter()
-        history = train_epochs(
-            model,
-            cfg,
-            data.train,
-            device=device,
-            cls_num_list=cls_num_list,
-            ctx=ctx,
-            start_epoch=start_epoch,
-            state=state,
-            checkpoint_path=checkpoint_path if writes else None,
-            progress=progress,
-        )
+        with safe_points():
+            history = train_epochs(
+                model,
+                cfg,
+                data.train,
+                device=device,
+                cls_num_list=cls_num_list,
+                ctx=ctx,
+                start_epoch=start_epoch,
+                state=state,
+                checkpoint_path=checkpoint_path if writes else None,
+                progress=progress,
+            )
         timings["train_s"] = time.perf_counter() - t0
         if history:
             timings["train_images_per_s"] = sum(h["images"] for h in history) / max(timings["train_s"], 1e-9)

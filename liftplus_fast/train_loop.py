@@ -30,9 +30,11 @@ from .data.loaders import build_loader
 from .distributed import DistContext
 from .errors import DivergenceError, UserInputError
 from .progress import progress_bar
+from .run_folder import TORCHRUN_JOB_KEY, torchrun_job
+from .stop_signals import requested, stop_error
 from .train_log import TrainingLog
 
-__all__ = ["TrainStep", "make_optimizer", "restore_rng", "train_epochs"]
+__all__ = ["TrainStep", "kept_checkpoint", "make_optimizer", "restore_rng", "train_epochs"]
 
 logger = logging.getLogger("liftplus_fast")
 
@@ -69,6 +71,7 @@ class TrainStep:
         # fp16 needs loss scaling; bf16 (CPU "amp", or "bf16") has fp32's range and does not.
         self.scaler = torch.amp.GradScaler("cuda") if model.needs_grad_scaler else None
         self._finite = True
+        self.stop_requested = False
 
     @property
     def lr(self) -> float:
@@ -85,8 +88,16 @@ class TrainStep:
         return value, logits
 
     def update(self) -> bool:
-        """End the step; whether the parameters were updated (``False``: a non-finite loss somewhere)."""
-        applied = not self.ctx.any_process(not self._finite, self.params[0].device)
+        """End the step; whether the parameters were updated (``False``: a non-finite loss somewhere).
+
+        The processes also agree whether any of them received a stop signal
+        (:mod:`~liftplus_fast.stop_signals`), in the same all-reduce: ``stop_requested`` then
+        tells the loop to stop after this step, on every process alike.
+        """
+        nonfinite, self.stop_requested = self.ctx.any_processes(
+            [not self._finite, requested() is not None], self.params[0].device
+        )
+        applied = not nonfinite
         if applied:
             # Before the scaler unscales: an inf on one process then skips the step on all.
             self.ctx.average_gradients(self.params)
@@ -123,7 +134,8 @@ def restore_rng(state: Dict[str, Any], ctx: DistContext) -> None:
         )
 
 
-def _kept_checkpoint(checkpoint_path: Optional[str], ctx: DistContext) -> str:
+def kept_checkpoint(checkpoint_path: Optional[str], ctx: DistContext) -> str:
+    """What a stopped run keeps, for its message: the checkpoint of which epoch, or none."""
     if checkpoint_path and os.path.exists(checkpoint_path):
         try:
             epoch = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("epoch")
@@ -144,7 +156,7 @@ def _on_nonfinite_loss(cfg, epoch: int, where, num_batches: int, checkpoint_path
         logger.warning("non-finite loss (%s) %s: step skipped (nonfinite_loss skip)", value, at)
         return
     raise DivergenceError(
-        f"non-finite loss ({value}) {at}; the run is stopped ({_kept_checkpoint(checkpoint_path, ctx)}). "
+        f"non-finite loss ({value}) {at}; the run is stopped ({kept_checkpoint(checkpoint_path, ctx)}). "
         "Lower lr, or set nonfinite_loss skip to skip such steps"
     )
 
@@ -176,6 +188,8 @@ def _run_epoch(step: TrainStep, loader, epoch: int, cfg, *, device, log, progres
                 skipped += 1
                 _on_nonfinite_loss(cfg, epoch, where, num_batches, checkpoint_path, step.ctx)
             where = None
+            if step.stop_requested:
+                raise stop_error(f"at epoch {epoch + 1}, step {batch_idx + 1} of {num_batches}")
         if finite:
             with torch.no_grad():
                 correct += int((logits.argmax(dim=-1) == labels).sum())
@@ -191,7 +205,7 @@ def _run_epoch(step: TrainStep, loader, epoch: int, cfg, *, device, log, progres
 
 def _check_epoch(totals: Dict[str, Any], epoch: int, cfg, params, checkpoint_path, ctx: DistContext) -> None:
     """Stop the run when the epoch diverged: every step skipped, or non-finite parameters."""
-    kept = _kept_checkpoint(checkpoint_path, ctx) if totals["skipped"] else None
+    kept = kept_checkpoint(checkpoint_path, ctx) if totals["skipped"] else None
     if totals["skipped"] and totals["skipped"] == -(-totals["steps"] // cfg.accum_step):
         raise DivergenceError(
             f"every step of epoch {epoch + 1} had a non-finite loss; the run is stopped ({kept}); lower lr"
@@ -201,7 +215,7 @@ def _check_epoch(totals: Dict[str, Any], epoch: int, cfg, params, checkpoint_pat
     if not all(torch.isfinite(p).all() for p in params):
         raise DivergenceError(
             f"the tuner's parameters became non-finite during epoch {epoch + 1}; the "
-            f"run is stopped ({_kept_checkpoint(checkpoint_path, ctx)}); lower lr"
+            f"run is stopped ({kept_checkpoint(checkpoint_path, ctx)}); lower lr"
         )
 
 
@@ -210,6 +224,8 @@ def _save_epoch(checkpoint_path: Optional[str], model, step: TrainStep, schedule
     rng_states = step.ctx.gather_objects(torch.get_rng_state())
     if checkpoint_path:
         extra = {"torch_rng_ranks": rng_states} if step.ctx.enabled else {}
+        if torchrun_job():  # so that the job's restarted processes continue this run
+            extra[TORCHRUN_JOB_KEY] = torchrun_job()
         save_checkpoint(
             checkpoint_path,
             model.official_tuner_state_dict(),

@@ -8,7 +8,6 @@ import torch
 
 import liftplus_fast as lf
 from liftplus_fast import checkpoint as ckpt_mod
-from liftplus_fast import train as train_mod
 from liftplus_fast import train_loop
 
 TINY = dict(
@@ -118,21 +117,6 @@ def test_classifier_inits_run(init, tmp_path):
     r = lf.fast_train(method="lift+", output_dir=None, num_epochs=1, classifier_init=init, **dict(TINY, batch_size=128))
     w = r.model.classifier.weight.detach()
     assert torch.isfinite(w).all() and r.metrics["overall"] >= 0.0
-
-
-def test_resume_without_checkpoint_says_so_and_starts_over(tmp_path):
-    import logging
-
-    seen = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: seen.append(record.getMessage())
-    train_mod.logger.addHandler(handler)
-    try:
-        r = lf.fast_train(method="lift+", output_dir=str(tmp_path / "fresh"), num_epochs=1, resume=True, **TINY)
-    finally:
-        train_mod.logger.removeHandler(handler)
-    assert any("no checkpoint at" in m and "fresh" in m for m in seen), seen
-    assert [h["epoch"] for h in r.history] == [1]
 
 
 def test_a_given_config_is_not_changed_by_the_run():

@@ -11,13 +11,15 @@ file is assembled, then the index is written (see :mod:`liftplus_fast.data.cache
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,12 +27,14 @@ from PIL import Image
 
 from ..errors import UserInputError
 from ..files import atomic_write, atomic_write_bytes
+from ..stop_signals import check_stop, handle_stop_signals, requested, safe_points, stop_error
 from .cache_store import (
     MAGIC,
     VERSION,
     CachedImageDataset,
     CacheError,
     CacheOptions,
+    check_source_stats,
     data_path,
     index_path,
     read_index,
@@ -41,6 +45,7 @@ from .cache_store import (
 from .images import load_rgb_image
 from .list_datasets import ImageFileDataset
 from .registry import build_dataset
+from .source_stat import changed_sources, stat_file, stat_files
 
 logger = logging.getLogger("liftplus_fast")
 
@@ -74,8 +79,17 @@ def encode_for_cache(img: Image.Image, options: CacheOptions) -> Tuple[bytes, Tu
     return buf.getvalue(), (h, w), orig
 
 
-def build_chunk(work_dir: str, chunk: int, paths: Sequence[str], options: CacheOptions) -> Dict[str, Any]:
-    """Decode, resize and encode ``paths`` into ``work_dir/chunk_<n>.{bin,json}``; return the manifest."""
+def build_chunk(
+    work_dir: str, chunk: int, paths: Sequence[str], options: CacheOptions, previous: Optional[Tuple] = None
+) -> Dict[str, Any]:
+    """Decode, resize and encode ``paths`` into ``work_dir/chunk_<n>.{bin,json}``; return the manifest.
+
+    ``previous`` (a refresh): ``(old data file, entries)`` with one entry per path: ``None`` to
+    decode the file, else what the old cache holds for the unchanged file, copied instead of
+    decoded again: ``(offset, nbytes, stored_hw, orig_hw)`` of its stored image, or the reason
+    (a string) it could not be decoded. Each file's size and modification time are recorded
+    before it is read, so a file rewritten meanwhile shows as changed.
+    """
     blobs: List[bytes] = []
     manifest: Dict[str, Any] = {
         "nbytes": [],
@@ -84,37 +98,80 @@ def build_chunk(work_dir: str, chunk: int, paths: Sequence[str], options: CacheO
         "ok": [],
         "skipped": [],
         "source_bytes": 0,
+        "stat": [],
+        "decoded": 0,
     }
-    for path in paths:
-        try:
-            blob, stored, orig = encode_for_cache(load_rgb_image(path), options)
-        except Exception as exc:  # noqa: BLE001 - every undecodable file is reported, whatever failed
-            reason = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
-            manifest["skipped"].append({"path": path, "reason": reason})
-            manifest["ok"].append(False)
-            continue
-        manifest["source_bytes"] += os.path.getsize(path)
-        blobs.append(blob)
-        manifest["nbytes"].append(len(blob))
-        manifest["stored_hw"].append(stored)
-        manifest["orig_hw"].append(orig)
-        manifest["ok"].append(True)
+    old_file, entries = previous if previous is not None else (None, [None] * len(paths))
+    with open(old_file, "rb") if old_file else contextlib.nullcontext() as old:
+        for path, entry in zip(paths, entries):
+            st = stat_file(path)
+            manifest["stat"].append(list(st))
+            reason = entry if isinstance(entry, str) else None
+            if entry is None:
+                manifest["decoded"] += 1
+                try:
+                    blob, stored, orig = encode_for_cache(load_rgb_image(path), options)
+                except Exception as exc:  # noqa: BLE001 - every undecodable file is reported, whatever failed
+                    reason = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+            elif reason is None:
+                offset, nbytes, stored, orig = entry
+                old.seek(offset)
+                blob = old.read(nbytes)
+            if reason is not None:
+                manifest["skipped"].append({"path": path, "reason": reason})
+                manifest["ok"].append(False)
+                continue
+            manifest["source_bytes"] += st[0]
+            blobs.append(blob)
+            manifest["nbytes"].append(len(blob))
+            manifest["stored_hw"].append(list(stored))
+            manifest["orig_hw"].append(list(orig))
+            manifest["ok"].append(True)
     atomic_write_bytes(os.path.join(work_dir, f"chunk_{chunk:06d}.bin"), b"".join(blobs))
     atomic_write_bytes(os.path.join(work_dir, f"chunk_{chunk:06d}.json"), json.dumps(manifest).encode())
     return manifest
 
 
-def _load_manifest(work_dir: str, chunk: int) -> Optional[Dict[str, Any]]:
+def _load_manifest(work_dir: str, chunk: int, paths: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """A finished chunk of an interrupted build, if its files are whole and its sources unchanged."""
     path = os.path.join(work_dir, f"chunk_{chunk:06d}.json")
     blob = os.path.join(work_dir, f"chunk_{chunk:06d}.bin")
     try:
         with open(path) as f:
             manifest = json.load(f)
-        if os.path.getsize(blob) == sum(manifest["nbytes"]):
+        if os.path.getsize(blob) == sum(manifest["nbytes"]) and manifest["stat"] == stat_files(paths).tolist():
             return manifest
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
+
+
+def _previous_entries(header, arrays, changed: np.ndarray) -> List[Any]:
+    """Per source file, what a refresh copies from the old cache (see :func:`build_chunk`), or
+    ``None`` for the changed files it decodes again."""
+    rows = np.cumsum(arrays["source_ok"]) - 1
+    skipped = iter(header["skipped"])  # in source order, one per file the build could not decode
+    entries: List[Any] = []
+    for i, ok in enumerate(arrays["source_ok"].tolist()):
+        if not ok:
+            entries.append(str(next(skipped, {}).get("reason", "could not be decoded")))
+            continue
+        r = int(rows[i])
+        offset, nbytes = int(arrays["offsets"][r]), int(arrays["nbytes"][r])
+        entries.append((offset, nbytes, arrays["stored_hw"][r].tolist(), arrays["orig_hw"][r].tolist()))
+    for i in changed:
+        entries[int(i)] = None
+    return entries
+
+
+def _up_to_date(cache_dir: str, split: str, fp: str, paths: Sequence[str]):
+    """``(header, arrays, changed source indices)`` of the split's current cache when it was built
+    from this list with these options, else ``None`` (it is rebuilt whole)."""
+    try:
+        header, arrays = read_index(cache_dir, split, fp)
+    except CacheError:
+        return None
+    return header, arrays, changed_sources(paths, arrays["source_stat"])
 
 
 def build_split(
@@ -127,28 +184,38 @@ def build_split(
     progress: bool = True,
     chunk_size: int = CHUNK,
 ) -> Dict[str, Any]:
-    """Build (or resume, or keep when up to date) one split's cache; return its summary.
+    """Build (or resume, refresh, or keep when up to date) one split's cache; return its summary.
 
-    The summary: ``images``, ``skipped``, ``data_bytes``, ``source_bytes``, ``seconds``,
-    ``chunks_built`` and ``chunks_reused`` (0 built when the cache was already up to date).
+    A cache built from this list with these options is kept when no source file's size or
+    modification time changed, and refreshed otherwise: the changed files are decoded again,
+    the others copied from the old data file. The summary: ``images``, ``skipped``,
+    ``data_bytes``, ``source_bytes``, ``seconds``, ``decoded`` (images decoded by this call),
+    ``chunks_built`` and ``chunks_reused`` (of an interrupted build; both 0 when up to date).
     """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     os.makedirs(cache_dir, exist_ok=True)
     fp = source_fingerprint(dataset, split, source.root, source.paths, source.labels, source.classnames, options)
-    try:
-        header, _ = read_index(cache_dir, split, fp)
+    current = _up_to_date(cache_dir, split, fp, source.paths)
+    if current is not None and not len(current[2]):
+        header = current[0]
         logger.info("cache %s/%s is up to date (%d images)", cache_dir, split, header["images"])
         return {
             **{k: header[k] for k in ("images", "data_bytes", "source_bytes")},
             "skipped": len(header["skipped"]),
             "seconds": time.perf_counter() - t0,
+            "decoded": 0,
             "chunks_built": 0,
             "chunks_reused": 0,
         }
-    except CacheError:
-        pass
+    entries = None
+    if current is not None:
+        logger.info(
+            "cache %s/%s: %d of %d source images changed since it was built; decoding them again",
+            *(cache_dir, split, len(current[2]), len(source.paths)),
+        )
+        entries = _previous_entries(*current)
     work_dir = os.path.join(cache_dir, f".{split}.build-{fp[:16]}")
     for name in os.listdir(cache_dir):  # builds for another source or options cannot be resumed
         if name.startswith(f".{split}.build-") and os.path.join(cache_dir, name) != work_dir:
@@ -156,8 +223,8 @@ def build_split(
     os.makedirs(work_dir, exist_ok=True)
     starts = list(range(0, len(source.paths), chunk_size))
     manifests: Dict[int, Dict[str, Any]] = {}
-    for k in range(len(starts)):
-        m = _load_manifest(work_dir, k)
+    for k, start in enumerate(starts):
+        m = _load_manifest(work_dir, k, source.paths[start : start + chunk_size])
         if m is not None:
             manifests[k] = m
     reused = len(manifests)
@@ -169,24 +236,49 @@ def build_split(
         unit="img",
         disable=not progress,
     )
-    jobs = [(work_dir, k, source.paths[starts[k] : starts[k] + chunk_size], options) for k in todo]
+    old_data = data_path(cache_dir, split)
+    jobs = []
+    for k in todo:
+        chunk = slice(starts[k], starts[k] + chunk_size)
+        refresh = () if entries is None else ((old_data, entries[chunk]),)
+        jobs.append((work_dir, k, source.paths[chunk], options) + refresh)
     try:
-        if workers > 0 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(build_chunk, *job): job[1] for job in jobs}
-                for future in as_completed(futures):
-                    manifests[futures[future]] = m = future.result()
-                    _report(m, bar)
-        else:
-            for job in jobs:
-                manifests[job[1]] = m = build_chunk(*job)
-                _report(m, bar)
+        with safe_points():
+            where = f"while building the {split!r} cache in {cache_dir!r}"
+            _build_chunks(jobs, workers, manifests, bar, where, len(starts))
     finally:
         bar.close()
     summary = _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifests, len(starts))
     shutil.rmtree(work_dir, ignore_errors=True)
-    summary.update(seconds=time.perf_counter() - t0, chunks_built=len(todo), chunks_reused=reused)
+    decoded = sum(manifests[k].get("decoded", 0) for k in todo)
+    summary.update(seconds=time.perf_counter() - t0, decoded=decoded, chunks_built=len(todo), chunks_reused=reused)
     return summary
+
+
+def _build_chunks(jobs, workers: int, manifests: Dict[int, Dict[str, Any]], bar, where: str, n_chunks: int) -> None:
+    """Build ``jobs`` (in ``workers`` processes), a stop signal taking effect between chunks."""
+
+    def stop_point() -> None:
+        check_stop(f"{where} ({len(manifests)} of {n_chunks} chunks are built and kept; the build resumes from them)")
+
+    if workers > 0 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending = {pool.submit(build_chunk, *job): job[1] for job in jobs}
+            try:
+                while pending:
+                    done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        manifests[pending.pop(future)] = m = future.result()
+                        _report(m, bar)
+                    stop_point()
+            finally:
+                # Chunks being built finish (each is written whole); those not started are dropped.
+                pool.shutdown(wait=True, cancel_futures=True)
+        return
+    for job in jobs:
+        stop_point()
+        manifests[job[1]] = m = build_chunk(*job)
+        _report(m, bar)
 
 
 def _report(manifest: Dict[str, Any], bar) -> None:
@@ -196,7 +288,7 @@ def _report(manifest: Dict[str, Any], bar) -> None:
 
 
 def _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifests, n_chunks) -> Dict[str, Any]:
-    labels, nbytes, stored, orig, skipped = [], [], [], [], []
+    labels, nbytes, stored, orig, skipped, stats, ok_flags = [], [], [], [], [], [], []
     source_bytes, base = 0, 0
     for k in range(n_chunks):
         m = manifests[k]
@@ -206,6 +298,8 @@ def _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifest
         stored.extend(m["stored_hw"])
         orig.extend(m["orig_hw"])
         skipped.extend(m["skipped"])
+        stats.extend(m["stat"])
+        ok_flags.extend(m["ok"])
         source_bytes += m["source_bytes"]
 
     def concatenate(out) -> None:
@@ -247,6 +341,8 @@ def _assemble(source, dataset, split, cache_dir, options, fp, work_dir, manifest
         "stored_hw": np.asarray(stored, dtype=np.int32).reshape(-1, 2),
         "orig_hw": np.asarray(orig, dtype=np.int32).reshape(-1, 2),
         "labels": np.asarray(labels, dtype=np.int64),
+        "source_stat": np.asarray(stats, dtype=np.int64).reshape(-1, 2),
+        "source_ok": np.asarray(ok_flags, dtype=bool),
     }
     write_index(index_path(cache_dir, split), arrays, header)
     return {"images": len(labels), "skipped": len(skipped), "data_bytes": data_bytes, "source_bytes": source_bytes}
@@ -276,14 +372,20 @@ def build_cache(
     options = options if options is not None else CacheOptions(**values)
     folder = cache_dir or options.folder(root)
     out = {}
-    for split in splits:
-        source = build_dataset(dataset, root, split, None, options.split_dir)
-        if not isinstance(source, ImageFileDataset):
-            raise UserInputError(
-                f"the decode-once cache reads image files; dataset {dataset!r} is not an "
-                "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)"
-            )
-        out[split] = build_split(source, dataset, split, folder, options, options.workers(), progress)
+    with handle_stop_signals():
+        try:
+            for split in splits:
+                source = build_dataset(dataset, root, split, None, options.split_dir)
+                if not isinstance(source, ImageFileDataset):
+                    raise UserInputError(
+                        f"the decode-once cache reads image files; dataset {dataset!r} is not an "
+                        "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)"
+                    )
+                out[split] = build_split(source, dataset, split, folder, options, options.workers(), progress)
+        except KeyboardInterrupt:
+            if requested() is None:
+                raise
+            raise stop_error(f"while preparing the cache in {folder!r} (built chunks are kept)") from None
     return out
 
 
@@ -296,12 +398,13 @@ def open_source_cache(
     transform=None,
     allow_skipped: bool = False,
 ):
-    """The cached split of ``dataset``, checked against the current source list (stale caches refused).
+    """The cached split of ``dataset``, checked against the current source (stale caches refused).
 
     The options the cache was built with are read from its index; the fingerprint of the
-    current list under those options must match.
+    current list under those options must match, and every source file must have the size and
+    modification time it had when it was decoded.
     """
-    header, _ = read_index(cache_dir, split)
+    header, arrays = read_index(cache_dir, split)
     options = CacheOptions(
         cache_size=int(header["cache_size"]), cache_format=header["cache_format"], cache_quality=int(header["quality"])
     )
@@ -309,4 +412,9 @@ def open_source_cache(
     if not isinstance(source, ImageFileDataset):
         raise UserInputError(f"data_cache applies to image-file data sets; {dataset!r} is not one")
     fp = source_fingerprint(dataset, split, source.root, source.paths, source.labels, source.classnames, options)
-    return CachedImageDataset(cache_dir, split, transform, fingerprint=fp, allow_skipped=allow_skipped)
+    cached = CachedImageDataset(cache_dir, split, transform, fingerprint=fp, allow_skipped=allow_skipped)
+    words = ["liftplus-fast", "cache", "-d", dataset, "--root", root] + (["split_dir", split_dir] if split_dir else [])
+    words += ["cache_dir", cache_dir, "cache_size", str(options.cache_size), "cache_format", options.cache_format]
+    words += ["cache_quality", str(options.cache_quality)] if options.cache_format == "jpeg" else []
+    check_source_stats(cache_dir, split, source.paths, arrays["source_stat"], " ".join(shlex.quote(w) for w in words))
+    return cached

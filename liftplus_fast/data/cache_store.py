@@ -6,14 +6,17 @@ One split of a cache folder ``C`` is two files:
   ``cache_size``, stored back to back (``raw``: H x W x 3 uint8 pixels; ``jpeg``: one JPEG
   each). A plain file, memory-mapped by each DataLoader worker.
 * ``C/<split>.index.npz``: per image its offset and byte count in the data file, its stored
-  and original (height, width) and its label, plus a JSON header: format version, the
-  fingerprint of the source list and options, the data file's size, the class names and the
-  files that could not be decoded (also listed in ``C/<split>.skipped.txt``).
+  and original (height, width) and its label; per source file (decoded or skipped) its size
+  and modification time when it was decoded (:mod:`liftplus_fast.data.source_stat`); and a
+  JSON header: format version, the fingerprint of the source list and options, the data file's
+  size, the class names and the files that could not be decoded (also listed in
+  ``C/<split>.skipped.txt``).
 
 The index is written last, by rename, after the data file is complete, so an interrupted or
-failed build never leaves a split that opens. Opening checks the header, the data file's size
-and (when the caller knows the source) the fingerprint, and refuses with :class:`CacheError`
-otherwise.
+failed build never leaves a split that opens. Opening checks the header, every array, the data
+file's size and (when the caller knows the source) the fingerprint and the source files' sizes
+and modification times, and refuses with :class:`CacheError` otherwise. The index is data: a
+JSON header and plain arrays, read without pickle.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from ..errors import CacheError, UserInputError
 from ..files import atomic_write
 from ..options import check_fields, choice, integer, key_value_pairs, option, parse_value, text
 from .normalize import normalization_affine
+from .source_stat import changed_sources, describe_change
 from .splits import count_per_class
 
 MAGIC = "liftplus_fast.decode_once_cache"
-VERSION = 1
+VERSION = 2
 CACHE_FORMATS = ("jpeg", "raw")
 
 
@@ -145,7 +149,22 @@ def write_index(path: str, arrays: Dict[str, np.ndarray], header: Dict[str, Any]
     atomic_write(path, lambda f: np.savez(f, header=header_bytes, **arrays))
 
 
-INDEX_ARRAYS = ("offsets", "nbytes", "stored_hw", "orig_hw", "labels")
+INDEX_ARRAYS = ("offsets", "nbytes", "stored_hw", "orig_hw", "labels")  # one row per stored image
+SOURCE_ARRAYS = ("source_stat", "source_ok")  # one row per source file, skipped ones included
+# Header fields and their types, checked on open: an index is data from disk, trusted for nothing.
+HEADER_FIELDS = {
+    "fingerprint": str,
+    "dataset": str,
+    "cache_size": int,
+    "cache_format": str,
+    "quality": int,
+    "data_bytes": int,
+    "source_bytes": int,
+    "images": int,
+    "source_images": int,
+    "classnames": list,
+    "skipped": list,
+}
 
 
 def read_index(
@@ -154,7 +173,8 @@ def read_index(
     """``(header, arrays)`` of a complete, intact split, or :class:`CacheError` saying what is wrong.
 
     With ``fingerprint`` (of the source the caller is about to train on), a cache built from
-    another list or with other options is refused as stale.
+    another list or with other options is refused as stale; :func:`check_source_stats` compares
+    the source files themselves.
     """
     ipath, dpath = index_path(cache_dir, split), data_path(cache_dir, split)
     rebuild = f"build it with: liftplus-fast cache -d <dataset> --root <root> cache_dir {cache_dir}"
@@ -168,18 +188,22 @@ def read_index(
     try:
         with np.load(ipath, allow_pickle=False) as z:
             header = json.loads(bytes(z["header"]).decode())
-            arrays = {k: z[k] for k in INDEX_ARRAYS}
+            version = header.get("version") if isinstance(header, dict) else None
+            arrays = {k: z[k] for k in INDEX_ARRAYS + SOURCE_ARRAYS} if version == VERSION else {}
     except Exception as exc:  # any unreadable index is the same problem for the user
         raise CacheError(
             f"{ipath!r} is not a readable cache index ({type(exc).__name__}: {exc}); delete the folder and {rebuild}"
         ) from None
-    if header.get("magic") != MAGIC:
+    if not isinstance(header, dict) or header.get("magic") != MAGIC:
         raise CacheError(f"{ipath!r} is not a liftplus_fast cache index")
-    if header.get("version") != VERSION:
+    if version != VERSION:
         raise CacheError(
-            f"{ipath!r} has cache format version {header.get('version')}, this package "
+            f"{ipath!r} has cache format version {version}, this package "
             f"reads version {VERSION}; rebuild it with the cache command"
         )
+    problem = _header_problem(header) or _arrays_problem(header, arrays)
+    if problem:
+        raise CacheError(f"{ipath!r} is damaged ({problem}); delete the folder and {rebuild}")
     if not os.path.isfile(dpath):
         raise CacheError(f"the {split!r} cache data file {dpath!r} is missing; rebuild it with the cache command")
     size = os.path.getsize(dpath)
@@ -188,10 +212,7 @@ def read_index(
             f"the {split!r} cache data file {dpath!r} is truncated or was replaced "
             f"({size} bytes, the index expects {header['data_bytes']}); rebuild it with the cache command"
         )
-    n = len(arrays["labels"])
-    if any(len(arrays[k]) != n for k in INDEX_ARRAYS) or (
-        n and int((arrays["offsets"] + arrays["nbytes"]).max()) > size
-    ):
+    if len(arrays["labels"]) and int((arrays["offsets"] + arrays["nbytes"]).max()) > size:
         raise CacheError(f"{ipath!r} is inconsistent with its data file; rebuild it with the cache command")
     if fingerprint is not None and header["fingerprint"] != fingerprint:
         raise CacheError(
@@ -201,6 +222,51 @@ def read_index(
             "rebuild it with the cache command"
         )
     return header, arrays
+
+
+def _header_problem(header: Dict[str, Any]) -> str:
+    for name, kind in HEADER_FIELDS.items():
+        value = header.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"header field {name!r} should be of type {kind.__name__}; got {value!r:.80}"
+    if header["cache_format"] not in CACHE_FORMATS:
+        return f"unknown cache_format {header['cache_format']!r}"
+    if not all(isinstance(n, str) for n in header["classnames"]):
+        return "class names are not all strings"
+    if not all(isinstance(x, dict) and isinstance(x.get("path"), str) for x in header["skipped"]):
+        return "the skipped-file list is malformed"
+    return ""
+
+
+def _arrays_problem(header: Dict[str, Any], arrays: Dict[str, np.ndarray]) -> str:
+    n, n_source = header["images"], header["source_images"]
+    shapes = {"stored_hw": (n, 2), "orig_hw": (n, 2), "source_stat": (n_source, 2)}
+    for name, a in arrays.items():
+        want = shapes.get(name, (n_source,) if name in SOURCE_ARRAYS else (n,))
+        kind = "b" if name == "source_ok" else "iu"
+        if a.shape != want or a.dtype.kind not in kind:
+            return f"array {name!r} is {a.dtype}{list(a.shape)}, expected {want} of {'bool' if kind == 'b' else 'int'}"
+    if int(arrays["source_ok"].sum()) != n:
+        return "the source flags do not count the stored images"
+    if n and (arrays["offsets"].min() < 0 or arrays["nbytes"].min() < 0 or arrays["stored_hw"].min() < 1):
+        return "negative offsets, sizes or image sides"
+    if n and not 0 <= arrays["labels"].min() <= arrays["labels"].max() < len(header["classnames"]):
+        return f"labels outside 0..{len(header['classnames']) - 1}"
+    return ""
+
+
+def check_source_stats(cache_dir: str, split: str, paths: Sequence[str], recorded: np.ndarray, refresh: str) -> None:
+    """:class:`CacheError` naming the first of ``paths`` whose size or modification time differs
+    from ``recorded`` (the index's ``source_stat``): the cache holds older images than these.
+    ``refresh`` is the command that refreshes the cache."""
+    changed = changed_sources(paths, recorded)
+    if len(changed):
+        first = describe_change(paths[changed[0]], recorded[changed[0]])
+        raise CacheError(
+            f"the {split!r} cache in {cache_dir!r} is stale: {len(changed)} of {len(paths)} source images "
+            f"changed since it was built ({first}{' and others' if len(changed) > 1 else ''}); refresh it with: "
+            f"{refresh} (only the changed images are decoded again)"
+        )
 
 
 def _listdir(folder: str) -> List[str]:

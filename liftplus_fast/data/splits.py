@@ -87,8 +87,13 @@ def read_inat_categories(path: str, key: str = "name") -> Tuple[List[str], List[
     try:
         with open(path, "rb") as f:
             cats = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UserInputError(f"{path} is not a JSON list of categories: {exc}") from None
+    if not isinstance(cats, list):
+        raise UserInputError(f"{path} is not a JSON list of categories (got a {type(cats).__name__})")
+    for i, c in enumerate(cats):
+        if not (isinstance(c, dict) and isinstance(c.get(key), str)):
+            raise UserInputError(f"{path}: category {i} has no {key!r} string; got {c!r:.80}")
     names_by_id = [c[key] for c in cats]
     classnames = sorted(set(names_by_id))
     index = {n: i for i, n in enumerate(classnames)}

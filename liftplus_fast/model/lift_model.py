@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -21,7 +22,14 @@ from .losses import build_loss, check_cls_num_list, log_prior
 from .official_ckpt import export_official, import_official
 from .precision import compute_dtype, convert_frozen, needs_grad_scaler
 from .text_head import TextHead
-from .tuner_files import format_trainable_parameters, read_tuner, save_tuner, trainable_parameters
+from .tuner_files import (
+    CONFIG_NAME,
+    TENSORS_NAME,
+    format_trainable_parameters,
+    read_tuner,
+    save_tuner,
+    trainable_parameters,
+)
 from .tuners import TUNERS
 
 __all__ = ["LiftModel", "TunerRoot", "build_lift_model", "load_tuner"]
@@ -308,7 +316,10 @@ def load_tuner(path: str, clip_model=None, tokenizer=None, device=None) -> LiftM
             (family, feature width or block count differ); checked before the backbone is touched.
     """
     config, state = read_tuner(path)
-    cfg = LiftConfig.from_dict(config["config"])
+    try:
+        cfg = LiftConfig.from_dict(config["config"])
+    except UserInputError as exc:
+        raise UserInputError(f"{os.path.join(path, CONFIG_NAME)!r}: {exc}") from None
     if clip_model is None:
         clip_model, tokenizer = load_backbone(cfg.backbone, cfg.pretrained, device=device or "cpu")
     _check_backbone_fits(path, config, describe_encoder(build_image_encoder(clip_model)))
@@ -316,7 +327,10 @@ def load_tuner(path: str, clip_model=None, tokenizer=None, device=None) -> LiftM
     build_cfg = dataclasses.replace(cfg, classifier_init=None, apply_preset=False) if cfg.classifier else cfg
     model = build_lift_model(clip_model, build_cfg, config["cls_num_list"], config["classnames"], tokenizer=tokenizer)
     model.cfg = cfg
-    model.load_official_tuner(state)
+    try:
+        model.load_official_tuner(state)
+    except UserInputError as exc:
+        raise UserInputError(f"{os.path.join(path, TENSORS_NAME)!r}: {exc}") from None
     if device is not None:
         model.to(device)
     return model.eval()

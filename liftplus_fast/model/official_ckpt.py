@@ -85,6 +85,8 @@ def export_official(tuner: nn.Module) -> "OrderedDict[str, torch.Tensor]":
 def _unwrap(state_dict: Mapping) -> Dict[str, torch.Tensor]:
     if "tuner" in state_dict and isinstance(state_dict["tuner"], Mapping):
         state_dict = state_dict["tuner"]  # a whole checkpoint.pth.tar was passed
+    if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
+        raise UserInputError(f"a tuner state dict maps parameter names to tensors; got {type(state_dict).__name__}")
     # DataParallel checkpoints prefix every key with "module." (the published saver strips it).
     return {package_key(k[7:] if k.startswith("module.") else k): v for k, v in state_dict.items()}
 
@@ -92,8 +94,9 @@ def _unwrap(state_dict: Mapping) -> Dict[str, torch.Tensor]:
 def import_official(tuner: nn.Module, state_dict: Mapping, strict: bool = True) -> None:
     """Copy a published-format tuner state dict into ``tuner``.
 
-    Raises ``ValueError`` naming the first key whose shape differs (always), and with ``strict``
-    the keys missing from or unexpected in the checkpoint. Nothing is copied unless every check
+    Raises ``ValueError`` naming the first key that is not a float tensor of the model's shape
+    with finite values (always), and with ``strict`` the keys missing from or unexpected in the
+    checkpoint. Nothing is copied unless every check
     passes.
     """
     src = _unwrap(state_dict)
@@ -111,13 +114,22 @@ def import_official(tuner: nn.Module, state_dict: Mapping, strict: bool = True) 
             "depth or method?): " + "; ".join(parts)
         )
     for k, v in src.items():
-        if k in own and tuple(torch.as_tensor(v).shape) != tuple(own[k].shape):
+        if k not in own:
+            continue
+        if not isinstance(v, torch.Tensor) or not (v.is_floating_point() or v.dtype == own[k].dtype):
             raise UserInputError(
-                f"checkpoint key {published_key(k)!r} has shape {tuple(torch.as_tensor(v).shape)} but the "
+                f"checkpoint key {published_key(k)!r} holds {type(v).__name__}"
+                f"{f' of {v.dtype}' if isinstance(v, torch.Tensor) else ''}, not a float tensor"
+            )
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserInputError(
+                f"checkpoint key {published_key(k)!r} has shape {tuple(v.shape)} but the "
                 f"model expects {tuple(own[k].shape)} (different backbone width, "
                 "bottleneck or class count?)"
             )
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserInputError(f"checkpoint key {published_key(k)!r} holds non-finite values (NaN or inf)")
     with torch.no_grad():
         for k, v in src.items():
             if k in own:
-                own[k].copy_(torch.as_tensor(v).to(device=own[k].device, dtype=own[k].dtype))
+                own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))

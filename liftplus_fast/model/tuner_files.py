@@ -18,6 +18,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from ..errors import MissingInputError, UserInputError
 from ..files import atomic_write_bytes, atomic_write_json
 from .encoders import describe_encoder
 
@@ -77,19 +78,47 @@ def save_tuner(model, path: str) -> None:
 
 
 def read_tuner_config(path: str) -> dict:
-    """The parsed ``tuner_config.json`` of folder ``path`` (``FileNotFoundError``/``ValueError``
-    naming the file when it is missing or not one of these configs)."""
+    """The parsed ``tuner_config.json`` of folder ``path`` (:class:`MissingInputError` /
+    :class:`UserInputError` naming the file when it is missing or not one of these configs).
+
+    The file is data: JSON whose every part is checked here (the options by
+    ``LiftConfig.from_dict`` when the model is rebuilt); nothing in it is run."""
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}: pass the folder written by model.save_tuner")
+        raise MissingInputError(f"no {CONFIG_NAME} in {path!r}: pass the folder written by model.save_tuner")
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             config = json.load(f)
-    except ValueError as exc:
-        raise ValueError(f"{file!r} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise UserInputError(f"{file!r} is not valid JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"{file!r} is not a liftplus_fast tuner config (format {FORMAT!r} expected)")
+        raise UserInputError(f"{file!r} is not a liftplus_fast tuner config (format {FORMAT!r} expected)")
+    problem = _config_problem(config)
+    if problem:
+        raise UserInputError(f"{file!r}: {problem}")
     return config
+
+
+def _config_problem(config: dict) -> str:
+    """What is wrong with the parts of a tuner config the model is rebuilt from ('' if nothing)."""
+    k = config.get("num_classes")
+    if type(k) is not int or k < 1:
+        return f"num_classes must be an integer >= 1; got {k!r}"
+    names, counts = config.get("classnames"), config.get("cls_num_list")
+    if not isinstance(names, list) or len(names) != k or not all(isinstance(n, str) for n in names):
+        return f"classnames must be a list of {k} strings"
+    if not isinstance(counts, list) or len(counts) != k or not all(type(c) is int and c >= 0 for c in counts):
+        return f"cls_num_list must be a list of {k} integers >= 0"
+    if not isinstance(config.get("config"), dict):
+        return "config (the options) must be a mapping of option names to values"
+    for key in ("feature_dim", "blocks"):
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            return f"{key} must be an integer >= 1; got {value!r}"
+    family = config.get("image_encoder")
+    if family is not None and not isinstance(family, str):
+        return f"image_encoder must be a string (the encoder family); got {family!r}"
+    return ""
 
 
 def read_tuner(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
@@ -103,11 +132,11 @@ def read_tuner(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     config = read_tuner_config(path)
     tensors_file = os.path.join(path, TENSORS_NAME)
     if not os.path.isfile(tensors_file):
-        raise FileNotFoundError(f"no {TENSORS_NAME} in {path!r} (the config is there: a partial copy?)")
+        raise MissingInputError(f"no {TENSORS_NAME} in {path!r} (the config is there: a partial copy?)")
     try:
         return config, load_file(tensors_file)
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"could not read {tensors_file!r}: {exc}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserInputError(f"could not read {tensors_file!r}: {exc}") from None
 
 
 def format_trainable_parameters(model) -> str:

@@ -25,7 +25,8 @@ from typing import Callable, Dict
 
 import torch
 
-from ..errors import UserInputError
+# BackendUnavailableError (defined in errors.py) stays importable from here, where dispatch raises it.
+from ..errors import BackendUnavailableError, UserInputError
 from ._native import has_kernel, native_status
 
 logger = logging.getLogger("liftplus_fast")
@@ -41,10 +42,6 @@ _NATIVE_NAMES: Dict[str, str] = {}
 _CHOICES: Dict[tuple, str] = {}
 # backend name -> function that imports the package registering that backend's implementations
 _LOADERS: Dict[str, Callable[[], None]] = {}
-
-
-class BackendUnavailableError(UserInputError, RuntimeError):
-    """The backend ``LIFTPLUS_FAST_BACKEND`` asks for cannot run an op on these tensors."""
 
 
 def register(op: str, backend: str, fn: Callable, native_name: str | None = None) -> None:

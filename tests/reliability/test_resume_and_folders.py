@@ -131,3 +131,48 @@ def test_the_resume_rule_frees_only_options_that_do_not_change_training():
     names = [c[0] for c in resume_conflicts(cfg, changed)]
     assert names == ["prec_train", "seed", "v.adaptformer_dim"]
     assert {"num_epochs", "lr", "batch_size", "seed", "method"}.isdisjoint(RESUME_FREE_OPTIONS)
+
+
+def test_resume_without_a_run_is_an_error_naming_the_folder(tmp_path):
+    missing = tmp_path / "never_ran"
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume: the output folder '.*never_ran' does not exist"):
+        lf.fast_train(method="lift+", output_dir=str(missing), resume=True, **dict(TINY, num_epochs=1))
+    assert not missing.exists()  # not created by a refused resume
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("mine")
+    no_checkpoint = r"nothing to resume in '.*empty': it has no checkpoint\.pth\.tar .*notes\.txt"
+    with pytest.raises(FileNotFoundError, match=no_checkpoint):
+        lf.fast_train(method="lift+", output_dir=str(empty), resume=True, **dict(TINY, num_epochs=1))
+    assert sorted(os.listdir(empty)) == ["notes.txt"]  # no log, config or lock file left
+    with pytest.raises(ValueError, match="resume needs the output folder"):
+        lf.fast_train(method="lift+", output_dir=None, resume=True, **dict(TINY, num_epochs=1))
+
+
+def test_resume_without_a_run_on_the_command_line_is_one_line(tmp_path, capsys):
+    from liftplus_fast.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    code = main(
+        ["train", "-d", "digits_lt", "-b", "tiny_vit", "--pretrained", "none", "--output-dir", str(out), "--resume"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nothing to resume in" in err[0] and str(out) in err[0], err
+
+
+def test_a_restarted_torchrun_job_resumes_its_own_checkpoint(data_root, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")  # what torchrun gives its processes
+    run(data_root, output_dir=out)
+    assert load_checkpoint(out)["torchrun_job"] == "job-1"
+    # A process of the same job, restarted by torchrun, runs the first command line again
+    # (no --resume, even --overwrite): it continues the run instead of replacing it.
+    again = run(data_root, output_dir=out, overwrite=True)
+    assert again.history == []  # the finished run was continued (nothing left to train)
+    assert "torchrun job job-1 restarted: resuming the run in" in open(os.path.join(out, "log.txt")).read()
+    # Another job into the folder follows the folder rules.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
+    with pytest.raises(RunExistsError):
+        run(data_root, output_dir=out)
+    assert [h["epoch"] for h in run(data_root, output_dir=out, overwrite=True).history] == [1]

@@ -1,0 +1,168 @@
+"""One command at a time in a run folder: an advisory lock the running process holds.
+
+The contract, for every command that writes into a run folder or into a folder of its own
+inside one (``train``; ``test`` and ``predict``, which read the run's tuner):
+
+* call :func:`lock_run_folder` on the run folder before writing anything there, and keep the
+  returned :class:`RunLock` until the command ends (``release()``, or ``with``);
+* a second lock of the same folder, by any process on any host that reaches the folder through
+  a filesystem with POSIX locks (local disks, NFS with lockd or v4, Lustre, BeeGFS, GPFS), is
+  refused with :class:`~liftplus_fast.errors.RunInUseError` naming the holder: its pid, host,
+  command line and start time. ``--overwrite`` does not change that: a live run is never
+  replaced;
+* the lock belongs to the kernel: it ends with the holding process, whatever ends it (SIGKILL,
+  a crash, a lost node once the filesystem notices), so it is never stale. The lock file,
+  ``.liftplus_fast.lock``, holds the holder's description; it is removed on release, and one
+  left behind by a killed process is taken over by the next command.
+
+POSIX record locks (``fcntl.lockf``) rather than ``flock``: they belong to the process, not to
+the open file, so DataLoader workers and other forked helpers never hold the lock after the run
+itself has ended, and NFS clients forward them to the server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import shlex
+import socket
+import sys
+from typing import Any, Dict, Optional
+
+from .errors import RunInUseError
+
+__all__ = ["LOCK_NAME", "RunLock", "lock_run_folder", "read_holder"]
+
+LOCK_NAME = ".liftplus_fast.lock"
+_BUSY = (errno.EACCES, errno.EAGAIN)
+
+logger = logging.getLogger("liftplus_fast")
+
+# Folders this process holds, by real path. POSIX locks are per process: opening and closing
+# the lock file again in the holder would drop its lock, so a second lock here never opens it.
+_HELD: Dict[str, "RunLock"] = {}
+
+
+class RunLock:
+    """The lock of one run folder, held until :meth:`release` (also on leaving a ``with`` block)."""
+
+    def __init__(self, folder: str, fd: Optional[int], holder: Dict[str, Any]):
+        self.folder = folder
+        self.holder = holder
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and end the lock (idempotent)."""
+        if _HELD.get(self.folder) is self:
+            del _HELD[self.folder]
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            # Unlinked while still locked: a command waiting on the old file finds it gone and
+            # opens the new one (see _lock), so two commands never hold two files.
+            os.unlink(os.path.join(self.folder, LOCK_NAME))
+        except OSError:
+            pass
+        os.close(fd)
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _command_line() -> str:
+    argv = list(sys.argv)
+    if argv and os.path.basename(argv[0]) == "__main__.py":
+        argv[0] = "python -m liftplus_fast"
+    elif argv:
+        argv[0] = os.path.basename(argv[0])
+    return " ".join(argv[:1] + [shlex.quote(a) for a in argv[1:]])
+
+
+def read_holder(folder: str) -> Dict[str, Any]:
+    """What the lock file of ``folder`` says about its holder (``{}`` when absent or unreadable)."""
+    try:
+        with open(os.path.join(folder, LOCK_NAME), "rb") as f:
+            data = json.loads(f.read(65536).decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _describe(holder: Dict[str, Any]) -> str:
+    if not holder:
+        return "another process (which has not described itself yet)"
+    return (
+        f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}, "
+        f"command {str(holder.get('command', '?'))!r}"
+    )
+
+
+def lock_run_folder(folder: str, command: Optional[str] = None) -> RunLock:
+    """Lock the existing folder ``folder`` for this process (see the module's contract).
+
+    ``command`` describes this process to a refused one (default: its command line). Raises
+    :class:`~liftplus_fast.errors.RunInUseError` naming the live holder when the folder is
+    locked, by another process or by this one. On a filesystem without locks the command runs
+    unlocked, with a warning.
+    """
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        holder = _HELD[key].holder
+        raise RunInUseError(
+            f"output folder {folder!r} is in use by this process ({_describe(holder)}); one run per folder",
+            holder,
+        )
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command or _command_line(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    fd = _lock(key, folder)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode("utf-8"), 0)
+    lock = RunLock(key, fd, holder)
+    _HELD[key] = lock
+    return lock
+
+
+def _lock(key: str, folder: str) -> Optional[int]:
+    path = os.path.join(key, LOCK_NAME)
+    for _ in range(100):  # each retry follows a holder that released the lock as we waited on it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _BUSY:
+                holder = read_holder(key)
+                raise RunInUseError(
+                    f"output folder {folder!r} is in use by a live run: {_describe(holder)}. Wait for it "
+                    "to end or stop it, or choose another output folder (--overwrite never replaces a "
+                    "live run)",
+                    holder,
+                ) from None
+            logger.warning(
+                "cannot lock the output folder %s (%s): this filesystem has no file locks, so a second run "
+                "into the folder would not be refused",
+                folder,
+                exc.strerror or exc,
+            )
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # locked a file its holder had just removed: lock the current one
+    raise RunInUseError(f"output folder {folder!r}: its lock file keeps being replaced; is another run starting?")

@@ -14,12 +14,22 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-from .config import LiftConfig, backbone_preset, make_config, validate
+from .config import (
+    ConfigSource,
+    LiftConfig,
+    backbone_preset,
+    merge_config,
+    options_source,
+    preset_source,
+    validate,
+)
+from .config_files import config_source
+from .options import key_value_pairs
 from .data import DownSampler, check_split
 from .data.loaders import RunDatasets, build_loader, build_run_datasets
 from .distributed import DistContext, explain_timeout, init_distributed, shutdown_distributed
@@ -74,43 +84,55 @@ def _build_config(dataset, root, backbone, pretrained, method, output_dir, confi
     return build_run_config(dataset, root, backbone, pretrained, method, output_dir, opts, **overrides)
 
 
+Named = Union[str, ConfigSource]
+
+
 def build_run_config(
-    dataset: str = LiftConfig.dataset,
-    root: str = LiftConfig.root,
-    backbone: str = LiftConfig.backbone,
+    dataset: Named = LiftConfig.dataset,
+    root: Optional[str] = None,
+    backbone: Named = LiftConfig.backbone,
     pretrained: Optional[str] = LiftConfig.pretrained,
-    method: str = LiftConfig.method,
+    method: Named = LiftConfig.method,
     output_dir: Optional[str] = None,
     opts: Sequence[str] = (),
+    *,
+    config_dir: Optional[str] = None,
     **overrides,
 ) -> LiftConfig:
     """The config :func:`fast_train` runs with for these arguments (see there), built in the
-    published merge order: method preset, backbone preset, keyword options, ``opts``. A backbone
+    published merge order: data, backbone and method (each a known name, a published-format
+    config file, or a :class:`~liftplus_fast.config.ConfigSource`; see
+    :mod:`liftplus_fast.config_files`), then the keyword options, then ``opts``. A backbone
     without a published preset brings its own input size (and a timm model its mean/std)."""
-    base = {"dataset": dataset, "root": root, "backbone": backbone, "pretrained": pretrained, "output_dir": output_dir}
-    base.update(overrides)
-    opt_keys = set(list(opts)[::2])
-    named = next(
-        (v for k, v in reversed(list(zip(list(opts)[::2], list(opts)[1::2]))) if k == "backbone"), base["backbone"]
-    )
+    pairs = key_value_pairs(opts)
+    sources = [
+        s if isinstance(s, ConfigSource) else config_source(kind, s, config_dir)
+        for kind, s in (("data", dataset), ("backbone", backbone), ("method", method))
+    ]
+    named = next((v for k, v in reversed(pairs) if k == "backbone"), sources[1].get("backbone", LiftConfig.backbone))
+    if sources[1].path is None and named != sources[1].get("backbone"):
+        sources[1] = preset_source("backbone", named)  # the backbone named last brings its preset
     if not backbone_preset(named):
         # Not a published name: the input size (and a timm model's mean/std) follow the backbone
-        # unless given.
-        for key, value in backbone_input_config(named).items():
-            if key not in base and key not in opt_keys:
-                base[key] = value
-    return make_config(method, base, opts)
+        # unless the backbone's config file or a later source sets them.
+        found = options_source(named, backbone_input_config(named).items())
+        sources[1] = ConfigSource(sources[1].label, found.settings + sources[1].settings, sources[1].path)
+    keywords = {"pretrained": pretrained, "output_dir": output_dir, **overrides}
+    if root is not None:
+        keywords["root"] = root
+    return merge_config([*sources, options_source("keyword options", keywords.items()), options_source("opts", pairs)])
 
 
 def fast_train(
     dataset: str = LiftConfig.dataset,
-    root: str = LiftConfig.root,
+    root: Optional[str] = None,
     backbone: str = LiftConfig.backbone,
     pretrained: Optional[str] = LiftConfig.pretrained,
     method: str = LiftConfig.method,
     output_dir: Optional[str] = None,
     *,
     config: Optional[LiftConfig] = None,
+    config_dir: Optional[str] = None,
     opts: Sequence[str] = (),
     progress: bool = True,
     resume: bool = False,
@@ -120,13 +142,19 @@ def fast_train(
     """Train (unless zero-shot or test-only) and evaluate one LIFT+ run.
 
     Args:
-        dataset: a name from :data:`liftplus_fast.data.DATASETS` (e.g. ``cifar100_ir100``).
-        root: data root (images, or where CIFAR-100 is downloaded).
-        backbone: ``clip_vit_b16`` style config name, an open_clip model name, or ``tiny_vit``.
+        dataset: a name from :data:`liftplus_fast.data.DATASETS` (e.g. ``cifar100_ir100``), or
+            a published-format data config file (``.yaml``).
+        root: data root (images, or where CIFAR-100 is downloaded); ``None``: the data config
+            file's, else ``./data``.
+        backbone: ``clip_vit_b16`` style config name, an open_clip or timm model name,
+            ``tiny_vit``, or a backbone config file.
         pretrained: open_clip tag (``"openai"``), a local checkpoint path, or ``None``.
-        method: ``lift+`` (default) or another method of :data:`liftplus_fast.config.METHODS`.
-        output_dir: where config, log, metrics, checkpoint and plot go (``None``: nothing written).
+        method: ``lift+`` (default) or another method of :data:`liftplus_fast.config.METHODS`,
+            or a method config file.
+        output_dir: where the run's files go (``None``: nothing written); see docs/run-folder.md.
         config: a ready :class:`LiftConfig` (then the arguments above are ignored).
+        config_dir: a folder laid out as the published ``configs/``: names of ``dataset``,
+            ``backbone`` and ``method`` are looked up there first (``config_dir/method/NAME.yaml``).
         opts: published-style ``key value`` overrides, e.g. ``["num_epochs", "15", "tte", "True"]``.
         progress: tqdm bars.
         resume: continue from ``output_dir``'s checkpoint when it holds a training state; the
@@ -143,6 +171,8 @@ def fast_train(
     run is data-parallel: ``batch_size`` is the global batch, every process returns the same
     tuner and metrics, and only rank 0 writes ``output_dir``.
     """
+    if config_dir is not None:
+        overrides["config_dir"] = config_dir
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
     ctx = init_distributed(resolve_device(cfg.device), timeout=cfg.dist_timeout)
     try:

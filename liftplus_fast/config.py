@@ -166,7 +166,7 @@ class LiftConfig:
     """
 
     method: str = option(
-        "lift+", text(), "the method: a preset of METHODS (-m NAME), or the name of a method config file (-m FILE)"
+        "lift+", text(), f"the method: a preset ({', '.join(METHODS)}) or the name of a method config file"
     )
     num_classes: Optional[int] = option(None, integer(lo=2, optional=True), "classes; None: the data set's")
     # data
@@ -251,12 +251,21 @@ class LiftConfig:
     # outputs
     test_only: bool = option(False, flag, "load a trained tuner (model_dir) and evaluate it")
     model_dir: Optional[str] = option(
-        None, text(optional=True), "folder or checkpoint of the tuner to load; None with test_only: the run's own"
+        None,
+        text(optional=True),
+        "trained tuner to load: a run folder, checkpoint file or tuner folder; None with test_only: the run's own",
     )
     output_dir: Optional[str] = option(
-        None, text(optional=True), "folder of the run's config, log, metrics, checkpoint and plot; None: no files"
+        None,
+        text(optional=True),
+        "folder of the run's files; on the command line output_dir X is output/X (as published); None: no files",
     )
     print_freq: int = option(10, integer(lo=1), "a training log line every this many batches")
+    confusion_matrix: bool = option(
+        False,
+        flag,
+        "also write the test confusion matrix (confusion.npy; confusion.png when the classes are few enough to read)",
+    )
     # reliability
     nonfinite_loss: str = option(
         "error", choice(NONFINITE_LOSS), "a step with a non-finite loss: error stops the run, skip skips the step"

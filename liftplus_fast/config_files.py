@@ -134,5 +134,5 @@ def config_source(kind: str, name: str, config_dir: Optional[str] = None) -> Con
     stem = os.path.splitext(os.path.basename(path))[0]
     settings = read_config_file(path)
     if kind == "method":
-        settings = ((("method", stem, None),) + settings)
+        settings = (("method", stem, None),) + settings
     return ConfigSource(stem, settings, path)

@@ -9,7 +9,10 @@ and writes the resolved config, a log, the metrics, the checkpoint and a plot.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
+import functools
 import logging
 import os
 import time
@@ -29,7 +32,6 @@ from .config import (
     validate,
 )
 from .config_files import config_source
-from .options import key_value_pairs
 from .data import DownSampler, check_split
 from .data.loaders import RunDatasets, build_loader, build_run_datasets
 from .distributed import DistContext, explain_timeout, init_distributed, shutdown_distributed
@@ -39,15 +41,26 @@ from .files import atomic_write_json
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .model.inits import FEATURE_INITS
 from .ops.gemm import cpu_bf16_gemm_path
-from .plotting import plot_per_class_accuracy
+from .options import key_value_pairs
 from .progress import progress_bar
-from .run_folder import check_resume, clear_previous_run, prepare_output_dir
+from .result_files import write_results
+from .run_folder import (
+    check_resume,
+    clear_previous_run,
+    model_run_folder,
+    new_test_folder,
+    prepare_output_dir,
+    same_folder,
+)
+from .run_record import model_facts, run_record
 from .runtime import attach_log, deterministic_mode, resolve_device, seed_everything
 from .train_loop import train_epochs
+from .tuner_source import TUNER_FOLDER, load_trained_tuner
 
 __all__ = ["TrainResult", "build_run_config", "fast_train", "own_model_dir"]
 
 logger = logging.getLogger("liftplus_fast")
+RUN_RECORD = "run.json"
 
 
 @dataclass
@@ -117,9 +130,9 @@ def build_run_config(
         # unless the backbone's config file or a later source sets them.
         found = options_source(named, backbone_input_config(named).items())
         sources[1] = ConfigSource(sources[1].label, found.settings + sources[1].settings, sources[1].path)
-    keywords = {"pretrained": pretrained, "output_dir": output_dir, **overrides}
-    if root is not None:
-        keywords["root"] = root
+    keywords = {"pretrained": pretrained, **overrides}
+    # None: what the config files say (root: else ./data; output_dir: else no files).
+    keywords.update({k: v for k, v in (("root", root), ("output_dir", output_dir)) if v is not None})
     return merge_config([*sources, options_source("keyword options", keywords.items()), options_source("opts", pairs)])
 
 
@@ -174,17 +187,11 @@ def fast_train(
     if config_dir is not None:
         overrides["config_dir"] = config_dir
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
+    _place_test(cfg)
     ctx = init_distributed(resolve_device(cfg.device), timeout=cfg.dist_timeout)
     try:
         if ctx.is_main:
-            # test_only without model_dir evaluates the run this folder holds: not a new run over it
-            own_test = bool(
-                cfg.test_only
-                and cfg.model_dir is None
-                and cfg.output_dir
-                and own_model_dir(cfg.output_dir) == cfg.output_dir
-            )
-            prepare_output_dir(cfg.output_dir, resume or (own_test and not overwrite), overwrite)
+            prepare_output_dir(cfg.output_dir, resume, overwrite)
         handler = attach_log(cfg.output_dir, ctx.is_main)
     except BaseException:
         shutdown_distributed(ctx)
@@ -206,6 +213,23 @@ def fast_train(
         shutdown_distributed(ctx)
 
 
+def _place_test(cfg: LiftConfig) -> None:
+    """Resolve a test-only run's tuner (``model_dir``, else the published rule
+    :func:`own_model_dir`) and keep its outputs out of the trained run's folder: a test asked to
+    write into the folder its tuner comes from writes into a ``test-<date>-<time>`` folder there."""
+    if not cfg.test_only or cfg.zero_shot:
+        return
+    if cfg.model_dir is None:
+        if not cfg.output_dir:
+            raise UserInputError(
+                "test_only needs model_dir: a run folder, a checkpoint file or a tuner folder "
+                "(on the command line: liftplus-fast test ... model_dir PATH), or an output_dir holding it"
+            )
+        cfg.model_dir = own_model_dir(cfg.output_dir)
+    if cfg.output_dir and same_folder(model_run_folder(cfg.model_dir), cfg.output_dir):
+        cfg.output_dir = new_test_folder(model_run_folder(cfg.model_dir))
+
+
 def _precision_label(device: torch.device, precision: str) -> str:
     # On CPU every half precision runs as bf16, through fp32 GEMMs of bf16 values where those
     # are faster (ops/gemm.py): say so rather than echo the option.
@@ -222,15 +246,8 @@ def _start_run(cfg: LiftConfig, ctx: DistContext) -> torch.device:
     """Seed, pick this process's device, resolve a test-only run's tuner, and say what runs."""
     seed_everything(cfg.seed)
     device = ctx.device(resolve_device(cfg.device))
-    if cfg.test_only and cfg.model_dir is None and not cfg.zero_shot:
-        if not cfg.output_dir:
-            raise UserInputError(
-                "test_only needs model_dir: the folder or checkpoint file of a trained tuner "
-                "(on the command line: liftplus-fast test ... model_dir PATH), or an "
-                "output_dir holding it"
-            )
-        cfg.model_dir = own_model_dir(cfg.output_dir)
-        logger.info("test_only without model_dir: evaluating the tuner in %s", cfg.model_dir)
+    if cfg.test_only and not cfg.zero_shot:
+        logger.info("test_only: evaluating the tuner in %s; results in %s", cfg.model_dir, cfg.output_dir)
     if ctx.enabled and device.type == "cpu" and {cfg.prec_train, cfg.prec_test} != {"fp32"}:
         ctx.agree_on_cpu_bf16_path()  # one GEMM path for every process (ops/gemm.py)
     logger.info(
@@ -276,10 +293,14 @@ def _build_model(cfg: LiftConfig, data: RunDatasets, cls_num_list: List[int], de
     model = build_lift_model(
         clip_model, cfg, cls_num_list, data.train.classnames, tokenizer=tokenizer, init_classifier=not cfg.test_only
     ).to(device)
-    n_tuned = sum(p.numel() for p in model.tuner.parameters())
-    n_total = sum(p.numel() for p in model.parameters())
-    logger.info("tuned parameters: %d of %d (%.3f%%)", n_tuned, n_total, 100.0 * n_tuned / max(n_total, 1))
-    return model
+    facts = model_facts(model)
+    for tuner in facts["tuners"]:
+        logger.info("tuner: %s", tuner)
+    if facts["sizes"]:
+        logger.info("resolved sizes: %s", ", ".join(f"{k} {v}" for k, v in facts["sizes"].items()))
+    trainable, total = facts["trainable_parameters"], facts["total_parameters"]
+    logger.info("tuned parameters: %d of %d (%.3f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+    return model, facts
 
 
 @torch.no_grad()
@@ -298,7 +319,7 @@ def _set_up_tuner(model, cfg: LiftConfig, data: RunDatasets, checkpoint_path, *,
     if resume and not (checkpoint_path and os.path.exists(checkpoint_path)):
         logger.warning("resume: no checkpoint at %s; training from the start", checkpoint_path or "(no output_dir)")
     if cfg.model_dir is not None:
-        state = load_checkpoint(cfg.model_dir)
+        state = load_trained_tuner(cfg.model_dir)
         model.load_official_tuner(state["tuner"])
         logger.info("loaded tuner from %s", cfg.model_dir)
     elif resume and checkpoint_path and os.path.exists(checkpoint_path):
@@ -326,78 +347,100 @@ def _set_up_tuner(model, cfg: LiftConfig, data: RunDatasets, checkpoint_path, *,
     return start_epoch, state
 
 
+@contextlib.contextmanager
+def _phase(timings: Dict[str, float], name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - t0
+
+
 def _run(cfg: LiftConfig, ctx: DistContext, *, progress: bool, resume: bool, overwrite: bool = False) -> TrainResult:
+    started = datetime.datetime.now().astimezone()
     timings: Dict[str, float] = {}
     t_start = time.perf_counter()
     device = _start_run(cfg, ctx)
     writes = bool(cfg.output_dir) and ctx.is_main
     # Data first: its errors (missing files, bad names) are the cheapest to report.
-    data, cls_num_list = _open_data(cfg)
-    model = _build_model(cfg, data, cls_num_list, device)
+    with _phase(timings, "data_s"):
+        data, cls_num_list = _open_data(cfg)
+    with _phase(timings, "model_s"):
+        model, facts = _build_model(cfg, data, cls_num_list, device)
     checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT_NAME) if cfg.output_dir else None
-    start_epoch, state = _set_up_tuner(
-        model, cfg, data, checkpoint_path, resume=resume, device=device, ctx=ctx, progress=progress
+    with _phase(timings, "tuner_setup_s"):
+        start_epoch, state = _set_up_tuner(
+            model, cfg, data, checkpoint_path, resume=resume, device=device, ctx=ctx, progress=progress
+        )
+    timings["setup_s"] = time.perf_counter() - t_start
+    data_facts = {"dataset": cfg.dataset, "classes": cfg.num_classes, "train_images": sum(cls_num_list)}
+    data_facts["test_images"] = len(data.test)
+    record = functools.partial(
+        run_record, started=started, device=device, model_facts=facts, data=data_facts, world_size=ctx.world_size
     )
     if writes:
-        # Only now, with every check passed, does this run replace what the folder held, so its
-        # config, checkpoint and metrics always come from one run.
-        if overwrite:
-            removed = clear_previous_run(cfg.output_dir)
-            if removed:
-                logger.info("overwrite: removed the previous run's %s", ", ".join(removed))
-        atomic_write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
-    timings["setup_s"] = time.perf_counter() - t_start
+        _begin_outputs(cfg, overwrite, record(status="running", timings=timings))
 
     history: List[Dict[str, float]] = []
     if not (cfg.zero_shot or cfg.test_only):
-        t0 = time.perf_counter()
-        history = train_epochs(
-            model,
-            cfg,
-            data.train,
-            device=device,
-            cls_num_list=cls_num_list,
-            ctx=ctx,
-            start_epoch=start_epoch,
-            state=state,
-            checkpoint_path=checkpoint_path if writes else None,
-            progress=progress,
-        )
-        timings["train_s"] = time.perf_counter() - t0
+        with _phase(timings, "train_s"):
+            history = train_epochs(
+                model,
+                cfg,
+                data.train,
+                device=device,
+                cls_num_list=cls_num_list,
+                ctx=ctx,
+                start_epoch=start_epoch,
+                state=state,
+                checkpoint_path=checkpoint_path if writes else None,
+                progress=progress,
+            )
         if history:
             timings["train_images_per_s"] = sum(h["images"] for h in history) / max(timings["train_s"], 1e-9)
+        if writes:  # the safetensors form of the trained tuner, beside the checkpoint
+            model.save_tuner(os.path.join(cfg.output_dir, TUNER_FOLDER))
 
-    t0 = time.perf_counter()
-    test_loader = build_loader(ctx.shard(data.test), cfg, batch_size=64, shuffle=False, device=device)
-    metrics = evaluate(
-        model,
-        test_loader,
-        cls_num_list,
-        tte=cfg.tte,
-        device=device,
-        precision=cfg.prec_test,
-        progress=progress,
-        distributed=ctx.enabled,
-    )
-    timings["test_s"] = time.perf_counter() - t0
+    with _phase(timings, "test_s"):
+        test_loader = build_loader(ctx.shard(data.test), cfg, batch_size=64, shuffle=False, device=device)
+        metrics = evaluate(
+            model,
+            test_loader,
+            cls_num_list,
+            tte=cfg.tte,
+            device=device,
+            precision=cfg.prec_test,
+            progress=progress,
+            distributed=ctx.enabled,
+            confusion=cfg.confusion_matrix,
+        )
     timings["total_s"] = time.perf_counter() - t_start
     logger.info(
         "* overall %s  mean %s  many %s  med %s  few %s",
         *(format_accuracy(metrics[k]) for k in ("overall", "mean", "many", "med", "few")),
     )
     if writes:
-        _write_results(cfg, metrics, timings, history, cls_num_list)
+        what = "test of" if cfg.test_only else "zero-shot" if cfg.zero_shot else "trained"
+        write_results(
+            cfg.output_dir,
+            metrics,
+            classnames=data.train.classnames,
+            cls_num_list=cls_num_list,
+            label=cfg.method,
+            title=f"{cfg.method} on {cfg.dataset} ({what})",
+            timings=timings,
+            history=history,
+        )
+        atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), record(status="finished", timings=timings))
     return TrainResult(metrics, cfg, cfg.output_dir, timings, model.tuner, model, history, cls_num_list)
 
 
-def _write_results(cfg: LiftConfig, metrics, timings, history, cls_num_list) -> None:
-    atomic_write_json(
-        os.path.join(cfg.output_dir, "metrics.json"),
-        {"metrics": metrics, "timings": timings, "history": history, "cls_num_list": cls_num_list},
-    )
-    plot_per_class_accuracy(
-        os.path.join(cfg.output_dir, "per_class_accuracy.png"),
-        cls_num_list,
-        {cfg.method: metrics},
-        title=f"{cfg.method} on {cfg.dataset}",
-    )
+def _begin_outputs(cfg: LiftConfig, overwrite: bool, record: Dict[str, Any]) -> None:
+    # Only now, with every check passed, does this run replace what the folder held, so its
+    # config, checkpoint and metrics always come from one run.
+    if overwrite:
+        removed = clear_previous_run(cfg.output_dir)
+        if removed:
+            logger.info("overwrite: removed the previous run's %s", ", ".join(removed))
+    atomic_write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
+    atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), record)

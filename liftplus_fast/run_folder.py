@@ -126,8 +126,8 @@ def clear_previous_run(path: str) -> List[str]:
 def model_run_folder(model_dir: str) -> str:
     """The folder of the run a trained tuner comes from: ``model_dir`` itself (a run folder or a
     tuner folder), the folder of a checkpoint file, or the run folder around a run's ``tuner/``."""
-    folder = model_dir if os.path.isdir(model_dir) else os.path.dirname(os.path.abspath(model_dir))
-    parent = os.path.dirname(os.path.abspath(folder))
+    folder = (os.path.dirname(model_dir) or ".") if os.path.isfile(model_dir) else model_dir
+    parent = os.path.dirname(os.path.normpath(folder)) or "."
     if os.path.basename(os.path.normpath(folder)) == "tuner" and os.path.isfile(os.path.join(parent, "config.json")):
         return parent
     return folder

@@ -3,7 +3,7 @@
 Written by rank 0 when the run starts (``status`` ``"running"``) and again when it ends
 (``"finished"``, with the wall time of every phase):
 
-* ``command``: the command line (``argv``, as one shell line, and the working folder);
+* ``command``: the command line as typed (``argv``, as one shell line, and the working folder);
 * ``package``: version, location and, when it is a git checkout, the commit (and whether
   tracked files differ from it);
 * ``versions``: Python, torch, torchvision, open_clip, timm, CUDA, cuDNN, Triton;
@@ -136,9 +136,11 @@ def run_record(
     timings: Optional[Dict[str, float]] = None,
     world_size: int = 1,
     argv=None,
+    error: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """The whole ``run.json`` (see the module docstring)."""
-    argv = list(sys.argv if argv is None else argv)
+    """The whole ``run.json`` (see the module docstring); ``error``: why a ``"failed"`` run stopped."""
+    # orig_argv holds the interpreter and "-m liftplus_fast" too: the line as typed.
+    argv = list(getattr(sys, "orig_argv", sys.argv) if argv is None else argv)
     record = {
         "format": FORMAT,
         "status": status,
@@ -152,4 +154,6 @@ def run_record(
         "data": data,
         "timings": dict(timings or {}),
     }
+    if error is not None:
+        record["error"] = error
     return record

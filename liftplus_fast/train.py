@@ -356,12 +356,31 @@ def _phase(timings: Dict[str, float], name: str):
         timings[name] = time.perf_counter() - t0
 
 
+@dataclass
+class _Run:
+    """What one run has set up before it trains: the parts the training and test steps share."""
+
+    cfg: LiftConfig
+    ctx: DistContext
+    device: torch.device
+    data: RunDatasets
+    cls_num_list: List[int]
+    model: Any
+    record: Any  # run.json for a status: functools.partial of run_record
+    timings: Dict[str, float]
+    t_start: float
+    progress: bool
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.cfg.output_dir) and self.ctx.is_main
+
+
 def _run(cfg: LiftConfig, ctx: DistContext, *, progress: bool, resume: bool, overwrite: bool = False) -> TrainResult:
     started = datetime.datetime.now().astimezone()
     timings: Dict[str, float] = {}
     t_start = time.perf_counter()
     device = _start_run(cfg, ctx)
-    writes = bool(cfg.output_dir) and ctx.is_main
     # Data first: its errors (missing files, bad names) are the cheapest to report.
     with _phase(timings, "data_s"):
         data, cls_num_list = _open_data(cfg)
@@ -378,61 +397,77 @@ def _run(cfg: LiftConfig, ctx: DistContext, *, progress: bool, resume: bool, ove
     record = functools.partial(
         run_record, started=started, device=device, model_facts=facts, data=data_facts, world_size=ctx.world_size
     )
-    if writes:
+    run = _Run(cfg, ctx, device, data, cls_num_list, model, record, timings, t_start, progress)
+    if run.writes:
         _begin_outputs(cfg, overwrite, record(status="running", timings=timings))
+    try:
+        history = _train(run, start_epoch, state, checkpoint_path)
+        return _test(run, history)
+    except BaseException as exc:
+        if run.writes:  # run.json says why the run stopped
+            failed = record(status="failed", timings=timings, error=f"{type(exc).__name__}: {exc}")
+            atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), failed)
+        raise
 
-    history: List[Dict[str, float]] = []
-    if not (cfg.zero_shot or cfg.test_only):
-        with _phase(timings, "train_s"):
-            history = train_epochs(
-                model,
-                cfg,
-                data.train,
-                device=device,
-                cls_num_list=cls_num_list,
-                ctx=ctx,
-                start_epoch=start_epoch,
-                state=state,
-                checkpoint_path=checkpoint_path if writes else None,
-                progress=progress,
-            )
-        if history:
-            timings["train_images_per_s"] = sum(h["images"] for h in history) / max(timings["train_s"], 1e-9)
-        if writes:  # the safetensors form of the trained tuner, beside the checkpoint
-            model.save_tuner(os.path.join(cfg.output_dir, TUNER_FOLDER))
 
+def _train(run: _Run, start_epoch: int, state, checkpoint_path: Optional[str]) -> List[Dict[str, float]]:
+    cfg = run.cfg
+    if cfg.zero_shot or cfg.test_only:
+        return []
+    with _phase(run.timings, "train_s"):
+        history = train_epochs(
+            run.model,
+            cfg,
+            run.data.train,
+            device=run.device,
+            cls_num_list=run.cls_num_list,
+            ctx=run.ctx,
+            start_epoch=start_epoch,
+            state=state,
+            checkpoint_path=checkpoint_path if run.writes else None,
+            progress=run.progress,
+        )
+    if history:
+        run.timings["train_images_per_s"] = sum(h["images"] for h in history) / max(run.timings["train_s"], 1e-9)
+    if run.writes:  # the safetensors form of the trained tuner, beside the checkpoint
+        run.model.save_tuner(os.path.join(cfg.output_dir, TUNER_FOLDER))
+    return history
+
+
+def _test(run: _Run, history: List[Dict[str, float]]) -> TrainResult:
+    cfg, timings = run.cfg, run.timings
     with _phase(timings, "test_s"):
-        test_loader = build_loader(ctx.shard(data.test), cfg, batch_size=64, shuffle=False, device=device)
+        test_loader = build_loader(run.ctx.shard(run.data.test), cfg, batch_size=64, shuffle=False, device=run.device)
         metrics = evaluate(
-            model,
+            run.model,
             test_loader,
-            cls_num_list,
+            run.cls_num_list,
             tte=cfg.tte,
-            device=device,
+            device=run.device,
             precision=cfg.prec_test,
-            progress=progress,
-            distributed=ctx.enabled,
+            progress=run.progress,
+            distributed=run.ctx.enabled,
             confusion=cfg.confusion_matrix,
         )
-    timings["total_s"] = time.perf_counter() - t_start
+    timings["total_s"] = time.perf_counter() - run.t_start
     logger.info(
         "* overall %s  mean %s  many %s  med %s  few %s",
         *(format_accuracy(metrics[k]) for k in ("overall", "mean", "many", "med", "few")),
     )
-    if writes:
-        what = "test of" if cfg.test_only else "zero-shot" if cfg.zero_shot else "trained"
+    if run.writes:
+        what = "test" if cfg.test_only else "zero-shot" if cfg.zero_shot else "trained"
         write_results(
             cfg.output_dir,
             metrics,
-            classnames=data.train.classnames,
-            cls_num_list=cls_num_list,
+            classnames=run.data.train.classnames,
+            cls_num_list=run.cls_num_list,
             label=cfg.method,
             title=f"{cfg.method} on {cfg.dataset} ({what})",
             timings=timings,
             history=history,
         )
-        atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), record(status="finished", timings=timings))
-    return TrainResult(metrics, cfg, cfg.output_dir, timings, model.tuner, model, history, cls_num_list)
+        atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), run.record(status="finished", timings=timings))
+    return TrainResult(metrics, cfg, cfg.output_dir, timings, run.model.tuner, run.model, history, run.cls_num_list)
 
 
 def _begin_outputs(cfg: LiftConfig, overwrite: bool, record: Dict[str, Any]) -> None:

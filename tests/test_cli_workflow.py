@@ -70,11 +70,8 @@ def test_training_leaves_a_record_and_results(trained):
     assert all(r["test_images"] == "3" and 0 <= float(r["accuracy"]) <= 100 for r in rows)
 
     record = json.loads((run / "run.json").read_text())
-    assert record["status"] == "finished" and record["command"]["argv"][1:] == args + SMALL + [
-        "output_dir",
-        "run1",
-        "--no-progress",
-    ]
+    typed = ["-m", "liftplus_fast", *args, *SMALL, "output_dir", "run1", "--no-progress"]
+    assert record["status"] == "finished" and record["command"]["argv"][-len(typed) :] == typed
     assert record["versions"]["torch"] and record["versions"]["python"] and "cuda" in record["versions"]
     assert record["package"]["version"] and "ops" in record["backend"] and record["hardware"]["cpu"]
     r = record["model"]["sizes"]["v.adaptformer_dim"]  # the published rule: 2 ** floor(log2(4 / 6)) -> 1

@@ -84,6 +84,8 @@ def read_config_file(path: str) -> Tuple[Tuple[str, object, int], ...]:
         out = []
         for key, node in settings:
             line = node.start_mark.line + 1
+            if key == "method":  # what -m names; a method file's own name names it
+                raise UserInputError(f"{path}, line {line}: 'method' is not set in a config file (-m names the method)")
             if not is_option(key):
                 raise UserInputError(
                     f"{path}, line {line}: unknown option {key!r} (liftplus-fast options lists every option)"

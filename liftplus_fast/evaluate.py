@@ -180,12 +180,7 @@ def evaluate(
                 logits = batch_logits(model, images, use_feature_tte)
                 if logits.shape[-1] != k:
                     raise ValueError(f"the model predicts {logits.shape[-1]} classes but cls_num_list has {k}")
-                hits = ops.tte_aggregate(logits.float().unsqueeze(0), labels)
-                correct += hits.correct.cpu()
-                total += hits.total.cpu()
-                if confusion_counts is not None:
-                    pairs = (labels.cpu(), hits.pred.cpu().to(torch.int64))
-                    confusion_counts.index_put_(pairs, torch.ones_like(pairs[0]), accumulate=True)
+                _count(ops.tte_aggregate(logits.float().unsqueeze(0), labels), labels, correct, total, confusion_counts)
     finally:
         model.train(was_training)
     # NCCL reduces device tensors only; Gloo takes CPU ones.
@@ -198,6 +193,14 @@ def evaluate(
             confusion_counts = all_reduce_sum(confusion_counts.to(reduce_on)).cpu()
         metrics["confusion"] = confusion_counts.numpy()
     return metrics
+
+
+def _count(hits, labels, correct, total, confusion) -> None:
+    correct += hits.correct.cpu()
+    total += hits.total.cpu()
+    if confusion is not None:
+        pairs = (labels.cpu(), hits.pred.cpu().to(torch.int64))
+        confusion.index_put_(pairs, torch.ones_like(pairs[0]), accumulate=True)
 
 
 def feature_tte_usable(model) -> bool:

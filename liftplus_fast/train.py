@@ -118,6 +118,8 @@ def build_run_config(
     :mod:`liftplus_fast.config_files`), then the keyword options, then ``opts``. A backbone
     without a published preset brings its own input size (and a timm model its mean/std)."""
     pairs = key_value_pairs(opts)
+    if any(k == "method" for k, _ in pairs):
+        raise UserInputError("the method is chosen with -m (method=...), not as the option 'method'")
     sources = [
         s if isinstance(s, ConfigSource) else config_source(kind, s, config_dir)
         for kind, s in (("data", dataset), ("backbone", backbone), ("method", method))

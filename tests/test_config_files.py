@@ -93,6 +93,7 @@ def test_merge_order_is_data_backbone_method_then_options(tmp_path):
         ("v: True\n", r"cfg\.yaml, line 1: 'v' must be a mapping"),
         ("lr: [0.1\n", r"cfg\.yaml: not a valid YAML config file"),
         ("tte: {a: 1}\n", r"cfg\.yaml, line 1: option 'tte' takes a value, not a mapping"),
+        ("lr: 0.1\nmethod: lora\n", r"cfg\.yaml, line 2: 'method' is not set in a config file"),
     ],
 )
 def test_bad_config_files_name_file_key_and_line(tmp_path, text, match):

@@ -1,10 +1,11 @@
 """``fast_train``: one LIFT+ run, from its options to its metrics and output folder.
 
-A run assembles its config (method and backbone presets, then the options given), joins the
-data-parallel group when ``torchrun`` launched it, checks the output folder, opens its data,
-builds the model, initialises the classifier (or loads a trained tuner, or resumes a
-checkpoint), trains (:mod:`liftplus_fast.train_loop`), evaluates (:mod:`liftplus_fast.evaluate`)
-and writes the resolved config, a log, the metrics, the checkpoint and a plot.
+A run assembles its config (data, backbone and method presets or config files, then the options
+given), joins the data-parallel group when ``torchrun`` launched it, checks the output folder,
+opens its data, builds the model, initialises the classifier (or loads a trained tuner, or
+resumes a checkpoint), trains (:mod:`liftplus_fast.train_loop`), evaluates
+(:mod:`liftplus_fast.evaluate`) and writes its run folder (docs/run-folder.md): the resolved
+config, ``run.json``, a log, the checkpoint and tuner, the metrics and per-class results.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ BUILD_STAMP := $(VENV)/.build-stamp
 NATIVE_SRC  := $(shell find csrc -type f 2>/dev/null) tools/torch_cmake_vars.py CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all setup build demo test bench bench-smoke gpu-check lint clean
+.PHONY: all setup build demo test bench bench-smoke gpu-check lint options-doc clean
 
 all: test
 
@@ -59,6 +59,10 @@ lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SRC)
+
+# docs/options.md is generated from the option declarations (tests/test_option_listing.py checks it).
+options-doc: $(BUILD_STAMP)
+	$(VENV)/bin/liftplus-fast options --markdown > docs/options.md
 
 clean:
 	rm -rf build *.egg-info liftplus_fast/_C*.so liftplus_fast/_build_info.json $(BUILD_STAMP)

@@ -1,7 +1,9 @@
 """``liftplus-fast``: the command line, mirroring the published ``main.py``.
 
-liftplus-fast train -d cifar100_ir100 -b clip_vit_b16 -m lift+ [key value ...]
+liftplus-fast train -d cifar100_ir100 -b clip_vit_b16 -m lift+ [key value ...] [--flags]
 liftplus-fast test  -d cifar100_ir100 -b clip_vit_b16 -m lift+ model_dir output/run tte True
+liftplus-fast predict --model-dir output/run --images photos/ --output preds.csv
+liftplus-fast options                    # every key value option: type, default, meaning
 liftplus-fast cache -d imagefolder --root R [split_dir S] [cache_dir C] [cache_size 256] [cache_format jpeg|raw]
 liftplus-fast demo                       # offline, embedded default, < 3 minutes on 2 cores
 liftplus-fast info                       # what was built, where each op dispatches
@@ -19,27 +21,72 @@ from typing import List, Optional
 
 from ._info import backend_info
 from .config import METHODS, LiftConfig
+from .config_files import config_source
 from .data.cache_build import build_cache
 from .data.cache_store import CacheOptions
 from .demo import run_demo
 from .distributed import is_main_process
-from .errors import LiftPlusError, RunStoppedError
+from .errors import LiftPlusError, RunStoppedError, UserInputError
 from .evaluate import format_accuracy
-from .options import describe
+from .option_listing import options_markdown, options_text
+from .options import describe, key_value_pairs, parse_value
+from .predict import PredictOptions, predict
+from .run_folder import model_run_folder, new_test_folder
 from .stop_signals import handle_stop_signals, requested, signal_name
-from .train import build_run_config, fast_train
+from .train import build_run_config, fast_train, own_model_dir
 
 BACKBONE_HELP = (
-    "backbone config name (clip_vit_b16, clip_vit_l14@336px, clip_rn50, in21k_vit_b16, in1k_rn50, "
-    "...), open_clip or timm model name, or tiny_vit"
+    "backbone: a published name (clip_vit_b16, clip_vit_l14@336px, clip_rn50, in21k_vit_b16, in1k_rn50, ...), "
+    "an open_clip or timm model name, tiny_vit, or a backbone config file (.yaml)"
 )
+EXAMPLES = """examples:
+  liftplus-fast train -d imagenet_lt -b clip_vit_b16 -m lift+ --root /data/ImageNet
+  liftplus-fast train -d listfile --root /data/images -m lift+ split_dir /data/splits num_epochs 10 --no-progress
+  liftplus-fast train -d imagenet_lt -b clip_vit_b16 -m my_method.yaml --root /data/ImageNet
+  liftplus-fast train --config-dir my_configs -d imagenet_lt -b clip_vit_b16 -m my_method
+  liftplus-fast test -d imagenet_lt -b clip_vit_b16 -m lift+ model_dir output/imagenet_lt_clip_vit_b16_lift+ tte True
+  liftplus-fast predict --model-dir output/imagenet_lt_clip_vit_b16_lift+ --images photos/ --output preds.csv
+
+'key value' options follow the published names and meanings; `liftplus-fast options` lists every
+one with its type, default and meaning (also in docs/options.md). Flags may come anywhere.
+"""
 
 
-def _output_dir(args, opts: List[str], suffix: str = "") -> str:
-    if args.output_dir:
-        return args.output_dir
-    name = "_".join([args.data, args.backbone, args.method]) + "".join("_" + o for o in opts) + suffix
-    return os.path.join("output", name.replace("/", "-"))
+class _CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that takes flags anywhere on a command with ``key value`` options
+    (``... num_epochs 1 --no-progress``): they are moved before the options, where argparse
+    looks for them. A word in a value's place is a value, even when it starts with ``-``."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None and any(a.dest == "opts" for a in self._actions):
+            args = _flags_first(list(args), self._option_string_actions)
+        return super().parse_known_args(args, namespace)
+
+
+def _flags_first(words: List[str], actions) -> List[str]:
+    flags, pairs, i = [], [], 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word.startswith("-") and len(word) > 1 and len(pairs) % 2 == 0:  # a flag, not a value
+            flags.append(word)
+            action = actions.get(word.split("=", 1)[0])
+            if action is not None and action.nargs != 0 and "=" not in word and i < len(words):
+                flags.append(words[i])  # the flag's own value
+                i += 1
+        else:
+            pairs.append(word)
+    return flags + pairs
+
+
+def _pretrained_default(given: Optional[str], backbone: str) -> Optional[str]:
+    if given is not None:
+        return None if given.lower() == "none" else given
+    name = str(backbone).lower()
+    if name.startswith("clip"):
+        return "openai"
+    # The published ImageNet backbones load timm's pretrained weights (pretrained=True there).
+    return "default" if name.startswith(("in21k", "in1k")) else None
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -47,52 +94,90 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         "-d",
         "--data",
         required=True,
-        help="data set name (cifar100_ir100, imagenet_lt, places_lt, inat2018, digits_lt, ...)",
+        help="data set (cifar100_ir100, imagenet_lt, places_lt, inat2018, listfile, imagefolder, digits_lt, ...) "
+        "or a data config file (.yaml)",
     )
     p.add_argument("-b", "--backbone", default=LiftConfig.backbone, help=BACKBONE_HELP)
-    p.add_argument("-m", "--method", default=LiftConfig.method, help=f"method ({', '.join(METHODS)})")
-    p.add_argument("--root", default=None, help=f"data root (default {LiftConfig.root})")
+    p.add_argument(
+        "-m",
+        "--method",
+        default=LiftConfig.method,
+        help=f"method ({', '.join(METHODS)}) or a method config file in the published format (.yaml)",
+    )
+    p.add_argument(
+        "--config-dir",
+        default=None,
+        help="a folder laid out as the published configs/: names given to -d/-b/-m are looked up as "
+        "DIR/{data,backbone,method}/NAME.yaml first",
+    )
+    p.add_argument("--root", default=None, help=f"data root (default: the data config's, else {LiftConfig.root})")
     p.add_argument(
         "--pretrained", default=None, help="open_clip tag or local checkpoint path (default: openai for CLIP backbones)"
     )
     p.add_argument(
-        "--output-dir", default=None, help="output folder (default output/<data>_<backbone>_<method>_<opts>)"
+        "--output-dir",
+        default=None,
+        help="output folder, as written (default output/<data>_<backbone>_<method>_<opts>; the option "
+        "output_dir X means output/X, as published)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the run an existing output folder holds (otherwise refused)"
     )
     p.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="published-style 'key value' overrides, e.g. num_epochs 15 tte True"
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="published 'key value' options, e.g. num_epochs 15 tte True (liftplus-fast options lists them)",
     )
-
-
-def _pretrained_default(args) -> Optional[str]:
-    if args.pretrained is not None:
-        return None if args.pretrained.lower() == "none" else args.pretrained
-    if args.backbone.startswith("clip_"):
-        return "openai"
-    # The published ImageNet backbones load timm's pretrained weights (pretrained=True there).
-    return "default" if args.backbone.startswith(("in21k_", "in1k_")) else None
 
 
 def resolve_command(args, test_only: bool = False) -> LiftConfig:
-    """The :class:`~liftplus_fast.config.LiftConfig` a ``train``/``test`` command runs with
-    (presets, published option names, output folder), without running anything: every argument
-    of the command is resolved here."""
+    """The :class:`~liftplus_fast.config.LiftConfig` a ``train``/``test`` command runs with, without
+    running anything: every argument of the command is resolved here.
+
+    ``-d``/``-b``/``-m`` are merged as the published ``main.py`` merges its config files (data,
+    backbone, method, then the ``key value`` options). The output folder is ``--output-dir`` as
+    written, ``output/X`` for the option ``output_dir X`` (the published meaning), else
+    ``output/<data>_<backbone>_<method>_<opts>``. A test reads ``model_dir`` (default: the
+    published rule, :func:`~liftplus_fast.train.own_model_dir`) and writes, unless told where,
+    into a new ``test-<date>-<time>`` folder of that run, never over the run's own files.
+    """
     opts = list(args.opts)
-    overrides = {"test_only": True} if test_only else {}
-    if args.root is not None:
-        overrides["root"] = args.root
-    return build_run_config(
-        dataset=args.data,
-        backbone=args.backbone,
-        pretrained=_pretrained_default(args),
-        method=args.method,
-        output_dir=_output_dir(args, opts),
-        opts=opts,
-        **overrides,
+    pairs = key_value_pairs(opts)
+    config_dir = getattr(args, "config_dir", None)
+    data, backbone, method = (
+        config_source(kind, name, config_dir)
+        for kind, name in (("data", args.data), ("backbone", args.backbone), ("method", args.method))
     )
+    named = next((v for k, v in reversed(pairs) if k == "backbone"), backbone.get("backbone", LiftConfig.backbone))
+    cfg = build_run_config(
+        dataset=data,
+        root=args.root,
+        backbone=backbone,
+        pretrained=_pretrained_default(args.pretrained, named),
+        method=method,
+        opts=opts,
+        **({"test_only": True} if test_only else {}),
+    )
+    given = cfg.output_dir is not None or args.output_dir is not None
+    if cfg.output_dir is not None:
+        if args.output_dir is not None:
+            raise UserInputError(
+                f"the output folder is given twice: --output-dir {args.output_dir} (that folder) and "
+                f"the option output_dir {cfg.output_dir} (the folder output/{cfg.output_dir}); give one"
+            )
+        cfg.output_dir = os.path.join("output", cfg.output_dir)
+    elif args.output_dir is not None:
+        cfg.output_dir = args.output_dir
+    else:
+        name = "_".join(s.label for s in (data, backbone, method)) + "".join("_" + str(o) for o in opts)
+        cfg.output_dir = os.path.join("output", name.replace("/", "-"))
+    if cfg.test_only and not cfg.zero_shot:
+        if cfg.model_dir is None:
+            cfg.model_dir = own_model_dir(cfg.output_dir)
+        if not given:
+            cfg.output_dir = new_test_folder(model_run_folder(cfg.model_dir))
+    return cfg
 
 
 def cmd_train(args, test_only: bool = False) -> int:
@@ -102,11 +187,34 @@ def cmd_train(args, test_only: bool = False) -> int:
     )
     if not is_main_process():
         return 0  # under torchrun, rank 0 reports
-    m = {k: format_accuracy(v) for k, v in result.metrics.items() if k != "per_class"}
+    m = {k: format_accuracy(v) for k, v in result.metrics.items() if k in ("overall", "mean", "many", "med", "few")}
     print(f"* overall accuracy: {m['overall']}")
     print(f"* mean class accuracy: {m['mean']}")
     print(f"* many: {m['many']}  med: {m['med']}  few: {m['few']}")
     print(f"outputs in {result.output_dir}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    values = {o.name: getattr(args, o.name) for o in describe(PredictOptions) if getattr(args, o.name) is not None}
+    summary = predict(
+        args.model_dir,
+        args.images,
+        args.output,
+        PredictOptions(**values),
+        root=args.root,
+        progress=not args.no_progress,
+    )
+    print(f"{summary.predicted} images predicted; top classes in {summary.output}")
+    if summary.skipped:
+        print(f"{len(summary.skipped)} images skipped (listed with the reason in {summary.skipped_file}):")
+        for path, why in summary.skipped[:10]:
+            print(f"  {why}" if path in why else f"  {path}: {why}")
+    return 0
+
+
+def cmd_options(args) -> int:
+    print(options_markdown() if args.markdown else options_text(), end="")
     return 0
 
 
@@ -140,14 +248,42 @@ def cmd_info(_args) -> int:
     return 0
 
 
+def _add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", required=True, help="a training run's folder (its tuner/) or a tuner folder")
+    p.add_argument("--images", required=True, help="a folder of images (searched recursively) or a list file")
+    p.add_argument("--output", default="predictions.csv", help="the CSV written (default predictions.csv)")
+    p.add_argument("--root", default=None, help="folder a list file's relative paths start from (default: its own)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for o in describe(PredictOptions):
+        flag = "--" + o.name.replace("_", "-")
+        if o.type == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=o.help)
+        else:
+            p.add_argument(flag, type=parse_value, default=None, help=f"{o.help} (default {o.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="liftplus-fast", description="Fast LIFT+ for long-tailed recognition")
+    parser = _CommandParser(
+        prog="liftplus-fast",
+        description="Fast LIFT+ for long-tailed recognition",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train and evaluate")
+    run_help = dict(epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_train = sub.add_parser("train", help="train and evaluate", **run_help)
     _add_run_args(p_train)
     p_train.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
-    p_test = sub.add_parser("test", help="evaluate a trained tuner (give the published option 'model_dir PATH')")
+    p_test = sub.add_parser(
+        "test",
+        help="evaluate a trained tuner (model_dir RUN) into RUN/test-<date>-<time>/; the run's files stay as they are",
+        **run_help,
+    )
     _add_run_args(p_test)
+    p_predict = sub.add_parser("predict", help="top-k classes, with names and probabilities, of new images")
+    _add_predict_args(p_predict)
+    p_options = sub.add_parser("options", help="every option: type, default, meaning (docs/options.md)")
+    p_options.add_argument("--markdown", action="store_true", help="as docs/options.md (Markdown tables)")
     p_cache = sub.add_parser("cache", help="decode every image once into a memory-mappable cache (data_cache C)")
     p_cache.add_argument(
         "-d",
@@ -192,10 +328,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run_command(args) -> int:
-    if args.command == "train":
-        return cmd_train(args)
-    if args.command == "test":
-        return cmd_train(args, test_only=True)
+    if args.command in ("train", "test"):
+        return cmd_train(args, test_only=args.command == "test")
+    if args.command == "predict":
+        return cmd_predict(args)
+    if args.command == "options":
+        return cmd_options(args)
     if args.command == "demo":
         return cmd_demo(args)
     if args.command == "cache":

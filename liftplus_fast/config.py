@@ -165,7 +165,9 @@ class LiftConfig:
     :meth:`from_dict` restores a saved config as it was (no preset).
     """
 
-    method: str = option("lift+", choice(METHODS), "the method; its preset fills every option not given")
+    method: str = option(
+        "lift+", text(), f"the method: a preset ({', '.join(METHODS)}) or the name of a method config file"
+    )
     num_classes: Optional[int] = option(None, integer(lo=2, optional=True), "classes; None: the data set's")
     # data
     dataset: str = option("cifar100_ir100", text(), "data set name (cifar100_ir100, imagenet_lt, places_lt, ...)")
@@ -222,9 +224,9 @@ class LiftConfig:
     # method
     zero_shot: bool = option(False, flag, "evaluate zero-shot CLIP, without training")
     classifier: Optional[str] = option(
-        "CosineClassifier",
+        None,
         choice(tuple(CLASSIFIERS), optional=True),
-        "classifier head on the image feature; None: CLIP's text encoder as the head",
+        "classifier head on the image feature; None (the published default): CLIP's text encoder as the head",
     )
     classifier_scale: float = option(25.0, number(lo=0, lo_open=True), "logit scale of the classifier")
     classifier_init: Optional[str] = option(
@@ -249,12 +251,21 @@ class LiftConfig:
     # outputs
     test_only: bool = option(False, flag, "load a trained tuner (model_dir) and evaluate it")
     model_dir: Optional[str] = option(
-        None, text(optional=True), "folder or checkpoint of the tuner to load; None with test_only: the run's own"
+        None,
+        text(optional=True),
+        "trained tuner to load: a run folder, checkpoint file or tuner folder; None with test_only: the run's own",
     )
     output_dir: Optional[str] = option(
-        None, text(optional=True), "folder of the run's config, log, metrics, checkpoint and plot; None: no files"
+        None,
+        text(optional=True),
+        "folder of the run's files; on the command line output_dir X is output/X (as published); None: no files",
     )
     print_freq: int = option(10, integer(lo=1), "a training log line every this many batches")
+    confusion_matrix: bool = option(
+        False,
+        flag,
+        "also write the test confusion matrix (confusion.npy; confusion.png when the classes are few enough to read)",
+    )
     # reliability
     nonfinite_loss: str = option(
         "error", choice(NONFINITE_LOSS), "a step with a non-finite loss: error stops the run, skip skips the step"
@@ -315,10 +326,40 @@ def resolve_method(name: str) -> str:
 OPTION_ALIASES = {"tte_expand": "expand"}
 
 
+def _gpu_as_device(value: Any) -> str:
+    # Published ``gpu N`` runs on cuda:N; ``gpu None`` is its DataParallel over every GPU, which
+    # is torchrun here: one process takes the default device.
+    if value is None:
+        return "auto"
+    ok, n, expected = integer(lo=0)(value)
+    if not ok:
+        raise UserInputError(f"option gpu must be {expected} or None (it is read as device cuda:N); got {value!r}")
+    return f"cuda:{n}"
+
+
+# Published options read as another option here: name -> (that option, how the value becomes its).
+TRANSLATED_OPTIONS = {"gpu": ("device", _gpu_as_device)}
+TRANSLATED_HELP = {
+    "tte_expand": "read as expand (the published scripts/run_expand.sh passes it; its own config has no such key)",
+    "gpu": "gpu N is read as device cuda:N; gpu None (the published DataParallel) as device auto",
+}
+
+
+def is_option(key: str) -> bool:
+    """Whether ``key`` names an option (``lr``, ``v.adaptformer_dim``, a published alias such as ``gpu``)."""
+    key = OPTION_ALIASES.get(key, key)
+    if key.startswith("v_"):
+        key = "v." + key[2:]
+    return key in OPTION_CHECKS or key in TRANSLATED_OPTIONS
+
+
 def set_option(cfg: LiftConfig, key: str, value: Any) -> None:
     """Set ``key`` (``lr``, ``v.adaptformer_dim``, ``l.lora``, ...) from a value or its string form."""
     value = parse_value(value)
     key = OPTION_ALIASES.get(key, key)
+    if key in TRANSLATED_OPTIONS:
+        key, translate = TRANSLATED_OPTIONS[key]
+        value = translate(value)
     target, name = cfg, key
     if key.startswith("v.") or key.startswith("v_"):
         target, name = cfg.v, key[2:]
@@ -375,29 +416,84 @@ def _fill_preset(cfg: LiftConfig) -> None:
             setattr(target, name, value)
 
 
+@dataclass(frozen=True)
+class ConfigSource:
+    """Options from one place, in the order they are set: a preset, a config file, the command line.
+
+    ``settings`` holds ``(key, value, line)`` triples; ``line`` (1-based) is known for a config
+    file, whose ``path`` then prefixes every error about its settings. ``label`` names the source
+    in the default output folder name (a preset's name, a file's stem).
+    """
+
+    label: str
+    settings: tuple = ()
+    path: Optional[str] = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value the source sets ``key`` to last, or ``default``."""
+        return next((value for k, value, _ in reversed(self.settings) if k == key), default)
+
+    def apply(self, cfg: "LiftConfig") -> None:
+        """Set every option of the source on ``cfg``, in order."""
+        for key, value, line in self.settings:
+            try:
+                set_option(cfg, key, value)
+            except UserInputError as exc:
+                if self.path is None:
+                    raise
+                where = self.path if line is None else f"{self.path}, line {line}"
+                raise UserInputError(f"{where}: {exc}") from None
+
+
+def options_source(label: str, items: Iterable) -> ConfigSource:
+    """A :class:`ConfigSource` of ``(key, value)`` pairs (a dict's items, ``key value`` pairs)."""
+    return ConfigSource(label, tuple((k, v, None) for k, v in items))
+
+
+def preset_source(kind: str, name: str) -> ConfigSource:
+    """The options a known name of ``-d`` / ``-b`` / ``-m`` (``kind`` data, backbone or method) sets:
+    the data set's name; the backbone's name and preset (:func:`backbone_preset`); the method's
+    name and preset (:data:`METHODS`)."""
+    if kind == "data":
+        return options_source(name, [("dataset", name)])
+    if kind == "backbone":
+        return options_source(name, [("backbone", name), *backbone_preset(name).items()])
+    if kind == "method":
+        method = resolve_method(name)
+        return options_source(name, [("method", method), *METHODS[method].items()])
+    raise ValueError(f"kind must be 'data', 'backbone' or 'method'; got {kind!r}")
+
+
+def merge_config(sources: Iterable[ConfigSource]) -> LiftConfig:
+    """A :class:`LiftConfig` from the published defaults and each source in turn (the later wins),
+    checked as a whole. The published merge order is data, backbone, method, then the options."""
+    cfg = LiftConfig(apply_preset=False)
+    for source in sources:
+        source.apply(cfg)
+    validate(cfg)
+    return cfg
+
+
 def make_config(
     method: str = "lift+", overrides: Optional[Dict[str, Any]] = None, opts: Iterable[str] = ()
 ) -> LiftConfig:
     """A :class:`LiftConfig` for ``method`` with keyword ``overrides`` and ``key value`` ``opts``.
 
-    Applied in the published merge order: the method preset, the backbone preset (see
-    :func:`backbone_preset`; the backbone is the one named in ``overrides`` or ``opts``), then
+    Applied in the published merge order: the backbone preset (see :func:`backbone_preset`; the
+    backbone is the one named last in ``overrides`` or ``opts``), the method preset, then
     ``overrides``, then ``opts``, so anything given explicitly wins.
     """
-    cfg = LiftConfig(method=resolve_method(method), apply_preset=False)
-    for key, value in METHODS[cfg.method].items():
-        set_option(cfg, key, value)
     pairs = key_value_pairs(opts)
-    backbone = (overrides or {}).get("backbone", cfg.backbone)
+    backbone = (overrides or {}).get("backbone", LiftConfig.backbone)
     backbone = next((v for k, v in reversed(pairs) if k == "backbone"), backbone)
-    for key, value in backbone_preset(backbone).items():
-        set_option(cfg, key, value)
-    for key, value in (overrides or {}).items():
-        set_option(cfg, key, value)
-    for key, value in pairs:
-        set_option(cfg, key, value)
-    validate(cfg)
-    return cfg
+    return merge_config(
+        [
+            options_source(backbone, backbone_preset(backbone).items()),
+            preset_source("method", method),
+            options_source("overrides", (overrides or {}).items()),
+            options_source("options", pairs),
+        ]
+    )
 
 
 def validate(cfg: LiftConfig) -> None:

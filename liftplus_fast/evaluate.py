@@ -21,7 +21,15 @@ from .model.precision import half_dtype_of
 from .progress import progress_bar
 from .stop_signals import check_stop, safe_points
 
-__all__ = ["evaluate", "metrics_from_counts", "autocast_context", "precision_context", "format_accuracy"]
+__all__ = [
+    "autocast_context",
+    "batch_logits",
+    "evaluate",
+    "feature_tte_usable",
+    "format_accuracy",
+    "metrics_from_counts",
+    "precision_context",
+]
 
 
 def format_accuracy(value) -> str:
@@ -86,10 +94,13 @@ def metrics_from_counts(correct: torch.Tensor, total: torch.Tensor, cls_num_list
     }
     metrics.update(group_accuracies(per_class.tolist(), list(cls_num_list)))
     metrics["per_class"] = [None if math.isnan(v) else float(v) for v in per_class.tolist()]
+    metrics["per_class_count"] = [int(t) for t in total.tolist()]
     return metrics
 
 
-def _batch_logits(model, images: torch.Tensor, use_feature_tte: bool) -> torch.Tensor:
+def batch_logits(model, images: torch.Tensor, use_feature_tte: bool) -> torch.Tensor:
+    """Unadjusted logits ``[B, K]`` of ``[B, 3, H, W]`` images, or of ``[B, C, 3, H, W]`` TTE crops
+    (averaged unit features when ``use_feature_tte``, else averaged crop logits)."""
     if images.dim() == 4:
         return model(images)
     if images.dim() != 5:
@@ -116,6 +127,7 @@ def evaluate(
     progress: bool = True,
     feature_tte: bool = True,
     distributed: bool = False,
+    confusion: bool = False,
 ) -> dict:
     """Evaluate ``model`` on ``loader`` and return the metrics dict.
 
@@ -136,10 +148,13 @@ def evaluate(
         distributed: ``loader`` holds this process's shard of the test set; the per-class
             counts are summed over the default ``torch.distributed`` process group, so every
             process returns the metrics of the whole set.
+        confusion: also count the confusion matrix (``K x K`` int64, ``K**2 * 8`` bytes).
 
     Returns:
-        ``{"overall", "mean", "many", "med", "few", "per_class", "num_samples"}``, accuracies
-        in percent.
+        ``{"overall", "mean", "many", "med", "few", "per_class", "per_class_count",
+        "num_samples"}``, accuracies in percent (``per_class_count``: test images per class);
+        with ``confusion``, ``"confusion"``: a NumPy array, rows the true classes, columns the
+        predicted ones.
     """
     if device is None:
         device = next(model.parameters()).device
@@ -147,9 +162,8 @@ def evaluate(
     k = len(cls_num_list)
     correct = torch.zeros(k, dtype=torch.int64)
     total = torch.zeros(k, dtype=torch.int64)
-    use_feature_tte = (
-        feature_tte and hasattr(model, "classifier_logits_from_unit") and getattr(model, "supports_feature_tte", False)
-    )
+    use_feature_tte = feature_tte and feature_tte_usable(model)
+    confusion_counts = torch.zeros(k, k, dtype=torch.int64) if confusion else None
     was_training = model.training
     model.eval()
     try:
@@ -165,16 +179,32 @@ def evaluate(
                     images = images[:, -1]  # the centre crop (FiveCrop's last)
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device=device, dtype=torch.int64)
-                logits = _batch_logits(model, images, use_feature_tte)
+                logits = batch_logits(model, images, use_feature_tte)
                 if logits.shape[-1] != k:
                     raise ValueError(f"the model predicts {logits.shape[-1]} classes but cls_num_list has {k}")
-                hits = ops.tte_aggregate(logits.float().unsqueeze(0), labels)
-                correct += hits.correct.cpu()
-                total += hits.total.cpu()
+                _count(ops.tte_aggregate(logits.float().unsqueeze(0), labels), labels, correct, total, confusion_counts)
     finally:
         model.train(was_training)
+    # NCCL reduces device tensors only; Gloo takes CPU ones.
+    reduce_on = device if device.type == "cuda" else "cpu"
     if distributed:
-        # NCCL reduces device tensors only; Gloo takes CPU ones.
-        counts = torch.stack([correct, total]).to(device if device.type == "cuda" else "cpu")
-        correct, total = all_reduce_sum(counts).cpu()
-    return metrics_from_counts(correct, total, cls_num_list)
+        correct, total = all_reduce_sum(torch.stack([correct, total]).to(reduce_on)).cpu()
+    metrics = metrics_from_counts(correct, total, cls_num_list)
+    if confusion_counts is not None:
+        if distributed:
+            confusion_counts = all_reduce_sum(confusion_counts.to(reduce_on)).cpu()
+        metrics["confusion"] = confusion_counts.numpy()
+    return metrics
+
+
+def _count(hits, labels, correct, total, confusion) -> None:
+    correct += hits.correct.cpu()
+    total += hits.total.cpu()
+    if confusion is not None:
+        pairs = (labels.cpu(), hits.pred.cpu().to(torch.int64))
+        confusion.index_put_(pairs, torch.ones_like(pairs[0]), accumulate=True)
+
+
+def feature_tte_usable(model) -> bool:
+    """Whether ``model``'s crops can be averaged as unit features (a cosine classifier head)."""
+    return hasattr(model, "classifier_logits_from_unit") and getattr(model, "supports_feature_tte", False)

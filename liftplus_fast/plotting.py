@@ -67,3 +67,40 @@ def plot_per_class_accuracy(
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return path
+
+
+# A confusion picture is drawn up to this many classes; the names label the axes up to LABELLED.
+CONFUSION_PICTURE_MAX, CONFUSION_LABELLED_MAX = 100, 40
+
+
+def plot_confusion(path: str, confusion, classnames: Sequence[str], title: str = "Confusion matrix") -> str:
+    """Write a PNG of the row-normalised confusion matrix (rows: true class, columns: predicted).
+
+    Meant for up to :data:`CONFUSION_PICTURE_MAX` classes; class names label the axes up to
+    :data:`CONFUSION_LABELLED_MAX`, class indices beyond. Returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    k = share.shape[0]
+    side = min(12.0, 4.0 + 0.12 * k)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side), dpi=120)
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's test images")
+    if k <= CONFUSION_LABELLED_MAX:
+        ax.set_xticks(range(k), [str(n) for n in classnames], rotation=90, fontsize=7)
+        ax.set_yticks(range(k), [str(n) for n in classnames], fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return path

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -31,7 +32,11 @@ __all__ = [
     "ResumeMismatchError",
     "RESUME_FREE_OPTIONS",
     "RUN_FILES",
+    "RUN_FOLDERS",
+    "model_run_folder",
+    "new_test_folder",
     "prepare_output_dir",
+    "same_folder",
     "clear_previous_run",
     "resume_conflicts",
     "check_resume",
@@ -42,8 +47,18 @@ __all__ = [
 
 # The checkpoint entry naming the torchrun job that wrote it (see restarted_run).
 TORCHRUN_JOB_KEY = "torchrun_job"
-# The files that make up a run (log.txt is appended to, never removed).
-RUN_FILES = (CHECKPOINT_NAME, "metrics.json", "config.json", "per_class_accuracy.png")
+# The files that make up a run (log.txt is appended to, never removed), and its folders.
+RUN_FILES = (
+    CHECKPOINT_NAME,
+    "metrics.json",
+    "config.json",
+    "run.json",
+    "per_class.csv",
+    "per_class_accuracy.png",
+    "confusion.npy",
+    "confusion.png",
+)
+RUN_FOLDERS = ("tensorboard", "tuner")  # TensorBoard's event files; the safetensors tuner
 # Options that do not change what is trained: a resumed run may set them anew.
 RESUME_FREE_OPTIONS = frozenset(
     {
@@ -54,6 +69,7 @@ RESUME_FREE_OPTIONS = frozenset(
         "output_dir",
         "model_dir",
         "print_freq",
+        "confusion_matrix",
         "tte",
         "expand",
         "prec_test",
@@ -68,9 +84,7 @@ def _holds_run(path: str) -> List[str]:
     return [name for name in (CHECKPOINT_NAME, "metrics.json") if os.path.exists(os.path.join(path, name))]
 
 
-def prepare_output_dir(
-    path: Optional[str], resume: bool = False, overwrite: bool = False, reads_run: bool = False
-) -> Optional[RunLock]:
+def prepare_output_dir(path: Optional[str], resume: bool = False, overwrite: bool = False) -> Optional[RunLock]:
     """Check that ``path`` can take this run's outputs before anything is trained, and lock it.
 
     Creates the folder when missing. Raises ``ValueError`` when ``path`` is a file or both
@@ -78,7 +92,7 @@ def prepare_output_dir(
     the folder cannot be created or written, :class:`~liftplus_fast.errors.RunInUseError` when a
     live command holds it (:mod:`liftplus_fast.run_lock`), ``FileNotFoundError`` when ``resume``
     finds no checkpoint to continue, and :class:`RunExistsError` when it holds a run and neither
-    ``resume``, ``overwrite`` nor ``reads_run`` (a command evaluating the run the folder holds)
+    ``resume`` nor ``overwrite``
     is set. Returns the folder's :class:`~liftplus_fast.run_lock.RunLock`, which the caller
     keeps until the run ends (``None`` without a folder); writes nothing else that stays.
     """
@@ -103,7 +117,7 @@ def prepare_output_dir(
         raise OutputWriteError(f"output folder {path!r} cannot be written: {exc.strerror or exc}") from None
     lock = lock_run_folder(path)
     try:
-        _check_contents(path, resume, overwrite or reads_run)
+        _check_contents(path, resume, overwrite)
     except BaseException:
         lock.release()
         raise
@@ -160,11 +174,38 @@ def clear_previous_run(path: str) -> List[str]:
         if os.path.exists(file):
             os.remove(file)
             removed.append(name)
-    events = os.path.join(path, "tensorboard")  # the training log's TensorBoard event files
-    if os.path.isdir(events):
-        shutil.rmtree(events)
-        removed.append("tensorboard")
+    for name in RUN_FOLDERS:
+        folder = os.path.join(path, name)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+            removed.append(name)
     return removed
+
+
+def model_run_folder(model_dir: str) -> str:
+    """The folder of the run a trained tuner comes from: ``model_dir`` itself (a run folder or a
+    tuner folder), the folder of a checkpoint file, or the run folder around a run's ``tuner/``."""
+    folder = (os.path.dirname(model_dir) or ".") if os.path.isfile(model_dir) else model_dir
+    parent = os.path.dirname(os.path.normpath(folder)) or "."
+    if os.path.basename(os.path.normpath(folder)) == "tuner" and os.path.isfile(os.path.join(parent, "config.json")):
+        return parent
+    return folder
+
+
+def same_folder(a: str, b: str) -> bool:
+    """Whether the paths ``a`` and ``b`` name one folder."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def new_test_folder(run_folder: str) -> str:
+    """A folder name for one evaluation of the run in ``run_folder``: ``test-<date>-<time>``
+    inside it (``-2``, ``-3``, ... when that exists), so a test never writes over the run's files."""
+    base = os.path.join(run_folder, time.strftime("test-%Y%m%d-%H%M%S"))
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
 
 
 def _flat(d: Dict[str, Any]) -> Dict[str, Any]:

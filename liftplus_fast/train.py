@@ -1,25 +1,38 @@
 """``fast_train``: one LIFT+ run, from its options to its metrics and output folder.
 
-A run assembles its config (method and backbone presets, then the options given), joins the
-data-parallel group when ``torchrun`` launched it, checks the output folder, opens its data,
-builds the model, initialises the classifier (or loads a trained tuner, or resumes a
-checkpoint), trains (:mod:`liftplus_fast.train_loop`), evaluates (:mod:`liftplus_fast.evaluate`)
-and writes the resolved config, a log, the metrics, the checkpoint and a plot.
+A run assembles its config (data, backbone and method presets or config files, then the options
+given), joins the data-parallel group when ``torchrun`` launched it, checks the output folder,
+opens its data, builds the model, initialises the classifier (or loads a trained tuner, or
+resumes a checkpoint), trains (:mod:`liftplus_fast.train_loop`), evaluates
+(:mod:`liftplus_fast.evaluate`) and writes its run folder (docs/run-folder.md): the resolved
+config, ``run.json``, a log, the checkpoint and tuner, the metrics and per-class results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
+import functools
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-from .config import LiftConfig, backbone_preset, make_config, validate
+from .config import (
+    ConfigSource,
+    LiftConfig,
+    backbone_preset,
+    merge_config,
+    options_source,
+    preset_source,
+    validate,
+)
+from .config_files import config_source
 from .data import DownSampler, check_split
 from .data.loaders import RunDatasets, build_loader, build_run_datasets
 from .distributed import (
@@ -36,16 +49,30 @@ from .files import atomic_write_json
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .model.inits import FEATURE_INITS
 from .ops.gemm import cpu_bf16_gemm_path
-from .plotting import plot_per_class_accuracy
+from .options import key_value_pairs
 from .progress import progress_bar
-from .run_folder import check_resume, clear_previous_run, prepare_output_dir, restarted_run
+from .result_files import write_results
+from .run_folder import (
+    check_resume,
+    clear_previous_run,
+    lock_run_folder,
+    model_run_folder,
+    new_test_folder,
+    prepare_output_dir,
+    restarted_run,
+    same_folder,
+)
+from .run_lock import RunLock
+from .run_record import model_facts, run_record
 from .runtime import attach_log, deterministic_mode, resolve_device, seed_everything
 from .stop_signals import check_stop, handle_stop_signals, requested, safe_points, stop_error
 from .train_loop import kept_checkpoint, train_epochs
+from .tuner_source import TUNER_FOLDER, load_trained_tuner
 
 __all__ = ["TrainResult", "build_run_config", "fast_train", "own_model_dir"]
 
 logger = logging.getLogger("liftplus_fast")
+RUN_RECORD = "run.json"
 
 
 @dataclass
@@ -82,43 +109,57 @@ def _build_config(dataset, root, backbone, pretrained, method, output_dir, confi
     return build_run_config(dataset, root, backbone, pretrained, method, output_dir, opts, **overrides)
 
 
+Named = Union[str, ConfigSource]
+
+
 def build_run_config(
-    dataset: str = LiftConfig.dataset,
-    root: str = LiftConfig.root,
-    backbone: str = LiftConfig.backbone,
+    dataset: Named = LiftConfig.dataset,
+    root: Optional[str] = None,
+    backbone: Named = LiftConfig.backbone,
     pretrained: Optional[str] = LiftConfig.pretrained,
-    method: str = LiftConfig.method,
+    method: Named = LiftConfig.method,
     output_dir: Optional[str] = None,
     opts: Sequence[str] = (),
+    *,
+    config_dir: Optional[str] = None,
     **overrides,
 ) -> LiftConfig:
     """The config :func:`fast_train` runs with for these arguments (see there), built in the
-    published merge order: method preset, backbone preset, keyword options, ``opts``. A backbone
+    published merge order: data, backbone and method (each a known name, a published-format
+    config file, or a :class:`~liftplus_fast.config.ConfigSource`; see
+    :mod:`liftplus_fast.config_files`), then the keyword options, then ``opts``. A backbone
     without a published preset brings its own input size (and a timm model its mean/std)."""
-    base = {"dataset": dataset, "root": root, "backbone": backbone, "pretrained": pretrained, "output_dir": output_dir}
-    base.update(overrides)
-    opt_keys = set(list(opts)[::2])
-    named = next(
-        (v for k, v in reversed(list(zip(list(opts)[::2], list(opts)[1::2]))) if k == "backbone"), base["backbone"]
-    )
+    pairs = key_value_pairs(opts)
+    if any(k == "method" for k, _ in pairs):
+        raise UserInputError("the method is chosen with -m (method=...), not as the option 'method'")
+    sources = [
+        s if isinstance(s, ConfigSource) else config_source(kind, s, config_dir)
+        for kind, s in (("data", dataset), ("backbone", backbone), ("method", method))
+    ]
+    named = next((v for k, v in reversed(pairs) if k == "backbone"), sources[1].get("backbone", LiftConfig.backbone))
+    if sources[1].path is None and named != sources[1].get("backbone"):
+        sources[1] = preset_source("backbone", named)  # the backbone named last brings its preset
     if not backbone_preset(named):
         # Not a published name: the input size (and a timm model's mean/std) follow the backbone
-        # unless given.
-        for key, value in backbone_input_config(named).items():
-            if key not in base and key not in opt_keys:
-                base[key] = value
-    return make_config(method, base, opts)
+        # unless the backbone's config file or a later source sets them.
+        found = options_source(named, backbone_input_config(named).items())
+        sources[1] = ConfigSource(sources[1].label, found.settings + sources[1].settings, sources[1].path)
+    keywords = {"pretrained": pretrained, **overrides}
+    # None: what the config files say (root: else ./data; output_dir: else no files).
+    keywords.update({k: v for k, v in (("root", root), ("output_dir", output_dir)) if v is not None})
+    return merge_config([*sources, options_source("keyword options", keywords.items()), options_source("opts", pairs)])
 
 
 def fast_train(
     dataset: str = LiftConfig.dataset,
-    root: str = LiftConfig.root,
+    root: Optional[str] = None,
     backbone: str = LiftConfig.backbone,
     pretrained: Optional[str] = LiftConfig.pretrained,
     method: str = LiftConfig.method,
     output_dir: Optional[str] = None,
     *,
     config: Optional[LiftConfig] = None,
+    config_dir: Optional[str] = None,
     opts: Sequence[str] = (),
     progress: bool = True,
     resume: bool = False,
@@ -128,13 +169,19 @@ def fast_train(
     """Train (unless zero-shot or test-only) and evaluate one LIFT+ run.
 
     Args:
-        dataset: a name from :data:`liftplus_fast.data.DATASETS` (e.g. ``cifar100_ir100``).
-        root: data root (images, or where CIFAR-100 is downloaded).
-        backbone: ``clip_vit_b16`` style config name, an open_clip model name, or ``tiny_vit``.
+        dataset: a name from :data:`liftplus_fast.data.DATASETS` (e.g. ``cifar100_ir100``), or
+            a published-format data config file (``.yaml``).
+        root: data root (images, or where CIFAR-100 is downloaded); ``None``: the data config
+            file's, else ``./data``.
+        backbone: ``clip_vit_b16`` style config name, an open_clip or timm model name,
+            ``tiny_vit``, or a backbone config file.
         pretrained: open_clip tag (``"openai"``), a local checkpoint path, or ``None``.
-        method: ``lift+`` (default) or another method of :data:`liftplus_fast.config.METHODS`.
-        output_dir: where config, log, metrics, checkpoint and plot go (``None``: nothing written).
+        method: ``lift+`` (default) or another method of :data:`liftplus_fast.config.METHODS`,
+            or a method config file.
+        output_dir: where the run's files go (``None``: nothing written); see docs/run-folder.md.
         config: a ready :class:`LiftConfig` (then the arguments above are ignored).
+        config_dir: a folder laid out as the published ``configs/``: names of ``dataset``,
+            ``backbone`` and ``method`` are looked up there first (``config_dir/method/NAME.yaml``).
         opts: published-style ``key value`` overrides, e.g. ``["num_epochs", "15", "tte", "True"]``.
         progress: tqdm bars.
         resume: continue from ``output_dir``'s checkpoint when it holds a training state; the
@@ -151,6 +198,8 @@ def fast_train(
     run is data-parallel: ``batch_size`` is the global batch, every process returns the same
     tuner and metrics, and only rank 0 writes ``output_dir``.
     """
+    if config_dir is not None:
+        overrides["config_dir"] = config_dir
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
     with handle_stop_signals():
         try:
@@ -178,26 +227,20 @@ def _stopped(exc: RunStoppedError, cfg: LiftConfig) -> RunStoppedError:
 def _train_in_folder(cfg: LiftConfig, *, progress: bool, resume: bool, overwrite: bool) -> TrainResult:
     """:func:`fast_train` once its config is built: the process group, the locked output folder,
     the log, then the run."""
+    _place_test(cfg)
     ctx = init_distributed(resolve_device(cfg.device), timeout=cfg.dist_timeout)
-    lock = None
+    locks: List[RunLock] = []
     try:
         if ctx.is_main:
-            # test_only without model_dir evaluates the run this folder holds: not a new run over it
-            own_test = bool(
-                cfg.test_only
-                and cfg.model_dir is None
-                and cfg.output_dir
-                and own_model_dir(cfg.output_dir) == cfg.output_dir
-            )
             restarted = restarted_run(cfg.output_dir)
             if restarted:
                 resume, overwrite = True, False
-            lock = prepare_output_dir(cfg.output_dir, resume, overwrite, reads_run=own_test and not overwrite)
+            locks = _lock_folders(cfg, resume, overwrite)
         handler = attach_log(cfg.output_dir, ctx.is_main)
         if ctx.is_main and restarted:
             logger.info("torchrun job %s restarted: resuming the run in %s", restarted, cfg.output_dir)
     except BaseException:
-        if lock is not None:
+        for lock in locks:
             lock.release()
         shutdown_distributed(ctx)
         raise
@@ -221,9 +264,45 @@ def _train_in_folder(cfg: LiftConfig, *, progress: bool, resume: bool, overwrite
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
-        if lock is not None:
+        for lock in locks:
             lock.release()
         shutdown_distributed(ctx)
+
+
+def _place_test(cfg: LiftConfig) -> None:
+    """Resolve a test-only run's tuner (``model_dir``, else the published rule
+    :func:`own_model_dir`) and keep its outputs out of the trained run's folder: a test asked to
+    write into the folder its tuner comes from writes into a ``test-<date>-<time>`` folder there."""
+    if not cfg.test_only or cfg.zero_shot:
+        return
+    if cfg.model_dir is None:
+        if not cfg.output_dir:
+            raise UserInputError(
+                "test_only needs model_dir: a run folder, a checkpoint file or a tuner folder "
+                "(on the command line: liftplus-fast test ... model_dir PATH), or an output_dir holding it"
+            )
+        cfg.model_dir = own_model_dir(cfg.output_dir)
+    if cfg.output_dir and same_folder(model_run_folder(cfg.model_dir), cfg.output_dir):
+        cfg.output_dir = new_test_folder(model_run_folder(cfg.model_dir))
+
+
+def _lock_folders(cfg: LiftConfig, resume: bool, overwrite: bool) -> List[RunLock]:
+    """Lock the output folder (checked for this run) and, for a test, the run folder its tuner
+    comes from, so that no training writes that run while it is evaluated."""
+    locks: List[RunLock] = []
+    try:
+        if cfg.test_only and cfg.model_dir is not None:
+            run_folder = model_run_folder(cfg.model_dir)
+            if os.path.isdir(run_folder) and not (cfg.output_dir and same_folder(run_folder, cfg.output_dir)):
+                locks.append(lock_run_folder(run_folder))
+        lock = prepare_output_dir(cfg.output_dir, resume, overwrite)
+        if lock is not None:
+            locks.append(lock)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
 
 
 def _precision_label(device: torch.device, precision: str) -> str:
@@ -242,15 +321,8 @@ def _start_run(cfg: LiftConfig, ctx: DistContext) -> torch.device:
     """Seed, pick this process's device, resolve a test-only run's tuner, and say what runs."""
     seed_everything(cfg.seed)
     device = ctx.device(resolve_device(cfg.device))
-    if cfg.test_only and cfg.model_dir is None and not cfg.zero_shot:
-        if not cfg.output_dir:
-            raise UserInputError(
-                "test_only needs model_dir: the folder or checkpoint file of a trained tuner "
-                "(on the command line: liftplus-fast test ... model_dir PATH), or an "
-                "output_dir holding it"
-            )
-        cfg.model_dir = own_model_dir(cfg.output_dir)
-        logger.info("test_only without model_dir: evaluating the tuner in %s", cfg.model_dir)
+    if cfg.test_only and not cfg.zero_shot:
+        logger.info("test_only: evaluating the tuner in %s; results in %s", cfg.model_dir, cfg.output_dir)
     if ctx.enabled and device.type == "cpu" and {cfg.prec_train, cfg.prec_test} != {"fp32"}:
         ctx.agree_on_cpu_bf16_path()  # one GEMM path for every process (ops/gemm.py)
     logger.info(
@@ -296,10 +368,14 @@ def _build_model(cfg: LiftConfig, data: RunDatasets, cls_num_list: List[int], de
     model = build_lift_model(
         clip_model, cfg, cls_num_list, data.train.classnames, tokenizer=tokenizer, init_classifier=not cfg.test_only
     ).to(device)
-    n_tuned = sum(p.numel() for p in model.tuner.parameters())
-    n_total = sum(p.numel() for p in model.parameters())
-    logger.info("tuned parameters: %d of %d (%.3f%%)", n_tuned, n_total, 100.0 * n_tuned / max(n_total, 1))
-    return model
+    facts = model_facts(model)
+    for tuner in facts["tuners"]:
+        logger.info("tuner: %s", tuner)
+    if facts["sizes"]:
+        logger.info("resolved sizes: %s", ", ".join(f"{k} {v}" for k, v in facts["sizes"].items()))
+    trainable, total = facts["trainable_parameters"], facts["total_parameters"]
+    logger.info("tuned parameters: %d of %d (%.3f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+    return model, facts
 
 
 @torch.no_grad()
@@ -320,7 +396,7 @@ def _read_tuner_state(cfg: LiftConfig, checkpoint_path, resume: bool, ctx: DistC
     found: Tuple[Optional[str], Any] = (None, None)
     if ctx.is_main:
         if cfg.model_dir is not None:
-            found = ("model_dir", load_checkpoint(cfg.model_dir))
+            found = ("model_dir", load_trained_tuner(cfg.model_dir))
         elif resume:
             found = ("resume", load_checkpoint(checkpoint_path))  # prepare_output_dir saw it there
     return ctx.broadcast_object(found)
@@ -358,79 +434,135 @@ def _set_up_tuner(model, cfg: LiftConfig, data: RunDatasets, checkpoint_path, *,
     return start_epoch, state
 
 
+@contextlib.contextmanager
+def _phase(timings: Dict[str, float], name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - t0
+
+
+@dataclass
+class _Run:
+    """What one run has set up before it trains: the parts the training and test steps share."""
+
+    cfg: LiftConfig
+    ctx: DistContext
+    device: torch.device
+    data: RunDatasets
+    cls_num_list: List[int]
+    model: Any
+    record: Any  # run.json for a status: functools.partial of run_record
+    timings: Dict[str, float]
+    t_start: float
+    progress: bool
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.cfg.output_dir) and self.ctx.is_main
+
+
 def _run(cfg: LiftConfig, ctx: DistContext, *, progress: bool, resume: bool, overwrite: bool = False) -> TrainResult:
+    started = datetime.datetime.now().astimezone()
     timings: Dict[str, float] = {}
     t_start = time.perf_counter()
     device = _start_run(cfg, ctx)
-    writes = bool(cfg.output_dir) and ctx.is_main
     # Data first: its errors (missing files, bad names) are the cheapest to report.
-    data, cls_num_list = _open_data(cfg)
-    model = _build_model(cfg, data, cls_num_list, device)
+    with _phase(timings, "data_s"):
+        data, cls_num_list = _open_data(cfg)
+    with _phase(timings, "model_s"):
+        model, facts = _build_model(cfg, data, cls_num_list, device)
     checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT_NAME) if cfg.output_dir else None
-    start_epoch, state = _set_up_tuner(
-        model, cfg, data, checkpoint_path, resume=resume, device=device, ctx=ctx, progress=progress
-    )
-    if writes:
-        # Only now, with every check passed, does this run replace what the folder held, so its
-        # config, checkpoint and metrics always come from one run.
-        if overwrite:
-            removed = clear_previous_run(cfg.output_dir)
-            if removed:
-                logger.info("overwrite: removed the previous run's %s", ", ".join(removed))
-        atomic_write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
+    with _phase(timings, "tuner_setup_s"):
+        start_epoch, state = _set_up_tuner(
+            model, cfg, data, checkpoint_path, resume=resume, device=device, ctx=ctx, progress=progress
+        )
     timings["setup_s"] = time.perf_counter() - t_start
-
-    history: List[Dict[str, float]] = []
-    if not (cfg.zero_shot or cfg.test_only):
-        t0 = time.perf_counter()
-        with safe_points():
-            history = train_epochs(
-                model,
-                cfg,
-                data.train,
-                device=device,
-                cls_num_list=cls_num_list,
-                ctx=ctx,
-                start_epoch=start_epoch,
-                state=state,
-                checkpoint_path=checkpoint_path if writes else None,
-                progress=progress,
-            )
-        timings["train_s"] = time.perf_counter() - t0
-        if history:
-            timings["train_images_per_s"] = sum(h["images"] for h in history) / max(timings["train_s"], 1e-9)
-
-    t0 = time.perf_counter()
-    test_loader = build_loader(ctx.shard(data.test), cfg, batch_size=64, shuffle=False, device=device)
-    metrics = evaluate(
-        model,
-        test_loader,
-        cls_num_list,
-        tte=cfg.tte,
-        device=device,
-        precision=cfg.prec_test,
-        progress=progress,
-        distributed=ctx.enabled,
+    data_facts = {"dataset": cfg.dataset, "classes": cfg.num_classes, "train_images": sum(cls_num_list)}
+    data_facts["test_images"] = len(data.test)
+    record = functools.partial(
+        run_record, started=started, device=device, model_facts=facts, data=data_facts, world_size=ctx.world_size
     )
-    timings["test_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
+    run = _Run(cfg, ctx, device, data, cls_num_list, model, record, timings, t_start, progress)
+    if run.writes:
+        _begin_outputs(cfg, overwrite, record(status="running", timings=timings))
+    try:
+        history = _train(run, start_epoch, state, checkpoint_path)
+        return _test(run, history)
+    except BaseException as exc:
+        if run.writes:  # run.json says why the run stopped
+            failed = record(status="failed", timings=timings, error=f"{type(exc).__name__}: {exc}")
+            atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), failed)
+        raise
+
+
+def _train(run: _Run, start_epoch: int, state, checkpoint_path: Optional[str]) -> List[Dict[str, float]]:
+    cfg = run.cfg
+    if cfg.zero_shot or cfg.test_only:
+        return []
+    with _phase(run.timings, "train_s"), safe_points():
+        history = train_epochs(
+            run.model,
+            cfg,
+            run.data.train,
+            device=run.device,
+            cls_num_list=run.cls_num_list,
+            ctx=run.ctx,
+            start_epoch=start_epoch,
+            state=state,
+            checkpoint_path=checkpoint_path if run.writes else None,
+            progress=run.progress,
+        )
+    if history:
+        run.timings["train_images_per_s"] = sum(h["images"] for h in history) / max(run.timings["train_s"], 1e-9)
+    if run.writes:  # the safetensors form of the trained tuner, beside the checkpoint
+        run.model.save_tuner(os.path.join(cfg.output_dir, TUNER_FOLDER))
+    return history
+
+
+def _test(run: _Run, history: List[Dict[str, float]]) -> TrainResult:
+    cfg, timings = run.cfg, run.timings
+    with _phase(timings, "test_s"):
+        test_loader = build_loader(run.ctx.shard(run.data.test), cfg, batch_size=64, shuffle=False, device=run.device)
+        metrics = evaluate(
+            run.model,
+            test_loader,
+            run.cls_num_list,
+            tte=cfg.tte,
+            device=run.device,
+            precision=cfg.prec_test,
+            progress=run.progress,
+            distributed=run.ctx.enabled,
+            confusion=cfg.confusion_matrix,
+        )
+    timings["total_s"] = time.perf_counter() - run.t_start
     logger.info(
         "* overall %s  mean %s  many %s  med %s  few %s",
         *(format_accuracy(metrics[k]) for k in ("overall", "mean", "many", "med", "few")),
     )
-    if writes:
-        _write_results(cfg, metrics, timings, history, cls_num_list)
-    return TrainResult(metrics, cfg, cfg.output_dir, timings, model.tuner, model, history, cls_num_list)
+    if run.writes:
+        what = "test" if cfg.test_only else "zero-shot" if cfg.zero_shot else "trained"
+        write_results(
+            cfg.output_dir,
+            metrics,
+            classnames=run.data.train.classnames,
+            cls_num_list=run.cls_num_list,
+            label=cfg.method,
+            title=f"{cfg.method} on {cfg.dataset} ({what})",
+            timings=timings,
+            history=history,
+        )
+        atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), run.record(status="finished", timings=timings))
+    return TrainResult(metrics, cfg, cfg.output_dir, timings, run.model.tuner, run.model, history, run.cls_num_list)
 
 
-def _write_results(cfg: LiftConfig, metrics, timings, history, cls_num_list) -> None:
-    atomic_write_json(
-        os.path.join(cfg.output_dir, "metrics.json"),
-        {"metrics": metrics, "timings": timings, "history": history, "cls_num_list": cls_num_list},
-    )
-    plot_per_class_accuracy(
-        os.path.join(cfg.output_dir, "per_class_accuracy.png"),
-        cls_num_list,
-        {cfg.method: metrics},
-        title=f"{cfg.method} on {cfg.dataset}",
-    )
+def _begin_outputs(cfg: LiftConfig, overwrite: bool, record: Dict[str, Any]) -> None:
+    # Only now, with every check passed, does this run replace what the folder held, so its
+    # config, checkpoint and metrics always come from one run.
+    if overwrite:
+        removed = clear_previous_run(cfg.output_dir)
+        if removed:
+            logger.info("overwrite: removed the previous run's %s", ", ".join(removed))
+    atomic_write_json(os.path.join(cfg.output_dir, "config.json"), cfg.to_dict())
+    atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), record)

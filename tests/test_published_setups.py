@@ -9,6 +9,7 @@ backbone of the same depth and kind, then run forward and backward once.
 
 import copy
 import itertools
+import os
 
 import pytest
 import torch
@@ -218,12 +219,20 @@ def test_every_published_command_resolves_with_the_published_meaning():
         if args.method == "zs":
             assert cfg.zero_shot
         if "test_only" in opts:
-            assert cfg.test_only and cfg.model_dir is None
+            # The training run's folder (the published rule); results go into a new folder of it.
+            assert cfg.test_only and cfg.model_dir == own_model_dir(_default_folder(cmd))
+            assert os.path.dirname(cfg.output_dir) == cfg.model_dir
         for key, value in opts.items():
             if key.startswith("v.") and value in ("True", "False"):
                 assert getattr(cfg.v, key[2:]) is (value == "True")
         resolved += 1
     assert resolved == 536
+
+
+def _default_folder(cmd):
+    # The published main.py's output folder of a command: output/<data>_<backbone>_<method>_<opts>.
+    words = cmd.split()
+    return os.path.join("output", "_".join([words[1], words[3], words[5], *words[6:]]).replace("/", "-"))
 
 
 def test_published_test_only_commands_find_their_training_run():
@@ -232,10 +241,10 @@ def test_published_test_only_commands_find_their_training_run():
         if " test_only True" not in cmd or "expand" in cmd:
             continue
         cfg = _resolve(cmd)[1]
-        assert own_model_dir(cfg.output_dir) in trained, cmd
+        assert cfg.model_dir in trained, cmd
     # run_expand.sh evaluates the main runs' checkpoints
     cfg = _resolve("-d imagenet_lt -b clip_vit_b16 -m lift+ test_only True tte True tte_expand 8")[1]
-    assert own_model_dir(cfg.output_dir) == _resolve("-d imagenet_lt -b clip_vit_b16 -m lift+")[1].output_dir
+    assert cfg.model_dir == _resolve("-d imagenet_lt -b clip_vit_b16 -m lift+")[1].output_dir
 
 
 # --- building every distinct set-up on small random backbones of the same depth -----------------

@@ -18,7 +18,8 @@ def _class_folders(split_root: str) -> List[str]:
     return sorted(e.name for e in os.scandir(split_root) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(folder: str) -> List[str]:
+def image_files(folder: str) -> List[str]:
+    """Image files (by :data:`IMAGE_EXTENSIONS`) below ``folder``, recursively, in sorted order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -78,7 +79,7 @@ class ImageFolderLT(ImageFileDataset):
         self.paths: List[str] = []
         self.labels: List[int] = []
         for name in split_folders:
-            files = _image_files(os.path.join(split_root, name))
+            files = image_files(os.path.join(split_root, name))
             self.paths.extend(files)
             self.labels.extend([index[name]] * len(files))
         if not self.paths:

@@ -50,6 +50,7 @@ __all__ = [
     "fp32_layer_norm",
     "install_tuners",
     "parse_layers",
+    "tuner_sizes",
 ]
 
 Layers = Union[None, int, str, Sequence[int]]
@@ -499,3 +500,24 @@ def install_tuners(blocks, v, num_classes: int) -> List[str]:
                 continue
             done.append(install(blocks, layers, v, num_classes))
     return done
+
+
+def tuner_sizes(tuner: nn.Module) -> Dict[str, int]:
+    """The sizes the installed tuners were built with, under the options that set them
+    (``{"v.adaptformer_dim": 8, "l.pt_len": 2, ...}``): the bottleneck ``r`` and prompt length
+    the published rule resolved when the option was ``None``, read from the tuner itself."""
+    sizes: Dict[str, int] = {}
+    for name, module in tuner.named_modules():
+        group = "l." if name.startswith("text_encoder") else "v."
+        if name in ("image_adapter", "text_adapter"):
+            sizes["clip_adapter_dim"] = module.down.out_features
+        elif isinstance(module, (AdaptFormer, Adapter)):
+            sizes[group + ("adaptformer_dim" if isinstance(module, AdaptFormer) else "adapter_dim")] = (
+                module.down.out_features
+            )
+        elif isinstance(module, QVLoRA):
+            sizes[group + "lora_dim"] = module["q"].down.shape[1]
+    for name, param in tuner.named_parameters():
+        if name.endswith(".prompt"):
+            sizes[("l." if name.startswith("text_encoder") else "v.") + "pt_len"] = param.shape[0]
+    return sizes

@@ -1,5 +1,6 @@
 """A diverging run stops with an error naming epoch and step, and keeps its last good checkpoint."""
 
+import json
 import os
 
 import pytest
@@ -48,8 +49,10 @@ def test_huge_lr_stops_with_the_epoch_and_step(root, tmp_path):
         r"stopped \(no checkpoint had been written\)",
     ):
         lf.fast_train(method="lift+", output_dir=out, **list_run_args(root, lr=1e6, num_epochs=2))
-    # no NaN checkpoint, no metrics (the training log's TensorBoard folder is there)
-    assert sorted(os.listdir(out)) == ["config.json", "log.txt", "tensorboard"]
+    # no NaN checkpoint, no metrics (the training log's TensorBoard folder is there); run.json says why
+    assert sorted(os.listdir(out)) == ["config.json", "log.txt", "run.json", "tensorboard"]
+    record = json.load(open(os.path.join(out, "run.json")))
+    assert record["status"] == "failed" and record["error"].startswith("DivergenceError: non-finite loss")
 
 
 def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(root, tmp_path, monkeypatch):

@@ -492,8 +492,10 @@ def _run(cfg: LiftConfig, ctx: DistContext, *, progress: bool, resume: bool, ove
         return _test(run, history)
     except BaseException as exc:
         if run.writes:  # run.json says why the run stopped
-            failed = record(status="failed", timings=timings, error=f"{type(exc).__name__}: {exc}")
-            atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), failed)
+            stopped = isinstance(exc, (RunStoppedError, KeyboardInterrupt))
+            status = "stopped" if stopped else "failed"
+            ended = record(status=status, timings=timings, error=f"{type(exc).__name__}: {exc}")
+            atomic_write_json(os.path.join(cfg.output_dir, RUN_RECORD), ended)
         raise
 
 

@@ -1,6 +1,7 @@
 """SIGINT and SIGTERM, sent for real: the work stops at a safe point, keeps its last checkpoint
 (or cache chunks), prints one line saying how to continue, and exits with 128 + the signal."""
 
+import json
 import os
 import signal
 import subprocess
@@ -94,11 +95,13 @@ def test_a_signal_stops_training_after_a_step_and_the_printed_command_resumes(tm
     assert last.startswith(f"liftplus-fast: stopped by {name} at epoch "), err
     assert "the checkpoint of epoch" in last and "resume with: liftplus-fast train --resume -d digits_lt" in last
     kept = load_checkpoint(str(out))
+    assert json.loads((out / "run.json").read_text())["status"] == "stopped"
     assert 1 <= kept["epoch"] < 4 and f"epoch {kept['epoch']} in" in last
     assert sorted(os.listdir(out)) == [
         "checkpoint.pth.tar",
         "config.json",
         "log.txt",
+        "run.json",
         "tensorboard",
     ]  # no lock, no temp
     # The one line names the command that continues the run.

@@ -10,9 +10,11 @@
 #include <cstdint>
 #include <limits>
 
+#include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/la_ce.h"
 
 namespace liftplus_fast {
+inline namespace LPF_CPU_NS {
 namespace rows {
 
 constexpr int64_t kLanes = 16;
@@ -229,4 +231,5 @@ inline int64_t argmax_row(const T* v, int64_t n) {
 }
 
 }  // namespace rows
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

@@ -28,10 +28,15 @@
 
 #include "liftplus_fast/adaptformer.h"
 #include "liftplus_fast/checks.h"
+#include "liftplus_fast/cpu_capability.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+// Builds besides the baseline, chosen at run time (csrc/cpu_dispatch.cpp).
+LPF_CPU_CAPABILITIES(avx2, avx512);
+
 namespace liftplus_fast {
+namespace LPF_CPU_NS {
 namespace {
 
 using math::RowStats;
@@ -700,9 +705,10 @@ adaptformer_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(liftplus_fast, CPU, m) {
+LPF_CPU_LIBRARY_IMPL(CPU, m) {
   m.impl("adaptformer_fwd", &adaptformer_fwd_cpu);
   m.impl("adaptformer_bwd", &adaptformer_bwd_cpu);
 }
 
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

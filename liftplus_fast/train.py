@@ -65,6 +65,7 @@ from .distributed import (
 from .errors import UserInputError
 from .evaluate import evaluate, format_accuracy
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
+from .ops._native import cpu_capability_line
 from .ops.gemm import cpu_bf16_gemm_path
 from .plotting import plot_per_class_accuracy
 from .run_folder import check_resume, clear_previous_run, prepare_output_dir
@@ -416,6 +417,8 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext, 
         _precision_label(device, cfg.prec_train),
         _precision_label(device, cfg.prec_test),
     )
+    if device.type == "cpu":
+        logger.info("CPU kernels: %s", cpu_capability_line())
     if ctx.enabled:
         logger.info("data-parallel over %d processes (%s)", ctx.world_size, torch.distributed.get_backend())
 

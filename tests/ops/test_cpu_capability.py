@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import liftplus_fast as lf
-from liftplus_fast.ops._native import cpu_capability, native_status
+from liftplus_fast.ops._native import cpu_capability, cpu_capability_line, native_status
 
 CAPABILITIES = ("default", "avx2", "avx512", "avx512_bf16", "amx")
 KERNEL_FILES = {"adaptformer_cpu", "attention_cpu", "bias_gelu_cpu", "la_cosine_ce_cpu", "tte_aggregate_cpu"}
@@ -219,3 +219,11 @@ def test_baseline_code_never_reaches_wider_instructions():
                 seen.add(g)
                 todo.append(g)
     assert not unsafe, f"wide code reachable from baseline code: {unsafe[:5]}"
+
+
+def test_the_training_log_says_which_cpu_build_runs(tmp_path):
+    tiny = dict(dataset="digits_lt", backbone="tiny_vit", pretrained=None, resolution=32, batch_size=64)
+    lf.fast_train(method="zs", num_workers=0, progress=False, output_dir=str(tmp_path / "run"), **tiny)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert f"CPU kernels: {cpu_capability_line()}" in log
+    assert (cpu_capability()["selected"] or "no native CPU kernels") in cpu_capability_line()

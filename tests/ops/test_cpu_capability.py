@@ -2,15 +2,18 @@
 the choice is reported, LIFTPLUS_FAST_CPU_CAPABILITY caps it, and no instruction beyond the
 baseline can run before a wider build is chosen."""
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 
 import liftplus_fast as lf
+from liftplus_fast.ops import _native
 from liftplus_fast.ops._native import cpu_capability, cpu_capability_line, native_status
 
 CAPABILITIES = ("default", "avx2", "avx512", "avx512_bf16", "amx")
@@ -110,11 +113,33 @@ def test_case_and_spaces_are_ignored():
 
 
 def test_pure_python_reports_why_there_are_no_cpu_kernels(monkeypatch):
-    from liftplus_fast.ops import _native
-
     monkeypatch.setattr(_native, "_STATUS", _native.NativeStatus(False, "installed without it"))
     info = _native.cpu_capability()
     assert info["selected"] is None and "installed without it" in info["why"]
+
+
+def _fake_install(tmp_path, monkeypatch, info, library=True):
+    (tmp_path / "_build_info.json").write_text(json.dumps(info))
+    monkeypatch.setattr(_native, "BUILD_INFO_FILE", str(tmp_path / "_build_info.json"))
+    monkeypatch.setattr(_native, "_find_library", lambda: str(tmp_path / "_C.so") if library else None)
+
+
+def test_a_library_without_cpu_dispatch_is_refused(tmp_path, monkeypatch):
+    import torch
+
+    _fake_install(tmp_path, monkeypatch, {"torch_version": torch.__version__, "schemas_from_python": True})
+    status = _native._load()
+    assert not status.loaded and "without run-time CPU dispatch; rebuild it" in status.reason
+
+
+def test_a_pure_python_install_says_so_without_a_warning(tmp_path, monkeypatch):
+    why = "installed without the native extension (LIFTPLUS_FAST_NO_EXTENSION=1): ..."
+    _fake_install(tmp_path, monkeypatch, {"extension": False, "why": why}, library=False)
+    monkeypatch.setattr(_native, "_STATUS", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        status = _native.native_status()
+    assert not status.loaded and status.chosen and status.reason == why
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 // Per-row kernels of the fused CPU ops (LA cosine CE epilogues, TTE), written as plain loops
-// over contiguous rows so that -O3 -march=native vectorises them portably (no intrinsics).
+// over contiguous rows so that -O3 vectorises them in every capability build (no intrinsics).
 // Reductions keep kLanes independent partial sums: without -ffast-math the compiler may not
 // reorder a floating-point reduction, but it does vectorise kLanes independent accumulators.
 #pragma once

@@ -7,7 +7,7 @@
 //
 // The three small GEMM shapes of the op (X·Wᵀ row dots, C·W row expansion and the Cᵀ·X rank
 // update of the weight gradients) use register-blocked micro-kernels on GCC vector types
-// (one zmm per vector with -march=native on AVX-512; split into halves elsewhere). Every fp32
+// (one zmm per vector in the AVX-512 build; split into halves in the others). Every fp32
 // buffer and every weight copy is padded with zeros to a whole number of vectors, so the inner
 // loops have no tails. Parameter gradients are summed per chunk and then added in chunk order:
 // no float atomics, and the result depends only on the thread count.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -52,7 +53,7 @@ def build(work: str, name: str) -> str:
     return dest
 
 
-def worker(repeats: int, threads: int) -> None:
+def worker(repeats: int, threads: int, pattern: str) -> None:
     import torch
 
     sys.path.insert(0, HERE)
@@ -106,6 +107,8 @@ def worker(repeats: int, threads: int) -> None:
 
     result = {"cpu_capability": lf.backend_info()["cpu_capability"], "ms": {}}
     for name, fn in cases.items():
+        if not re.search(pattern, name):
+            continue
         times = common.time_interleaved({name: fn}, repeats=repeats, warmup=3)[name]
         result["ms"][name] = 1e3 * statistics.median(times)
     print(json.dumps(result))
@@ -117,11 +120,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cases", default="", help="only the cases whose name matches this regular expression")
     p.add_argument("--reuse", action="store_true", help="reuse the builds already in --work")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.repeats, args.threads)
+        worker(args.repeats, args.threads, args.cases)
         return 0
     work = os.path.abspath(args.work)
     dirs = {}
@@ -134,7 +138,7 @@ def main() -> int:
             env = {k: v for k, v in os.environ.items() if k != "LIFTPLUS_FAST_CPU_CAPABILITY"}
             env["PYTHONPATH"] = dirs[name]
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--repeats", str(args.repeats)]
-            cmd += ["--threads", str(args.threads)]
+            cmd += ["--threads", str(args.threads), "--cases", args.cases]
             out = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, check=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)

@@ -101,7 +101,7 @@ def _load() -> NativeStatus:
             info,
         )
     if not info.get("cpu_dispatch"):
-        # Older sources compiled every kernel for the build machine's CPU alone.
+        # A library without the cpu_capability op has every kernel compiled for its build machine alone.
         return NativeStatus(
             False,
             "the native extension was built from older sources without run-time CPU dispatch; rebuild it (make build)",

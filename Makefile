@@ -4,11 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEPS_STAMP  := $(VENV)/.deps-stamp
+DEV_STAMP   := $(VENV)/.dev-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 NATIVE_SRC  := $(shell find csrc -type f 2>/dev/null) tools/torch_cmake_vars.py CMakeLists.txt setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: all setup build demo test bench bench-smoke gpu-check lint options-doc clean
+.PHONY: all setup build demo test install-check bench bench-smoke gpu-check lint options-doc clean
 
 all: test
 
@@ -16,25 +17,37 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# torch and torchvision come from local disk here (pip); the rest from the package index.
+# torch, torchvision and the build tools (torch from local disk here, through pip).
 $(DEPS_STAMP): requirements.txt | $(PY)
 	$(PIP) install --quiet -r requirements.txt
 	touch $@
 
-# The package, editable, with its native extension built by CMake (rebuilt when csrc changes).
+# The package, editable, with its dependencies (pyproject.toml) and its native extension built
+# by CMake against that torch (rebuilt when csrc changes).
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PIP) install --quiet --no-build-isolation -e .
 	$(PY) -c "import liftplus_fast, json; print(json.dumps(liftplus_fast.backend_info()['native'], indent=1))"
 	touch $@
 
-setup: $(BUILD_STAMP)
+# Test and lint tools: `make demo` does without them.
+$(DEV_STAMP): requirements-dev.txt | $(PY)
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(BUILD_STAMP) $(DEV_STAMP)
 build: $(BUILD_STAMP)
 
 demo: $(BUILD_STAMP)
 	$(VENV)/bin/liftplus-fast demo
 
-test: $(BUILD_STAMP)
+test: $(BUILD_STAMP) $(DEV_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The wheel and the pure-Python install, as a user gets them (tools/install_check.py): both
+# wheels built from the build folder above, installed into a new virtual environment with only
+# torch and the package's dependencies, run outside the source tree with no compiler on PATH.
+install-check: $(BUILD_STAMP)
+	$(PY) tools/install_check.py
 
 bench: $(BUILD_STAMP)
 	$(PY) benchmarks/run.py
@@ -55,7 +68,7 @@ gpu-check:
 # ruff (lint + format check) over the Python tree, clang-format over csrc/ (config: pyproject.toml,
 # .clang-format). Fix with `ruff check --fix .`, `ruff format .` and `clang-format -i`.
 CXX_SRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
-lint: $(DEPS_STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SRC)
@@ -65,4 +78,4 @@ options-doc: $(BUILD_STAMP)
 	$(VENV)/bin/liftplus-fast options --markdown > docs/options.md
 
 clean:
-	rm -rf build *.egg-info liftplus_fast/_C*.so liftplus_fast/_build_info.json $(BUILD_STAMP)
+	rm -rf build dist *.egg-info liftplus_fast/_C*.so liftplus_fast/_build_info.json $(BUILD_STAMP)

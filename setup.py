@@ -1,10 +1,11 @@
 """Build driver: setuptools hands the native extension to CMake (CMakeLists.txt) with Ninja.
 
-`pip install --no-build-isolation .` builds liftplus_fast/_C*.so against the installed torch
-(any release from the floor in pyproject.toml on)
-and writes liftplus_fast/_build_info.json (torch version, CUDA on/off, arch list) beside it.
+`pip install --no-build-isolation .` (or `pip wheel --no-build-isolation --no-deps .`) builds
+liftplus_fast/_C*.so against the installed torch (any release from the floor in pyproject.toml
+on) and writes liftplus_fast/_build_info.json (torch version, CUDA on/off, arch list) beside it.
 Environment: LIFTPLUS_FAST_CUDA=0/1, TORCH_CUDA_ARCH_LIST, LIFTPLUS_FAST_BUILD_TYPE,
-LIFTPLUS_FAST_NO_EXTENSION=1 (pure-Python install), MAX_JOBS.
+LIFTPLUS_FAST_NATIVE_ARCH=1 (-march=native instead of the run-time CPU dispatch),
+LIFTPLUS_FAST_NO_EXTENSION=1 (pure-Python install), LIFTPLUS_FAST_BUILD_DIR, MAX_JOBS.
 """
 
 import json
@@ -16,8 +17,18 @@ import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+NO_EXTENSION = os.environ.get("LIFTPLUS_FAST_NO_EXTENSION") == "1"
+BUILD_INFO = "_build_info.json"
+
+
+def _write_json(path, info):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, path)
 
 
 class CMakeExtension(Extension):
@@ -51,6 +62,7 @@ class CMakeBuild(build_ext):
             ) from None
 
         output = os.path.abspath(self.get_ext_fullpath(ext.name))
+        in_place = bool(getattr(self, "editable_mode", False) or self.inplace or getattr(self, "_lpf_inplace", False))
         # A fixed build folder keeps CMake's incremental builds across (editable) reinstalls.
         build_dir = os.environ.get("LIFTPLUS_FAST_BUILD_DIR", os.path.join(ROOT, "build", "cmake"))
         os.makedirs(build_dir, exist_ok=True)
@@ -67,6 +79,8 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DLIFTPLUS_FAST_OUTPUT={output}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('LIFTPLUS_FAST_BUILD_TYPE', 'Release')}",
+            # An installed library (a wheel) finds torch beside it, not at this machine's path.
+            f"-DLIFTPLUS_FAST_ABSOLUTE_RPATH={'ON' if in_place else 'OFF'}",
         ]
         if ninja is not None:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
@@ -74,7 +88,7 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call([cmake, "--build", build_dir, "--parallel", jobs])
         out_dirs = {os.path.dirname(output)}
-        if getattr(self, "editable_mode", False) or self.inplace or getattr(self, "_lpf_inplace", False):
+        if in_place:
             # Editable installs copy only the library into the source tree; the info goes too.
             out_dirs.add(os.path.join(ROOT, "liftplus_fast"))
         for out_dir in out_dirs:
@@ -87,20 +101,36 @@ class CMakeBuild(build_ext):
             bool(re.search(r"^CMAKE_CUDA_COMPILER:\w+=.+$", cache, re.M))
             and os.environ.get("LIFTPLUS_FAST_CUDA", "") != "0"
         )
+        native_arch = bool(re.search(r"^LIFTPLUS_FAST_NATIVE_ARCH:\w+=(ON|1|TRUE)$", cache, re.M | re.I))
         info = {
             "torch_version": torch.__version__,
             "cuda": cuda,
             "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0") if cuda else "",
             # The library registers kernels only; the op schemas come from liftplus_fast/ops/_library.py.
             "schemas_from_python": True,
+            # CPU kernels built per capability and chosen at load (csrc/cpu_dispatch.cpp), or
+            # compiled once with -march=native for the build machine.
+            "cpu_dispatch": True,
+            "native_arch": native_arch,
         }
-        path = os.path.join(out_dir, "_build_info.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=2)
-        os.replace(tmp, path)
+        _write_json(os.path.join(out_dir, BUILD_INFO), info)
 
 
-ext_modules = [] if os.environ.get("LIFTPLUS_FAST_NO_EXTENSION") == "1" else [CMakeExtension("liftplus_fast._C")]
+class BuildPy(build_py):
+    """A pure-Python install records that it has no native library on purpose, so the package
+    says why it runs the reference path instead of asking for a build."""
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})
+    def run(self):
+        super().run()
+        if NO_EXTENSION and not self.editable_mode:
+            info = {
+                "extension": False,
+                "why": "installed without the native extension (LIFTPLUS_FAST_NO_EXTENSION=1): every op runs "
+                "on the pure-PyTorch reference path",
+            }
+            _write_json(os.path.join(self.build_lib, "liftplus_fast", BUILD_INFO), info)
+
+
+ext_modules = [] if NO_EXTENSION else [CMakeExtension("liftplus_fast._C")]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .ops._dispatch import describe, requested_backend, triton_usable
-from .ops._native import native_status
+from .ops._native import cpu_capability, native_status
 from .ops.gemm import cpu_bf16_gemm_path
 
 
@@ -14,7 +14,9 @@ def backend_info() -> dict:
 
     Returns a dict with ``requested`` (``LIFTPLUS_FAST_BACKEND``), ``native`` (loaded, reason,
     path and build facts of the extension), ``triton`` (whether Triton kernels can run on CUDA
-    and on CPU tensors here), ``cuda_available``, ``cpu_bf16_gemm`` (whether bf16 GEMMs run natively
+    and on CPU tensors here), ``cuda_available``, ``cpu_capability`` (which build of the CPU kernels
+    runs, chosen when the library loads, and why; see :func:`liftplus_fast.ops._native.cpu_capability`),
+    ``cpu_bf16_gemm`` (whether bf16 GEMMs run natively
     on this CPU or as fp32 GEMMs of bf16 values, and why; measured on first use, see
     :mod:`liftplus_fast.ops.gemm`) and ``ops``: for each op the backend used for
     CPU and for CUDA tensors, its implementations and, under ``notes``, why an op runs another
@@ -27,6 +29,7 @@ def backend_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "native": {"loaded": status.loaded, "reason": status.reason, "path": status.path, **status.build_info},
         "triton": {dev: triton_usable(dev)[0] for dev in ("cuda", "cpu")},
+        "cpu_capability": cpu_capability(),
         "cpu_bf16_gemm": cpu_bf16_gemm_path(),
         "ops": describe(),
     }

@@ -48,6 +48,7 @@ from .evaluate import evaluate, format_accuracy
 from .files import atomic_write_json
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .model.inits import FEATURE_INITS
+from .ops._native import cpu_capability_line
 from .ops.gemm import cpu_bf16_gemm_path
 from .options import key_value_pairs
 from .progress import progress_bar
@@ -335,6 +336,8 @@ def _start_run(cfg: LiftConfig, ctx: DistContext) -> torch.device:
         _precision_label(device, cfg.prec_train),
         _precision_label(device, cfg.prec_test),
     )
+    if device.type == "cpu":
+        logger.info("CPU kernels: %s", cpu_capability_line())
     if ctx.enabled:
         logger.info("data-parallel over %d processes (%s)", ctx.world_size, torch.distributed.get_backend())
     return device

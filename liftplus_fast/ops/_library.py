@@ -68,9 +68,14 @@ CPU_ONLY_SCHEMAS: Dict[str, str] = {
         "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, "
         "bool batch_first) -> Tensor grad_qkv"
     ),
-    # Whether the CPU attention kernel has its bf16 micro-kernel (AVX512-BF16 at build time);
-    # without it bf16 runs the fp32 fallback, which is slower than PyTorch's SDPA.
+    # Whether the CPU attention kernel runs its bf16 micro-kernel (the AVX512-BF16 build is the
+    # one chosen at run time); without it bf16 runs the fp32 fallback, slower than PyTorch's SDPA.
     "attention_bf16_kernel": "() -> bool",
+    # Which CPU kernel builds run (csrc/cpu_dispatch.cpp): the capability chosen and the widest
+    # this CPU supports (default, avx2, avx512, avx512_bf16, amx; "native" for a -march=native
+    # build), why, an error for an invalid LIFTPLUS_FAST_CPU_CAPABILITY (else empty), and the
+    # build of each kernel file as "file=capability,...".
+    "cpu_capability": "() -> (str selected, str supported, str why, str error, str kernels)",
     # y = gelu(x + bias) for the MLP (x: the bias-free GEMM output [..., F]); kind 0 =
     # QuickGELU u·sigmoid(1.702u), 1 = GELU (erf), 2 = GELU (tanh). The backward needs only x.
     "bias_gelu_fwd": "(Tensor x, Tensor bias, int kind) -> Tensor",

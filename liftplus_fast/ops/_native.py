@@ -2,7 +2,14 @@
 
 The library registers its ops under ``torch.ops.liftplus_fast``. It is loaded at most once;
 when it is missing, fails to load or was built against another torch, the package keeps
-working on the reference path and warns once with the reason.
+working on the reference path and warns once with the reason (not for an install made without
+it on purpose, ``LIFTPLUS_FAST_NO_EXTENSION=1``).
+
+Its CPU kernels come in builds for several instruction sets; the library picks one per kernel
+file when it loads (``csrc/cpu_dispatch.cpp``), and :func:`cpu_capability` says which and why.
+``LIFTPLUS_FAST_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``, ``avx512_bf16``, ``amx``)
+caps the choice: a value above what the CPU supports gives the widest it supports, an unknown
+value is a :class:`~liftplus_fast.errors.UserInputError` at import.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import UserInputError
 from ._library import NATIVE, define_native, op
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +39,10 @@ class NativeStatus:
     reason: str = ""
     path: Optional[str] = None
     build_info: dict = field(default_factory=dict)
+    # What cpu_capability() returns; empty when the library is not loaded.
+    cpu: dict = field(default_factory=dict)
+    # Whether the reference path is the user's choice (no warning then).
+    chosen: bool = False
 
 
 _STATUS: Optional[NativeStatus] = None
@@ -46,21 +58,31 @@ def _find_library() -> Optional[str]:
     return candidates[0] if candidates else None
 
 
+def _read_build_info() -> dict:
+    with open(BUILD_INFO_FILE) as f:
+        info = json.load(f)
+    if not isinstance(info, dict):
+        raise ValueError("expected a JSON object")
+    return info
+
+
 def _load() -> NativeStatus:
     path = _find_library()
+    info = {}
+    if os.path.exists(BUILD_INFO_FILE):
+        try:
+            info = _read_build_info()
+        except (OSError, ValueError) as exc:
+            return NativeStatus(False, f"unreadable build info {BUILD_INFO_FILE}: {exc}", path)
     if path is None:
+        if info.get("extension") is False:
+            why = info.get("why") or "installed without the native extension"
+            return NativeStatus(False, why, None, info, chosen=True)
         return NativeStatus(
             False,
             "the native extension was not built (no liftplus_fast/_C*.so); "
             "install with `pip install --no-build-isolation .` to build it",
         )
-    info = {}
-    if os.path.exists(BUILD_INFO_FILE):
-        try:
-            with open(BUILD_INFO_FILE) as f:
-                info = json.load(f)
-        except (OSError, ValueError) as exc:
-            return NativeStatus(False, f"unreadable build info {BUILD_INFO_FILE}: {exc}", path)
     built_for = info.get("torch_version")
     if built_for and _torch_version_key(built_for) != _torch_version_key(torch.__version__):
         return NativeStatus(
@@ -78,13 +100,30 @@ def _load() -> NativeStatus:
             path,
             info,
         )
+    if not info.get("cpu_dispatch"):
+        # A library without the cpu_capability op has every kernel compiled for its build machine alone.
+        return NativeStatus(
+            False,
+            "the native extension was built from older sources without run-time CPU dispatch; rebuild it (make build)",
+            path,
+            info,
+        )
     try:
         # The schemas come from Python; the library only registers kernels for them.
         define_native()
         torch.ops.load_library(path)
     except (OSError, RuntimeError) as exc:
         return NativeStatus(False, f"could not load {path}: {exc}", path, info)
-    return NativeStatus(True, "", path, info)
+    selected, supported, why, error, kernels = op(NATIVE, "cpu_capability")()
+    if error:
+        raise UserInputError(error)
+    cpu = {
+        "selected": selected,
+        "supported": supported,
+        "why": why,
+        "kernels": dict(item.split("=", 1) for item in kernels.split(",") if item),
+    }
+    return NativeStatus(True, "", path, info, cpu)
 
 
 def native_status() -> NativeStatus:
@@ -93,13 +132,32 @@ def native_status() -> NativeStatus:
     if _STATUS is None:
         disabled = os.environ.get("LIFTPLUS_FAST_DISABLE_NATIVE", "0") == "1"
         _STATUS = NativeStatus(False, "disabled by LIFTPLUS_FAST_DISABLE_NATIVE=1") if disabled else _load()
-        if not _STATUS.loaded and not disabled:
+        if not _STATUS.loaded and not disabled and not _STATUS.chosen:
             warnings.warn(
                 f"liftplus_fast: using the pure-PyTorch reference path because {_STATUS.reason}",
                 RuntimeWarning,
                 stacklevel=2,
             )
     return _STATUS
+
+
+def cpu_capability() -> dict:
+    """Which build of the CPU kernels runs and why: ``selected`` (``default``, ``avx2``,
+    ``avx512``, ``avx512_bf16``, ``amx``, or ``native`` for a ``-march=native`` build),
+    ``supported`` (the widest this CPU and OS support), ``why`` and ``kernels`` (the build of
+    each kernel file); without the native library, ``selected`` is None and ``why`` the reason."""
+    status = native_status()
+    if not status.loaded:
+        return {"selected": None, "supported": None, "why": f"no native CPU kernels: {status.reason}", "kernels": {}}
+    return dict(status.cpu)
+
+
+def cpu_capability_line() -> str:
+    """:func:`cpu_capability` in one line, for logs."""
+    cpu = cpu_capability()
+    if cpu["selected"] is None:
+        return cpu["why"]
+    return f"{cpu['selected']} builds ({cpu['why']})"
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

@@ -3,10 +3,12 @@
 // arithmetic the CUDA kernels run.
 #pragma once
 
+#include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/layernorm.h"
 #include "liftplus_fast/math.h"
 
 namespace liftplus_fast {
+inline namespace LPF_CPU_NS {
 namespace math {
 
 // H = x̂·γ + β.
@@ -42,4 +44,5 @@ LPF_HOST_DEVICE T down_w_grad(T gamma, T dz_xhat_sum, T beta, T dbd) {
 }
 
 }  // namespace math
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

@@ -9,8 +9,10 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include "liftplus_fast/cpu_capability.h"
 
 namespace liftplus_fast {
+inline namespace LPF_CPU_NS {
 namespace checks {
 
 inline std::string describe(const at::Tensor& t) {
@@ -134,4 +136,5 @@ inline std::pair<int64_t, int64_t> adaptformer_bwd_args(
 }
 
 }  // namespace checks
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

@@ -5,9 +5,11 @@
 
 #include <cmath>
 
+#include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/math.h"
 
 namespace liftplus_fast {
+inline namespace LPF_CPU_NS {
 namespace math {
 
 // Whether normalisation is active (‖v‖ > eps); below it the gradient is a plain scale.
@@ -34,4 +36,5 @@ LPF_HOST_DEVICE A project_elem(A x, A v, A c, A a) {
 }
 
 }  // namespace math
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

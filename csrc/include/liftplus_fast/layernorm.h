@@ -5,9 +5,11 @@
 
 #include <cmath>
 
+#include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/math.h"
 
 namespace liftplus_fast {
+inline namespace LPF_CPU_NS {
 namespace math {
 
 template <typename T>
@@ -37,4 +39,5 @@ LPF_HOST_DEVICE T ln_grad_input(T dxhat, T xhat, T rstd, T c1, T c2) {
 }
 
 }  // namespace math
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include "liftplus_fast/cpu_capability.h"
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LPF_HOST_DEVICE __host__ __device__ __forceinline__
@@ -10,6 +11,7 @@
 #endif
 
 namespace liftplus_fast {
+inline namespace LPF_CPU_NS {
 namespace math {
 
 // L2 normalisation as F.normalize: 1 / max(‖v‖, eps), in any float type.
@@ -41,4 +43,5 @@ LPF_HOST_DEVICE void argmax_push(float v, long long idx, float& best, long long&
 }
 
 }  // namespace math
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

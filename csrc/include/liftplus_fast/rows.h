@@ -1,5 +1,5 @@
 // Per-row kernels of the fused CPU ops (LA cosine CE epilogues, TTE), written as plain loops
-// over contiguous rows so that -O3 -march=native vectorises them portably (no intrinsics).
+// over contiguous rows so that -O3 vectorises them in every capability build (no intrinsics).
 // Reductions keep kLanes independent partial sums: without -ffast-math the compiler may not
 // reorder a floating-point reduction, but it does vectorise kLanes independent accumulators.
 #pragma once
@@ -10,9 +10,11 @@
 #include <cstdint>
 #include <limits>
 
+#include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/la_ce.h"
 
 namespace liftplus_fast {
+inline namespace LPF_CPU_NS {
 namespace rows {
 
 constexpr int64_t kLanes = 16;
@@ -229,4 +231,5 @@ inline int64_t argmax_row(const T* v, int64_t n) {
 }
 
 }  // namespace rows
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

@@ -3,8 +3,10 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include "liftplus_fast/cpu_capability.h"
 
 namespace liftplus_fast {
+inline namespace LPF_CPU_NS {
 namespace tuning {
 
 // A non-negative integer from the environment, or `fallback` when unset or malformed.
@@ -17,4 +19,5 @@ inline int64_t env_int(const char* name, int64_t fallback) {
 }
 
 }  // namespace tuning
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

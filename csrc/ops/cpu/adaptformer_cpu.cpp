@@ -7,7 +7,7 @@
 //
 // The three small GEMM shapes of the op (X·Wᵀ row dots, C·W row expansion and the Cᵀ·X rank
 // update of the weight gradients) use register-blocked micro-kernels on GCC vector types
-// (one zmm per vector with -march=native on AVX-512; split into halves elsewhere). Every fp32
+// (one zmm per vector in the AVX-512 build; split into halves in the others). Every fp32
 // buffer and every weight copy is padded with zeros to a whole number of vectors, so the inner
 // loops have no tails. Parameter gradients are summed per chunk and then added in chunk order:
 // no float atomics, and the result depends only on the thread count.
@@ -28,10 +28,15 @@
 
 #include "liftplus_fast/adaptformer.h"
 #include "liftplus_fast/checks.h"
+#include "liftplus_fast/cpu_capability.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+// Builds besides the baseline, chosen at run time (csrc/cpu_dispatch.cpp).
+LPF_CPU_CAPABILITIES(avx2, avx512);
+
 namespace liftplus_fast {
+namespace LPF_CPU_NS {
 namespace {
 
 using math::RowStats;
@@ -700,9 +705,10 @@ adaptformer_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& a_in, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(liftplus_fast, CPU, m) {
+LPF_CPU_LIBRARY_IMPL(CPU, m) {
   m.impl("adaptformer_fwd", &adaptformer_fwd_cpu);
   m.impl("adaptformer_bwd", &adaptformer_bwd_cpu);
 }
 
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

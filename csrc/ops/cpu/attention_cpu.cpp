@@ -44,10 +44,15 @@
 #endif
 
 #include "liftplus_fast/checks.h"
+#include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/rows.h"
 #include "liftplus_fast/tuning.h"
 
+// Builds besides the baseline, chosen at run time (csrc/cpu_dispatch.cpp).
+LPF_CPU_CAPABILITIES(avx512_bf16);
+
 namespace liftplus_fast {
+namespace LPF_CPU_NS {
 namespace {
 
 using checks::describe;
@@ -464,14 +469,15 @@ bool attention_bf16_kernel() {
 
 // No tensor arguments, so no backend key is computed for a call: the composite kernel serves
 // it (the CPU entry below only records that the CPU library provides the op).
-TORCH_LIBRARY_IMPL(liftplus_fast, CompositeExplicitAutograd, m) {
+LPF_CPU_LIBRARY_IMPL(CompositeExplicitAutograd, m) {
   m.impl("attention_bf16_kernel", &attention_bf16_kernel);
 }
 
-TORCH_LIBRARY_IMPL(liftplus_fast, CPU, m) {
+LPF_CPU_LIBRARY_IMPL(CPU, m) {
   m.impl("attention_bf16_kernel", &attention_bf16_kernel);
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
 }
 
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

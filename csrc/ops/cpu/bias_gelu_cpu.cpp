@@ -20,9 +20,14 @@
 #include <vector>
 
 #include "liftplus_fast/checks.h"
+#include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/rows.h"
 
+// Builds besides the baseline, chosen at run time (csrc/cpu_dispatch.cpp).
+LPF_CPU_CAPABILITIES(avx2, avx512);
+
 namespace liftplus_fast {
+namespace LPF_CPU_NS {
 namespace {
 
 using checks::describe;
@@ -194,9 +199,10 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_in, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(liftplus_fast, CPU, m) {
+LPF_CPU_LIBRARY_IMPL(CPU, m) {
   m.impl("bias_gelu_fwd", &bias_gelu_fwd_cpu);
   m.impl("bias_gelu_bwd", &bias_gelu_bwd_cpu);
 }
 
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

@@ -37,12 +37,17 @@
 #include <vector>
 
 #include "liftplus_fast/checks.h"
+#include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/la_ce.h"
 #include "liftplus_fast/math.h"
 #include "liftplus_fast/rows.h"
 #include "liftplus_fast/tuning.h"
 
+// Builds besides the baseline, chosen at run time (csrc/cpu_dispatch.cpp).
+LPF_CPU_CAPABILITIES(avx2, avx512);
+
 namespace liftplus_fast {
+namespace LPF_CPU_NS {
 namespace {
 
 namespace R = liftplus_fast::rows;
@@ -302,9 +307,10 @@ std::tuple<at::Tensor, at::Tensor> la_cosine_ce_bwd_cpu(const at::Tensor& grad_l
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(liftplus_fast, CPU, m) {
+LPF_CPU_LIBRARY_IMPL(CPU, m) {
   m.impl("la_cosine_ce_fwd", &la_cosine_ce_fwd_cpu);
   m.impl("la_cosine_ce_bwd", &la_cosine_ce_bwd_cpu);
 }
 
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

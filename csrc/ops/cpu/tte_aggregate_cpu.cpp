@@ -10,10 +10,15 @@
 #include <algorithm>
 #include <vector>
 
+#include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/math.h"
 #include "liftplus_fast/rows.h"
 
+// Builds besides the baseline, chosen at run time (csrc/cpu_dispatch.cpp).
+LPF_CPU_CAPABILITIES(avx2, avx512);
+
 namespace liftplus_fast {
+namespace LPF_CPU_NS {
 namespace {
 
 using liftplus_fast::math::inv_norm_of;
@@ -119,9 +124,10 @@ at::Tensor tte_mean_unit_features_cpu(const at::Tensor& feats_in) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(liftplus_fast, CPU, m) {
+LPF_CPU_LIBRARY_IMPL(CPU, m) {
   m.impl("tte_aggregate", &tte_aggregate_cpu);
   m.impl("tte_mean_unit_features", &tte_mean_unit_features_cpu);
 }
 
+}  // namespace LPF_CPU_NS
 }  // namespace liftplus_fast

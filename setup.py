@@ -81,6 +81,9 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={os.environ.get('LIFTPLUS_FAST_BUILD_TYPE', 'Release')}",
             # An installed library (a wheel) finds torch beside it, not at this machine's path.
             f"-DLIFTPLUS_FAST_ABSOLUTE_RPATH={'ON' if in_place else 'OFF'}",
+            # Said on every configure: a build folder configured once with -march=native must not
+            # keep it in its cache when the switch is off.
+            f"-DLIFTPLUS_FAST_NATIVE_ARCH={'ON' if os.environ.get('LIFTPLUS_FAST_NATIVE_ARCH') == '1' else 'OFF'}",
         ]
         if ninja is not None:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]

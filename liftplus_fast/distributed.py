@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserInputError
+from .ops import choices
 
 __all__ = [
     "CollectiveTimeoutError",
@@ -33,7 +34,7 @@ __all__ = [
     "rank_device",
     "average_gradients",
     "broadcast_module",
-    "agree_on_cpu_bf16_path",
+    "agree_on_choices",
     "all_reduce_sum",
     "gather_objects",
     "check_batch_split",
@@ -161,16 +162,15 @@ def broadcast_module(module: torch.nn.Module, ctx: DistContext, src: int = 0) ->
             dist.broadcast(t.data, src)
 
 
-def agree_on_cpu_bf16_path(ctx: DistContext) -> None:
-    """Make every process take rank 0's bf16 GEMM path on CPU (``ops.gemm``): each would
-    otherwise measure its own, and processes sharing a machine can measure differently."""
+def agree_on_choices(ctx: DistContext) -> None:
+    """Make every process take rank 0's measured choices of CPU implementations (``ops.choices``:
+    bf16 GEMM path, attention, LayerNorm, bias + GELU): each would otherwise time its own, and
+    processes sharing a machine can time differently. Rank 0 makes every choice not made yet."""
     if not ctx.enabled:
         return
-    from .ops import gemm
-
-    choice = [gemm.cpu_bf16_gemm_path() if ctx.is_main else None]
-    dist.broadcast_object_list(choice, src=0)
-    gemm.use_cpu_bf16_gemm_path(choice[0])
+    table = [choices.table() if ctx.is_main else None]
+    dist.broadcast_object_list(table, src=0)
+    choices.adopt(table[0])
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from .data.uint8_transforms import (
 )
 from .distributed import (
     DistContext,
-    agree_on_cpu_bf16_path,
+    agree_on_choices,
     all_reduce_sum,
     average_gradients,
     broadcast_module,
@@ -65,6 +65,7 @@ from .distributed import (
 from .errors import UserInputError
 from .evaluate import evaluate, format_accuracy
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
+from .ops import choices
 from .ops.gemm import cpu_bf16_gemm_path
 from .plotting import plot_per_class_accuracy
 from .run_folder import check_resume, clear_previous_run, prepare_output_dir
@@ -404,8 +405,8 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext, 
             )
         cfg.model_dir = own_model_dir(cfg.output_dir)
         logger.info("test_only without model_dir: evaluating the tuner in %s", cfg.model_dir)
-    if ctx.enabled and device.type == "cpu" and {cfg.prec_train, cfg.prec_test} != {"fp32"}:
-        agree_on_cpu_bf16_path(ctx)  # one GEMM path for every process (ops/gemm.py)
+    if ctx.enabled and device.type == "cpu":
+        agree_on_choices(ctx)  # one implementation of each op for every process (ops/choices.py)
     logger.info(
         "liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
         cfg.dataset,
@@ -416,6 +417,9 @@ def _run(cfg: LiftConfig, progress: bool, resume: bool, tqdm, ctx: DistContext, 
         _precision_label(device, cfg.prec_train),
         _precision_label(device, cfg.prec_test),
     )
+    if device.type == "cpu":
+        for name, decided in choices.table().items():
+            logger.info("CPU implementation of %s: %s (%s)", name, decided["option"], decided["why"])
     if ctx.enabled:
         logger.info("data-parallel over %d processes (%s)", ctx.world_size, torch.distributed.get_backend())
 

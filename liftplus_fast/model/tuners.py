@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..config import bottleneck_dim, check_aft_loc, parse_layers
 from ..ops import gemm
+from ..ops.layer_norm import fp32_layer_norm
 
 __all__ = [
     "AdaptFormer",
@@ -46,17 +47,6 @@ __all__ = [
     "fp32_layer_norm",
     "install_tuners",
 ]
-
-
-def fp32_layer_norm(x, weight, bias, eps):
-    """LayerNorm computed in fp32 and cast back, as the published code does for stability."""
-    return F.layer_norm(
-        x.float(),
-        (x.shape[-1],),
-        None if weight is None else weight.float(),
-        None if bias is None else bias.float(),
-        eps,
-    ).to(x.dtype)
 
 
 class _Bottleneck(nn.Module):

@@ -71,6 +71,16 @@ CPU_ONLY_SCHEMAS: Dict[str, str] = {
     # Whether the CPU attention kernel has its bf16 micro-kernel (AVX512-BF16 at build time);
     # without it bf16 runs the fp32 fallback, which is slower than PyTorch's SDPA.
     "attention_bf16_kernel": "() -> bool",
+    # The same attention (bf16 or fp32 qkv) on PyTorch's batch-reduce GEMM micro-kernels
+    # (cpublas::brgemm: oneDNN, AMX tiles where the CPU has them); kernels from torch 2.6 on.
+    "attention_brgemm_fwd": "(Tensor qkv, int num_heads, float scale, bool batch_first) -> (Tensor out, Tensor lse)",
+    "attention_brgemm_bwd": (
+        "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, "
+        "bool batch_first) -> Tensor grad_qkv"
+    ),
+    # The bf16 operand layout brgemm runs here: "vnni" (oneDNN micro-kernels), "plain" (a BLAS
+    # GEMM), "" when the build has no brgemm.
+    "attention_brgemm_layout": "() -> str",
     # y = gelu(x + bias) for the MLP (x: the bias-free GEMM output [..., F]); kind 0 =
     # QuickGELU u·sigmoid(1.702u), 1 = GELU (erf), 2 = GELU (tanh). The backward needs only x.
     "bias_gelu_fwd": "(Tensor x, Tensor bias, int kind) -> Tensor",

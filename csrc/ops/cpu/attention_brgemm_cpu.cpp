@@ -34,8 +34,15 @@
 #include <vector>
 
 #include "liftplus_fast/attention.h"
-#include "liftplus_fast/rows.h"
 #include "liftplus_fast/tuning.h"
+
+// The element-wise loops around the GEMMs (softmax, its backward, rounding to bf16) are most of
+// this file's time; where the compiler targets AVX-512 it vectorises them 16 lanes wide (GCC's
+// default tuning for recent Xeons stops at 8). rows.h comes after, so its exp is compiled alike.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
+#include "liftplus_fast/rows.h"
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
 #define LPF_HAS_BRGEMM 1
@@ -162,41 +169,51 @@ inline void store_row(const float* src, T* dst, int64_t n) {
   }
 }
 
-// max over a row (kLanes partial maxima, so the loop vectorises); row_max_neg: max of −x.
-inline float row_max(const float* x, int64_t n) {
-  float mx[rows::kLanes];
-  std::fill(mx, mx + rows::kLanes, -std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + rows::kLanes <= n; j += rows::kLanes)
-    for (int64_t l = 0; l < rows::kLanes; ++l) mx[l] = x[j + l] > mx[l] ? x[j + l] : mx[l];
-  for (; j < n; ++j) mx[0] = x[j] > mx[0] ? x[j] : mx[0];
-  return *std::max_element(mx, mx + rows::kLanes);
+// Rows of scores are ld_s = round_up(N, 16) floats: the loops below run over whole 16-lane
+// blocks, the columns past N made neutral (−inf before exp, 0 after) instead of a scalar tail,
+// which at N = 197 would cost as much as the 12 full blocks of a row.
+using vfloat = float __attribute__((vector_size(4 * rows::kLanes)));
+using vint = int32_t __attribute__((vector_size(4 * rows::kLanes)));
+
+inline vfloat load_v(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
-inline float row_max_neg(const float* x, int64_t n) {
-  float mx[rows::kLanes];
-  std::fill(mx, mx + rows::kLanes, -std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + rows::kLanes <= n; j += rows::kLanes)
-    for (int64_t l = 0; l < rows::kLanes; ++l) mx[l] = -x[j + l] > mx[l] ? -x[j + l] : mx[l];
-  for (; j < n; ++j) mx[0] = -x[j] > mx[0] ? -x[j] : mx[0];
-  return *std::max_element(mx, mx + rows::kLanes);
+inline void store_v(float* p, vfloat v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline vint lane_index() {
+  vint v;
+  for (int l = 0; l < rows::kLanes; ++l) v[l] = l;
+  return v;
 }
 
-// x ← exp(scale·x − m); returns the sum.
-inline float exp_scaled(float* x, int64_t n, float scale, float m) {
+// s ← scale·s for columns < n, −inf for n ≤ column < ld (a multiple of kLanes); returns the max.
+inline float scale_and_max(float* s, int64_t n, int64_t ld, float scale) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const vint lanes = lane_index();
+  vfloat mx = vfloat{} - kInf;
+  for (int64_t j = 0; j < ld; j += rows::kLanes) {
+    vfloat v = load_v(s + j) * scale;
+    v = (lanes + static_cast<int32_t>(j)) < static_cast<int32_t>(n) ? v : vfloat{} - kInf;
+    store_v(s + j, v);
+    mx = v > mx ? v : mx;
+  }
+  float m = -kInf;
+  for (int l = 0; l < rows::kLanes; ++l) m = mx[l] > m ? mx[l] : m;
+  return m;
+}
+
+// x ← exp(x − m) over ld columns (a multiple of kLanes); returns the sum.
+inline float exp_sum(float* x, int64_t ld, float m) {
   float acc[rows::kLanes] = {};
-  int64_t j = 0;
-  for (; j + rows::kLanes <= n; j += rows::kLanes)
+  for (int64_t j = 0; j < ld; j += rows::kLanes)
     for (int64_t l = 0; l < rows::kLanes; ++l) {
-      const float e = rows::exp_fast(x[j + l] * scale - m);
+      const float e = rows::exp_fast(x[j + l] - m);
       x[j + l] = e;
       acc[l] += e;
     }
-  for (; j < n; ++j) {
-    const float e = rows::exp_fast(x[j] * scale - m);
-    x[j] = e;
-    acc[0] += e;
-  }
   float sum = 0.f;
   for (int64_t l = 0; l < rows::kLanes; ++l) sum += acc[l];
   return sum;
@@ -230,7 +247,7 @@ template <typename T>
 struct Work {
   int64_t N, hd, ld_s, ld_a, ldb_d;
   bool vnni;
-  std::vector<float> s, dp, c, cq, delta;
+  std::vector<float> s, dp, c, cq, delta, lse;
   std::vector<T> p, ds, ds_b, kt, b;
   Work(int64_t N_, int64_t hd_, bool vnni_, bool backward) : N(N_), hd(hd_), vnni(vnni_) {
     ld_s = round_up(N, 16);
@@ -241,9 +258,10 @@ struct Work {
     p.assign(N * ld_a, T(0.f));  // padding columns stay zero
     b.assign(std::max(round_up(hd, 2) * ld_s, ld_a * ldb_d), T(0.f));
     if (backward) {
-      dp.resize(N * ld_s);
+      dp.assign(N * ld_s, 0.f);  // the plain layout leaves columns past N unwritten: keep them 0
       cq.resize(hd * ld_s);
-      delta.resize(N);
+      delta.assign(ld_s, 0.f);
+      lse.assign(ld_s, std::numeric_limits<float>::infinity());
       ds.assign(N * ld_a, T(0.f));
       ds_b.assign(ld_a * ld_s, T(0.f));  // dSᵀ as a B operand (VNNI), padding rows/columns zero
       kt.assign(hd * ld_a, T(0.f));
@@ -283,9 +301,9 @@ void fwd_head(const T* q, const T* k, const T* v, int64_t ld, T* o, int64_t ld_o
   products_nt(q, ld, k, ld, w.s.data(), w);
   for (int64_t i = 0; i < N; ++i) {
     float* s = w.s.data() + i * w.ld_s;
-    const float m = scale * (scale >= 0.f ? row_max(s, N) : -row_max_neg(s, N));
-    const float l = exp_scaled(s, N, scale, m);
-    store_scaled_row(s, 1.f / l, w.p.data() + i * w.ld_a, N);
+    const float m = scale_and_max(s, N, w.ld_s, scale);
+    const float l = exp_sum(s, w.ld_s, m);
+    store_scaled_row(s, 1.f / l, w.p.data() + i * w.ld_a, w.ld_a);  // the padding column: 0
     lse[i] = m + std::log(l);
   }
   times_rows(w.p.data(), v, ld, o, ld_o, w);
@@ -313,20 +331,25 @@ template <typename T>
 void bwd_head(const T* q, const T* k, const T* v, int64_t ld, const T* o, const T* dout, int64_t ld_o, const float* lse,
               T* dq, T* dk, T* dv, int64_t ld_g, float scale, Work<T>& w) {
   const int64_t N = w.N, hd = w.hd, ld_s = w.ld_s, ld_a = w.ld_a;
-  for (int64_t i = 0; i < N; ++i) w.delta[i] = dot(dout + i * ld_o, o + i * ld_o, hd);
-  const float* delta = w.delta.data();
+  // Δ and lse over ld_s columns: past N, Δ = 0 and lse = +inf, so P and dS are 0 there.
+  float* delta = w.delta.data();
+  float* lse_p = w.lse.data();
+  for (int64_t i = 0; i < N; ++i) {
+    delta[i] = dot(dout + i * ld_o, o + i * ld_o, hd);
+    lse_p[i] = lse[i];
+  }
   products_nt(k, ld, q, ld, w.s.data(), w);        // Sᵀ
   products_nt(v, ld, dout, ld_o, w.dp.data(), w);  // dPᵀ
   for (int64_t j = 0; j < N; ++j) {
     float* pt = w.s.data() + j * ld_s;
     float* dpt = w.dp.data() + j * ld_s;
-    for (int64_t i = 0; i < N; ++i) {
-      const float e = rows::exp_fast(pt[i] * scale - lse[i]);
+    for (int64_t i = 0; i < ld_s; ++i) {
+      const float e = rows::exp_fast(pt[i] * scale - lse_p[i]);
       pt[i] = e;
       dpt[i] = e * (dpt[i] - delta[i]) * scale;
     }
-    store_row(pt, w.p.data() + j * ld_a, N);
-    store_row(dpt, w.ds.data() + j * ld_a, N);
+    store_row(pt, w.p.data() + j * ld_a, ld_a);
+    store_row(dpt, w.ds.data() + j * ld_a, ld_a);
   }
   times_rows(w.p.data(), dout, ld_o, dv, ld_g, w);  // dV = Pᵀ dO
   times_rows(w.ds.data(), q, ld, dk, ld_g, w);      // dK = dSᵀ Q

@@ -106,13 +106,48 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, /*add_C=*/false, a, b, c, vnni);
 }
 
-// The B operand of a product, K x N, from rows of a source with row stride ld: `rows_are_k`
-// (B[k][n] = src[k·ld + n]: V, dO, K, Q as the right factor) or not (B[k][n] = src[n·ld + k]: Kᵀ,
-// Vᵀ). VNNI: dst[k/2][n][k%2] with n < ldb, K padded with a zero row to even. Plain: dst[k][n].
-// Returns the pointer to pass as B (src itself where it already is plain B).
+// VNNI operands hold bf16 pairs along K as one 32-bit word: B[k][n], B[k+1][n] -> word n of pair
+// row k/2. The packers work on the bits (c10::BFloat16's copies do not vectorise).
+inline const uint16_t* bits(const bf16* p) {
+  return reinterpret_cast<const uint16_t*>(p);
+}
+
+// B[k][n] = src[k·ld + n] for k < K, 0 for K <= k < Kpad (Kpad even), n < N; columns up to ldb
+// stay as they are (zero from the buffer's start).
+void pack_rows_vnni(const bf16* src, int64_t ld, int64_t K, int64_t Kpad, int64_t N, int64_t ldb, bf16* dst) {
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t p = 0; p < Kpad / 2; ++p) {
+    uint32_t* row = out + p * ldb;
+    const int64_t k = 2 * p;
+    if (k + 1 < K) {
+      const uint16_t* r0 = bits(src + k * ld);
+      const uint16_t* r1 = bits(src + (k + 1) * ld);
+      for (int64_t n = 0; n < N; ++n) row[n] = static_cast<uint32_t>(r0[n]) | static_cast<uint32_t>(r1[n]) << 16;
+    } else if (k < K) {
+      const uint16_t* r0 = bits(src + k * ld);
+      for (int64_t n = 0; n < N; ++n) row[n] = r0[n];
+    } else {
+      std::fill(row, row + N, 0u);
+    }
+  }
+}
+
+// B[k][n] = src[n·ld + k] (K even: each pair is one word of a source row), n < N.
+void pack_cols_vnni(const bf16* src, int64_t ld, int64_t K, int64_t N, int64_t ldb, bf16* dst) {
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t n = 0; n < N; ++n) {
+    const bf16* row = src + n * ld;
+    for (int64_t p = 0; p < K / 2; ++p) std::memcpy(out + p * ldb + n, row + 2 * p, sizeof(uint32_t));
+  }
+}
+
+// The B operand of a product, K x N, from a source with row stride ld whose rows are k
+// (`rows_are_k`: V, dO, K, Q as right factors) or n (Kᵀ, Qᵀ, dOᵀ). VNNI (bf16): pairs along K
+// packed into dst (ldb words per pair row), K padded with zero rows to Kpad. Plain: rows-are-k
+// sources are read in place, the others transposed into dst. Returns B and sets its ldb.
 template <typename T>
-const T* operand_b(const T* src, int64_t ld, int64_t K, int64_t N, bool rows_are_k, bool vnni, int64_t ldb, T* dst,
-                   int64_t* ldb_out) {
+const T* operand_b(const T* src, int64_t ld, int64_t K, int64_t Kpad, int64_t N, bool rows_are_k, bool vnni,
+                   int64_t ldb, T* dst, int64_t* ldb_out) {
   if (!vnni && rows_are_k) {
     *ldb_out = ld;
     return src;
@@ -123,49 +158,24 @@ const T* operand_b(const T* src, int64_t ld, int64_t K, int64_t N, bool rows_are
       const T* row = src + n * ld;
       for (int64_t k = 0; k < K; ++k) dst[k * ldb + n] = row[k];
     }
-    return dst;
-  }
-  const int64_t pairs = (K + 1) / 2;
-  for (int64_t p = 0; p < pairs; ++p) std::fill(dst + (p * ldb + N) * 2, dst + (p + 1) * ldb * 2, T(0.f));
-  if (rows_are_k) {
-    for (int64_t p = 0; p < pairs; ++p) {
-      const T* r0 = src + (2 * p) * ld;
-      T* out = dst + p * ldb * 2;
-      if (2 * p + 1 < K) {
-        const T* r1 = r0 + ld;
-        for (int64_t n = 0; n < N; ++n) {
-          out[2 * n] = r0[n];
-          out[2 * n + 1] = r1[n];
-        }
-      } else {
-        for (int64_t n = 0; n < N; ++n) {
-          out[2 * n] = r0[n];
-          out[2 * n + 1] = T(0.f);
-        }
-      }
-    }
-  } else {
-    // Pairs along k are adjacent in each source row: copied as one word each.
-    for (int64_t n = 0; n < N; ++n) {
-      const T* row = src + n * ld;
-      for (int64_t p = 0; p < K / 2; ++p) std::memcpy(dst + (p * ldb + n) * 2, row + 2 * p, 2 * sizeof(T));
-      if (K % 2) {
-        dst[((K / 2) * ldb + n) * 2] = row[K - 1];
-        dst[((K / 2) * ldb + n) * 2 + 1] = T(0.f);
-      }
+  } else if constexpr (std::is_same_v<T, bf16>) {
+    if (rows_are_k) {
+      pack_rows_vnni(src, ld, K, Kpad, N, ldb, dst);
+    } else {
+      pack_cols_vnni(src, ld, K, N, ldb, dst);
     }
   }
   return dst;
 }
 
-// Rounds a row of fp32 to T (bf16: nearest even, by bits so the loop vectorises).
+// Rounds a row of fp32 to T (bf16: nearest even, by bits so the loop vectorises), times f.
 template <typename T>
-inline void store_row(const float* src, T* dst, int64_t n) {
+inline void store_row(const float* src, T* dst, int64_t n, float f = 1.f) {
   if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, src, sizeof(float) * n);
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * f;
   } else {
-    auto* bits = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t i = 0; i < n; ++i) bits[i] = rows::float_to_bf16_bits(src[i]);
+    auto* out = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) out[i] = rows::float_to_bf16_bits(src[i] * f);
   }
 }
 
@@ -205,29 +215,71 @@ inline float scale_and_max(float* s, int64_t n, int64_t ld, float scale) {
   return m;
 }
 
-// x ← exp(x − m) over ld columns (a multiple of kLanes); returns the sum.
-inline float exp_sum(float* x, int64_t ld, float m) {
-  float acc[rows::kLanes] = {};
-  for (int64_t j = 0; j < ld; j += rows::kLanes)
-    for (int64_t l = 0; l < rows::kLanes; ++l) {
-      const float e = rows::exp_fast(x[j + l] - m);
-      x[j + l] = e;
-      acc[l] += e;
-    }
+inline vfloat splat(float x) {
+  return vfloat{} + x;
+}
+
+using vuint = uint32_t __attribute__((vector_size(4 * rows::kLanes)));
+using vhalf = uint16_t __attribute__((vector_size(2 * rows::kLanes)));
+
+// 16 lanes of T from / to memory (bf16: by bits, nearest even, NaN kept, as rows.h rounds).
+template <typename T>
+inline vfloat load_t(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load_v(p);
+  } else {
+    vhalf h;
+    std::memcpy(&h, p, sizeof(h));
+    return (vfloat)(__builtin_convertvector(h, vuint) << 16);
+  }
+}
+template <typename T>
+inline void store_t(T* p, vfloat v) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_v(p, v);
+  } else {
+    const vuint u = (vuint)v;
+    vuint r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = v != v ? vuint{} + 0x7fc0u : r;
+    const vhalf h = __builtin_convertvector(r, vhalf);
+    std::memcpy(p, &h, sizeof(h));
+  }
+}
+
+// 2^t, 16 lanes: t = n + f with n = round(t), 2^f by Cephes' exp2f polynomial on [-0.5, 0.5]
+// (≈ 2 ulp), 2^n added to the exponent bits. t < −126 gives 0 (−inf too), NaN stays NaN. About
+// half the operations of rows::exp_fast: the scale by log2(e) folds into the caller's FMA.
+inline vfloat exp2_v(vfloat t) {
+  const vfloat tc = t < -127.f ? splat(-127.f) : t;
+  const vfloat y = tc + 12582912.f;  // 1.5·2^23: n lands in y's low mantissa bits
+  const vfloat f = tc - (y - 12582912.f);
+  vfloat p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  const vfloat e = (vfloat)((vint)p + ((vint)y << 23));
+  return t != t ? t : (t < -126.f ? splat(0.f) : e);
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// out ← exp(x − m) rounded to T, over ld columns (a multiple of kLanes); returns the sum of the
+// unrounded values.
+template <typename T>
+inline float exp_store(const float* x, int64_t ld, float m, T* out) {
+  vfloat acc = vfloat{};
+  const float mb = m * kLog2e;
+  for (int64_t j = 0; j < ld; j += rows::kLanes) {
+    const vfloat e = exp2_v(load_v(x + j) * kLog2e - mb);
+    store_t(out + j, e);
+    acc += e;
+  }
   float sum = 0.f;
   for (int64_t l = 0; l < rows::kLanes; ++l) sum += acc[l];
   return sum;
-}
-
-// dst = f · src, rounded to T.
-template <typename T>
-inline void store_scaled_row(const float* src, float f, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * f;
-  } else {
-    auto* bits = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t i = 0; i < n; ++i) bits[i] = rows::float_to_bf16_bits(src[i] * f);
-  }
 }
 
 template <typename T>
@@ -239,32 +291,46 @@ inline float as_float(T x) {
   }
 }
 
-// Per-thread buffers of one (image, head) task. ld_s: fp32 rows of N scores (and the N of the
-// products with N output columns); ld_a: rows of P / dSᵀ / Kᵀ as A operands, which is also the K
-// of the products reducing over tokens (even, its padding column zero, for VNNI); ldb_d: B
-// operands and outputs head_dim wide.
+// AMX multiplies bf16 in K blocks of 32: a product whose K is not a multiple of 32 runs its tail
+// through a second tile configuration, ~2x slower in all at K = 197 (measured, oneDNN 3.12).
+constexpr int64_t kTileK = 32;
+
+// Per-thread buffers of one (image, head) task.
+//   ld_s: fp32 score rows (N rounded up to 16), also the N of products with N output columns;
+//   kn:   K of the products reducing over tokens (P·V, Pᵀ·dO, dSᵀ·Q, Kᵀ·dSᵀ): N, or N rounded up
+//         to kTileK with zero padding for VNNI; also the row length of their A operands;
+//   mp:   rows of every product's A and C buffers: N, or N rounded up to 16 for VNNI (AMX works
+//         on 16-row tiles; a row tail costs like a whole second product, measured at N = 197);
+//   la:   row stride of those A operands (at least ld_s, so whole 16-lane blocks fit a row);
+//   ldb_d: B operands and outputs head_dim wide.
 template <typename T>
 struct Work {
-  int64_t N, hd, ld_s, ld_a, ldb_d;
+  int64_t N, hd, ld_s, kn, la, mp, hp, ldb_d;
   bool vnni;
-  std::vector<float> s, dp, c, cq, delta, lse;
-  std::vector<T> p, ds, ds_b, kt, b;
+  std::vector<float> s, dp, c, cq, delta, lse, inv;
+  std::vector<T> p, ds, ds_b, kt, b, a_tail;
   Work(int64_t N_, int64_t hd_, bool vnni_, bool backward) : N(N_), hd(hd_), vnni(vnni_) {
     ld_s = round_up(N, 16);
-    ld_a = vnni ? round_up(N, 2) : N;
+    kn = vnni ? round_up(N, kTileK) : N;
+    la = std::max(kn, ld_s);
+    mp = vnni ? round_up(N, 16) : N;
+    hp = vnni ? round_up(hd, 16) : hd;
     ldb_d = round_up(hd, 16);
-    s.resize(N * ld_s);
-    c.resize(N * ldb_d);
-    p.assign(N * ld_a, T(0.f));  // padding columns stay zero
-    b.assign(std::max(round_up(hd, 2) * ld_s, ld_a * ldb_d), T(0.f));
+    s.resize(mp * ld_s);
+    c.resize(mp * ldb_d);
+    inv.resize(N);
+    // Padding rows and columns of the A operands below stay zero: only [N, N] / [hd, N] is written.
+    p.assign(mp * la, T(0.f));
+    b.assign(std::max(round_up(hd, 2) * ld_s, kn * ldb_d), T(0.f));
+    a_tail.assign(16 * hd, T(0.f));
     if (backward) {
-      dp.assign(N * ld_s, 0.f);  // the plain layout leaves columns past N unwritten: keep them 0
-      cq.resize(hd * ld_s);
+      dp.assign(mp * ld_s, 0.f);  // the plain layout leaves columns past N unwritten: keep them 0
+      cq.resize(hp * ld_s);
       delta.assign(ld_s, 0.f);
       lse.assign(ld_s, std::numeric_limits<float>::infinity());
-      ds.assign(N * ld_a, T(0.f));
-      ds_b.assign(ld_a * ld_s, T(0.f));  // dSᵀ as a B operand (VNNI), padding rows/columns zero
-      kt.assign(hd * ld_a, T(0.f));
+      ds.assign(mp * la, T(0.f));
+      ds_b.assign(kn * ld_s, T(0.f));
+      kt.assign(hp * la, T(0.f));
     }
   }
   // N of a product with n output columns: oneDNN's AMX kernels run a column tail ~10x slower than
@@ -273,28 +339,40 @@ struct Work {
   int64_t cols(int64_t n) const { return vnni ? round_up(n, 16) : n; }
 };
 
+// C = A·B for A = N rows of qkv or dO read in place (row stride lda, K = hd): whole 16-row tiles
+// in place, the last N % 16 rows from a zero-padded copy (reading past row N would leave the
+// tensor), so that C's rows up to mp are written.
+template <typename T>
+void gemm_rows_in_place(int64_t ncols, const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
+                        Work<T>& w) {
+  const int64_t whole = w.vnni ? w.N / 16 * 16 : w.N;
+  if (whole > 0) gemm(whole, ncols, w.hd, a, lda, b, ldb, c, ldc, w.vnni);
+  if (whole == w.N) return;
+  for (int64_t r = 0; r < w.N - whole; ++r)
+    std::memcpy(w.a_tail.data() + r * w.hd, a + (whole + r) * lda, sizeof(T) * w.hd);
+  gemm(16, ncols, w.hd, w.a_tail.data(), w.hd, b, ldb, c + whole * ldc, ldc, w.vnni);
+}
+
 // S = X Yᵀ (fp32, [N, ld_s]) for X, Y [N, hd] rows (Q Kᵀ, K Qᵀ, V dOᵀ).
 template <typename T>
 void products_nt(const T* x, int64_t ld_x, const T* y, int64_t ld_y, float* out, Work<T>& w) {
   int64_t ldb;
-  const T* by = operand_b(y, ld_y, w.hd, w.N, /*rows_are_k=*/false, w.vnni, w.ld_s, w.b.data(), &ldb);
-  gemm(w.N, w.cols(w.N), w.hd, x, ld_x, by, ldb, out, w.ld_s, w.vnni);
+  const T* by = operand_b(y, ld_y, w.hd, w.hd, w.N, /*rows_are_k=*/false, w.vnni, w.ld_s, w.b.data(), &ldb);
+  gemm_rows_in_place(w.cols(w.N), x, ld_x, by, ldb, out, w.ld_s, w);
 }
 
-// out = A · X for X one of qkv's parts or dO ([N, hd] rows of stride ld) and A [N, ld_a], rounded
-// into out (row stride ld_out).
+// out = diag(f) · A · X for X one of qkv's parts or dO ([N, hd] rows of stride ld) and A [mp, kn],
+// rounded into out (row stride ld_out); f = 1 when absent.
 template <typename T>
-void times_rows(const T* a, const T* x, int64_t ld, T* out, int64_t ld_out, Work<T>& w) {
+void times_rows(const T* a, const T* x, int64_t ld, T* out, int64_t ld_out, Work<T>& w, const float* f = nullptr) {
   int64_t ldb;
-  const T* bx = operand_b(x, ld, w.N, w.hd, /*rows_are_k=*/true, w.vnni, w.ldb_d, w.b.data(), &ldb);
-  if constexpr (std::is_same_v<T, float>) {
-    gemm(w.N, w.hd, w.N, a, w.ld_a, bx, ldb, out, ld_out, false);
-  } else {
-    gemm(w.N, w.cols(w.hd), w.ld_a, a, w.ld_a, bx, ldb, w.c.data(), w.ldb_d, w.vnni);
-    for (int64_t i = 0; i < w.N; ++i) store_row(w.c.data() + i * w.ldb_d, out + i * ld_out, w.hd);
-  }
+  const T* bx = operand_b(x, ld, w.N, w.kn, w.hd, /*rows_are_k=*/true, w.vnni, w.ldb_d, w.b.data(), &ldb);
+  gemm(w.mp, w.cols(w.hd), w.kn, a, w.la, bx, ldb, w.c.data(), w.ldb_d, w.vnni);
+  for (int64_t i = 0; i < w.N; ++i) store_row(w.c.data() + i * w.ldb_d, out + i * ld_out, w.hd, f ? f[i] : 1.f);
 }
 
+// The forward keeps P unnormalised (exp(scale·S − max) rounded to T) and divides O's rows by the
+// row sums instead: N x hd multiplications rather than N x N.
 template <typename T>
 void fwd_head(const T* q, const T* k, const T* v, int64_t ld, T* o, int64_t ld_o, float* lse, float scale, Work<T>& w) {
   const int64_t N = w.N;
@@ -302,24 +380,47 @@ void fwd_head(const T* q, const T* k, const T* v, int64_t ld, T* o, int64_t ld_o
   for (int64_t i = 0; i < N; ++i) {
     float* s = w.s.data() + i * w.ld_s;
     const float m = scale_and_max(s, N, w.ld_s, scale);
-    const float l = exp_sum(s, w.ld_s, m);
-    store_scaled_row(s, 1.f / l, w.p.data() + i * w.ld_a, w.ld_a);  // the padding column: 0
+    const float l = exp_store(s, w.ld_s, m, w.p.data() + i * w.la);
+    w.inv[i] = 1.f / l;
     lse[i] = m + std::log(l);
   }
-  times_rows(w.p.data(), v, ld, o, ld_o, w);
+  times_rows(w.p.data(), v, ld, o, ld_o, w, w.inv.data());
 }
 
-// Σ_d a[d]·b[d] in fp32 (kLanes partial sums, so the loop vectorises).
+// Σ_d a[d]·b[d] in fp32.
 template <typename T>
 float dot(const T* a, const T* b, int64_t n) {
-  float acc[rows::kLanes] = {};
+  vfloat acc = vfloat{};
   int64_t i = 0;
-  for (; i + rows::kLanes <= n; i += rows::kLanes)
-    for (int64_t l = 0; l < rows::kLanes; ++l) acc[l] += as_float(a[i + l]) * as_float(b[i + l]);
-  for (; i < n; ++i) acc[0] += as_float(a[i]) * as_float(b[i]);
+  for (; i + rows::kLanes <= n; i += rows::kLanes) acc += load_t(a + i) * load_t(b + i);
   float sum = 0.f;
   for (int64_t l = 0; l < rows::kLanes; ++l) sum += acc[l];
+  for (; i < n; ++i) sum += as_float(a[i]) * as_float(b[i]);
   return sum;
+}
+
+// dst[d][j] = src[j·ld + d] for j < rows, d < cols (dst row stride ld_dst), in 16 x 16 blocks.
+template <typename T>
+void transpose_rows(const T* src, int64_t ld, int64_t rows_n, int64_t cols, T* dst, int64_t ld_dst) {
+  for (int64_t j0 = 0; j0 < rows_n; j0 += 16)
+    for (int64_t d0 = 0; d0 < cols; d0 += 16) {
+      const int64_t je = std::min(rows_n, j0 + 16), de = std::min(cols, d0 + 16);
+      for (int64_t j = j0; j < je; ++j)
+        for (int64_t d = d0; d < de; ++d) dst[d * ld_dst + j] = src[j * ld + d];
+    }
+}
+
+// out[i·ld_out + d] = src[d·ld + i] rounded to T, for d < rows, i < cols, in 16 x 16 blocks.
+template <typename T>
+void store_transposed(const float* src, int64_t ld, int64_t rows_n, int64_t cols, T* out, int64_t ld_out) {
+  float tile[16][16];
+  for (int64_t d0 = 0; d0 < rows_n; d0 += 16)
+    for (int64_t i0 = 0; i0 < cols; i0 += 16) {
+      const int64_t de = std::min(rows_n, d0 + 16) - d0, ie = std::min(cols, i0 + 16) - i0;
+      for (int64_t d = 0; d < de; ++d)
+        for (int64_t i = 0; i < 16; ++i) tile[i][d] = src[(d0 + d) * ld + i0 + i];
+      for (int64_t i = 0; i < ie; ++i) store_row(tile[i], out + (i0 + i) * ld_out + d0, de);
+    }
 }
 
 // The backward works on the transposed scores, one key row j at a time, so that the two products
@@ -330,55 +431,37 @@ float dot(const T* a, const T* b, int64_t n) {
 template <typename T>
 void bwd_head(const T* q, const T* k, const T* v, int64_t ld, const T* o, const T* dout, int64_t ld_o, const float* lse,
               T* dq, T* dk, T* dv, int64_t ld_g, float scale, Work<T>& w) {
-  const int64_t N = w.N, hd = w.hd, ld_s = w.ld_s, ld_a = w.ld_a;
+  const int64_t N = w.N, hd = w.hd, ld_s = w.ld_s, kn = w.kn, la = w.la;
   // Δ and lse over ld_s columns: past N, Δ = 0 and lse = +inf, so P and dS are 0 there.
+  // (lse in log2 units, as exp2_v takes it.)
   float* delta = w.delta.data();
-  float* lse_p = w.lse.data();
+  float* lse2 = w.lse.data();
   for (int64_t i = 0; i < N; ++i) {
     delta[i] = dot(dout + i * ld_o, o + i * ld_o, hd);
-    lse_p[i] = lse[i];
+    lse2[i] = lse[i] * kLog2e;
   }
   products_nt(k, ld, q, ld, w.s.data(), w);        // Sᵀ
   products_nt(v, ld, dout, ld_o, w.dp.data(), w);  // dPᵀ
+  const float scale2 = scale * kLog2e;
   for (int64_t j = 0; j < N; ++j) {
-    float* pt = w.s.data() + j * ld_s;
-    float* dpt = w.dp.data() + j * ld_s;
-    for (int64_t i = 0; i < ld_s; ++i) {
-      const float e = rows::exp_fast(pt[i] * scale - lse_p[i]);
-      pt[i] = e;
-      dpt[i] = e * (dpt[i] - delta[i]) * scale;
+    const float* pt = w.s.data() + j * ld_s;
+    const float* dpt = w.dp.data() + j * ld_s;
+    T* p_row = w.p.data() + j * la;
+    T* ds_row = w.ds.data() + j * la;
+    for (int64_t i = 0; i < ld_s; i += rows::kLanes) {
+      const vfloat e = exp2_v(load_v(pt + i) * scale2 - load_v(lse2 + i));
+      store_t(p_row + i, e);
+      store_t(ds_row + i, e * (load_v(dpt + i) - load_v(delta + i)) * scale);
     }
-    store_row(pt, w.p.data() + j * ld_a, ld_a);
-    store_row(dpt, w.ds.data() + j * ld_a, ld_a);
   }
   times_rows(w.p.data(), dout, ld_o, dv, ld_g, w);  // dV = Pᵀ dO
   times_rows(w.ds.data(), q, ld, dk, ld_g, w);      // dK = dSᵀ Q
-  // dQᵀ = Kᵀ dSᵀ: A = Kᵀ [hd, ld_a], B = dSᵀ [tokens j, queries i].
-  for (int64_t j = 0; j < N; ++j)
-    for (int64_t d = 0; d < hd; ++d) w.kt[d * ld_a + j] = k[j * ld + d];
-  const T* b = w.ds.data();
-  int64_t ldb = ld_a;
-  if (w.vnni) {  // pairs of key rows interleaved: ds_b[j/2][i][j%2]
-    T* out = w.ds_b.data();
-    for (int64_t j = 0; j < N; j += 2) {
-      const float* r0 = w.dp.data() + j * ld_s;
-      T* dst = out + (j / 2) * ld_s * 2;
-      if (j + 1 < N) {
-        const float* r1 = r0 + ld_s;
-        for (int64_t i = 0; i < N; ++i) {
-          dst[2 * i] = T(r0[i]);
-          dst[2 * i + 1] = T(r1[i]);
-        }
-      } else {
-        for (int64_t i = 0; i < N; ++i) dst[2 * i] = T(r0[i]);
-      }
-    }
-    b = out;
-    ldb = ld_s;
-  }
-  gemm(hd, w.cols(N), ld_a, w.kt.data(), ld_a, b, ldb, w.cq.data(), ld_s, w.vnni);
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t d = 0; d < hd; ++d) dq[i * ld_g + d] = T(w.cq[d * ld_s + i]);
+  // dQᵀ = Kᵀ dSᵀ: A = Kᵀ [hp, kn], B = dSᵀ [tokens j, queries i].
+  transpose_rows(k, ld, N, hd, w.kt.data(), la);
+  int64_t ldb;
+  const T* b = operand_b(w.ds.data(), la, N, kn, N, /*rows_are_k=*/true, w.vnni, ld_s, w.ds_b.data(), &ldb);
+  gemm(w.hp, w.cols(N), kn, w.kt.data(), la, b, ldb, w.cq.data(), ld_s, w.vnni);
+  store_transposed(w.cq.data(), ld_s, hd, N, dq, ld_g);
 }
 
 void check_dtype(const at::Tensor& qkv) {

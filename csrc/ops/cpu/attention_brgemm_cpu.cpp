@@ -4,18 +4,20 @@
 // otherwise; where oneDNN's micro-kernels are not available, brgemm runs a plain BLAS GEMM. No
 // compile flag of this file selects an instruction set.
 //
-// Same contract and arithmetic as attention_cpu.cpp's bf16 kernel: qkv read in place, one (image,
-// head) per task with the whole N x N block in the thread's cache, S = QKᵀ and dP = dO·Vᵀ in fp32,
-// P and dS rounded to the input dtype only as GEMM operands, only lse saved:
-//   forward : S = QKᵀ; lse = logsumexp(scale·S); P = exp(scale·S − lse); O = P·V
-//   backward: P from lse; dP = dO·Vᵀ; Δ = rowsum(dO ⊙ O); dS = P ⊙ (dP − Δ)·scale;
-//             dV = Pᵀ·dO; dQ = dS·K; dK = dSᵀ·Q
-// bf16 and fp32 (every GEMM's second operand B is copied once per head into the layout brgemm
-// reads: VNNI pairs [K/2][N][2] for bf16 where the micro-kernels take them, plain [K][N]
-// otherwise, the copy skipped where qkv's own rows already are B).
+// Same contract as attention_cpu.cpp: qkv read in place, one (image, head) per task with the
+// whole N x N block in the thread's cache, S = QKᵀ and dP = dO·Vᵀ in fp32, P and dS rounded to the
+// input dtype only as GEMM operands, only lse saved:
+//   forward : S = QKᵀ; m = max(scale·S); P̃ = exp(scale·S − m); l = rowsum(P̃); O = (P̃·V) / l;
+//             lse = m + log(l)
+//   backward: Sᵀ = K·Qᵀ; Pᵀ = exp(scale·Sᵀ − lse); dPᵀ = V·dOᵀ; Δ = rowsum(dO ⊙ O);
+//             dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)·scale; dV = Pᵀ·dO; dK = dSᵀ·Q; dQᵀ = Kᵀ·dSᵀ
+// bf16 and fp32. Every product's second operand B is copied once per head into the layout brgemm
+// reads: VNNI pairs [K/2][N][2] for bf16 where its micro-kernels take them, plain [K][N]
+// otherwise (read in place where qkv's own rows already are B). Products run in whole AMX tiles
+// (16 rows, 16 columns, K of 32 for the reductions over tokens), padding with zeros.
 //
-// brgemm exists from torch 2.6 (the package's floor) with this signature; without it the ops are
-// not registered and attention_brgemm_available() is false, so the Python side never offers this
+// brgemm exists with this signature from torch 2.6 (the package's floor); with an older torch the
+// ops are not registered and attention_brgemm_layout() is "", so the Python side never offers this
 // path.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

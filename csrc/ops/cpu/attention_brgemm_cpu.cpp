@@ -45,6 +45,7 @@
 #pragma GCC target("prefer-vector-width=512")
 #endif
 #include "liftplus_fast/rows.h"
+#include "liftplus_fast/vec.h"
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
 #define LPF_HAS_BRGEMM 1
@@ -57,6 +58,11 @@ namespace {
 
 using attention::Geometry;
 using bf16 = c10::BFloat16;
+using vec::kLog2e;
+using vec::load_t;
+using vec::store_t;
+using vec::vfloat;
+using vec::vint;
 
 inline int64_t round_up(int64_t x, int64_t m) {
   return (x + m - 1) / m * m;
@@ -184,89 +190,22 @@ inline void store_row(const float* src, T* dst, int64_t n, float f = 1.f) {
 // Rows of scores are ld_s = round_up(N, 16) floats: the loops below run over whole 16-lane
 // blocks, the columns past N made neutral (−inf before exp, 0 after) instead of a scalar tail,
 // which at N = 197 would cost as much as the 12 full blocks of a row.
-using vfloat = float __attribute__((vector_size(4 * rows::kLanes)));
-using vint = int32_t __attribute__((vector_size(4 * rows::kLanes)));
-
-inline vfloat load_v(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store_v(float* p, vfloat v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-inline vint lane_index() {
-  vint v;
-  for (int l = 0; l < rows::kLanes; ++l) v[l] = l;
-  return v;
-}
-
+//
 // s ← scale·s for columns < n, −inf for n ≤ column < ld (a multiple of kLanes); returns the max.
 inline float scale_and_max(float* s, int64_t n, int64_t ld, float scale) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const vint lanes = lane_index();
+  const vint lanes = vec::lane_index();
   vfloat mx = vfloat{} - kInf;
-  for (int64_t j = 0; j < ld; j += rows::kLanes) {
-    vfloat v = load_v(s + j) * scale;
+  for (int64_t j = 0; j < ld; j += vec::kLanes) {
+    vfloat v = vec::load(s + j) * scale;
     v = (lanes + static_cast<int32_t>(j)) < static_cast<int32_t>(n) ? v : vfloat{} - kInf;
-    store_v(s + j, v);
+    vec::store(s + j, v);
     mx = v > mx ? v : mx;
   }
   float m = -kInf;
-  for (int l = 0; l < rows::kLanes; ++l) m = mx[l] > m ? mx[l] : m;
+  for (int l = 0; l < vec::kLanes; ++l) m = mx[l] > m ? mx[l] : m;
   return m;
 }
-
-inline vfloat splat(float x) {
-  return vfloat{} + x;
-}
-
-using vuint = uint32_t __attribute__((vector_size(4 * rows::kLanes)));
-using vhalf = uint16_t __attribute__((vector_size(2 * rows::kLanes)));
-
-// 16 lanes of T from / to memory (bf16: by bits, nearest even, NaN kept, as rows.h rounds).
-template <typename T>
-inline vfloat load_t(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return load_v(p);
-  } else {
-    vhalf h;
-    std::memcpy(&h, p, sizeof(h));
-    return (vfloat)(__builtin_convertvector(h, vuint) << 16);
-  }
-}
-template <typename T>
-inline void store_t(T* p, vfloat v) {
-  if constexpr (std::is_same_v<T, float>) {
-    store_v(p, v);
-  } else {
-    const vuint u = (vuint)v;
-    vuint r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    r = v != v ? vuint{} + 0x7fc0u : r;
-    const vhalf h = __builtin_convertvector(r, vhalf);
-    std::memcpy(p, &h, sizeof(h));
-  }
-}
-
-// 2^t, 16 lanes: t = n + f with n = round(t), 2^f by Cephes' exp2f polynomial on [-0.5, 0.5]
-// (≈ 2 ulp), 2^n added to the exponent bits. t < −126 gives 0 (−inf too), NaN stays NaN. About
-// half the operations of rows::exp_fast: the scale by log2(e) folds into the caller's FMA.
-inline vfloat exp2_v(vfloat t) {
-  const vfloat tc = t < -127.f ? splat(-127.f) : t;
-  const vfloat y = tc + 12582912.f;  // 1.5·2^23: n lands in y's low mantissa bits
-  const vfloat f = tc - (y - 12582912.f);
-  vfloat p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  const vfloat e = (vfloat)((vint)p + ((vint)y << 23));
-  return t != t ? t : (t < -126.f ? splat(0.f) : e);
-}
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 // out ← exp(x − m) rounded to T, over ld columns (a multiple of kLanes); returns the sum of the
 // unrounded values.
@@ -274,14 +213,12 @@ template <typename T>
 inline float exp_store(const float* x, int64_t ld, float m, T* out) {
   vfloat acc = vfloat{};
   const float mb = m * kLog2e;
-  for (int64_t j = 0; j < ld; j += rows::kLanes) {
-    const vfloat e = exp2_v(load_v(x + j) * kLog2e - mb);
+  for (int64_t j = 0; j < ld; j += vec::kLanes) {
+    const vfloat e = vec::exp2(vec::load(x + j) * kLog2e - mb);
     store_t(out + j, e);
     acc += e;
   }
-  float sum = 0.f;
-  for (int64_t l = 0; l < rows::kLanes; ++l) sum += acc[l];
-  return sum;
+  return vec::sum(acc);
 }
 
 template <typename T>
@@ -394,9 +331,8 @@ template <typename T>
 float dot(const T* a, const T* b, int64_t n) {
   vfloat acc = vfloat{};
   int64_t i = 0;
-  for (; i + rows::kLanes <= n; i += rows::kLanes) acc += load_t(a + i) * load_t(b + i);
-  float sum = 0.f;
-  for (int64_t l = 0; l < rows::kLanes; ++l) sum += acc[l];
+  for (; i + vec::kLanes <= n; i += vec::kLanes) acc += load_t(a + i) * load_t(b + i);
+  float sum = vec::sum(acc);
   for (; i < n; ++i) sum += as_float(a[i]) * as_float(b[i]);
   return sum;
 }
@@ -450,10 +386,10 @@ void bwd_head(const T* q, const T* k, const T* v, int64_t ld, const T* o, const 
     const float* dpt = w.dp.data() + j * ld_s;
     T* p_row = w.p.data() + j * la;
     T* ds_row = w.ds.data() + j * la;
-    for (int64_t i = 0; i < ld_s; i += rows::kLanes) {
-      const vfloat e = exp2_v(load_v(pt + i) * scale2 - load_v(lse2 + i));
+    for (int64_t i = 0; i < ld_s; i += vec::kLanes) {
+      const vfloat e = vec::exp2(vec::load(pt + i) * scale2 - vec::load(lse2 + i));
       store_t(p_row + i, e);
-      store_t(ds_row + i, e * (load_v(dpt + i) - load_v(delta + i)) * scale);
+      store_t(ds_row + i, e * (vec::load(dpt + i) - vec::load(delta + i)) * scale);
     }
   }
   times_rows(w.p.data(), dout, ld_o, dv, ld_g, w);  // dV = Pᵀ dO

@@ -57,7 +57,8 @@ def _time_forms(rows: int = 2 * 197, width: int = 768) -> Dict[str, float]:
     def run(form):
         return lambda: form(x, w, b, 1e-5).backward(grad)
 
-    return choices.best_seconds({"fused": run(_mixed), "cast": run(_cast)})
+    # Under a millisecond each: ten rounds, so that a preempted round cannot decide.
+    return choices.best_seconds({"fused": run(_mixed), "cast": run(_cast)}, rounds=10)
 
 
 def _decide():

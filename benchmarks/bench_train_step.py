@@ -35,6 +35,7 @@ import common  # noqa: E402
 
 from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
 from liftplus_fast.files import atomic_write_json  # noqa: E402
+from liftplus_fast.ops import choices  # noqa: E402
 from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
 from liftplus_fast.ops.gemm import cpu_bf16_gemm_path, cpu_has_bf16_units  # noqa: E402
 from liftplus_fast.train_loop import TrainStep, make_optimizer  # noqa: E402
@@ -231,6 +232,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B = 8, K = 100 only (a few minutes)")
     parser.add_argument("--smoke", action="store_true", help="tiny ViT (seconds)")
+    parser.add_argument(
+        "--case",
+        action="append",
+        metavar="B,K",
+        help="ViT-B/16 cases to run instead (batch B, K classes), e.g. --case 8,100 --case 32,100",
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="profile table of the fast bf16 step")
@@ -247,7 +254,14 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.smoke:
+    if args.case:
+        try:
+            shapes = [("ViT-B-16", 224, *(int(v) for v in c.split(","))) for c in args.case]
+        except ValueError:
+            parser.error(f"--case takes B,K (two integers); got {args.case}")
+        if any(len(sh) != 4 for sh in shapes):
+            parser.error(f"--case takes B,K (two integers); got {args.case}")
+    elif args.smoke:
         shapes = [("tiny_vit", 32, 4, 10)]
     elif args.quick:
         shapes = [("ViT-B-16", 224, 8, 100)]
@@ -265,6 +279,10 @@ def main(argv=None):
         f"fast_bf16 GEMMs: {fast_path['path']} ({fast_path['why']})"
     )
     native_bf16 = fast_path["path"] == "native"
+    # What the fast candidates run on this machine (each op's measured choice, ops/choices.py).
+    decided = choices.table()
+    for name, d in decided.items():
+        print(f"  {name}: {d['option']} ({d['why']})")
     if not bf16_units:
         # The bf16 reference candidates run PyTorch's bf16 GEMMs, which this CPU emulates ~30x
         # slower than fp32 (a ViT-B/16 step at B = 32 would take ~20 min): they are measured in
@@ -284,6 +302,7 @@ def main(argv=None):
         row = {
             "case": case.name,
             "fast_bf16_gemms": fast_path,
+            "choices": decided,
             "s": med,
             "images_per_s": {n: batch / t for n, t in med.items()},
             "peak_mb": {n: m / 2**20 for n, m in mem.items()},

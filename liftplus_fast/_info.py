@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .ops import choices
 from .ops._dispatch import describe, requested_backend, triton_usable
 from .ops._native import cpu_capability, native_status
 from .ops.gemm import cpu_bf16_gemm_path
@@ -20,7 +21,10 @@ def backend_info() -> dict:
     on this CPU or as fp32 GEMMs of bf16 values, and why; measured on first use, see
     :mod:`liftplus_fast.ops.gemm`) and ``ops``: for each op the backend used for
     CPU and for CUDA tensors, its implementations and, under ``notes``, why an op runs another
-    backend than the forced one (that backend does not implement it).
+    backend than the forced one (that backend does not implement it); ``choices`` (for each
+    measured choice of a CPU implementation, e.g. ``half_gemm``, ``attention_bf16``: the option
+    that runs and why; those not made yet are made now, timing their options, see
+    :mod:`liftplus_fast.ops.choices`).
     """
     status = native_status()
     return {
@@ -31,5 +35,6 @@ def backend_info() -> dict:
         "triton": {dev: triton_usable(dev)[0] for dev in ("cuda", "cpu")},
         "cpu_capability": cpu_capability(),
         "cpu_bf16_gemm": cpu_bf16_gemm_path(),
+        "choices": choices.table(),
         "ops": describe(),
     }

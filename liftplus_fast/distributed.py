@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CollectiveTimeoutError, ProcessLostError, UserInputError
-from .ops import gemm
+from .ops import choices
 
 __all__ = [
     "CollectiveTimeoutError",
@@ -139,14 +139,16 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
-    def agree_on_cpu_bf16_path(self) -> None:
-        """Make every process take rank 0's bf16 GEMM path on CPU (``ops.gemm``): each would
-        otherwise measure its own, and processes sharing a machine can measure differently."""
+    def agree_on_choices(self) -> None:
+        """Make every process take rank 0's measured choices of CPU implementations
+        (``ops.choices``: bf16 GEMM path, attention, LayerNorm, bias + GELU): each would otherwise
+        time its own, and processes sharing a machine can time differently. Rank 0 makes every
+        choice not made yet."""
         if not self.enabled:
             return
-        choice = [gemm.cpu_bf16_gemm_path() if self.is_main else None]
-        dist.broadcast_object_list(choice, src=0)
-        gemm.use_cpu_bf16_gemm_path(choice[0])
+        table = [choices.table() if self.is_main else None]
+        dist.broadcast_object_list(table, src=0)
+        choices.adopt(table[0])
 
 
 def _env_int(name: str, default: int) -> int:

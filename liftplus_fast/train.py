@@ -48,6 +48,7 @@ from .evaluate import evaluate, format_accuracy
 from .files import atomic_write_json
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .model.inits import FEATURE_INITS
+from .ops import choices
 from .ops._native import cpu_capability_line
 from .ops.gemm import cpu_bf16_gemm_path
 from .options import key_value_pairs
@@ -324,8 +325,8 @@ def _start_run(cfg: LiftConfig, ctx: DistContext) -> torch.device:
     device = ctx.device(resolve_device(cfg.device))
     if cfg.test_only and not cfg.zero_shot:
         logger.info("test_only: evaluating the tuner in %s; results in %s", cfg.model_dir, cfg.output_dir)
-    if ctx.enabled and device.type == "cpu" and {cfg.prec_train, cfg.prec_test} != {"fp32"}:
-        ctx.agree_on_cpu_bf16_path()  # one GEMM path for every process (ops/gemm.py)
+    if ctx.enabled and device.type == "cpu":
+        ctx.agree_on_choices()  # one implementation of each op for every process (ops/choices.py)
     logger.info(
         "liftplus_fast: %s on %s, backbone %s, method %s, device %s, precision train %s / test %s",
         cfg.dataset,
@@ -338,6 +339,8 @@ def _start_run(cfg: LiftConfig, ctx: DistContext) -> torch.device:
     )
     if device.type == "cpu":
         logger.info("CPU kernels: %s", cpu_capability_line())
+        for name, decided in choices.table().items():
+            logger.info("CPU implementation of %s: %s (%s)", name, decided["option"], decided["why"])
     if ctx.enabled:
         logger.info("data-parallel over %d processes (%s)", ctx.world_size, torch.distributed.get_backend())
     return device

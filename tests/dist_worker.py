@@ -83,12 +83,13 @@ def main(out_dir: str) -> None:
     result["train_images"] = run.history[0]["images"]
     result["group_alive"] = torch.distributed.is_initialized()
 
-    # 5. One bf16 GEMM path for every process: rank 0's, whatever each measured.
-    from liftplus_fast.ops import gemm
+    # 5. One implementation of each op for every process: rank 0's, whatever each measured.
+    from liftplus_fast.ops import choices
 
-    gemm.use_cpu_bf16_gemm_path({"path": "native" if ctx.rank else "fp32", "why": f"rank {ctx.rank}"})
-    ctx.agree_on_cpu_bf16_path()
-    result["bf16_path"] = gemm.cpu_bf16_gemm_path()
+    own = "native" if ctx.rank else "fp32"
+    choices.adopt({"half_gemm": {"option": own, "why": f"rank {ctx.rank}"}})
+    ctx.agree_on_choices()
+    result["choices"] = choices.table()
 
     torch.save(result, os.path.join(out_dir, f"rank{ctx.rank}.pt"))
     D.shutdown_distributed(ctx)

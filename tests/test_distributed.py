@@ -86,8 +86,10 @@ def test_fast_train_gives_every_process_the_same_tuner_and_metrics(worker_result
     assert a["group_alive"] and b["group_alive"]
 
 
-def test_every_process_takes_rank_0s_bf16_gemm_path(worker_results):
-    assert [r["bf16_path"] for r in worker_results] == [{"path": "fp32", "why": "rank 0"}] * 2
+def test_every_process_takes_rank_0s_measured_choices(worker_results):
+    rank0, rank1 = (r["choices"] for r in worker_results)
+    assert rank0["half_gemm"] == rank1["half_gemm"] == {"option": "fp32", "why": "rank 0"}
+    assert rank0 == rank1 and {"attention_bf16", "attention_fp32", "layer_norm_bf16"} <= set(rank0)
 
 
 def test_torchrun_cli_trains_writes_once_and_reloads(tmp_path):

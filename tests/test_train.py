@@ -36,6 +36,10 @@ def test_outputs_and_metrics(two_epoch_run):
     assert len(m["per_class"]) == 10 and 0.0 <= m["overall"] <= 100.0
     assert r.timings["train_s"] > 0 and r.timings["test_s"] > 0
     assert [h["epoch"] for h in r.history] == [1, 2]
+    # The log says which implementation of each measured choice ran on this CPU, and why.
+    log = open(os.path.join(r.output_dir, "log.txt")).read()
+    for name in ("half_gemm", "attention_bf16", "attention_fp32", "bias_gelu_bf16", "layer_norm_bf16"):
+        assert f"CPU implementation of {name}: " in log, name
     # The default mixed precision (bf16 autocast on CPU) trains with finite losses.
     assert r.config.prec_train == "amp" and all(h["loss"] == h["loss"] and h["loss"] < 1e3 for h in r.history)
     saved = json.load(open(os.path.join(r.output_dir, "metrics.json")))
@@ -130,11 +134,11 @@ def test_a_given_config_is_not_changed_by_the_run():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_the_log_says_how_half_precision_runs_on_this_cpu(monkeypatch, native):
-    from liftplus_fast.ops import gemm
+    from liftplus_fast.ops import choices
     from liftplus_fast.train import _precision_label
 
-    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", native)
-    monkeypatch.setattr(gemm, "_CPU_BF16_WHY", "the reason measured")
+    monkeypatch.setitem(choices._OPTION, "half_gemm", "native" if native else "fp32")
+    monkeypatch.setitem(choices._WHY, "half_gemm", "the reason measured")
     cpu = torch.device("cpu")
     assert _precision_label(cpu, "fp32") == "fp32"
     label = _precision_label(cpu, "amp")

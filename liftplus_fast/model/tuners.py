@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..errors import UserInputError
 from ..ops import gemm
+from ..ops.layer_norm import fp32_layer_norm
 
 __all__ = [
     "AFT_LOCS",
@@ -157,17 +158,6 @@ def bottleneck_dim(num_classes: int, n_layers: int, divisor: int) -> int:
     ``divisor`` is 2 for Adapter/AdaptFormer, 4 for LoRA and 1 for the VPT prompt length.
     """
     return 2 ** max(0, int(math.log2(num_classes / (n_layers * divisor))))
-
-
-def fp32_layer_norm(x, weight, bias, eps):
-    """LayerNorm computed in fp32 and cast back, as the published code does for stability."""
-    return F.layer_norm(
-        x.float(),
-        (x.shape[-1],),
-        None if weight is None else weight.float(),
-        None if bias is None else bias.float(),
-        eps,
-    ).to(x.dtype)
 
 
 class _Bottleneck(nn.Module):

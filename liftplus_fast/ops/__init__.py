@@ -11,6 +11,7 @@ from ._dispatch import BACKENDS, add_loader, choose, requested_backend
 from .adaptformer import adaptformer
 from .attention import attention
 from .la_cosine_ce import la_cosine_cross_entropy
+from .layer_norm import fp32_layer_norm
 from .linear_gelu import linear_gelu, linear_gelu_kind
 from .reference import TTEResult, cosine_logits
 from .tte import tte_aggregate, tte_mean_unit_features
@@ -33,6 +34,7 @@ __all__ = [
     "attention",
     "choose",
     "cosine_logits",
+    "fp32_layer_norm",
     "la_cosine_cross_entropy",
     "linear_gelu",
     "linear_gelu_kind",

@@ -76,6 +76,16 @@ CPU_ONLY_SCHEMAS: Dict[str, str] = {
     # build), why, an error for an invalid LIFTPLUS_FAST_CPU_CAPABILITY (else empty), and the
     # build of each kernel file as "file=capability,...".
     "cpu_capability": "() -> (str selected, str supported, str why, str error, str kernels)",
+    # The same attention (bf16 or fp32 qkv) on PyTorch's batch-reduce GEMM micro-kernels
+    # (cpublas::brgemm: oneDNN, AMX tiles where the CPU has them); kernels from torch 2.6 on.
+    "attention_brgemm_fwd": "(Tensor qkv, int num_heads, float scale, bool batch_first) -> (Tensor out, Tensor lse)",
+    "attention_brgemm_bwd": (
+        "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, "
+        "bool batch_first) -> Tensor grad_qkv"
+    ),
+    # The bf16 operand layout brgemm runs here: "vnni" (oneDNN micro-kernels), "plain" (a BLAS
+    # GEMM), "" when the build has no brgemm.
+    "attention_brgemm_layout": "() -> str",
     # y = gelu(x + bias) for the MLP (x: the bias-free GEMM output [..., F]); kind 0 =
     # QuickGELU u·sigmoid(1.702u), 1 = GELU (erf), 2 = GELU (tanh). The backward needs only x.
     "bias_gelu_fwd": "(Tensor x, Tensor bias, int kind) -> Tensor",

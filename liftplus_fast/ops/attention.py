@@ -1,12 +1,19 @@
 """Public attention op: multi-head self-attention read from the packed ``qkv`` projection.
 
-On CPU in bf16 the native kernel ``liftplus_fast::attention_fwd`` / ``attention_bwd`` runs one
-(image, head) per task in cache with bf16 micro-GEMMs (fp32 accumulation), saves only the
-softmax log-sum-exp and recomputes the probabilities in the backward; its input is the
-in-projection output as it is and its output already has the heads merged, so no layout copies
-happen around it. Other dtypes and CUDA tensors use PyTorch's ``scaled_dot_product_attention``
-(the reference), which is faster there: flash / cuDNN on GPU, and on CPU in fp32 MKL's GEMMs
-beat the kernel's fp32 fallback.
+On CPU three implementations compute it, and which one runs for bf16 and for fp32 ``qkv`` is a
+measured choice (:mod:`.choices`: ``attention_bf16``, ``attention_fp32``; forced with
+``LIFTPLUS_FAST_ATTENTION=brgemm|kernel|sdpa``):
+
+* ``brgemm``: the native ``liftplus_fast::attention_brgemm_fwd`` / ``_bwd`` on PyTorch's
+  batch-reduce GEMM micro-kernels (oneDNN; AMX tiles where the CPU has them);
+* ``kernel``: the native ``liftplus_fast::attention_fwd`` / ``_bwd`` with its own AVX512-BF16
+  micro-GEMMs (bf16; other dtypes run its ATen fallback);
+* ``sdpa``: PyTorch's ``scaled_dot_product_attention`` (the reference).
+
+Both native ones read the in-projection output as it is and write the heads merged (no layout
+copies around them), run one (image, head) per task in cache, save only the softmax
+log-sum-exp and recompute the probabilities in the backward. fp16/fp64 and CUDA tensors use
+SDPA (flash / cuDNN on GPU).
 
 Half ``qkv`` on a CPU whose half GEMMs lose to fp32 (:mod:`.gemm`) runs PyTorch's fp32 CPU flash
 kernel on its values but saves, for the backward, ``qkv`` and the output in their half dtype
@@ -17,11 +24,12 @@ again in the backward. Keeping the fp32 copies instead would hold twice the byte
 
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Dict, Optional
 
 import torch
 
-from . import _library, gemm, reference
+from . import _library, choices, gemm, reference
 from ._checks import FLOAT_DTYPES, check_tensor
 from ._dispatch import dispatch, register
 from ._native import native_status
@@ -108,27 +116,92 @@ def _reference_attention(qkv, num_heads, batch_first, scale):
 register(OP, "reference", _reference_attention)
 
 
-def native_kernel_applies(qkv) -> bool:
-    """Whether the native CPU kernel is the faster choice for ``qkv`` (bf16 with AVX512-BF16)."""
-    return qkv.dtype == torch.bfloat16 and qkv.shape[-1] % 2 == 0 and _has_bf16_kernel()
+ENV_VAR = "LIFTPLUS_FAST_ATTENTION"
+IMPLEMENTATIONS = ("brgemm", "kernel", "sdpa")
+_NATIVE_OPS = {"brgemm": ("attention_brgemm_fwd", "attention_brgemm_bwd"), "kernel": ("attention_fwd", "attention_bwd")}
 
-
-# Asked once when the extension loads (a plain bool, so torch.compile never traces the query).
+# Facts about the loaded extension, asked once when it loads (plain values, so torch.compile never
+# traces the queries): whether the kernel has its AVX512-BF16 micro-GEMMs, and the bf16 operand
+# layout of brgemm ("vnni": oneDNN micro-kernels, "plain": a BLAS GEMM, "": no brgemm).
 _BF16_KERNEL = False
+_BRGEMM_LAYOUT = ""
 
 
-def _has_bf16_kernel() -> bool:
-    return _BF16_KERNEL
+def _blocked() -> Dict[str, str]:
+    """Options that cannot run here, with the reason."""
+    blocked = {}
+    if not native_status().loaded:
+        blocked["brgemm"] = blocked["kernel"] = f"the native extension is not loaded ({native_status().reason})"
+    elif not _BRGEMM_LAYOUT:
+        blocked["brgemm"] = f"torch {torch.__version__} has no batch-reduce GEMM (torch 2.6 or later has)"
+    return blocked
+
+
+def _time_options(dtype: torch.dtype, options) -> Dict[str, float]:
+    """Forward + backward seconds of each option on one ViT-B/16 block of two images."""
+    b, n, h, hd = 2, 197, 12, 64
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(b, n, 3 * h * hd, generator=g).to(dtype)
+    grad = torch.randn(b, n, h * hd, generator=g).to(dtype)
+    scale = hd**-0.5
+
+    def native(fwd, bwd):
+        def run():
+            out, lse = fwd(qkv, h, scale, True)
+            bwd(grad, qkv, out, lse, h, scale, True)
+
+        return run
+
+    def sdpa():
+        x = qkv.detach().requires_grad_()
+        reference.attention(x, h, True, scale).backward(grad)
+
+    runs = {}
+    for name in options:
+        names = _NATIVE_OPS.get(name)
+        runs[name] = sdpa if names is None else native(*(_library.op(_library.NATIVE, op) for op in names))
+    return choices.best_seconds(runs)
+
+
+def _decider(dtype: torch.dtype):
+    def decide():
+        options = [name for name in IMPLEMENTATIONS if name not in _blocked()]
+        if options == ["sdpa"]:
+            return "sdpa", _blocked()["brgemm"]
+        if dtype == torch.bfloat16 and not gemm.native_half_gemm("cpu", dtype):
+            return (
+                "sdpa",
+                "bf16 GEMMs run as fp32 GEMMs here (ops.gemm): bf16 attention runs PyTorch's fp32 flash kernel",
+            )
+        if dtype == torch.bfloat16 and not _BF16_KERNEL:
+            options.remove("kernel")  # its ATen fallback: slower than SDPA by design
+        return choices.faster(_time_options(dtype, options), prefer="brgemm")
+
+    return decide
+
+
+CHOICES = {
+    dtype: choices.define(choices.Choice(f"attention_{label}", IMPLEMENTATIONS, ENV_VAR, _decider(dtype), _blocked))
+    for dtype, label in ((torch.bfloat16, "bf16"), (torch.float32, "fp32"))
+}
+
+
+def implementation(dtype: torch.dtype) -> str:
+    """Which implementation runs CPU attention of ``dtype`` (the measured choice; fp16 and fp64:
+    SDPA)."""
+    choice = CHOICES.get(dtype)
+    return "sdpa" if choice is None else choices.get(choice.name)
 
 
 def kernel_call(namespace: str):
-    """The backend function running ``namespace::attention_fwd`` (SDPA where it is faster)."""
-    fwd = _library.op(namespace, "attention_fwd")
+    """The backend function: the chosen native op of ``namespace``, or SDPA."""
+    fwds = {name: _library.op(namespace, ops[0]) for name, ops in _NATIVE_OPS.items()}
 
     def run(qkv, num_heads, batch_first, scale):
-        if not native_kernel_applies(qkv):
+        impl = implementation(qkv.dtype)
+        if impl == "sdpa":
             return reference.attention(qkv, num_heads, batch_first, scale)
-        return fwd(qkv.contiguous(), num_heads, scale, batch_first)[0]
+        return fwds[impl](qkv.contiguous(), num_heads, scale, batch_first)[0]
 
     return run
 
@@ -153,8 +226,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _make_backward(namespace: str):
-    bwd = _library.op(namespace, "attention_bwd")
+def _make_backward(namespace: str, bwd_name: str):
+    bwd = _library.op(namespace, bwd_name)
 
     def backward(ctx, grad_out, _grad_lse):
         if grad_out is None:
@@ -167,6 +240,8 @@ def _make_backward(namespace: str):
 
 if native_status().loaded:
     _BF16_KERNEL = bool(_library.op(_library.NATIVE, "attention_bf16_kernel")())
-    _library.register_fakes(_library.NATIVE, attention_fwd=_fake_fwd, attention_bwd=_fake_bwd)
-    _library.register_autograd(_library.NATIVE, "attention_fwd", _make_backward, _setup_context)
+    _BRGEMM_LAYOUT = str(_library.op(_library.NATIVE, "attention_brgemm_layout")())
+    for _fwd, _bwd in _NATIVE_OPS.values():
+        _library.register_fakes(_library.NATIVE, **{_fwd: _fake_fwd, _bwd: _fake_bwd})
+        _library.register_autograd(_library.NATIVE, _fwd, partial(_make_backward, bwd_name=_bwd), _setup_context)
     register(OP, "cpu", kernel_call(_library.NATIVE), native_name="attention_fwd")

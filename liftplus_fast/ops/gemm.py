@@ -28,18 +28,19 @@ Where the fp32 path is taken the model keeps bf16 numerics — every activation 
 bf16, frozen weights hold bf16 values — but stores the frozen weights as fp32 tensors holding
 bf16-rounded values and runs each GEMM as an fp32 GEMM of the bf16 values (:func:`linear`).
 
-``LIFTPLUS_FAST_HALF_GEMM`` = ``native`` / ``fp32`` forces either path on CPU (tests run both on
-any machine); :func:`cpu_bf16_gemm_path` says which one runs and why.
+The decision is the measured choice ``half_gemm`` (:mod:`.choices`): ``LIFTPLUS_FAST_HALF_GEMM`` =
+``native`` / ``fp32`` forces either path on CPU (tests run both on any machine);
+:func:`cpu_bf16_gemm_path` says which one runs and why.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from . import choices
 
 __all__ = [
     "ENV_VAR",
@@ -52,7 +53,6 @@ __all__ = [
     "rounded_fp32",
     "runs_in_fp32",
     "stores_rounded_fp32",
-    "use_cpu_bf16_gemm_path",
 ]
 
 ENV_VAR = "LIFTPLUS_FAST_HALF_GEMM"
@@ -64,13 +64,6 @@ _PATHS = ("native", "fp32")
 FP32_MARGIN = 1.2
 
 
-def _forced_path() -> Optional[str]:
-    mode = os.environ.get(ENV_VAR, "").strip().lower()
-    if mode and mode not in _PATHS:
-        raise ValueError(f"{ENV_VAR} must be 'native' or 'fp32' (or unset); got {mode!r}")
-    return mode or None
-
-
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX) per PyTorch's probes."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -80,7 +73,7 @@ def cpu_has_bf16_units() -> bool:
         return True
 
 
-def _time_bf16_against_fp32(m: int = 1024, k: int = 768, n: int = 3072, rounds: int = 4) -> Dict[str, float]:
+def _time_bf16_against_fp32(m: int = 1024, k: int = 768, n: int = 3072, rounds: int = 3) -> Dict[str, float]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
@@ -89,22 +82,12 @@ def _time_bf16_against_fp32(m: int = 1024, k: int = 768, n: int = 3072, rounds: 
         "native": lambda: F.linear(x, w),
         "fp32": lambda: F.linear(x.float(), w32).to(torch.bfloat16),
     }
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(rounds):  # interleaved; the first round also warms both paths up
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: 2 * m * k * n / t for name, t in best.items()}
+    return {name: 2 * m * k * n / t for name, t in choices.best_seconds(runs, rounds).items()}
 
 
-@torch.compiler.disable
-def _decide_cpu_bf16() -> Tuple[bool, str]:
-    forced = _forced_path()
-    if forced:
-        return forced == "native", f"forced by {ENV_VAR}={forced}"
+def _decide_cpu_bf16() -> Tuple[str, str]:
     if not cpu_has_bf16_units():
-        return False, "this CPU has no bf16 units"
+        return "fp32", "this CPU has no bf16 units"
     rate = _time_bf16_against_fp32()
     faster = rate["fp32"] > FP32_MARGIN * rate["native"]
     words = "clearly faster" if faster else "not clearly faster"
@@ -112,35 +95,21 @@ def _decide_cpu_bf16() -> Tuple[bool, str]:
         f"measured: fp32 GEMMs of bf16 values ({rate['fp32'] / 1e9:.0f} GFLOP/s) are {words} than "
         f"this CPU's bf16 GEMMs ({rate['native'] / 1e9:.0f} GFLOP/s)"
     )
-    return not faster, why
+    return ("fp32" if faster else "native"), why
 
 
-# Decided on first use (a plain bool afterwards, so torch.compile never traces the decision);
-# tests patch it. None: not decided yet.
-_CPU_NATIVE_BF16: Optional[bool] = None
-_CPU_BF16_WHY = ""
+HALF_GEMM = choices.define(choices.Choice("half_gemm", _PATHS, ENV_VAR, _decide_cpu_bf16))
 
 
 def _cpu_native_bf16() -> bool:
-    global _CPU_NATIVE_BF16, _CPU_BF16_WHY
-    if _CPU_NATIVE_BF16 is None:
-        _CPU_NATIVE_BF16, _CPU_BF16_WHY = _decide_cpu_bf16()
-    return _CPU_NATIVE_BF16
+    return choices.get(HALF_GEMM.name) == "native"
 
 
 def cpu_bf16_gemm_path() -> Dict[str, str]:
     """Which path bf16 GEMMs take on this CPU: ``{"path": "native" | "fp32", "why": ...}``
     (decided on the first call, see the module's docstring)."""
-    native = _cpu_native_bf16()
-    return {"path": "native" if native else "fp32", "why": _CPU_BF16_WHY or "set by the caller"}
-
-
-def use_cpu_bf16_gemm_path(choice: Dict[str, str]) -> None:
-    """Take ``choice`` (what :func:`cpu_bf16_gemm_path` returned, e.g. on another process)."""
-    global _CPU_NATIVE_BF16, _CPU_BF16_WHY
-    if not isinstance(choice, dict) or choice.get("path") not in _PATHS:
-        raise ValueError(f"choice must be a dict with path 'native' or 'fp32'; got {choice!r}")
-    _CPU_NATIVE_BF16, _CPU_BF16_WHY = choice["path"] == "native", str(choice.get("why", ""))
+    decided = choices.explain(HALF_GEMM.name)
+    return {"path": decided["option"], "why": decided["why"]}
 
 
 def native_half_gemm(device, dtype: torch.dtype) -> bool:

@@ -1,19 +1,23 @@
 """Public MLP in-projection + GELU op of the ViT block: ``gelu(x Wᵀ + b)``.
 
 The reference is the published structure: ``F.linear`` (bias inside the GEMM) then the
-activation module's own ops. On CPU the GEMM runs without its bias and the native kernel
-``liftplus_fast::bias_gelu_fwd`` / ``bias_gelu_bwd`` adds the bias and applies the activation
-in one fp32 pass, saving only the GEMM output for the backward (whose one pass also yields the
-bias gradient); eager QuickGELU is three element-wise passes each way and saves two
-activations. Other devices use the reference.
+activation module's own ops. On CPU the GEMM can run without its bias and the native kernel
+``liftplus_fast::bias_gelu_fwd`` / ``bias_gelu_bwd`` add the bias and apply the activation in one
+fp32 pass, saving only the GEMM output for the backward (whose one pass also yields the bias
+gradient); eager QuickGELU is three element-wise passes each way and saves two activations.
+Which of the two runs for bf16 and for fp32 on CPU is a measured choice (:mod:`.choices`:
+``bias_gelu_bf16``, ``bias_gelu_fp32``; ``LIFTPLUS_FAST_BIAS_GELU=fused|eager``). Other dtypes
+take the fused kernel, other devices the reference.
 """
 
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 import torch
 import torch.nn.functional as F
 
-from . import _library, gemm
+from . import _library, choices, gemm
 from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ._dispatch import dispatch, register
 from ._native import native_status
@@ -79,11 +83,54 @@ def _reference(x, weight, bias, kind):
 register(OP, "reference", _reference)
 
 
-def kernel_call(namespace: str):
-    """The backend function: the library GEMM, then ``namespace::bias_gelu_fwd``."""
+ENV_VAR = "LIFTPLUS_FAST_BIAS_GELU"
+
+
+def _time_forms(dtype: torch.dtype, rows: int = 2 * 197, width: int = 768) -> Dict[str, float]:
+    """Forward + backward seconds of the fused and eager forms on one ViT-B MLP in-projection."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(4 * width, width, generator=g) * width**-0.5).to(dtype)
+    b = torch.randn(4 * width, generator=g).to(dtype)
+    grad = torch.randn(rows, 4 * width, generator=g).to(dtype)
+    fused = kernel_call(_library.NATIVE, "fused")
+    return choices.best_seconds(
+        {
+            "fused": lambda: fused(x, w, b, "quick").backward(grad),
+            "eager": lambda: reference_linear_gelu(x, w, b, "quick").backward(grad),
+        }
+    )
+
+
+def _decider(dtype: torch.dtype):
+    def decide():
+        if not native_status().loaded:
+            return "eager", f"the native extension is not loaded ({native_status().reason})"
+        return choices.faster(_time_forms(dtype), prefer="fused")
+
+    return decide
+
+
+def _blocked() -> Dict[str, str]:
+    return {} if native_status().loaded else {"fused": native_status().reason}
+
+
+CHOICES = {
+    dtype: choices.define(choices.Choice(f"bias_gelu_{label}", ("fused", "eager"), ENV_VAR, _decider(dtype), _blocked))
+    for dtype, label in ((torch.bfloat16, "bf16"), (torch.float32, "fp32"))
+}
+
+
+def kernel_call(namespace: str, form: Optional[str] = None):
+    """The backend function: the library GEMM, then ``namespace::bias_gelu_fwd`` (the ``fused``
+    form), or the reference (``eager``); ``form`` None: the measured choice for the dtype."""
     fwd = _library.op(namespace, "bias_gelu_fwd")
 
     def run(x, weight, bias, kind):
+        choice = CHOICES.get(x.dtype)
+        chosen = form or ("fused" if choice is None else choices.get(choice.name))
+        if chosen == "eager":
+            return reference_linear_gelu(x, weight, bias, kind)
         return fwd(gemm.linear(x, weight), bias, KINDS[kind])
 
     return run

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import liftplus_fast as lf
-from liftplus_fast.ops import gemm
+from liftplus_fast.ops import choices
 from liftplus_fast.ops._dispatch import ENV_VAR
 
 from .conftest import CLASSNAMES, COUNTS, cfg_for
@@ -34,7 +34,7 @@ def build(clip, tok, **overrides):
 @pytest.fixture(params=["native", "fp32"])
 def half_gemm(request, monkeypatch):
     """Both CPU half paths on any machine: bf16 GEMMs, or fp32 GEMMs of bf16 values."""
-    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", request.param == "native")
+    monkeypatch.setitem(choices._OPTION, "half_gemm", request.param)
     return request.param
 
 

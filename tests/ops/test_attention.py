@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import liftplus_fast as lf
-from liftplus_fast.ops import gemm, reference
+from liftplus_fast.ops import choices, gemm, reference
 
 NATIVE = lf.ops.choose("attention", torch.device("cpu")) == "cpu"
 needs_native = pytest.mark.skipif(not NATIVE, reason="native CPU attention kernel not built")
@@ -155,7 +155,7 @@ def test_bad_input_names_argument():
 def test_half_values_in_fp32_save_half_tensors(monkeypatch, batch_first, tokens):
     # A CPU whose bf16 GEMMs lose to fp32 (ops.gemm): fp32 flash attention on the bf16 values,
     # saving bf16 qkv and output (and the fp32 log-sum-exp) instead of fp32 copies.
-    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", False)
+    monkeypatch.setitem(choices._OPTION, "half_gemm", "fp32")
     monkeypatch.delenv("LIFTPLUS_FAST_BACKEND", raising=False)
     heads, hd = 3, 16
     qkv = make_qkv(2, tokens, heads, hd, torch.bfloat16, batch_first, seed=tokens)
@@ -186,7 +186,7 @@ def test_half_values_in_fp32_save_half_tensors(monkeypatch, batch_first, tokens)
 
 
 def test_half_values_in_fp32_compile(monkeypatch):
-    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", False)
+    monkeypatch.setitem(choices._OPTION, "half_gemm", "fp32")
     qkv = make_qkv(2, 11, 2, 8, torch.bfloat16, seed=3)
 
     def loss(x):

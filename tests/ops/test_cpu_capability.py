@@ -17,7 +17,14 @@ from liftplus_fast.ops import _native
 from liftplus_fast.ops._native import cpu_capability, cpu_capability_line, native_status
 
 CAPABILITIES = ("default", "avx2", "avx512", "avx512_bf16", "amx")
-KERNEL_FILES = {"adaptformer_cpu", "attention_cpu", "bias_gelu_cpu", "la_cosine_ce_cpu", "tte_aggregate_cpu"}
+KERNEL_FILES = {
+    "adaptformer_cpu",
+    "attention_brgemm_cpu",
+    "attention_cpu",
+    "bias_gelu_cpu",
+    "la_cosine_ce_cpu",
+    "tte_aggregate_cpu",
+}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NATIVE = native_status().loaded

@@ -20,7 +20,8 @@ def test_backend_info_lists_every_op():
     for row in info["ops"].values():
         assert "reference" in row["implementations"]
     assert info["requested"] == "auto"
-    assert info["cpu_bf16_gemm"]["path"] in ("native", "fp32") and info["cpu_bf16_gemm"]["why"]
+    assert info["choices"]["half_gemm"]["option"] in ("native", "fp32") and info["choices"]["half_gemm"]["why"]
+    assert {"attention_bf16", "attention_fp32", "bias_gelu_bf16", "layer_norm_bf16"} <= set(info["choices"])
 
 
 def test_unknown_backend_is_a_clear_error(monkeypatch):

@@ -5,14 +5,21 @@ import torch
 import torch.nn.functional as F
 
 from liftplus_fast import ops
-from liftplus_fast.ops import gemm
+from liftplus_fast.ops import choices, gemm
 
 BF16 = torch.bfloat16
 
 
 @pytest.fixture
 def emulated(monkeypatch):
-    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", False)
+    monkeypatch.setitem(choices._OPTION, "half_gemm", "fp32")
+
+
+@pytest.fixture
+def undecided(monkeypatch):
+    """The half_gemm choice not made yet (restored afterwards)."""
+    for store in (choices._OPTION, choices._WHY):
+        monkeypatch.delitem(store, "half_gemm", raising=False)
 
 
 def _ulps(a, exact):
@@ -63,9 +70,9 @@ def test_fp32_and_autocast_are_left_alone(emulated):
 
 
 def test_native_or_storage_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", True)
+    monkeypatch.setitem(choices._OPTION, "half_gemm", "native")
     assert gemm.native_half_gemm("cpu", BF16) and not gemm.stores_rounded_fp32("cpu", BF16)
-    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", False)
+    monkeypatch.setitem(choices._OPTION, "half_gemm", "fp32")
     assert not gemm.native_half_gemm("cpu", BF16) and gemm.stores_rounded_fp32("cpu", BF16)
     assert gemm.native_half_gemm("cpu", torch.float32) and not gemm.stores_rounded_fp32("cpu", torch.float32)
     assert gemm.native_half_gemm("cuda", torch.float16)
@@ -76,18 +83,18 @@ def test_native_or_storage_follows_the_hardware(monkeypatch):
     assert out.dtype == BF16  # rounded once, activations in bf16 from there on
 
 
-@pytest.mark.parametrize("value,native", [("native", True), ("fp32", False), (" FP32 ", False)])
-def test_the_environment_variable_forces_a_path(monkeypatch, value, native):
+@pytest.mark.parametrize("value,path", [("native", "native"), ("fp32", "fp32"), (" FP32 ", "fp32")])
+def test_the_environment_variable_forces_a_path(monkeypatch, undecided, value, path):
     monkeypatch.setenv(gemm.ENV_VAR, value)
     monkeypatch.setattr(gemm, "_time_bf16_against_fp32", _must_not_measure)
-    decided, why = gemm._decide_cpu_bf16()
-    assert decided is native and gemm.ENV_VAR in why
+    decided = gemm.cpu_bf16_gemm_path()
+    assert decided["path"] == path and gemm.ENV_VAR in decided["why"]
 
 
-def test_a_bad_environment_value_names_the_variable(monkeypatch):
+def test_a_bad_environment_value_names_the_variable(monkeypatch, undecided):
     monkeypatch.setenv(gemm.ENV_VAR, "fast")
     with pytest.raises(ValueError, match=gemm.ENV_VAR):
-        gemm._decide_cpu_bf16()
+        gemm.cpu_bf16_gemm_path()
 
 
 def _must_not_measure(*args, **kwargs):
@@ -103,7 +110,7 @@ def test_with_bf16_units_the_faster_path_is_measured(monkeypatch, fp32_rate, nat
     monkeypatch.setattr(gemm, "cpu_has_bf16_units", lambda: True)
     monkeypatch.setattr(gemm, "_time_bf16_against_fp32", lambda: {"native": 100e9, "fp32": fp32_rate})
     decided, why = gemm._decide_cpu_bf16()
-    assert decided is native
+    assert decided == ("native" if native else "fp32")
     assert "100 GFLOP/s" in why and f"{fp32_rate / 1e9:.0f} GFLOP/s" in why
 
 
@@ -111,23 +118,23 @@ def test_without_bf16_units_nothing_is_measured(monkeypatch):
     monkeypatch.delenv(gemm.ENV_VAR, raising=False)
     monkeypatch.setattr(gemm, "cpu_has_bf16_units", lambda: False)
     monkeypatch.setattr(gemm, "_time_bf16_against_fp32", _must_not_measure)
-    assert gemm._decide_cpu_bf16() == (False, "this CPU has no bf16 units")
+    assert gemm._decide_cpu_bf16() == ("fp32", "this CPU has no bf16 units")
 
 
-def test_the_choice_is_made_once_on_first_use(monkeypatch):
+def test_the_choice_is_made_once_on_first_use(monkeypatch, undecided):
     calls = []
-    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", None)
-    monkeypatch.setattr(gemm, "_CPU_BF16_WHY", "")
-    monkeypatch.setattr(gemm, "_decide_cpu_bf16", lambda: calls.append(1) or (False, "because"))
+    monkeypatch.delenv(gemm.ENV_VAR, raising=False)
+    monkeypatch.setattr(gemm, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(gemm, "_time_bf16_against_fp32", lambda: calls.append(1) or {"native": 1e9, "fp32": 9e9})
     assert gemm.native_half_gemm("cpu", torch.float32) and not calls  # fp32 asks nothing
     assert not gemm.native_half_gemm("cpu", BF16)
     assert gemm.stores_rounded_fp32("cpu", BF16)
-    assert gemm.cpu_bf16_gemm_path() == {"path": "fp32", "why": "because"}
+    assert gemm.cpu_bf16_gemm_path()["path"] == "fp32" and "9 GFLOP/s" in gemm.cpu_bf16_gemm_path()["why"]
     assert calls == [1]
 
 
 def test_the_measurement_gives_both_rates():
-    rate = gemm._time_bf16_against_fp32(m=16, k=32, n=24, rounds=2)
+    rate = gemm._time_bf16_against_fp32(m=16, k=32, n=24, rounds=1)
     assert set(rate) == {"native", "fp32"}
     assert all(0 < r < float("inf") for r in rate.values())
 
@@ -156,11 +163,9 @@ def test_attention_runs_fp32_inside_with_bf16_in_and_out(emulated):
     assert qkv.grad.dtype == BF16 and torch.isfinite(qkv.grad.float()).all()
 
 
-def test_a_path_taken_from_elsewhere_is_checked(monkeypatch):
-    monkeypatch.setattr(gemm, "_CPU_NATIVE_BF16", None)
-    monkeypatch.setattr(gemm, "_CPU_BF16_WHY", "")
-    gemm.use_cpu_bf16_gemm_path({"path": "native", "why": "rank 0 measured"})
+def test_a_path_taken_from_elsewhere_is_checked(monkeypatch, undecided):
+    choices.adopt({"half_gemm": {"option": "native", "why": "rank 0 measured"}})
     assert gemm.cpu_bf16_gemm_path() == {"path": "native", "why": "rank 0 measured"}
     assert gemm.native_half_gemm("cpu", BF16)
-    with pytest.raises(ValueError, match="choice must be a dict with path"):
-        gemm.use_cpu_bf16_gemm_path({"path": "fast"})
+    with pytest.raises(ValueError, match="not a decision of a known choice"):
+        choices.adopt({"half_gemm": {"option": "fast"}})

@@ -47,5 +47,5 @@ def test_ops_with_a_backward_have_autograd_in_both_namespaces():
 def test_cpu_only_ops_have_autograd():
     import liftplus_fast.ops  # noqa: F401  (registers the autograd of every op)
 
-    for fwd in ("attention_fwd", "bias_gelu_fwd"):
+    for fwd in ("attention_fwd", "attention_brgemm_fwd", "bias_gelu_fwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{_library.NATIVE}::{fwd}", "Autograd"), fwd

@@ -6,11 +6,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import liftplus_fast as lf
-from liftplus_fast.ops.linear_gelu import reference_linear_gelu
+from liftplus_fast.ops import choices
+from liftplus_fast.ops.linear_gelu import CHOICES, reference_linear_gelu
 
 NATIVE = lf.ops.choose("linear_gelu", torch.device("cpu")) == "cpu"
 needs_native = pytest.mark.skipif(not NATIVE, reason="native CPU bias_gelu kernel not built")
 KINDS = ["quick", "erf", "tanh"]
+
+
+@pytest.fixture(autouse=True)
+def fused(monkeypatch):
+    """The fused kernel for every dtype, whatever this machine's measured choice."""
+    for choice in CHOICES.values():
+        monkeypatch.setitem(choices._OPTION, choice.name, "fused")
 
 
 def inputs(rows, d, f, dtype, bias_dtype=None, seed=0):

@@ -43,7 +43,7 @@
 #define LPF_ATTN_BF16_KERNEL 0
 #endif
 
-#include "liftplus_fast/checks.h"
+#include "liftplus_fast/attention.h"
 #include "liftplus_fast/cpu_capability.h"
 #include "liftplus_fast/rows.h"
 #include "liftplus_fast/tuning.h"
@@ -55,44 +55,10 @@ namespace liftplus_fast {
 namespace LPF_CPU_NS {
 namespace {
 
-using checks::describe;
-
-struct Geometry {
-  int64_t B, N, H, hd, D;
-  bool batch_first;
-  // Element strides of the token axis and offsets of image b in qkv (width 3D) and O (width D).
-  int64_t qkv_row() const { return batch_first ? 3 * D : B * 3 * D; }
-  int64_t qkv_base(int64_t b) const { return batch_first ? b * N * 3 * D : b * 3 * D; }
-  int64_t out_row() const { return batch_first ? D : B * D; }
-  int64_t out_base(int64_t b) const { return batch_first ? b * N * D : b * D; }
-};
-
-Geometry check_args(const at::Tensor& qkv, int64_t num_heads, bool batch_first) {
-  TORCH_CHECK(qkv.device().is_cpu(), "attention (CPU kernel): qkv must be a CPU tensor; got ", describe(qkv));
-  TORCH_CHECK(qkv.dim() == 3 && checks::is_float_like(qkv),
-              "attention: qkv must be a 3-D float32/bfloat16/float16/float64 tensor [B, N, 3D] "
-              "(or [N, B, 3D]); got ",
-              describe(qkv));
-  TORCH_CHECK(qkv.is_contiguous(), "attention: qkv must be contiguous; got strides ", qkv.strides());
-  TORCH_CHECK(num_heads > 0, "attention: num_heads must be positive; got ", num_heads);
-  const int64_t width = qkv.size(2);
-  TORCH_CHECK(width % (3 * num_heads) == 0 && width > 0,
-              "attention: the last dimension of qkv must be 3 * num_heads * head_dim; got ", width, " with num_heads ",
-              num_heads);
-  Geometry g;
-  g.batch_first = batch_first;
-  g.B = batch_first ? qkv.size(0) : qkv.size(1);
-  g.N = batch_first ? qkv.size(1) : qkv.size(0);
-  g.H = num_heads;
-  g.D = width / 3;
-  g.hd = g.D / num_heads;
-  TORCH_CHECK(g.N > 0, "attention: qkv must hold at least one token; got ", describe(qkv));
-  return g;
-}
-
-at::Tensor new_like_layout(const at::Tensor& qkv, const Geometry& g, int64_t width) {
-  return g.batch_first ? at::empty({g.B, g.N, width}, qkv.options()) : at::empty({g.N, g.B, width}, qkv.options());
-}
+using attention::acc_type;
+using attention::check_args;
+using attention::Geometry;
+using attention::new_like_layout;
 
 // ---------------------------------------------------------------------------------------------
 // Reference-structured path (any dtype): ATen GEMMs on [B, H, N, hd] views.
@@ -101,10 +67,6 @@ at::Tensor heads_view(const at::Tensor& t, const Geometry& g, int64_t part) {
   at::Tensor x = g.batch_first ? t : t.transpose(0, 1);
   x = x.narrow(2, part * g.D, g.D).unflatten(2, {g.H, g.hd});
   return x.permute({0, 2, 1, 3});
-}
-
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_generic(const at::Tensor& qkv, const Geometry& g, double scale) {
@@ -444,16 +406,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& qkv, int6
 at::Tensor attention_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv, const at::Tensor& out_in,
                              const at::Tensor& lse_in, int64_t num_heads, double scale, bool batch_first) {
   const Geometry g = check_args(qkv, num_heads, batch_first);
-  const auto expect = batch_first ? std::vector<int64_t>{g.B, g.N, g.D} : std::vector<int64_t>{g.N, g.B, g.D};
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(expect) && grad_out_in.scalar_type() == qkv.scalar_type(),
-              "attention_bwd: grad_out must have shape ", at::IntArrayRef(expect), " and dtype ", qkv.scalar_type(),
-              "; got ", describe(grad_out_in));
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(expect) && out_in.scalar_type() == qkv.scalar_type(),
-              "attention_bwd: out must have shape ", at::IntArrayRef(expect), " and dtype ", qkv.scalar_type(),
-              "; got ", describe(out_in));
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({g.B, g.H, g.N}) && lse_in.scalar_type() == acc_type(qkv),
-              "attention_bwd: lse must be ", acc_type(qkv), " [", g.B, ", ", g.H, ", ", g.N, "]; got ",
-              describe(lse_in));
+  attention::check_bwd_args(grad_out_in, out_in, lse_in, qkv, g);
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
 #if LPF_ATTN_BF16_KERNEL
   if (use_bf16_kernel(qkv, g)) return bwd_bf16(grad_out, qkv, out, lse, g, scale);

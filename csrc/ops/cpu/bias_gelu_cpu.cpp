@@ -21,7 +21,14 @@
 
 #include "liftplus_fast/checks.h"
 #include "liftplus_fast/cpu_capability.h"
+
+// The loops are bound by their arithmetic (exp and a division per element): where the compiler
+// targets AVX-512 they run 16 lanes wide (GCC's default tuning for recent Xeons stops at 8).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 #include "liftplus_fast/rows.h"
+#include "liftplus_fast/vec.h"
 
 // Builds besides the baseline, chosen at run time (csrc/cpu_dispatch.cpp).
 LPF_CPU_CAPABILITIES(avx2, avx512);
@@ -100,15 +107,38 @@ inline void store(T* p, int64_t j, A v) {
     p[j] = static_cast<T>(v);
 }
 
+// QuickGELU on 16-lane vectors (float math, fp32 or bf16 storage): σ(1.702u) = 1/(1 + 2^(−1.702·
+// log2(e)·u)) with the vector exp2, about half the operations of the scalar exp GCC vectorises.
+template <typename T>
+constexpr bool kQuickVector = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+constexpr float kQuickExp2 = -1.702f * vec::kLog2e;
+
 template <int kKind, typename T, typename A>
 [[gnu::noinline]] void gelu_row(const T* __restrict x, const A* __restrict b, T* __restrict y, int64_t n) noexcept {
-  for (int64_t j = 0; j < n; ++j) store<T, A>(y, j, gelu<kKind, A>(load<T, A>(x, j) + b[j]));
+  int64_t j = 0;
+  if constexpr (kKind == 0 && std::is_same_v<A, float> && kQuickVector<T>) {
+    for (; j + vec::kLanes <= n; j += vec::kLanes) {
+      const vec::vfloat u = vec::load_t(x + j) + vec::load(b + j);
+      vec::store_t(y + j, u / (1.f + vec::exp2(u * kQuickExp2)));
+    }
+  }
+  for (; j < n; ++j) store<T, A>(y, j, gelu<kKind, A>(load<T, A>(x, j) + b[j]));
 }
 
 template <int kKind, typename T, typename A>
 [[gnu::noinline]] void gelu_grad_row(const T* __restrict g, const T* __restrict x, const A* __restrict b,
                                      T* __restrict gx, A* __restrict colsum, int64_t n) noexcept {
-  for (int64_t j = 0; j < n; ++j) {
+  int64_t j = 0;
+  if constexpr (kKind == 0 && std::is_same_v<A, float> && kQuickVector<T>) {
+    for (; j + vec::kLanes <= n; j += vec::kLanes) {
+      const vec::vfloat u = vec::load_t(x + j) + vec::load(b + j);
+      const vec::vfloat s = 1.f / (1.f + vec::exp2(u * kQuickExp2));
+      const vec::vfloat d = vec::load_t(g + j) * (s + 1.702f * u * s * (1.f - s));
+      vec::store_t(gx + j, d);
+      vec::store(colsum + j, vec::load(colsum + j) + d);
+    }
+  }
+  for (; j < n; ++j) {
     const A d = load<T, A>(g, j) * gelu_grad<kKind, A>(load<T, A>(x, j) + b[j]);
     store<T, A>(gx, j, d);
     colsum[j] += d;

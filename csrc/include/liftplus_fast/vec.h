@@ -1,0 +1,99 @@
+// 16-lane float vectors in the compiler's vector extension (GCC, Clang): lowered to whatever the
+// target has (one AVX-512 register, two AVX2 ones, four SSE ones), no instruction-set intrinsics.
+// For the element-wise loops whose auto-vectorisation is poor or impossible (float max
+// reductions, bf16 rounding by bits, exp) in the CPU kernels. Include it after a kernel's
+// `#pragma GCC target` so that its functions are compiled alike.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+
+#include "liftplus_fast/cpu_capability.h"
+
+namespace liftplus_fast {
+inline namespace LPF_CPU_NS {
+namespace vec {
+
+constexpr int kLanes = 16;
+using vfloat = float __attribute__((vector_size(4 * kLanes)));
+using vint = int32_t __attribute__((vector_size(4 * kLanes)));
+using vuint = uint32_t __attribute__((vector_size(4 * kLanes)));
+using vhalf = uint16_t __attribute__((vector_size(2 * kLanes)));
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+inline vfloat splat(float x) {
+  return vfloat{} + x;
+}
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vfloat v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline vint lane_index() {
+  vint v;
+  for (int l = 0; l < kLanes; ++l) v[l] = l;
+  return v;
+}
+inline float sum(vfloat v) {
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+// 16 values of T (float or bf16) from / to memory; bf16 by bits, rounded to nearest even with NaN
+// kept a quiet NaN, as rows::float_to_bf16_bits rounds.
+template <typename T>
+inline vfloat load_t(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load(p);
+  } else {
+    static_assert(std::is_same_v<T, c10::BFloat16>, "float or bf16");
+    vhalf h;
+    std::memcpy(&h, p, sizeof(h));
+    return (vfloat)(__builtin_convertvector(h, vuint) << 16);
+  }
+}
+template <typename T>
+inline void store_t(T* p, vfloat v) {
+  if constexpr (std::is_same_v<T, float>) {
+    store(p, v);
+  } else {
+    static_assert(std::is_same_v<T, c10::BFloat16>, "float or bf16");
+    const vuint u = (vuint)v;
+    vuint r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = v != v ? vuint{} + 0x7fc0u : r;
+    const vhalf h = __builtin_convertvector(r, vhalf);
+    std::memcpy(p, &h, sizeof(h));
+  }
+}
+
+// 2^t: t = n + f with n = round(t), 2^f by Cephes' exp2f polynomial on [-0.5, 0.5] (≈ 2 ulp), n
+// added to the exponent bits. t < −126 gives 0 (−inf too), t > 127 gives 2^127·2^f (finite, as
+// rows::exp_fast saturates), NaN stays NaN. exp(x) = exp2(x·log2 e): callers fold the factor
+// into the FMA that forms x.
+inline vfloat exp2(vfloat t) {
+  vfloat tc = t < -127.f ? splat(-127.f) : t;
+  tc = tc > 127.f ? splat(127.f) : tc;
+  const vfloat y = tc + 12582912.f;  // 1.5·2^23: n lands in y's low mantissa bits
+  const vfloat f = tc - (y - 12582912.f);
+  vfloat p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  const vfloat e = (vfloat)((vint)p + ((vint)y << 23));
+  return t != t ? t : (t < -126.f ? splat(0.f) : e);
+}
+
+}  // namespace vec
+}  // namespace LPF_CPU_NS
+}  // namespace liftplus_fast

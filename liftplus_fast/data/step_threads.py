@@ -105,9 +105,10 @@ class StepThreadsLoader:
             for n, batch in enumerate(batches):
                 now = time.perf_counter()
                 if last is not None and self.threads is None and n > SKIP_PERIODS:
+                    # The period of batch n - 1: its step and the wait for batch n.
                     self.measured[last[0]].append(now - last[1])
                     self._decide()
-                threads = self.threads if self.threads is not None else self._next_trial()
+                threads = self.threads if self.threads is not None else self._next_trial(n)
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
                 self._log()
@@ -117,7 +118,11 @@ class StepThreadsLoader:
             if torch.get_num_threads() != before:
                 torch.set_num_threads(before)
 
-    def _next_trial(self) -> int:
+    def _next_trial(self, n: int) -> int:
+        if n < SKIP_PERIODS:
+            # Unmeasured batches run with fewer threads: at worst a GEMM-bound step runs a few
+            # batches at half speed, while a stalled one can take 10-30x its time.
+            return self.candidates[-1]
         # Alternate, so a change in the machine's load reaches every candidate alike.
         timed = sum(len(v) for v in self.measured.values())
         return self.candidates[timed % len(self.candidates)]

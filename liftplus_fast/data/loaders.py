@@ -12,6 +12,9 @@ cache when ``data_cache`` is set) and the set the classifier is initialised from
 * a cache with ``augment_on_device``: the workers only slice the stored bytes; decoding,
   augmentation and normalisation run in batches on the device (:class:`GPUAugmentLoader`).
 
+A training loader on the CPU with workers also chooses the step's intra-op threads by
+measurement (:class:`~liftplus_fast.data.step_threads.StepThreadsLoader`).
+
 Every loader yields ``(images, labels)`` and exposes ``sampler`` and ``generator``: the training
 loop re-seeds the generator and tags the sampler with the epoch at the start of each epoch
 (:class:`EpochTaggedSampler`, which the cached MDA crop reads its schedule from).

@@ -2,9 +2,10 @@
 
 On a CPU the workers that prepare batches and the OpenMP threads of the training step run on
 the same cores. A step split over every core stalls at each op's barrier whenever a worker
-holds one of them: on a 2-core AMX Xeon, a tiny ViT at 32 px fed by 2 workers took 3.5-19x
-longer per batch with torch's two intra-op threads than with one, and its training ran 1.8-4.3x
-slower (docs/data.md). A GEMM-bound step (ViT-B/16), whose workers idle most of the time,
+holds one of them: on a 2-core AMX Xeon, a tiny ViT at 32 px fed by 2 workers from the
+decode-once cache took 1.9-2.5x longer per batch with torch's two intra-op threads than with
+one (17-34x under a load average of 3-4) and trained 1.6-1.8x slower (docs/data.md). A
+GEMM-bound step (ViT-B/16), whose workers idle most of the time,
 needs every core instead. Which one wins depends on the model, the data path and the machine,
 so the training loader measures it (:class:`StepThreadsLoader`): its first batches run with
 the fewer threads (unmeasured: the workers are starting), then it alternates torch's thread

@@ -5,16 +5,16 @@ the same cores. A step split over every core stalls at each op's barrier wheneve
 holds one of them: on a 2-core AMX Xeon, a tiny ViT at 32 px fed by 2 workers from the
 decode-once cache took 1.9-2.5x longer per batch with torch's two intra-op threads than with
 one (17-34x under a load average of 3-4) and trained 1.6-1.8x slower (docs/data.md). A
-GEMM-bound step (ViT-B/16), whose workers idle most of the time,
-needs every core instead. Which one wins depends on the model, the data path and the machine,
-so the training loader measures it (:class:`StepThreadsLoader`): its first batches run with
-the fewer threads (unmeasured: the workers are starting), then it alternates torch's thread
-count and the cores the workers leave (CPU count - workers, at least 1), times each batch from
-one hand-over to the next (the step on it plus the wait for the next one), and keeps the fewer
-threads only when they are clearly faster (by :data:`FEWER_MARGIN`), so a run near the tie
-keeps torch's count run after run. The choice is logged. The thread count changes the order of
-some fp32 sums (the trained values differ in the last bit), so a bit-for-bit rerun needs the
-same count: ``LIFTPLUS_FAST_STEP_THREADS=N`` forces ``N``.
+GEMM-bound step (ViT-B/16), whose workers idle most of the time, needs every core instead.
+Which one wins depends on the model, the data path and the machine, so the training loader
+measures it (:class:`StepThreadsLoader`): its first batches run with the fewer threads
+(unmeasured: the workers are starting), then it alternates torch's thread count and the cores
+the workers leave (CPU count - workers, at least 1), times each batch from one hand-over to
+the next (the step on it plus the wait for the next one), and keeps the fewer threads only when
+they are clearly faster (by :data:`FEWER_MARGIN`), so a run near the tie keeps torch's count
+run after run. The choice is logged. The thread count changes the order of some fp32 sums (the
+trained values differ in the last bit), so a bit-for-bit rerun needs the same count:
+``LIFTPLUS_FAST_STEP_THREADS=N`` forces ``N``.
 
 The count applies while the loop iterates the loader; the previous count is restored after
 each epoch, so evaluation and everything else run as before.

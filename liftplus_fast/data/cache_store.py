@@ -65,6 +65,23 @@ def skipped_path(cache_dir: str, split: str) -> str:
     return os.path.join(cache_dir, f"{split}.skipped.txt")
 
 
+def build_dir(cache_dir: str, split: str, fingerprint: str) -> str:
+    """The folder of an unfinished build of ``split`` (its finished chunks)."""
+    return os.path.join(cache_dir, f".{split}.build-{fingerprint[:16]}")
+
+
+def cached_size(height: int, width: int, cache_size: int) -> Tuple[int, int]:
+    """Stored (height, width): short side ``min(short, cache_size)``, long side ``int(cache_size * long / short)``.
+
+    The long side follows ``torchvision.transforms.Resize``'s rounding; images are never upsampled.
+    """
+    short, long = min(height, width), max(height, width)
+    if short <= cache_size:
+        return height, width
+    new_long = int(cache_size * long / short)
+    return (cache_size, new_long) if height <= width else (new_long, cache_size)
+
+
 @dataclass(frozen=True)
 class CacheOptions:
     """The options of ``liftplus-fast cache`` (``key value`` on its command line), checked.

@@ -6,9 +6,10 @@ import pytest
 from PIL import Image
 
 from liftplus_fast.cli import main as cli_main
-from liftplus_fast.data import build_dataset, cache_build
-from liftplus_fast.data.cache_build import build_cache, cached_size, choose_format, estimate_raw_bytes, raw_budget
-from liftplus_fast.data.cache_store import CacheOptions, data_path, read_index, source_fingerprint
+from liftplus_fast.data import build_dataset, cache_build, cache_format
+from liftplus_fast.data.cache_build import build_cache
+from liftplus_fast.data.cache_format import choose_format, estimate_raw_bytes, raw_budget
+from liftplus_fast.data.cache_store import CacheOptions, cached_size, data_path, read_index, source_fingerprint
 from liftplus_fast.data.synthetic_images import write_image_folder
 
 SIZES = ((40, 52), (52, 40), (36, 36), (48, 64))
@@ -87,11 +88,11 @@ def test_auto_keeps_a_cache_or_an_unfinished_build_whatever_the_budget_says(fold
 
 def test_the_default_budget_is_half_the_free_disk_or_half_the_memory(tmp_path, monkeypatch):
     budget, what = raw_budget(str(tmp_path / "not" / "yet"), CacheOptions())
-    free = cache_build.shutil.disk_usage(str(tmp_path)).free
+    free = cache_format.shutil.disk_usage(str(tmp_path)).free
     assert 0 < budget <= free / 2 + 2**20 and what.startswith("half of the")
-    monkeypatch.setattr(cache_build, "_memory_bytes", lambda: 2 * 2**30)
+    monkeypatch.setattr(cache_format, "_memory_bytes", lambda: 2 * 2**30)
     assert raw_budget(str(tmp_path), CacheOptions()) == (2**30, "half of the 2.0 GiB of memory")
-    monkeypatch.setattr(cache_build, "_memory_bytes", lambda: None)
+    monkeypatch.setattr(cache_format, "_memory_bytes", lambda: None)
     assert raw_budget(str(tmp_path), CacheOptions())[1].endswith("free on the cache's disk")
     assert raw_budget(str(tmp_path), CacheOptions(cache_budget=0.5)) == (2**29, "cache_budget")
 

@@ -259,6 +259,7 @@ def _epoch_case(root, smoke):
 
     def report():
         load.append(os.getloadavg()[0])
+        shutil.rmtree(out_root, ignore_errors=True)  # the runs' folders: only their images/s are kept
         # The first run of each candidate is run.py's warm-up (the page cache, compiled code).
         rates.update({c: r[1:] for c, r in rates.items() if len(r) > 1})
         med = {c: statistics.median(r) for c, r in rates.items()}

@@ -11,22 +11,33 @@ Candidates, same DataLoader worker count (``--workers``, default 2), interleaved
   batch in shared memory).
 * ``cached_raw``: the same from a raw-pixel cache (no decode at all; bigger on disk).
 
+In the command-line case ``cached`` is the cache of the default options (``cache_format auto``)
+and ``cached_jpeg`` the JPEG one.
+
 Images are generated locally (JPEG, quality 90, 375x500 to 1024x768 like ImageNet, Places and
 iNaturalist photographs) and reused between runs. The transforms are measured in the steady
 state of a long training run: each candidate's loader is built once with persistent workers
 (same worker count and batch size for all), and one call passes every image of the split
 through it ``PASSES`` times, so worker start-up is not timed for any candidate. Images/s and
-bytes on disk are in the notes. The last case trains one whole ``tiny_vit`` epoch
-(``fast_train``, 32 px, so the data is the bottleneck) with and without the cache, worker
-start-up included (as every epoch of a real run pays it).
+bytes on disk are in the notes.
 
-Standalone: ``python benchmarks/bench_input_pipeline.py [--smoke]`` (under 3 minutes in full).
+The last case goes through the command line as a user would: ``liftplus-fast cache`` builds
+the caches (default options, then each stored format), and ``liftplus-fast train`` trains a
+32-px ``tiny_vit`` (so the data is the bottleneck) for two epochs from the folder (the PIL
+path) and from each cache, every run a fresh process; its figure is the training images/s the
+run reports (worker start-up included, as every epoch of a real run pays it).
+
+Standalone: ``python benchmarks/bench_input_pipeline.py [--smoke] [--filter CLI]`` (under 10
+minutes in full; ``--filter CLI`` runs the command-line case alone).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +45,13 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
 
-from liftplus_fast import fast_train, make_config  # noqa: E402
+from liftplus_fast import make_config  # noqa: E402
 from liftplus_fast.data import build_dataset, build_test_transform, build_train_transform  # noqa: E402
 from liftplus_fast.data.cache_build import build_cache, open_source_cache  # noqa: E402
 from liftplus_fast.data.cached_transforms import build_cached_test_transform, build_cached_train_transform  # noqa: E402
@@ -52,9 +64,10 @@ WORKERS = int(os.environ.get("LIFTPLUS_FAST_BENCH_WORKERS", "2"))
 BATCH = 32
 # Passes over the split per timed call (steady state; 1 in smoke mode).
 PASSES = {"train": 4, "test": 4}
-# The epoch case: 8 copies of each training image (1280 in all), batches of 64, so a 32-px
-# tiny_vit step costs less than decoding its images (data-bound by construction).
-EPOCH_COPIES, EPOCH_BATCH = 8, 64
+# The command-line case: 8 copies of each training image (1280 in all), batches of 64, so a
+# 32-px tiny_vit step costs less than decoding its images (data-bound by construction).
+EPOCH_COPIES, EPOCH_BATCH, EPOCHS = 8, 64, 2
+CLI_REPEATS = 5
 # Smoke mode checks the machinery in the main process: worker start-up would dominate it.
 _workers = WORKERS
 
@@ -70,8 +83,8 @@ def _folder(smoke: bool) -> str:
     return root
 
 
-def _epoch_folder(smoke: bool, root: str, formats) -> tuple:
-    """The epoch case's folder: ``EPOCH_COPIES`` hard links of each training image of ``root``, its test images once.
+def _epoch_folder(smoke: bool, root: str) -> str:
+    """The command-line case's folder: ``EPOCH_COPIES`` hard links of each training image, the test images once.
 
     A real epoch is long enough that starting the workers is a small part of it; the copies
     make this one long enough without generating more images (each copy is decoded, cropped and
@@ -95,7 +108,49 @@ def _epoch_folder(smoke: bool, root: str, formats) -> tuple:
                                 with open(os.path.join(d, f), "rb") as src:
                                     atomic_write(dst, lambda out, src=src: shutil.copyfileobj(src, out))
         atomic_write_bytes(done, b"")
-    return out, {fmt: _cache(out, fmt) for fmt in formats}
+    return out
+
+
+def _cli(args) -> str:
+    """``python -m liftplus_fast ARGS`` with this checkout's package; its output (stdout, then stderr)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "liftplus_fast", *args], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"liftplus-fast {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
+def _cli_caches(folder: str, smoke: bool) -> tuple:
+    """The caches of ``folder`` built by ``liftplus-fast cache``: the default options (``cached``)
+    and, unless ``smoke``, each stored format; and the line saying which format the default chose."""
+    formats = {"cached": []} if smoke else {"cached": [], "cached_jpeg": ["cache_format", "jpeg"]}
+    if not smoke:
+        formats["cached_raw"] = ["cache_format", "raw"]
+    caches, chosen = {}, ""
+    for cand, extra in formats.items():
+        cdir = os.path.join(folder, f"cli_{cand}")
+        args = ["cache", "-d", "imagefolder", "--root", folder, "--no-progress", "cache_dir", cdir]
+        out = _cli(args + ["num_workers", str(WORKERS)] + extra)
+        caches[cand] = cdir
+        if cand == "cached":
+            chosen = next((line for line in out.splitlines() if line.startswith("format ")), "")
+    return caches, chosen
+
+
+def _cpu_class() -> str:
+    """The CPU's model and its widest vector/matrix units (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    units = [name for flag, name in _UNITS if flag in flags]
+    return f"{model}, {os.cpu_count()} CPUs, " + (", ".join(units) or "no AVX2")
+
+
+_UNITS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX"))
 
 
 def _candidate(fmt: str) -> str:
@@ -171,62 +226,72 @@ def _transform_case(name, split, cfg, root, caches, ref_transform, cached_transf
     )
 
 
-def _epoch_case(root, caches, smoke):
-    kwargs = dict(
-        dataset="imagefolder",
-        root=root,
-        backbone="tiny_vit",
-        pretrained=None,
-        resolution=32,
-        batch_size=EPOCH_BATCH,
-        num_epochs=1,
-        num_workers=_workers,
-        progress=False,
-        output_dir=None,
-        classifier_init="semantic",
-        # As in the demo: the tiny model gains nothing from bf16, whose conversions would cost
-        # more than its GEMMs and make the epoch less data-bound (both candidates alike).
-        prec_train="fp32",
-        prec_test="fp32",
-    )
-    timings: dict = {}
+def _epoch_case(root, smoke):
+    """Training through the command line: ``liftplus-fast train`` from the folder (the PIL path)
+    and from the caches ``liftplus-fast cache`` built, each a fresh process; images/s of its
+    training epochs (worker start-up included, as every epoch of a real run pays it)."""
+    folder = _epoch_folder(smoke, root)
+    caches, chosen = _cli_caches(folder, smoke)
+    out_root = tempfile.mkdtemp(prefix="liftplus_fast_bench_cli_")
+    epochs = 1 if smoke else EPOCHS
+    rates: dict = {}
+    threads: dict = {}
 
-    def run(name, **extra):
+    def run(name, cdir):
+        args = ["train", "-d", "imagefolder", "--root", folder, "-b", "tiny_vit", "--pretrained", "none"]
+        args += ["--no-progress", "--overwrite", "--output-dir", os.path.join(out_root, name)]
+        args += ["resolution", "32", "num_workers", str(_workers), "batch_size", str(EPOCH_BATCH)]
+        # As in the demo: the tiny model gains nothing from bf16, whose conversions would cost
+        # more than its GEMMs and make the run less data-bound (every candidate alike).
+        args += ["num_epochs", str(epochs), "prec_train", "fp32", "prec_test", "fp32", "classifier_init", "semantic"]
+        args += ["data_cache", cdir] if cdir else []
+
         def call():
-            r = fast_train(**kwargs, **extra)
-            timings.setdefault(name, []).append(r.timings)
-            return r
+            out = _cli(args)
+            with open(os.path.join(out_root, name, "metrics.json")) as f:
+                rates.setdefault(name, []).append(json.load(f)["timings"]["train_images_per_s"])
+            line = next((ln for ln in out.splitlines() if "intra-op thread" in ln), "")
+            threads.setdefault(name, []).append(line.split("training step: ")[-1])
 
         return call
 
+    load = [os.getloadavg()[0]]
+
     def report():
-        import statistics
+        load.append(os.getloadavg()[0])
+        shutil.rmtree(out_root, ignore_errors=True)  # the runs' folders: only their images/s are kept
+        # The first run of each candidate is run.py's warm-up (the page cache, compiled code).
+        rates.update({c: r[1:] for c, r in rates.items() if len(r) > 1})
+        med = {c: statistics.median(r) for c, r in rates.items()}
+        # Each repeat runs every candidate back to back: the ratio within a repeat, then the
+        # median over repeats, is steadier than a ratio of medians on a machine whose load drifts.
+        ref = rates["reference"]
+        ratios = {c: statistics.median(v / r for v, r in zip(vs, ref)) for c, vs in rates.items() if c != "reference"}
+        notes = [
+            f"CPU: {_cpu_class()}; load average {load[0]:.1f} at the start, {load[-1]:.1f} at the end",
+            f"default cache: {chosen}",
+            "train images/s per run: " + "; ".join(f"{c} {', '.join(f'{v:.0f}' for v in r)}" for c, r in rates.items()),
+            "median: " + ", ".join(f"{c} {v:.0f}" for c, v in med.items()),
+            "vs reference (median of the ratios within each repeat): "
+            + ", ".join(f"{c} {r:.2f}x" for c, r in ratios.items()),
+        ]
+        notes += [f"{c}: {t[-1]}" for c, t in threads.items() if t and t[-1]]
+        return {"train_images_per_s": med, "train_speedup": ratios, "notes": notes}
 
-        train_s = {c: statistics.median(t["train_s"] for t in ts) for c, ts in timings.items()}
-        ratios = {c: train_s["reference"] / t for c, t in train_s.items() if c != "reference"}
-        return {
-            "train_epoch_s": train_s,
-            "train_epoch_speedup": ratios,
-            "notes": [
-                "training epoch alone: reference "
-                + f"{train_s['reference']:.2f} s, "
-                + ", ".join(f"{c} {train_s[c]:.2f} s ({r:.2f}x)" for c, r in ratios.items())
-            ],
-        }
-
-    candidates = {"reference": run("reference")}
-    for fmt, cdir in caches.items():
-        candidates[_candidate(fmt)] = run(_candidate(fmt), data_cache=cdir)
+    candidates = {"reference": run("reference", None)}
+    candidates.update({cand: run(cand, cdir) for cand, cdir in caches.items()})
+    n = sum(len(files) for _, _, files in os.walk(os.path.join(folder, "train")))
     return common.Case(
-        name="tiny_vit epoch + test (fast_train)",
-        params={"workers": _workers, "batch": EPOCH_BATCH},
+        name="CLI train, tiny_vit 32 px",
+        params={"workers": _workers, "batch": EPOCH_BATCH, "epochs": epochs},
         candidates=candidates,
         notes=[
-            "one fast_train call: setup, one training epoch, evaluation (fp32, 32 px); "
-            f"{EPOCH_COPIES} copies of each training image, batches of {EPOCH_BATCH}"
+            f"liftplus-fast cache / train, each a fresh process; {epochs} epoch(s) of {n} training images, "
+            f"batches of {EPOCH_BATCH}, {_workers} DataLoader workers",
+            "ms: the whole command (start-up, setup, training, test); the figure is the training images/s",
         ],
         measure_memory=False,
-        repeats=1 if smoke else 3,
+        repeats=1 if smoke else CLI_REPEATS,
         report=report,
     )
 
@@ -269,7 +334,7 @@ def cases(smoke: bool):
             build_cached_test_transform(tte_cfg),
             smoke,
         ),
-        _epoch_case(*_epoch_folder(smoke, root, caches), smoke),
+        _epoch_case(root, smoke),
     ]
     return out
 
@@ -281,10 +346,12 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--filter", nargs="*", help="cases whose name contains all of these (e.g. CLI)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    rc = runner.main((["--smoke"] if args.smoke else []) + ["--only", "input_pipeline", "--out", args.out])
+    extra = (["--smoke"] if args.smoke else []) + (["--filter", *args.filter] if args.filter else [])
+    rc = runner.main(extra + ["--only", "input_pipeline", "--out", args.out])
     print(f"input pipeline benchmark: {time.perf_counter() - t0:.0f} s")
     return rc
 

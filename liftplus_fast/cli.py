@@ -4,7 +4,7 @@ liftplus-fast train -d cifar100_ir100 -b clip_vit_b16 -m lift+ [key value ...] [
 liftplus-fast test  -d cifar100_ir100 -b clip_vit_b16 -m lift+ model_dir output/run tte True
 liftplus-fast predict --model-dir output/run --images photos/ --output preds.csv
 liftplus-fast options                    # every key value option: type, default, meaning
-liftplus-fast cache -d imagefolder --root R [split_dir S] [cache_dir C] [cache_size 256] [cache_format jpeg|raw]
+liftplus-fast cache -d imagefolder --root R [split_dir S] [cache_dir C] [cache_size 256] [cache_format auto|jpeg|raw]
 liftplus-fast demo                       # offline, embedded default, < 3 minutes on 2 cores
 liftplus-fast info                       # what was built, where each op dispatches
 torchrun --nproc_per_node=N -m liftplus_fast train ...   # data-parallel
@@ -223,6 +223,8 @@ def cmd_cache(args) -> int:
     root = args.root or LiftConfig.root
     cache_dir = options.folder(root)
     summary = build_cache(args.data, root, options=options, progress=not args.no_progress)
+    first = next(iter(summary.values()))
+    print(f"format {first['cache_format']}: {first['format_reason']}")
     for split, s in summary.items():
         ratio = s["data_bytes"] / max(s["source_bytes"], 1)
         print(

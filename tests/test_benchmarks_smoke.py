@@ -29,13 +29,15 @@ def test_benchmark_smoke_run(tmp_path):
         assert "speedup_vs_reference" in row and "speedup_vs_compile" in row
         assert f"## {name}" in out.stdout
     # The input pipeline: every transform case times the reference and the cache on the same
-    # images and reports images/s; the training-epoch case reports both epochs.
+    # images and reports images/s.
     rows = json.loads((tmp_path / "input_pipeline.json").read_text())["rows"]
     assert [r["case"].split(" res=")[0] for r in rows[:3]] == ["train (MDA)", "test", "test TTE (5 crops)"]
     for row in rows[:3]:
         assert {"reference", "cached"} <= set(row["items_per_s"]) and all(v > 0 for v in row["items_per_s"].values())
         assert row["speedup_vs_reference"]["cached"] > 0
-    assert set(rows[3]["train_epoch_s"]) == {"reference", "cached"} and rows[3]["train_epoch_speedup"]["cached"] > 0
+    # The command-line case: the PIL path and the default cache, each trained by `liftplus-fast train`.
+    assert set(rows[3]["train_images_per_s"]) == {"reference", "cached"} and rows[3]["train_speedup"]["cached"] > 0
+    assert any(note.startswith("default cache: format ") for note in rows[3]["notes"])
     assert "## input_pipeline" in out.stdout and "images/s" in out.stdout
     # The AdaptFormer rows carry the accuracy of every candidate against float64: all of them
     # are fp32 in smoke mode, so all must be close.

@@ -64,13 +64,26 @@ def test_the_tuner_options_are_those_of_the_installed_tuners():
 
 def test_cache_options_are_declared_the_same_way():
     rows = {o.name: o for o in describe(CacheOptions)}
-    assert set(rows) == {"split_dir", "cache_dir", "cache_size", "cache_format", "cache_quality", "num_workers"}
+    assert set(rows) == {
+        "split_dir",
+        "cache_dir",
+        "cache_size",
+        "cache_format",
+        "cache_quality",
+        "num_workers",
+        "cache_budget",
+    }
     assert rows["cache_size"].default == 256 and all(o.help for o in rows.values())
+    assert rows["cache_format"].default == "auto" and rows["cache_budget"].default is None
     opts = CacheOptions.from_pairs(["cache_size", "128", "cache_format", "raw", "num_workers", "0"])
     assert (opts.cache_size, opts.cache_format, opts.workers()) == (128, "raw", 0)
     assert CacheOptions(cache_dir="/c").folder("/data") == "/c" and CacheOptions().folder("/d").startswith("/d")
     with pytest.raises(ValueError, match="option cache_quality must be an integer >= 1 and <= 100; got 101"):
         CacheOptions(cache_quality=101)
+    with pytest.raises(ValueError, match="option cache_budget must be a finite number > 0 or None; got 0"):
+        CacheOptions.from_pairs(["cache_budget", "0"])
+    with pytest.raises(ValueError, match="option cache_format must be one of 'auto', 'jpeg', 'raw'"):
+        CacheOptions(cache_format="png")
     with pytest.raises(ValueError, match="unknown cache option 'size'"):
         CacheOptions.from_pairs(["size", "3"])
     with pytest.raises(ValueError, match="'key value' pairs"):

@@ -7,6 +7,9 @@ encode them and write the chunk into a build folder ``C/.<split>.build-<fingerpr
 pixels first, then a small manifest, each by rename, so a manifest means a finished chunk). A
 build that is interrupted resumes from the finished chunks. When every chunk is there the data
 file is assembled, then the index is written (see :mod:`liftplus_fast.data.cache_store`).
+
+``cache_format auto`` (the default) is resolved to raw or jpeg before anything is built
+(:func:`~liftplus_fast.data.cache_format.choose_format`).
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ from PIL import Image
 from ..errors import UserInputError
 from ..files import atomic_write, atomic_write_bytes
 from ..stop_signals import check_stop, handle_stop_signals, requested, safe_points, stop_error
+from .cache_format import choose_format
 from .cache_store import (
+    AUTO_FORMAT,
     MAGIC,
     VERSION,
     CachedImageDataset,
     CacheError,
     CacheOptions,
+    build_dir,
+    cached_size,
     check_source_stats,
     data_path,
     index_path,
@@ -51,18 +58,6 @@ logger = logging.getLogger("liftplus_fast")
 
 CHUNK = 256
 CACHE_SPLITS = ("train", "test")
-
-
-def cached_size(height: int, width: int, cache_size: int) -> Tuple[int, int]:
-    """Stored (height, width): short side ``min(short, cache_size)``, long side ``int(cache_size * long / short)``.
-
-    The long side follows ``torchvision.transforms.Resize``'s rounding; images are never upsampled.
-    """
-    short, long = min(height, width), max(height, width)
-    if short <= cache_size:
-        return height, width
-    new_long = int(cache_size * long / short)
-    return (cache_size, new_long) if height <= width else (new_long, cache_size)
 
 
 def encode_for_cache(img: Image.Image, options: CacheOptions) -> Tuple[bytes, Tuple[int, int], Tuple[int, int]]:
@@ -195,6 +190,8 @@ def build_split(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    if options.cache_format == AUTO_FORMAT:
+        options, _ = choose_format({split: source}, dataset, cache_dir, options)
     os.makedirs(cache_dir, exist_ok=True)
     fp = source_fingerprint(dataset, split, source.root, source.paths, source.labels, source.classnames, options)
     current = _up_to_date(cache_dir, split, fp, source.paths)
@@ -216,7 +213,7 @@ def build_split(
             *(cache_dir, split, len(current[2]), len(source.paths)),
         )
         entries = _previous_entries(*current)
-    work_dir = os.path.join(cache_dir, f".{split}.build-{fp[:16]}")
+    work_dir = build_dir(cache_dir, split, fp)
     for name in os.listdir(cache_dir):  # builds for another source or options cannot be resumed
         if name.startswith(f".{split}.build-") and os.path.join(cache_dir, name) != work_dir:
             shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
@@ -365,7 +362,10 @@ def build_cache(
     ``cache_dir`` overrides the options' folder. ``dataset`` must be an image-file data set
     (``imagefolder``, ``listfile``, ``imagenet_lt``, ``places_lt``, ``inat2018``). Up-to-date
     splits are kept, interrupted builds resume, stale ones are rebuilt. Files that cannot be
-    decoded are logged, listed in ``<split>.skipped.txt`` and left out.
+    decoded are logged, listed in ``<split>.skipped.txt`` and left out. ``cache_format auto``
+    is resolved once for all splits (:func:`~liftplus_fast.data.cache_format.choose_format`);
+    each summary holds the stored
+    ``cache_format`` and ``format_reason``.
     """
     if options is not None and values:
         raise TypeError("give either options or CacheOptions fields as keywords, not both")
@@ -374,14 +374,19 @@ def build_cache(
     out = {}
     with handle_stop_signals():
         try:
+            sources = {}
             for split in splits:
-                source = build_dataset(dataset, root, split, None, options.split_dir)
+                sources[split] = source = build_dataset(dataset, root, split, None, options.split_dir)
                 if not isinstance(source, ImageFileDataset):
                     raise UserInputError(
                         f"the decode-once cache reads image files; dataset {dataset!r} is not an "
                         "image-file data set (use imagefolder, listfile, imagenet_lt, places_lt or inat2018)"
                     )
-                out[split] = build_split(source, dataset, split, folder, options, options.workers(), progress)
+            options, why = choose_format(sources, dataset, folder, options)
+            logger.info("cache format %s: %s", options.cache_format, why)
+            for split, source in sources.items():
+                summary = build_split(source, dataset, split, folder, options, options.workers(), progress)
+                out[split] = {**summary, "cache_format": options.cache_format, "format_reason": why}
         except KeyboardInterrupt:
             if requested() is None:
                 raise

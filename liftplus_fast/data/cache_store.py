@@ -35,14 +35,16 @@ from torch.utils.data import Dataset
 
 from ..errors import CacheError, UserInputError
 from ..files import atomic_write
-from ..options import check_fields, choice, integer, key_value_pairs, option, parse_value, text
+from ..options import check_fields, choice, integer, key_value_pairs, number, option, parse_value, text
 from .normalize import normalization_affine
 from .source_stat import changed_sources, describe_change
 from .splits import count_per_class
 
 MAGIC = "liftplus_fast.decode_once_cache"
 VERSION = 2
+# What a split stores; ``auto`` (the cache command's default) picks one of them per cache.
 CACHE_FORMATS = ("jpeg", "raw")
+AUTO_FORMAT = "auto"
 
 
 # torchvision 0.29 flags its image codecs as deprecated in favour of TorchCodec; they are the
@@ -67,12 +69,31 @@ def skipped_path(cache_dir: str, split: str) -> str:
     return os.path.join(cache_dir, f"{split}.skipped.txt")
 
 
+def build_dir(cache_dir: str, split: str, fingerprint: str) -> str:
+    """The folder of an unfinished build of ``split`` (its finished chunks)."""
+    return os.path.join(cache_dir, f".{split}.build-{fingerprint[:16]}")
+
+
+def cached_size(height: int, width: int, cache_size: int) -> Tuple[int, int]:
+    """Stored (height, width): short side ``min(short, cache_size)``, long side ``int(cache_size * long / short)``.
+
+    The long side follows ``torchvision.transforms.Resize``'s rounding; images are never upsampled.
+    """
+    short, long = min(height, width), max(height, width)
+    if short <= cache_size:
+        return height, width
+    new_long = int(cache_size * long / short)
+    return (cache_size, new_long) if height <= width else (new_long, cache_size)
+
+
 @dataclass(frozen=True)
 class CacheOptions:
     """The options of ``liftplus-fast cache`` (``key value`` on its command line), checked.
 
     ``cache_size``, ``cache_format`` and ``cache_quality`` define what is stored and enter the
-    cache's fingerprint; the others say where it goes and how many processes build it.
+    cache's fingerprint (``cache_format auto`` as the format it chose, see
+    :func:`~liftplus_fast.data.cache_build.choose_format`); the others say where it goes, how
+    many processes build it and how much disk ``auto`` lets a raw cache take.
     """
 
     split_dir: Optional[str] = option(
@@ -81,11 +102,19 @@ class CacheOptions:
     cache_dir: Optional[str] = option(None, text(optional=True), "cache folder; None: ROOT/liftplus_fast_cache")
     cache_size: int = option(256, integer(lo=1), "short side the images are stored at, in pixels (never upsampled)")
     cache_format: str = option(
-        "jpeg", choice(CACHE_FORMATS), "jpeg (4:4:4 chroma, cache_quality) or raw pixels (no decoding, larger)"
+        AUTO_FORMAT,
+        choice((AUTO_FORMAT,) + CACHE_FORMATS),
+        "auto (raw where the raw cache fits cache_budget, else jpeg), jpeg (4:4:4 chroma, cache_quality) "
+        "or raw pixels (no decoding, larger)",
     )
     cache_quality: int = option(95, integer(lo=1, hi=100), "JPEG quality of a jpeg cache")
     num_workers: Optional[int] = option(
         None, integer(lo=0, optional=True), "decoding processes (0: this one); None: min(4, CPU count)"
+    )
+    cache_budget: Optional[float] = option(
+        None,
+        number(float, lo=0, lo_open=True, optional=True),
+        "GiB a raw cache may take under cache_format auto; None: half the free disk and half the memory",
     )
 
     def __post_init__(self):
@@ -126,6 +155,8 @@ def source_fingerprint(
     list, label, class name or option gives another fingerprint (a stale cache). Image contents
     are not hashed (that would read the whole data set): rebuild after editing images in place.
     """
+    if options.cache_format not in CACHE_FORMATS:
+        raise ValueError(f"a fingerprint is of a stored format {CACHE_FORMATS}; got {options.cache_format!r}")
     h = hashlib.sha256()
     head = {
         "magic": MAGIC,

@@ -12,6 +12,9 @@ cache when ``data_cache`` is set) and the set the classifier is initialised from
 * a cache with ``augment_on_device``: the workers only slice the stored bytes; decoding,
   augmentation and normalisation run in batches on the device (:class:`GPUAugmentLoader`).
 
+A training loader on the CPU with workers also chooses the step's intra-op threads by
+measurement (:class:`~liftplus_fast.data.step_threads.StepThreadsLoader`).
+
 Every loader yields ``(images, labels)`` and exposes ``sampler`` and ``generator``: the training
 loop re-seeds the generator and tags the sampler with the epoch at the start of each epoch
 (:class:`EpochTaggedSampler`, which the cached MDA crop reads its schedule from).
@@ -34,6 +37,7 @@ from .cached_transforms import build_cached_plain_transform, build_cached_test_t
 from .gpu_augment import augment_batch, collate_encoded
 from .normalize import normalize_batch
 from .registry import build_dataset
+from .step_threads import StepThreadsLoader
 from .transforms import build_plain_transform, build_test_transform, build_train_transform
 
 __all__ = [
@@ -126,6 +130,14 @@ def build_loader(
     go (``None``: the CPU). See the module docstring for the four shapes of loader.
     """
     workers = max(0, min(cfg.num_workers, os.cpu_count() or 1))
+    loader = _build_loader(dataset, cfg, batch_size, shuffle, sampler, seed, device, persistent_workers, workers)
+    if shuffle and workers > 0 and (device is None or torch.device(device).type == "cpu"):
+        # The step's threads and the workers share the cores: the split is measured.
+        return StepThreadsLoader(loader, workers)
+    return loader
+
+
+def _build_loader(dataset, cfg, batch_size, shuffle, sampler, seed, device, persistent_workers, workers):
     generator = torch.Generator().manual_seed(seed)
     cached = isinstance(_base(dataset), CachedImageDataset)
     on_device = cached and cfg.augment_on_device

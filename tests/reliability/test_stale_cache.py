@@ -77,7 +77,9 @@ def test_the_cache_command_decodes_only_the_changed_images(cached, tmp_path, cap
     before = stored(cache, "train")
     rewrite(os.path.join(root, "img", "train_1_2.png"))  # source index 6 of train
     assert main(["cache", "-d", "imagenet_lt", "--root", root, "cache_dir", cache, "num_workers", "0"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("format "), out  # the cache format and why
+    lines = out[1:]
     assert lines[0].startswith("train: 12 images, 0 skipped") and lines[0].endswith(", 1 decoded"), lines
     assert lines[1].startswith("test: 6 images, 0 skipped") and lines[1].endswith(", 0 decoded"), lines
     after = stored(cache, "train")

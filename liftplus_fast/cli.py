@@ -28,6 +28,7 @@ from .demo import run_demo
 from .distributed import is_main_process
 from .errors import LiftPlusError, RunStoppedError, UserInputError
 from .evaluate import format_accuracy
+from .ops._native import check_cpu_capability_setting
 from .option_listing import options_markdown, options_text
 from .options import describe, key_value_pairs, parse_value
 from .predict import PredictOptions, predict
@@ -314,6 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
+        check_cpu_capability_setting()
         with handle_stop_signals():  # still handled while the stop is reported
             try:
                 return _run_command(args)

@@ -49,7 +49,7 @@ from .files import atomic_write_json
 from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
 from .model.inits import FEATURE_INITS
 from .ops import choices
-from .ops._native import cpu_capability_line
+from .ops._native import check_cpu_capability_setting, cpu_capability_line
 from .ops.gemm import cpu_bf16_gemm_path
 from .options import key_value_pairs
 from .progress import progress_bar
@@ -202,6 +202,7 @@ def fast_train(
     """
     if config_dir is not None:
         overrides["config_dir"] = config_dir
+    check_cpu_capability_setting()
     cfg = _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides)
     with handle_stop_signals():
         try:

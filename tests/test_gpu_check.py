@@ -17,6 +17,7 @@ import time
 import zipfile
 
 import pytest
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.py")
@@ -179,11 +180,10 @@ def test_docs_show_the_download_command_the_script_runs():
 
 
 def _pyproject_dependencies():
-    text = open(os.path.join(ROOT, "pyproject.toml")).read()
-    deps = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
-    test = re.search(r"^test = \[(.*?)\]", text, re.M).group(1)
-    names = re.findall(r'"([A-Za-z0-9_.-]+)', deps + test)
-    return {n.lower() for n in names}
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    specs = project["dependencies"] + project["optional-dependencies"]["test"]
+    return {re.match(r"[A-Za-z0-9_.-]+", spec).group(0).lower() for spec in specs}
 
 
 def _third_party_imports():

@@ -70,6 +70,7 @@ REQUIRED = [
     ("scikit-learn", "sklearn"),
     ("timm", "timm"),
     ("tensorboard", "tensorboard"),
+    ("pyyaml", "yaml"),
     ("pytest", "pytest"),
     ("pytest-benchmark", "pytest_benchmark"),
     ("hypothesis", "hypothesis"),

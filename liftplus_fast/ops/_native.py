@@ -8,8 +8,10 @@ it on purpose, ``LIFTPLUS_FAST_NO_EXTENSION=1``).
 Its CPU kernels come in builds for several instruction sets; the library picks one per kernel
 file when it loads (``csrc/cpu_dispatch.cpp``), and :func:`cpu_capability` says which and why.
 ``LIFTPLUS_FAST_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``, ``avx512_bf16``, ``amx``)
-caps the choice: a value above what the CPU supports gives the widest it supports, an unknown
-value is a :class:`~liftplus_fast.errors.UserInputError` at import.
+caps the choice: a value above what the CPU supports gives the widest it supports. An unknown
+value leaves the native kernels unused (the import warns, naming the variable) and
+:func:`check_cpu_capability_setting` (called by ``fast_train`` and the command line) raises a
+:class:`~liftplus_fast.errors.UserInputError` naming it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class NativeStatus:
     cpu: dict = field(default_factory=dict)
     # Whether the reference path is the user's choice (no warning then).
     chosen: bool = False
+    # A LIFTPLUS_FAST_CPU_CAPABILITY value the library refused (then nothing runs natively).
+    setting_error: str = ""
 
 
 _STATUS: Optional[NativeStatus] = None
@@ -116,7 +120,7 @@ def _load() -> NativeStatus:
         return NativeStatus(False, f"could not load {path}: {exc}", path, info)
     selected, supported, why, error, kernels = op(NATIVE, "cpu_capability")()
     if error:
-        raise UserInputError(error)
+        return NativeStatus(False, f"{error}; the native kernels are not used", path, info, setting_error=error)
     cpu = {
         "selected": selected,
         "supported": supported,
@@ -139,6 +143,13 @@ def native_status() -> NativeStatus:
                 stacklevel=2,
             )
     return _STATUS
+
+
+def check_cpu_capability_setting() -> None:
+    """:class:`UserInputError` naming ``LIFTPLUS_FAST_CPU_CAPABILITY`` when its value is refused."""
+    error = native_status().setting_error
+    if error:
+        raise UserInputError(error)
 
 
 def cpu_capability() -> dict:

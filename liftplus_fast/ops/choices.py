@@ -77,7 +77,12 @@ def _forced(choice: Choice) -> Optional[str]:
 def _decide(name: str) -> str:
     choice = _CHOICES[name]
     forced = _forced(choice)
-    option, why = (forced, f"forced by {choice.env_var}={forced}") if forced else choice.decide()
+    if forced:
+        option, why = forced, f"forced by {choice.env_var}={forced}"
+    else:
+        # A choice first needed in evaluation (no_grad, inference_mode) still times backward passes.
+        with torch.inference_mode(False), torch.enable_grad():
+            option, why = choice.decide()
     if option not in choice.options:
         raise RuntimeError(f"choice {name} decided {option!r}, not one of {choice.options}")
     _OPTION[name], _WHY[name] = option, why

@@ -217,3 +217,17 @@ def test_every_choice_decides_on_this_machine(monkeypatch):
 
 def _must_not_measure(*args, **kwargs):
     raise AssertionError("measured where the variable forced the option")
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_choices_first_needed_in_evaluation_still_decide(monkeypatch, mode):
+    # Prediction and evaluation can be the first to need a choice; its timings run backward passes.
+    names = ("attention_bf16", "bias_gelu_bf16", "layer_norm_bf16")
+    for name in names:
+        monkeypatch.delitem(choices._OPTION, name, raising=False)
+        monkeypatch.delitem(choices._WHY, name, raising=False)
+    for var in (attention_mod.ENV_VAR, linear_gelu_mod.ENV_VAR, layer_norm_mod.ENV_VAR):
+        monkeypatch.delenv(var, raising=False)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        decided = {name: choices.get(name) for name in names}
+    assert all(decided[name] in choices._CHOICES[name].options for name in names)

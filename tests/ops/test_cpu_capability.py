@@ -106,10 +106,19 @@ def test_a_capability_above_the_cpu_is_capped_with_the_reason():
 @needs_dispatch
 @pytest.mark.parametrize("value", ["avx3", "sse", "native"])
 def test_an_unknown_capability_is_a_clear_error_naming_the_variable(value):
-    out = _run("import liftplus_fast", value)
-    assert out.returncode != 0
-    assert f"LIFTPLUS_FAST_CPU_CAPABILITY={value} is not a CPU capability" in out.stderr
-    assert "expected one of default, avx2, avx512, avx512_bf16, amx" in out.stderr
+    expected = f"LIFTPLUS_FAST_CPU_CAPABILITY={value} is not a CPU capability"
+    # Importing warns and leaves the native kernels unused ...
+    out = _run("import liftplus_fast as lf; print(lf.backend_info()['native']['loaded'])", value)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert expected in out.stderr and "expected one of default, avx2, avx512, avx512_bf16, amx" in out.stderr
+    # ... and a run refuses to start, the command line with one line and status 2.
+    out = _run("import liftplus_fast as lf; lf.fast_train(dataset='digits_lt')", value)
+    assert out.returncode != 0 and f"UserInputError: {expected}" in out.stderr
+    out = _run("from liftplus_fast.cli import main; raise SystemExit(main(['info']))", value)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("liftplus-fast: error: ") and expected in last
 
 
 @needs_dispatch

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.data.tiny_run import tiny_argv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,26 +32,7 @@ def test_info_prints_backend_json():
 
 def test_train_then_test_smoke(tmp_path):
     out_dir = tmp_path / "cli_run"
-    out = run_cli(
-        "train",
-        "-d",
-        "digits_lt",
-        "-b",
-        "tiny_vit",
-        "-m",
-        "lift+",
-        "--output-dir",
-        str(out_dir),
-        "--no-progress",
-        "num_epochs",
-        "1",
-        "resolution",
-        "32",
-        "batch_size",
-        "64",
-        "num_workers",
-        "0",
-    )
+    out = run_cli(*tiny_argv(out_dir, method="lift+", batch_size=64))
     assert out.returncode == 0, out.stderr
     assert "many:" in out.stdout and (out_dir / "checkpoint.pth.tar").exists()
     test = run_cli(

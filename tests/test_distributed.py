@@ -10,6 +10,7 @@ import torch
 
 import liftplus_fast as lf
 from liftplus_fast import distributed as D
+from tests.data.tiny_run import FP32, tiny_argv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -94,35 +95,8 @@ def test_every_process_takes_rank_0s_measured_choices(worker_results):
 
 def test_torchrun_cli_trains_writes_once_and_reloads(tmp_path):
     out = tmp_path / "run"
-    proc = torchrun(
-        "-m",
-        "liftplus_fast",
-        "train",
-        "-d",
-        "digits_lt",
-        "-b",
-        "tiny_vit",
-        "-m",
-        "lift+",
-        "--pretrained",
-        "none",
-        "--output-dir",
-        str(out),
-        "--no-progress",
-        "num_epochs",
-        "2",
-        "batch_size",
-        "32",
-        "resolution",
-        "32",
-        "num_workers",
-        "0",
-        "prec_train",
-        "fp32",
-        "prec_test",
-        "fp32",
-        cwd=str(tmp_path),
-    )
+    argv = tiny_argv(out, method="lift+", num_epochs=2, batch_size=32, **FP32)
+    proc = torchrun("-m", "liftplus_fast", *argv, cwd=str(tmp_path))
     # Only rank 0 reports.
     assert proc.stdout.count("* overall accuracy") == 1
     log = (out / "log.txt").read_text()

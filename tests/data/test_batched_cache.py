@@ -4,26 +4,14 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-from liftplus_fast.data.cache_build import build_cache, open_source_cache
+from liftplus_fast.data.cache_build import open_source_cache
 from liftplus_fast.data.cached_transforms import CachedMDACrop, CachedResizeCrop
 from liftplus_fast.data.loaders import EpochTaggedSampler, NormalizedLoader
 from liftplus_fast.data.normalize import normalization_affine, normalize_batch, normalize_into
-from liftplus_fast.data.synthetic_images import write_image_folder
 from liftplus_fast.errors import UserInputError
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 TRANSFORMS = (CachedMDACrop(32, 3), CachedResizeCrop(32, 36), CachedResizeCrop(32, 40, five_crop=True))
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    root = tmp_path_factory.mktemp("batched")
-    write_image_folder(str(root), [4, 3], test_per_class=2, sizes=((40, 52), (52, 40), (48, 64)))
-    out = {}
-    for fmt in ("raw", "jpeg"):
-        out[fmt] = str(root / fmt)
-        build_cache("imagefolder", str(root), out[fmt], cache_size=44, cache_format=fmt, progress=False)
-    return str(root), out
 
 
 @pytest.mark.parametrize("fmt", ["raw", "jpeg"])

@@ -28,17 +28,7 @@ from liftplus_fast.data.cached_transforms import CachedMDACrop, CachedResizeCrop
 from liftplus_fast.data.images import load_rgb_image
 from liftplus_fast.data.loaders import EpochTaggedSampler
 from liftplus_fast.data.normalize import normalize_batch
-from liftplus_fast.data.synthetic_images import write_image_folder
-from tests.data.tiny_run import tiny_run
-
-SIZES = ((40, 52), (52, 40), (36, 36), (48, 64))
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    write_image_folder(str(root), [5, 3, 2], test_per_class=2, sizes=SIZES)
-    return str(root)
+from tests.data.tiny_run import tiny_argv, tiny_run
 
 
 def _mae(a, b):
@@ -224,36 +214,18 @@ def test_fast_train_and_cli_train_from_the_cache(folder, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "train: 10 images, 0 skipped" in out and "data_cache" in out
-    rc = cli_main(
-        [
-            "train",
-            "-d",
-            "listfile",
-            "-b",
-            "tiny_vit",
-            "--root",
-            folder,
-            "--no-progress",
-            "--output-dir",
-            str(tmp_path / "out"),
-            "split_dir",
-            folder,
-            "data_cache",
-            cdir,
-            "resolution",
-            "32",
-            "num_epochs",
-            "1",
-            "batch_size",
-            "4",
-            "num_workers",
-            "2",
-            "tte",
-            "True",
-            "classifier_init",
-            "class_mean",
-        ]
+    argv = tiny_argv(
+        tmp_path / "out",
+        dataset="listfile",
+        root=folder,
+        split_dir=folder,
+        data_cache=cdir,
+        batch_size=4,
+        num_workers=2,
+        tte=True,
+        classifier_init="class_mean",
     )
+    rc = cli_main(argv)
     assert rc == 0, capsys.readouterr().err
     assert "overall accuracy" in capsys.readouterr().out
     # A cache of another data set's list is stale for this one.

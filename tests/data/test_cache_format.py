@@ -10,16 +10,6 @@ from liftplus_fast.data import build_dataset, cache_build, cache_format
 from liftplus_fast.data.cache_build import build_cache
 from liftplus_fast.data.cache_format import choose_format, estimate_raw_bytes, raw_budget
 from liftplus_fast.data.cache_store import CacheOptions, cached_size, data_path, read_index, source_fingerprint
-from liftplus_fast.data.synthetic_images import write_image_folder
-
-SIZES = ((40, 52), (52, 40), (36, 36), (48, 64))
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    write_image_folder(str(root), [5, 3, 2], test_per_class=2, sizes=SIZES)
-    return str(root)
 
 
 def _raw_bytes(paths, cache_size):

@@ -8,26 +8,14 @@ import pytest
 import torch
 
 import liftplus_fast as lf
-from liftplus_fast.data.cache_build import build_cache, open_source_cache
+from liftplus_fast.data.cache_build import open_source_cache
 from liftplus_fast.data.cached_transforms import CachedMDACrop, CachedResizeCrop
 from liftplus_fast.data.gpu_augment import augment_batch, collate_encoded
 from liftplus_fast.data.normalize import normalize_batch
-from liftplus_fast.data.synthetic_images import write_image_folder
 from tests.data.tiny_run import tiny_run
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU decode and augment)")
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu")
-    write_image_folder(str(root), [4, 3], test_per_class=2, sizes=((40, 52), (52, 40), (48, 64)))
-    out = {}
-    for fmt in ("raw", "jpeg"):
-        out[fmt] = str(root / fmt)
-        build_cache("imagefolder", str(root), out[fmt], cache_size=44, cache_format=fmt, progress=False)
-    return str(root), out
 
 
 def _both_paths(root, cdir, transform, device, epoch=1):

@@ -10,7 +10,7 @@ import liftplus_fast as lf
 from liftplus_fast.cli import main as cli_main
 from liftplus_fast.data import ImageFolderLT, ListFileDataset, build_dataset
 from liftplus_fast.data.synthetic_images import write_image_folder
-from tests.data.tiny_run import TINY
+from tests.data.tiny_run import TINY, tiny_argv
 
 SMALL = ((40, 52), (52, 40), (36, 36))
 
@@ -77,29 +77,6 @@ def test_fast_train_on_imagefolder_and_listfile(folder):
 
 
 def test_cli_accepts_split_dir(folder, tmp_path, capsys):
-    rc = cli_main(
-        [
-            "train",
-            "-d",
-            "listfile",
-            "-b",
-            "tiny_vit",
-            "--root",
-            folder,
-            "--no-progress",
-            "--output-dir",
-            str(tmp_path / "out"),
-            "split_dir",
-            folder,
-            "resolution",
-            "32",
-            "num_epochs",
-            "1",
-            "batch_size",
-            "8",
-            "num_workers",
-            "0",
-        ]
-    )
+    rc = cli_main(tiny_argv(tmp_path / "out", dataset="listfile", root=folder, split_dir=folder, batch_size=8))
     assert rc == 0, capsys.readouterr().err
     assert "overall accuracy" in capsys.readouterr().out

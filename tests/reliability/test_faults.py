@@ -17,6 +17,7 @@ from liftplus_fast.checkpoint import OutputWriteError, load_checkpoint, save_che
 from liftplus_fast.cli import error_sentence
 from liftplus_fast.cli import main as cli_main
 from liftplus_fast.data import CorruptImageError, load_rgb_image
+from tests.data.tiny_run import tiny_argv
 
 from .conftest import list_run_args, make_list_dataset, snapshot
 
@@ -182,30 +183,7 @@ def test_full_disk_during_training_is_one_sentence_on_the_command_line(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod.os, "fsync", full)
-    code = cli_main(
-        [
-            "train",
-            "-d",
-            "imagenet_lt",
-            "-b",
-            "tiny_vit",
-            "--root",
-            root,
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--no-progress",
-            "num_epochs",
-            "1",
-            "resolution",
-            "32",
-            "batch_size",
-            "4",
-            "num_workers",
-            "0",
-            "prec_train",
-            "fp32",
-        ]
-    )
+    code = cli_main(tiny_argv(tmp_path / "out", dataset="imagenet_lt", root=root, batch_size=4, prec_train="fp32"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("liftplus-fast: error: could not write ") and "No space left on device" in err

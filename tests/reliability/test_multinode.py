@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from liftplus_fast.checkpoint import load_checkpoint
+from tests.data.tiny_run import FP32, tiny_argv
 
 from .conftest import make_list_dataset
 
@@ -99,35 +100,17 @@ def train_args(root, out, *extra):
     return [
         "-m",
         "liftplus_fast",
-        "train",
-        "-d",
-        "imagenet_lt",
-        "--root",
-        root,
-        "-b",
-        "tiny_vit",
-        "--pretrained",
-        "none",
-        "--output-dir",
-        str(out),
-        "--no-progress",
-        *extra,
-        "num_epochs",
-        str(EPOCHS),
-        "batch_size",
-        "8",
-        "resolution",
-        "32",
-        "num_workers",
-        "0",
-        "prec_train",
-        "fp32",
-        "prec_test",
-        "fp32",
-        "print_freq",
-        "1",
-        "dist_timeout",
-        str(DIST_TIMEOUT),
+        *tiny_argv(
+            out,
+            *extra,
+            dataset="imagenet_lt",
+            root=root,
+            num_epochs=EPOCHS,
+            batch_size=8,
+            print_freq=1,
+            dist_timeout=DIST_TIMEOUT,
+            **FP32,
+        ),
     ]
 
 

@@ -14,6 +14,7 @@ import liftplus_fast as lf
 from liftplus_fast.cli import main
 from liftplus_fast.errors import RunInUseError
 from liftplus_fast.run_lock import LOCK_NAME, lock_run_folder, read_holder
+from tests.data.tiny_run import FP32, tiny_argv
 
 from .conftest import TINY
 
@@ -101,36 +102,10 @@ def test_one_process_cannot_lock_a_folder_twice(tmp_path):
     lock_run_folder(str(tmp_path)).release()
 
 
-def cli_train(out, *extra, epochs=1):
-    return [
-        "train",
-        "-d",
-        "digits_lt",
-        "-b",
-        "tiny_vit",
-        "--pretrained",
-        "none",
-        "--output-dir",
-        str(out),
-        "--no-progress",
-        *extra,
-        "num_epochs",
-        str(epochs),
-        "resolution",
-        "32",
-        "num_workers",
-        "0",
-        "prec_train",
-        "fp32",
-        "prec_test",
-        "fp32",
-    ]
-
-
 def test_a_second_train_or_test_into_a_live_run_is_refused_even_with_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     live = subprocess.Popen(
-        [sys.executable, "-m", "liftplus_fast", *cli_train(out, epochs=200)],
+        [sys.executable, "-m", "liftplus_fast", *tiny_argv(out, num_epochs=200, **FP32)],
         env=ENV,
         cwd=str(tmp_path),
         stdout=subprocess.DEVNULL,
@@ -140,7 +115,7 @@ def test_a_second_train_or_test_into_a_live_run_is_refused_even_with_overwrite(t
     try:
         wait_for(lambda: (out / "checkpoint.pth.tar").exists() or live.poll() is not None, 240, "the first epoch")
         assert live.poll() is None, live.stderr.read()
-        for argv in (cli_train(out, "--overwrite"), cli_train(out, "--resume"), cli_train(out)):
+        for argv in (tiny_argv(out, "--overwrite", **FP32), tiny_argv(out, "--resume", **FP32), tiny_argv(out, **FP32)):
             assert main(argv) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and f"is in use by a live run: pid {live.pid} on host" in err[0], err
@@ -155,5 +130,5 @@ def test_a_second_train_or_test_into_a_live_run_is_refused_even_with_overwrite(t
         live.kill()
         live.wait(timeout=30)
     # Killed mid-run: the folder is free again.
-    assert main(cli_train(out, "--overwrite", epochs=1)) == 0
+    assert main(tiny_argv(out, "--overwrite", **FP32)) == 0
     assert not (out / LOCK_NAME).exists()

@@ -20,41 +20,12 @@ from liftplus_fast.errors import RunStoppedError
 from liftplus_fast.evaluate import evaluate
 from liftplus_fast.run_lock import LOCK_NAME
 from liftplus_fast.stop_signals import handle_stop_signals, requested
+from tests.data.tiny_run import FP32, tiny_argv
 
 from .conftest import make_list_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-
-
-def train_argv(out, *extra, epochs=4, batch=32, accum=1):
-    return [
-        "train",
-        "-d",
-        "digits_lt",
-        "-b",
-        "tiny_vit",
-        "--pretrained",
-        "none",
-        "--output-dir",
-        str(out),
-        "--no-progress",
-        *extra,
-        "num_epochs",
-        str(epochs),
-        "batch_size",
-        str(batch),
-        "accum_step",
-        str(accum),
-        "resolution",
-        "32",
-        "num_workers",
-        "0",
-        "prec_train",
-        "fp32",
-        "prec_test",
-        "fp32",
-    ]
 
 
 def start(argv, cwd):
@@ -84,7 +55,7 @@ def finish(proc, timeout=120):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_training_after_a_step_and_the_printed_command_resumes(tmp_path, sig):
     out = tmp_path / "run"
-    proc = start(train_argv(out), tmp_path)
+    proc = start(tiny_argv(out, num_epochs=4, batch_size=32, **FP32), tmp_path)
     wait_for_checkpoint(proc, out)
     proc.send_signal(sig)
     code, err = finish(proc)
@@ -122,7 +93,7 @@ def test_a_signal_stops_training_after_a_step_and_the_printed_command_resumes(tm
 def test_a_second_ctrl_c_ends_the_run_at_once(tmp_path):
     out = tmp_path / "run"
     # One optimiser step per epoch (12 micro-batches): the first Ctrl-C waits for its end.
-    proc = start(train_argv(out, epochs=6, batch=384, accum=12), tmp_path)
+    proc = start(tiny_argv(out, num_epochs=6, batch_size=384, accum_step=12, **FP32), tmp_path)
     wait_for_checkpoint(proc, out)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.1)  # the first is handled (recorded) before the second arrives
@@ -232,7 +203,7 @@ def test_sigterm_to_torchrun_stops_every_process_after_the_same_step(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
     proc = subprocess.Popen(
-        cmd + ["liftplus_fast"] + train_argv(out, epochs=6, batch=8),
+        cmd + ["liftplus_fast"] + tiny_argv(out, num_epochs=6, batch_size=8, **FP32),
         cwd=str(tmp_path),
         env=ENV,
         stdout=subprocess.PIPE,

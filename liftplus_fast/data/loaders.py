@@ -39,6 +39,7 @@ from .normalize import normalize_batch
 from .registry import build_dataset
 from .step_threads import StepThreadsLoader
 from .transforms import build_plain_transform, build_test_transform, build_train_transform
+from .wrapped_loader import WrappedLoader
 
 __all__ = [
     "EpochTaggedSampler",
@@ -220,7 +221,7 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-class NormalizedLoader:
+class NormalizedLoader(WrappedLoader):
     """Wraps a DataLoader of batches: moves each to ``device`` and normalises the uint8 ones there.
 
     Iterates like the wrapped loader, ``(images, labels)``, with float32 images and int64 label
@@ -230,16 +231,11 @@ class NormalizedLoader:
     """
 
     def __init__(self, loader, mean: Sequence[float], std: Sequence[float], device=None):
-        self.loader = loader
+        super().__init__(loader)
         self.mean, self.std = tuple(mean), tuple(std)
         self.device = torch.device(device) if device is not None else None
 
-    def __iter__(self):
-        # Start the wrapped iterator now, as iterating the loader itself would: its seed draws
-        # (and so the crops) then match those of an unwrapped loader.
-        return self._normalized(iter(self.loader))
-
-    def _normalized(self, batches):
+    def _wrap(self, batches):
         for images, labels in batches:
             if self.device is not None:
                 images = images.to(self.device, non_blocking=True)
@@ -247,16 +243,8 @@ class NormalizedLoader:
                 images = normalize_batch(images, self.mean, self.std)
             yield images, torch.as_tensor(labels, dtype=torch.int64)
 
-    def __len__(self) -> int:
-        return len(self.loader)
 
-    def __getattr__(self, name):
-        if name == "loader":  # not yet set (unpickling): avoid recursion
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-
-class GPUAugmentLoader:
+class GPUAugmentLoader(WrappedLoader):
     """Iterates a DataLoader over :meth:`CachedImageDataset.encoded` items as normalised batches on ``device``.
 
     ``transform`` and ``cache_format`` are the cached data set's; other attributes (``sampler``,
@@ -264,26 +252,15 @@ class GPUAugmentLoader:
     """
 
     def __init__(self, loader, transform: Callable, cache_format: str, mean, std, device):
-        self.loader = loader
+        super().__init__(loader)
         self.transform = transform
         self.cache_format = cache_format
         self.mean, self.std = tuple(mean), tuple(std)
         self.device = torch.device(device)
 
-    def __iter__(self):
-        return self._batches(iter(self.loader))
-
-    def _batches(self, batches):
+    def _wrap(self, batches):
         for items, labels in batches:
             yield augment_batch(items, self.transform, self.cache_format, self.device, self.mean, self.std), labels
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
 
 
 def view_of(dataset, make):

@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..errors import UserInputError
+from .wrapped_loader import WrappedLoader
 
 __all__ = ["ENV_VAR", "FEWER_MARGIN", "StepThreadsLoader", "thread_candidates"]
 
@@ -73,7 +74,7 @@ def thread_candidates(num_workers: int) -> Tuple[int, ...]:
     return (full,) if left == full else (full, left)
 
 
-class StepThreadsLoader:
+class StepThreadsLoader(WrappedLoader):
     """Wraps a training loader on the CPU: the step's intra-op threads chosen by measurement.
 
     Iterates like the wrapped loader; other attributes (``sampler``, ``generator``, ``dataset``,
@@ -82,7 +83,7 @@ class StepThreadsLoader:
     """
 
     def __init__(self, loader, num_workers: int):
-        self.loader = loader
+        super().__init__(loader)
         self.candidates = thread_candidates(num_workers)
         self.measured: Dict[int, List[float]] = {n: [] for n in self.candidates}
         forced = _forced_threads()
@@ -96,11 +97,7 @@ class StepThreadsLoader:
         # Nothing to report where there was no choice.
         self._logged = self.threads is not None and not self._why
 
-    def __iter__(self) -> Iterator:
-        # Start the wrapped iterator now, as iterating the loader itself would (its seed draws).
-        return self._timed(iter(self.loader))
-
-    def _timed(self, batches: Iterator) -> Iterator:
+    def _wrap(self, batches: Iterator) -> Iterator:
         before = torch.get_num_threads()
         last: Optional[Tuple[int, float]] = None  # (threads of the previous batch, its hand-over)
         try:
@@ -146,11 +143,3 @@ class StepThreadsLoader:
             return
         self._logged = True
         logger.info("training step: %d intra-op thread(s) beside the DataLoader workers (%s)", self.threads, self._why)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        if name == "loader":  # not yet set (unpickling): avoid recursion
-            raise AttributeError(name)
-        return getattr(self.loader, name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from typing import Callable, Dict, List, Mapping, Sequence, Union
 
 import torch
@@ -40,8 +41,10 @@ class LazyKernel:
         gpu_configs: Union[Sequence[triton.Config], Mapping[str, Sequence[triton.Config]]],
         interp_config: triton.Config,
         key: List[str],
+        helpers: Sequence[Callable] = (),
     ):
         self.fn = fn
+        self.helpers = tuple(helpers)
         variants = gpu_configs if isinstance(gpu_configs, Mapping) else {"": gpu_configs}
         self.gpu_configs = {name: list(configs) for name, configs in variants.items()}
         self.interp_config = interp_config
@@ -54,10 +57,19 @@ class LazyKernel:
         kernel = self._built.get(build)
         if kernel is None:
             configs = [self.interp_config] if flag else self.gpu_configs[variant]
-            # A fresh copy of the function object per build: triton caches state on it.
-            kernel = triton.autotune(configs=configs, key=self.key)(triton.jit(self.fn))
+            kernel = triton.autotune(configs=configs, key=self.key)(triton.jit(self._with_helpers()))
             self._built[build] = kernel
         return kernel
+
+    def _with_helpers(self) -> Callable:
+        """A fresh copy of the kernel function (triton caches state on it) whose globals name
+        each helper jitted for the interpreter state in force: a kernel calls only jitted
+        functions, and the interpreter only interpreted ones."""
+        fn = self.fn
+        scope = {**fn.__globals__, **{h.__name__: triton.jit(h) for h in self.helpers}}
+        fresh = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        fresh.__qualname__, fresh.__annotations__ = fn.__qualname__, dict(fn.__annotations__)
+        return fresh
 
     def config_count(self) -> int:
         """GPU configs over all variants (what a cold start may compile per specialisation)."""

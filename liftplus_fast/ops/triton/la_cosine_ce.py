@@ -40,6 +40,44 @@ from ._common import LazyKernel, cdiv, cfg, dot_meta, interpreting, num_sms, on_
 TILE_BYTES = 2048
 
 
+def _dot_sq_norms(
+    F,
+    W,
+    roff,
+    koff,
+    rmask,
+    kmask,
+    D,
+    ELEM_T: tl.constexpr,
+    DOT_T: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    F_SQ: tl.constexpr,
+    W_SQ: tl.constexpr,
+):
+    """``(F·Wᵀ, ‖F‖², ‖W‖²)`` of a row block (offsets ``roff``) and a class block (``koff``),
+    streamed over all of D in ``BLOCK_D`` chunks; each squared norm is summed from the same loads
+    where ``F_SQ`` / ``W_SQ`` ask for it (zeros otherwise)."""
+    dot = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    fsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    wsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dc = d0 + tl.arange(0, BLOCK_D)
+        dmask = (dc < D)[None, :]
+        fc = tl.load(F + roff[:, None] + dc[None, :], mask=rmask[:, None] & dmask, other=0.0)
+        wc = tl.load(W + koff[:, None] + dc[None, :], mask=kmask[:, None] & dmask, other=0.0)
+        dot += tl.dot(fc.to(ELEM_T).to(DOT_T), tl.trans(wc.to(ELEM_T).to(DOT_T)), input_precision=PREC)
+        if F_SQ:
+            fc32 = fc.to(tl.float32)
+            fsq += tl.sum(fc32 * fc32, axis=1)
+        if W_SQ:
+            wc32 = wc.to(tl.float32)
+            wsq += tl.sum(wc32 * wc32, axis=1)
+    return dot, fsq, wsq
+
+
 def _fwd(
     F,
     W,
@@ -80,19 +118,9 @@ def _fwd(
         ks = kc + tl.arange(0, BLOCK_K)
         kmask = ks < k1
         koff = ks.to(tl.int64) * D
-        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        fsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        wsq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            cmask = cols < D
-            f = tl.load(F + roff[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            w = tl.load(W + koff[:, None] + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc += tl.dot(f.to(ELEM_T).to(DOT_T), tl.trans(w.to(ELEM_T).to(DOT_T)), input_precision=PREC)
-            f32 = f.to(tl.float32)
-            w32 = w.to(tl.float32)
-            fsq += tl.sum(f32 * f32, axis=1)
-            wsq += tl.sum(w32 * w32, axis=1)
+        acc, fsq, wsq = _dot_sq_norms(
+            F, W, roff, koff, rmask, kmask, D, ELEM_T, DOT_T, PREC, BLOCK_M, BLOCK_K, BLOCK_D, True, True
+        )
         inv_f = 1.0 / tl.maximum(tl.sqrt(fsq), 1e-12)
         inv_w = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)
         c = acc * (scale * inv_f)[:, None] * inv_w[None, :]
@@ -179,16 +207,9 @@ def _bwd_feat(
             wsq = tl.sum(w32 * w32, axis=1)
             dot = tl.dot(fd, tl.trans(wd), input_precision=PREC)
         else:
-            wsq = tl.zeros([BLOCK_K], dtype=tl.float32)
-            dot = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_DF):
-                dc = d0 + tl.arange(0, BLOCK_DF)
-                dmask = (dc < D)[None, :]
-                fc = tl.load(F + roff[:, None] + dc[None, :], mask=rmask[:, None] & dmask, other=0.0)
-                wc = tl.load(W + koff[:, None] + dc[None, :], mask=kmask[:, None] & dmask, other=0.0)
-                wc32 = wc.to(tl.float32)
-                wsq += tl.sum(wc32 * wc32, axis=1)
-                dot += tl.dot(fc.to(ELEM_T).to(DOT_T), tl.trans(wc.to(ELEM_T).to(DOT_T)), input_precision=PREC)
+            dot, _, wsq = _dot_sq_norms(
+                F, W, roff, koff, rmask, kmask, D, ELEM_T, DOT_T, PREC, BLOCK_M, BLOCK_K, BLOCK_DF, False, True
+            )
         inv_w = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)
         c = dot * (scale * inv_f)[:, None] * inv_w[None, :]
         lp = tl.load(LP + ks, mask=kmask, other=0.0).to(tl.float32)
@@ -270,16 +291,9 @@ def _bwd_weight(
             fsq = tl.sum(f32 * f32, axis=1)
             dot = tl.dot(fd, tl.trans(wd), input_precision=PREC)
         else:
-            fsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-            dot = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_DF):
-                dc = d0 + tl.arange(0, BLOCK_DF)
-                dmask = (dc < D)[None, :]
-                fc = tl.load(F + roff[:, None] + dc[None, :], mask=rmask[:, None] & dmask, other=0.0)
-                wc = tl.load(W + koff[:, None] + dc[None, :], mask=kmask[:, None] & dmask, other=0.0)
-                fc32 = fc.to(tl.float32)
-                fsq += tl.sum(fc32 * fc32, axis=1)
-                dot += tl.dot(fc.to(ELEM_T).to(DOT_T), tl.trans(wc.to(ELEM_T).to(DOT_T)), input_precision=PREC)
+            dot, fsq, _ = _dot_sq_norms(
+                F, W, roff, koff, rmask, kmask, D, ELEM_T, DOT_T, PREC, BLOCK_M, BLOCK_K, BLOCK_DF, True, False
+            )
         inv_f = 1.0 / tl.maximum(tl.sqrt(fsq), 1e-12)
         c = dot * (scale * inv_f)[:, None] * inv_w[None, :]
         lab = tl.load(LAB + rows, mask=rmask, other=-1)
@@ -308,14 +322,15 @@ _FWD = LazyKernel(
     },
     cfg(1, 1, BLOCK_M=16, BLOCK_K=16, BLOCK_D=32),
     key=["D", "K", "WRITE_LOGITS"],
+    helpers=[_dot_sq_norms],
 )
 _BWD_CFGS = {
     "half": [cfg(4, 2, BLOCK_M=16, BLOCK_K=16), cfg(8, 2, BLOCK_M=32, BLOCK_K=32)],
     "fp32": [cfg(4, 2, BLOCK_M=16, BLOCK_K=16)],
 }
 _BWD_INTERP = cfg(1, 1, BLOCK_M=16, BLOCK_K=16)
-_BWD_FEAT = LazyKernel(_bwd_feat, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "K"])
-_BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "B"])
+_BWD_FEAT = LazyKernel(_bwd_feat, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "K"], helpers=[_dot_sq_norms])
+_BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "B"], helpers=[_dot_sq_norms])
 
 
 def _variant(dtype: torch.dtype) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import statistics
 import sys
@@ -35,49 +34,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
-from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
-
 NAME = "gpu_step"
 CANDIDATES = ("published_autocast", "fast_amp", "fast_bf16", "published_compile")
-PRECISION = {"published_autocast": "fp32", "published_compile": "fp32", "fast_amp": "amp", "fast_bf16": "bf16"}
-
-
-@contextlib.contextmanager
-def backend(name):
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous
-
-
-def build_models(backbone: str, size: int, k: int, device: str) -> dict:
-    """One LIFT+ model per candidate, same frozen weights and tuner initialisation."""
-    torch.manual_seed(0)
-    clip, tokenizer = load_clip(backbone, None, device=device)
-    counts = [max(1, int(500 * 0.01 ** (i / max(1, k - 1)))) for i in range(k)]
-    classnames = [f"class {i}" for i in range(k)]
-    models, first = {}, None
-    for cand in CANDIDATES:
-        cfg = make_config(
-            "lift+",
-            {"num_classes": k, "resolution": size, "prec_train": PRECISION[cand], "classifier_init": "random"},
-        )
-        model = build_lift_model(copy.deepcopy(clip), cfg, counts, classnames, tokenizer)
-        for attr in ("transformer", "token_embedding", "ln_final"):  # text tower: unused here
-            if hasattr(model.clip, attr):
-                delattr(model.clip, attr)
-        if first is None:
-            first = model
-        else:
-            model.tuner.load_state_dict(first.tuner.state_dict())
-        models[cand] = model
-    return models
+PRECISION = {"published_autocast": "fp32", "fast_amp": "amp", "fast_bf16": "bf16", "published_compile": "fp32"}
 
 
 def make_step(cand: str, model, images, labels):
@@ -95,12 +54,12 @@ def make_step(cand: str, model, images, labels):
             return model.training_loss(x, y)[0]
 
     if cand == "published_compile":
-        with backend(name):
+        with common.backend(name):
             loss_fn = common.compiled(loss_fn)
     scaler = torch.amp.GradScaler(dev) if model.needs_grad_scaler else None
 
     def step():
-        with backend(name):
+        with common.backend(name):
             loss = loss_fn(images, labels)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -130,7 +89,7 @@ def _timed(step, device: str) -> tuple[float, float]:
 
 
 def run(out: str, device: str, backbone: str, size: int, batch: int, k: int, repeats: int, only=CANDIDATES) -> dict:
-    models = build_models(backbone, size, k, device)
+    models = common.lift_models(backbone, size, k, PRECISION, device)[1]
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, k, (batch,), generator=g).to(device)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import sys
 
@@ -32,29 +31,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from common import backend  # noqa: E402
 
-from liftplus_fast import build_lift_model, load_clip, make_config  # noqa: E402
 from liftplus_fast.files import atomic_write_json  # noqa: E402
 from liftplus_fast.ops import choices  # noqa: E402
-from liftplus_fast.ops._dispatch import ENV_VAR  # noqa: E402
 from liftplus_fast.ops.gemm import cpu_bf16_gemm_path, cpu_has_bf16_units  # noqa: E402
 from liftplus_fast.train_loop import TrainStep, make_optimizer  # noqa: E402
 
 NAME = "train_step"
 BF16 = ("reference", "compile", "fast_bf16")
-
-
-@contextlib.contextmanager
-def backend(name):
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous
 
 
 def _step_fn(model, images, labels, backend_name, autocast, compile_loss=False, fast_optim=False):
@@ -100,40 +85,11 @@ def _vit_gemm_flops(width, layers, tokens, batch, r, k):
     return frozen + adapter + 3 * 2 * batch * k * width
 
 
-def _models(name, k, size):
-    torch.manual_seed(0)
-    clip, tokenizer = load_clip(name, None)
-    counts = [max(1, int(500 * 0.01 ** (i / max(1, k - 1)))) for i in range(k)]
-    classnames = [f"class {i}" for i in range(k)]
-    models = {}
-    first = None
-    for cand, prec in (
-        ("reference_fp32", "fp32"),
-        ("reference", "fp32"),
-        ("compile", "fp32"),
-        ("fast_fp32", "fp32"),
-        ("fast_bf16", "bf16"),
-    ):
-        cfg = make_config(
-            "lift+", {"num_classes": k, "resolution": size, "prec_train": prec, "classifier_init": "random"}
-        )
-        model = build_lift_model(copy.deepcopy(clip), cfg, counts, classnames, tokenizer)
-        for attr in ("transformer", "token_embedding", "ln_final"):  # text tower: unused here
-            if hasattr(model.clip, attr):
-                delattr(model.clip, attr)
-        if first is None:
-            first = model
-        else:
-            model.tuner.load_state_dict(first.tuner.state_dict())
-        models[cand] = model
-    return clip, models
-
-
 CANDIDATES = ("reference_fp32", "reference", "compile", "fast_fp32", "fast_bf16")
 
 
 def make_case(name, size, batch, k, only=CANDIDATES):
-    clip, models = _models(name, k, size)
+    clip, models = common.lift_models(name, size, k, {c: "bf16" if c == "fast_bf16" else "fp32" for c in CANDIDATES})
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g)
     labels = torch.randint(0, k, (batch,), generator=g)

@@ -8,6 +8,7 @@ repeats, with the thread count fixed (docs/benchmarks.md). Each ``bench_<op>.py`
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import os
 import statistics
@@ -18,7 +19,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from liftplus_fast import build_lift_model, load_clip, make_config
 from liftplus_fast.files import atomic_write_json
+from liftplus_fast.ops._dispatch import ENV_VAR
 
 REFERENCE = "reference"
 COMPILE = "compile"
@@ -199,6 +202,46 @@ def compiled(fn: Callable, reset: bool = False) -> Callable:
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(fn, dynamic=False)
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """``LIFTPLUS_FAST_BACKEND=name`` inside the block (the ops read it per call), restored after."""
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = previous
+
+
+def lift_models(backbone: str, size: int, k: int, precisions: Dict[str, str], device: str = "cpu"):
+    """``(clip, {candidate: LIFT+ model})``: one model per candidate of ``precisions`` (candidate
+    -> ``prec_train``), all on copies of one random CLIP and with the first one's tuner, so the
+    candidates do the same work. ``K = k`` long-tailed classes (500 down to 5 images); the text
+    tower is removed (the training step does not use it)."""
+    torch.manual_seed(0)
+    clip, tokenizer = load_clip(backbone, None, device=device)
+    counts = [max(1, int(500 * 0.01 ** (i / max(1, k - 1)))) for i in range(k)]
+    classnames = [f"class {i}" for i in range(k)]
+    models, first = {}, None
+    for cand, prec in precisions.items():
+        cfg = make_config(
+            "lift+", {"num_classes": k, "resolution": size, "prec_train": prec, "classifier_init": "random"}
+        )
+        model = build_lift_model(copy.deepcopy(clip), cfg, counts, classnames, tokenizer)
+        for attr in ("transformer", "token_embedding", "ln_final"):
+            if hasattr(model.clip, attr):
+                delattr(model.clip, attr)
+        if first is None:
+            first = model
+        else:
+            model.tuner.load_state_dict(first.tuner.state_dict())
+        models[cand] = model
+    return clip, models
 
 
 def max_rel_error(got: List[torch.Tensor], truth: List[torch.Tensor]) -> float:

@@ -6,21 +6,18 @@ each tensor's largest value) of the reference path with the published per-tensor
 """
 
 import copy
-import os
 
 import torch
 
 import liftplus_fast as lf
-from liftplus_fast.ops._dispatch import ENV_VAR
 from liftplus_fast.train_loop import make_optimizer
+from tests.ops.op_tester import backend
 
 from .conftest import CLASSNAMES, COUNTS, cfg_for
 
 
-def _train(model, images, labels, backend, fast_optim, steps=3):
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = backend
-    try:
+def _train(model, images, labels, backend_name, fast_optim, steps=3):
+    with backend(backend_name):
         params = [p for p in model.tuner.parameters() if p.requires_grad]
         cfg = model.cfg
         opt = (
@@ -41,8 +38,6 @@ def _train(model, images, labels, backend, fast_optim, steps=3):
             torch.stack(logits),
             {k: v.detach().clone() for k, v in model.tuner.state_dict().items()},
         )
-    finally:
-        os.environ.pop(ENV_VAR) if old is None else os.environ.__setitem__(ENV_VAR, old)
 
 
 def _rel(a, b):

@@ -1,9 +1,7 @@
 """Precision owned by the model: frozen weights converted once, LayerNorms and tuner fp32, and
 `amp` computing what bf16 autocast computes, without autocast."""
 
-import contextlib
 import copy
-import os
 
 import pytest
 import torch
@@ -12,19 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import liftplus_fast as lf
 from liftplus_fast.ops import choices
-from liftplus_fast.ops._dispatch import ENV_VAR
+from tests.ops.op_tester import backend
 
 from .conftest import CLASSNAMES, COUNTS, cfg_for
-
-
-@contextlib.contextmanager
-def backend(name):
-    old = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        os.environ.pop(ENV_VAR) if old is None else os.environ.__setitem__(ENV_VAR, old)
 
 
 def build(clip, tok, **overrides):

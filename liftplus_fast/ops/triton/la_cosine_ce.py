@@ -78,6 +78,17 @@ def _dot_sq_norms(
     return dot, fsq, wsq
 
 
+def _row_sq_norms(X, off, mask, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Squared norms of the rows of ``X`` at offsets ``off``, streamed over D in ``BLOCK_D`` chunks."""
+    sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dc = d0 + tl.arange(0, BLOCK_D)
+        xc = tl.load(X + off[:, None] + dc[None, :], mask=mask[:, None] & (dc < D)[None, :], other=0.0)
+        xc = xc.to(tl.float32)
+        sq += tl.sum(xc * xc, axis=1)
+    return sq
+
+
 def _fwd(
     F,
     W,
@@ -181,12 +192,7 @@ def _bwd_feat(
     if ONE_TILE:
         fsq = tl.sum(f32 * f32, axis=1)
     else:
-        fsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_DF):
-            dc = d0 + tl.arange(0, BLOCK_DF)
-            fc = tl.load(F + roff[:, None] + dc[None, :], mask=rmask[:, None] & (dc < D)[None, :], other=0.0)
-            fc = fc.to(tl.float32)
-            fsq += tl.sum(fc * fc, axis=1)
+        fsq = _row_sq_norms(F, roff, rmask, D, BLOCK_M, BLOCK_DF)
     inv_f = 1.0 / tl.maximum(tl.sqrt(fsq), 1e-12)
     fd = f.to(ELEM_T).to(DOT_T)
     lab = tl.load(LAB + rows, mask=rmask, other=-1)
@@ -266,12 +272,7 @@ def _bwd_weight(
     if ONE_TILE:
         wsq = tl.sum(w32 * w32, axis=1)
     else:
-        wsq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_DF):
-            dc = d0 + tl.arange(0, BLOCK_DF)
-            wc = tl.load(W + koff[:, None] + dc[None, :], mask=kmask[:, None] & (dc < D)[None, :], other=0.0)
-            wc = wc.to(tl.float32)
-            wsq += tl.sum(wc * wc, axis=1)
+        wsq = _row_sq_norms(W, koff, kmask, D, BLOCK_K, BLOCK_DF)
     inv_w = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)
     wd = w.to(ELEM_T).to(DOT_T)
     lp = tl.load(LP + ks, mask=kmask, other=0.0).to(tl.float32)
@@ -329,8 +330,9 @@ _BWD_CFGS = {
     "fp32": [cfg(4, 2, BLOCK_M=16, BLOCK_K=16)],
 }
 _BWD_INTERP = cfg(1, 1, BLOCK_M=16, BLOCK_K=16)
-_BWD_FEAT = LazyKernel(_bwd_feat, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "K"], helpers=[_dot_sq_norms])
-_BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "B"], helpers=[_dot_sq_norms])
+_BWD_HELPERS = [_dot_sq_norms, _row_sq_norms]
+_BWD_FEAT = LazyKernel(_bwd_feat, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "K"], helpers=_BWD_HELPERS)
+_BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "B"], helpers=_BWD_HELPERS)
 
 
 def _variant(dtype: torch.dtype) -> str:

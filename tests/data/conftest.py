@@ -1,7 +1,9 @@
-"""Image folders the cache tests share (module-scoped: written once per test module)."""
+"""Image folders the cache tests share (module-scoped: written once per test module), and an
+interrupted cache build."""
 
 import pytest
 
+from liftplus_fast.data import cache_build
 from liftplus_fast.data.cache_build import build_cache
 from liftplus_fast.data.synthetic_images import write_image_folder
 
@@ -24,3 +26,20 @@ def caches(tmp_path_factory):
         out[fmt] = str(root / fmt)
         build_cache("imagefolder", str(root), out[fmt], cache_size=44, cache_format=fmt, progress=False)
     return str(root), out
+
+
+def interrupt_build(monkeypatch, src, work_dir, options, at_chunk):
+    """Build ``src`` (a train split) into ``work_dir`` in chunks of 3 images, stopped by a
+    KeyboardInterrupt as chunk number ``at_chunk`` (from 1) starts."""
+    real, calls = cache_build.build_chunk, []
+
+    def interrupted(work_dir, chunk, paths, options):
+        calls.append(chunk)
+        if len(calls) == at_chunk:
+            raise KeyboardInterrupt
+        return real(work_dir, chunk, paths, options)
+
+    monkeypatch.setattr(cache_build, "build_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache_build.build_split(src, "imagefolder", "train", work_dir, options, progress=False, chunk_size=3)
+    monkeypatch.setattr(cache_build, "build_chunk", real)

@@ -30,6 +30,8 @@ from liftplus_fast.data.loaders import EpochTaggedSampler
 from liftplus_fast.data.normalize import normalize_batch
 from tests.data.tiny_run import tiny_argv, tiny_run
 
+from .conftest import interrupt_build
+
 
 def _mae(a, b):
     return (a.float() - b.float()).abs().mean().item()
@@ -281,21 +283,10 @@ def test_interrupted_build_leaves_nothing_complete_and_resumes(folder, tmp_path,
     cdir = str(tmp_path / "c")
     src = build_dataset("imagefolder", folder, "train")
     opts = cache_build.CacheOptions(cache_format="raw")
-    real, calls = cache_build.build_chunk, []
-
-    def flaky(work_dir, chunk, paths, options):
-        calls.append(chunk)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(work_dir, chunk, paths, options)
-
-    monkeypatch.setattr(cache_build, "build_chunk", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        cache_build.build_split(src, "imagefolder", "train", cdir, opts, progress=False, chunk_size=3)
+    interrupt_build(monkeypatch, src, cdir, opts, at_chunk=3)
     assert not os.path.exists(index_path(cdir, "train")) and not os.path.exists(data_path(cdir, "train"))
     with pytest.raises(CacheError, match="incomplete"):
         CachedImageDataset(cdir, "train")
-    monkeypatch.setattr(cache_build, "build_chunk", real)
     s = cache_build.build_split(src, "imagefolder", "train", cdir, opts, progress=False, chunk_size=3)
     assert s["chunks_reused"] == 2 and s["chunks_built"] == 2 and s["images"] == 10
     fresh = str(tmp_path / "fresh")

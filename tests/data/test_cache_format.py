@@ -11,6 +11,8 @@ from liftplus_fast.data.cache_build import build_cache
 from liftplus_fast.data.cache_format import choose_format, estimate_raw_bytes, raw_budget
 from liftplus_fast.data.cache_store import CacheOptions, cached_size, data_path, read_index, source_fingerprint
 
+from .conftest import interrupt_build
+
 
 def _raw_bytes(paths, cache_size):
     total = 0
@@ -56,19 +58,8 @@ def test_auto_keeps_a_cache_or_an_unfinished_build_whatever_the_budget_says(fold
     assert again["train"]["format_reason"].startswith("keeps the jpeg cache")
     # An interrupted raw build resumes as raw though the budget now says jpeg.
     part = str(tmp_path / "part")
-    real, calls = cache_build.build_chunk, []
-
-    def interrupted(work_dir, chunk, paths, options):
-        calls.append(chunk)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(work_dir, chunk, paths, options)
-
-    monkeypatch.setattr(cache_build, "build_chunk", interrupted)
     src = build_dataset("imagefolder", folder, "train")
-    with pytest.raises(KeyboardInterrupt):
-        cache_build.build_split(src, "imagefolder", "train", part, CacheOptions(cache_format="raw"), chunk_size=3)
-    monkeypatch.setattr(cache_build, "build_chunk", real)
+    interrupt_build(monkeypatch, src, part, CacheOptions(cache_format="raw"), at_chunk=2)
     options, why = choose_format({"train": src}, "imagefolder", part, CacheOptions(cache_budget=1e-6))
     assert options.cache_format == "raw" and why.startswith("keeps the raw cache")
     # A cache of other options (here another cache_size) is not kept: the budget decides.

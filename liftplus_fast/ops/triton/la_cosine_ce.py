@@ -89,6 +89,15 @@ def _row_sq_norms(X, off, mask, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr)
     return sq
 
 
+def _tile_grad(dot, inv_f, inv_w, lp, lse, lab, ks, tmask, scale, tau, gscale):
+    """The logits tile ``C = s·(F·Wᵀ)/(‖F‖‖W‖)`` and its gradient
+    ``dC = (softmax(C + τ·log p) − onehot)·dL/(B)`` from the saved logsumexp (0 off ``tmask``)."""
+    c = dot * (scale * inv_f)[:, None] * inv_w[None, :]
+    prob = tl.exp(c + tau * lp[None, :] - lse[:, None])
+    onehot = (ks[None, :] == lab[:, None]).to(tl.float32)
+    return c, tl.where(tmask, (prob - onehot) * gscale, 0.0)
+
+
 def _fwd(
     F,
     W,
@@ -217,12 +226,9 @@ def _bwd_feat(
                 F, W, roff, koff, rmask, kmask, D, ELEM_T, DOT_T, PREC, BLOCK_M, BLOCK_K, BLOCK_DF, False, True
             )
         inv_w = 1.0 / tl.maximum(tl.sqrt(wsq), 1e-12)
-        c = dot * (scale * inv_f)[:, None] * inv_w[None, :]
         lp = tl.load(LP + ks, mask=kmask, other=0.0).to(tl.float32)
         tmask = rmask[:, None] & kmask[None, :]
-        prob = tl.exp(c + tau * lp[None, :] - lse[:, None])
-        onehot = (ks[None, :] == lab[:, None]).to(tl.float32)
-        dc_ = tl.where(tmask, (prob - onehot) * gscale, 0.0)
+        c, dc_ = _tile_grad(dot, inv_f, inv_w, lp, lse, lab, ks, tmask, scale, tau, gscale)
         t += tl.sum(dc_ * c, axis=1)
         coeff = (dc_ * scale * inv_w[None, :]).to(ELEM_T).to(DOT_T)
         acc += tl.dot(coeff, wd, input_precision=PREC)
@@ -296,13 +302,10 @@ def _bwd_weight(
                 F, W, roff, koff, rmask, kmask, D, ELEM_T, DOT_T, PREC, BLOCK_M, BLOCK_K, BLOCK_DF, True, False
             )
         inv_f = 1.0 / tl.maximum(tl.sqrt(fsq), 1e-12)
-        c = dot * (scale * inv_f)[:, None] * inv_w[None, :]
         lab = tl.load(LAB + rows, mask=rmask, other=-1)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
         tmask = rmask[:, None] & kmask[None, :]
-        prob = tl.exp(c + tau * lp[None, :] - lse[:, None])
-        onehot = (ks[None, :] == lab[:, None]).to(tl.float32)
-        dc_ = tl.where(tmask, (prob - onehot) * gscale, 0.0)
+        c, dc_ = _tile_grad(dot, inv_f, inv_w, lp, lse, lab, ks, tmask, scale, tau, gscale)
         t += tl.sum(dc_ * c, axis=0)
         coeff = (dc_ * (scale * inv_f)[:, None]).to(ELEM_T).to(DOT_T)
         acc += tl.dot(tl.trans(coeff), fd, input_precision=PREC)
@@ -330,7 +333,7 @@ _BWD_CFGS = {
     "fp32": [cfg(4, 2, BLOCK_M=16, BLOCK_K=16)],
 }
 _BWD_INTERP = cfg(1, 1, BLOCK_M=16, BLOCK_K=16)
-_BWD_HELPERS = [_dot_sq_norms, _row_sq_norms]
+_BWD_HELPERS = [_dot_sq_norms, _row_sq_norms, _tile_grad]
 _BWD_FEAT = LazyKernel(_bwd_feat, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "K"], helpers=_BWD_HELPERS)
 _BWD_WEIGHT = LazyKernel(_bwd_weight, _BWD_CFGS, _BWD_INTERP, key=["BLOCK_DF", "B"], helpers=_BWD_HELPERS)
 

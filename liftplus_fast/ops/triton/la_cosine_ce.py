@@ -90,8 +90,8 @@ def _row_sq_norms(X, off, mask, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr)
 
 
 def _tile_grad(dot, inv_f, inv_w, lp, lse, lab, ks, tmask, scale, tau, gscale):
-    """The logits tile ``C = s·(F·Wᵀ)/(‖F‖‖W‖)`` and its gradient
-    ``dC = (softmax(C + τ·log p) − onehot)·dL/(B)`` from the saved logsumexp (0 off ``tmask``)."""
+    """The logits tile ``C = s·(F·Wᵀ)/(‖F‖‖W‖)`` and its gradient ``dC = (softmax(C + τ·log p) −
+    onehot)·gscale`` (``gscale = dL/B``) from the saved logsumexp, 0 outside ``tmask``."""
     c = dot * (scale * inv_f)[:, None] * inv_w[None, :]
     prob = tl.exp(c + tau * lp[None, :] - lse[:, None])
     onehot = (ks[None, :] == lab[:, None]).to(tl.float32)

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 from typing import Optional
 
 import numpy as np
@@ -70,6 +71,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is when a line is written: a handler that kept the
+    stream of its creation would write into a closed one once a caller (a notebook, a test
+    harness) has swapped standard error and closed the old one."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ and setStream assign it: always stderr
+        pass
+
+
 def attach_log(output_dir: Optional[str], is_main: bool = True) -> Optional[logging.Handler]:
     """Log to the console and, on rank 0, to ``output_dir/log.txt`` (appended); the file's handler,
     which the caller removes and closes at the end of the run. Under torchrun only rank 0 reports;
@@ -78,7 +93,7 @@ def attach_log(output_dir: Optional[str], is_main: bool = True) -> Optional[logg
     if not any(
         isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in logger.handlers
     ):
-        console = logging.StreamHandler()
+        console = _ConsoleHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
         logger.propagate = False

@@ -114,8 +114,13 @@ def train_args(root, out, *extra):
     ]
 
 
+# The runs compared bit for bit are separate jobs, and each job times its own choice of CPU
+# implementation (ops/choices.py): under load two jobs can choose differently, so pin them.
+PINNED_CHOICES = {"LIFTPLUS_FAST_ATTENTION": "sdpa", "LIFTPLUS_FAST_BIAS_GELU": "fused"}
+
+
 def env(**extra):
-    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
+    return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **PINNED_CHOICES, **extra)
 
 
 def launch_node(hosts, i, args, rdzv, max_restarts=0, **extra_env):

@@ -32,9 +32,9 @@ from .ops._native import check_cpu_capability_setting
 from .option_listing import options_markdown, options_text
 from .options import describe, key_value_pairs, parse_value
 from .predict import PredictOptions, predict
-from .run_folder import model_run_folder, new_test_folder
+from .run_folder import model_run_folder, new_test_folder, own_model_dir
 from .stop_signals import handle_stop_signals, requested, signal_name
-from .train import build_run_config, fast_train, own_model_dir
+from .train import build_run_config, fast_train
 
 BACKBONE_HELP = (
     "backbone: a published name (clip_vit_b16, clip_vit_l14@336px, clip_rn50, in21k_vit_b16, in1k_rn50, ...), "
@@ -140,7 +140,7 @@ def resolve_command(args, test_only: bool = False) -> LiftConfig:
     backbone, method, then the ``key value`` options). The output folder is ``--output-dir`` as
     written, ``output/X`` for the option ``output_dir X`` (the published meaning), else
     ``output/<data>_<backbone>_<method>_<opts>``. A test reads ``model_dir`` (default: the
-    published rule, :func:`~liftplus_fast.train.own_model_dir`) and writes, unless told where,
+    published rule, :func:`~liftplus_fast.run_folder.own_model_dir`) and writes, unless told where,
     into a new ``test-<date>-<time>`` folder of that run, never over the run's own files.
     """
     opts = list(args.opts)

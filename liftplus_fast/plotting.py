@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 from typing import Dict, Sequence
 
+from .data.groups import FEW_SHOT, MANY_SHOT
 from .files import atomic_write
-
-# Shot thresholds of the published evaluation: few < 20 <= medium <= 100 < many.
-FEW_MAX, MANY_MIN = 20, 100
 
 
 def plot_per_class_accuracy(
@@ -29,9 +27,9 @@ def plot_per_class_accuracy(
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     lo, hi = max(min(counts) * 0.8, 0.5), max(counts) * 1.25
     bands = [
-        (lo, FEW_MAX, "few (<20)", "#fde0dd"),
-        (FEW_MAX, MANY_MIN + 0.5, "medium (20-100)", "#fff7bc"),
-        (MANY_MIN + 0.5, hi, "many (>100)", "#e5f5e0"),
+        (lo, FEW_SHOT, f"few (<{FEW_SHOT})", "#fde0dd"),
+        (FEW_SHOT, MANY_SHOT + 0.5, f"medium ({FEW_SHOT}-{MANY_SHOT})", "#fff7bc"),
+        (MANY_SHOT + 0.5, hi, f"many (>{MANY_SHOT})", "#e5f5e0"),
     ]
     for start, end, label, colour in bands:
         if end > lo and start < hi:

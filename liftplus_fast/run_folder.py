@@ -40,7 +40,10 @@ __all__ = [
     "clear_previous_run",
     "resume_conflicts",
     "check_resume",
+    "lock_folders",
     "lock_run_folder",
+    "own_model_dir",
+    "place_test",
     "restarted_run",
     "torchrun_job",
 ]
@@ -247,3 +250,49 @@ def check_resume(saved: Optional[Dict[str, Any]], current: Dict[str, Any], ckpt_
             f"cannot resume {ckpt_path}: it was trained with other values of {changes}. Resume with "
             "the run's own values, or start a new run (--overwrite, or another output folder)"
         )
+
+
+def own_model_dir(output_dir: str) -> str:
+    """Where ``test_only`` finds the tuner when ``model_dir`` is not given: the run's own output
+    folder, i.e. the training run's folder when the name carries the published
+    ``_test_only_True`` suffix (``output/..._lift+_test_only_True_tte_True`` ->
+    ``output/..._lift+``), else ``output_dir`` itself."""
+    marker = "_test_only_True"
+    return output_dir[: output_dir.index(marker)] if marker in output_dir else output_dir
+
+
+def place_test(cfg) -> None:
+    """For a run's config (a :class:`~liftplus_fast.config.LiftConfig`, read and set by attribute):
+    resolve a test-only run's tuner (``model_dir``, else the published rule
+    :func:`own_model_dir`) and keep its outputs out of the trained run's folder: a test asked to
+    write into the folder its tuner comes from writes into a ``test-<date>-<time>`` folder there."""
+    if not cfg.test_only or cfg.zero_shot:
+        return
+    if cfg.model_dir is None:
+        if not cfg.output_dir:
+            raise UserInputError(
+                "test_only needs model_dir: a run folder, a checkpoint file or a tuner folder "
+                "(on the command line: liftplus-fast test ... model_dir PATH), or an output_dir holding it"
+            )
+        cfg.model_dir = own_model_dir(cfg.output_dir)
+    if cfg.output_dir and same_folder(model_run_folder(cfg.model_dir), cfg.output_dir):
+        cfg.output_dir = new_test_folder(model_run_folder(cfg.model_dir))
+
+
+def lock_folders(cfg, resume: bool, overwrite: bool) -> List[RunLock]:
+    """For a run's config: lock the output folder (checked for this run) and, for a test, the run folder its tuner
+    comes from, so that no training writes that run while it is evaluated."""
+    locks: List[RunLock] = []
+    try:
+        if cfg.test_only and cfg.model_dir is not None:
+            run_folder = model_run_folder(cfg.model_dir)
+            if os.path.isdir(run_folder) and not (cfg.output_dir and same_folder(run_folder, cfg.output_dir)):
+                locks.append(lock_run_folder(run_folder))
+        lock = prepare_output_dir(cfg.output_dir, resume, overwrite)
+        if lock is not None:
+            locks.append(lock)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks

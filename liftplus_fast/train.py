@@ -18,11 +18,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME
 from .config import (
     ConfigSource,
     LiftConfig,
@@ -33,8 +33,7 @@ from .config import (
     validate,
 )
 from .config_files import config_source
-from .data import DownSampler, check_split
-from .data.loaders import RunDatasets, build_loader, build_run_datasets
+from .data.loaders import RunDatasets, build_loader
 from .distributed import (
     DistContext,
     explain_lost_process,
@@ -46,32 +45,27 @@ from .distributed import (
 from .errors import RunStoppedError, UserInputError
 from .evaluate import evaluate, format_accuracy
 from .files import atomic_write_json
-from .model import backbone_input_config, build_lift_model, check_resolution, load_backbone
-from .model.inits import FEATURE_INITS
+from .model import backbone_input_config
 from .ops import choices
 from .ops._native import check_cpu_capability_setting, cpu_capability_line
 from .ops.gemm import cpu_bf16_gemm_path
 from .options import key_value_pairs
-from .progress import progress_bar
 from .result_files import write_results
 from .run_folder import (
-    check_resume,
     clear_previous_run,
-    lock_run_folder,
-    model_run_folder,
-    new_test_folder,
-    prepare_output_dir,
+    lock_folders,
+    place_test,
     restarted_run,
-    same_folder,
 )
 from .run_lock import RunLock
-from .run_record import model_facts, run_record
+from .run_record import run_record
+from .run_setup import build_model, open_data, set_up_tuner
 from .runtime import attach_log, deterministic_mode, resolve_device, seed_everything
-from .stop_signals import check_stop, handle_stop_signals, requested, safe_points, stop_error
+from .stop_signals import handle_stop_signals, requested, safe_points, stop_error
 from .train_loop import kept_checkpoint, train_epochs
-from .tuner_source import TUNER_FOLDER, load_trained_tuner
+from .tuner_source import TUNER_FOLDER
 
-__all__ = ["TrainResult", "build_run_config", "fast_train", "own_model_dir"]
+__all__ = ["TrainResult", "build_run_config", "fast_train"]
 
 logger = logging.getLogger("liftplus_fast")
 RUN_RECORD = "run.json"
@@ -89,15 +83,6 @@ class TrainResult:
     model: torch.nn.Module = field(repr=False)
     history: List[Dict[str, float]] = field(default_factory=list)
     cls_num_list: List[int] = field(default_factory=list)
-
-
-def own_model_dir(output_dir: str) -> str:
-    """Where ``test_only`` finds the tuner when ``model_dir`` is not given: the run's own output
-    folder, i.e. the training run's folder when the name carries the published
-    ``_test_only_True`` suffix (``output/..._lift+_test_only_True_tte_True`` ->
-    ``output/..._lift+``), else ``output_dir`` itself."""
-    marker = "_test_only_True"
-    return output_dir[: output_dir.index(marker)] if marker in output_dir else output_dir
 
 
 def _build_config(dataset, root, backbone, pretrained, method, output_dir, config, opts, overrides) -> LiftConfig:
@@ -230,7 +215,7 @@ def _stopped(exc: RunStoppedError, cfg: LiftConfig) -> RunStoppedError:
 def _train_in_folder(cfg: LiftConfig, *, progress: bool, resume: bool, overwrite: bool) -> TrainResult:
     """:func:`fast_train` once its config is built: the process group, the locked output folder,
     the log, then the run."""
-    _place_test(cfg)
+    place_test(cfg)
     ctx = init_distributed(resolve_device(cfg.device), timeout=cfg.dist_timeout)
     locks: List[RunLock] = []
     try:
@@ -238,7 +223,7 @@ def _train_in_folder(cfg: LiftConfig, *, progress: bool, resume: bool, overwrite
             restarted = restarted_run(cfg.output_dir)
             if restarted:
                 resume, overwrite = True, False
-            locks = _lock_folders(cfg, resume, overwrite)
+            locks = lock_folders(cfg, resume, overwrite)
         handler = attach_log(cfg.output_dir, ctx.is_main)
         if ctx.is_main and restarted:
             logger.info("torchrun job %s restarted: resuming the run in %s", restarted, cfg.output_dir)
@@ -270,42 +255,6 @@ def _train_in_folder(cfg: LiftConfig, *, progress: bool, resume: bool, overwrite
         for lock in locks:
             lock.release()
         shutdown_distributed(ctx)
-
-
-def _place_test(cfg: LiftConfig) -> None:
-    """Resolve a test-only run's tuner (``model_dir``, else the published rule
-    :func:`own_model_dir`) and keep its outputs out of the trained run's folder: a test asked to
-    write into the folder its tuner comes from writes into a ``test-<date>-<time>`` folder there."""
-    if not cfg.test_only or cfg.zero_shot:
-        return
-    if cfg.model_dir is None:
-        if not cfg.output_dir:
-            raise UserInputError(
-                "test_only needs model_dir: a run folder, a checkpoint file or a tuner folder "
-                "(on the command line: liftplus-fast test ... model_dir PATH), or an output_dir holding it"
-            )
-        cfg.model_dir = own_model_dir(cfg.output_dir)
-    if cfg.output_dir and same_folder(model_run_folder(cfg.model_dir), cfg.output_dir):
-        cfg.output_dir = new_test_folder(model_run_folder(cfg.model_dir))
-
-
-def _lock_folders(cfg: LiftConfig, resume: bool, overwrite: bool) -> List[RunLock]:
-    """Lock the output folder (checked for this run) and, for a test, the run folder its tuner
-    comes from, so that no training writes that run while it is evaluated."""
-    locks: List[RunLock] = []
-    try:
-        if cfg.test_only and cfg.model_dir is not None:
-            run_folder = model_run_folder(cfg.model_dir)
-            if os.path.isdir(run_folder) and not (cfg.output_dir and same_folder(run_folder, cfg.output_dir)):
-                locks.append(lock_run_folder(run_folder))
-        lock = prepare_output_dir(cfg.output_dir, resume, overwrite)
-        if lock is not None:
-            locks.append(lock)
-    except BaseException:
-        for lock in locks:
-            lock.release()
-        raise
-    return locks
 
 
 def _precision_label(device: torch.device, precision: str) -> str:
@@ -347,100 +296,6 @@ def _start_run(cfg: LiftConfig, ctx: DistContext) -> torch.device:
     return device
 
 
-def _open_data(cfg: LiftConfig) -> Tuple[RunDatasets, List[int]]:
-    """The run's data sets, every listed image checked now, and the training class sizes."""
-    data = build_run_datasets(cfg)
-    # Every listed image of both splits must exist before training, not when evaluation reaches it.
-    check_split(data.train, cfg.dataset, "train", min_classes=2)
-    check_split(data.test, cfg.dataset, "test")
-    cls_num_list = list(data.train.cls_num_list)
-    if cfg.num_classes not in (None, data.train.num_classes):
-        raise UserInputError(f"num_classes={cfg.num_classes} but {cfg.dataset} has {data.train.num_classes} classes")
-    cfg.num_classes = data.train.num_classes
-    logger.info(
-        "training images %d in %d classes (max %d, min %d); test images %d",
-        sum(cls_num_list),
-        cfg.num_classes,
-        max(cls_num_list),
-        min(cls_num_list),
-        len(data.test),
-    )
-    return data, cls_num_list
-
-
-def _build_model(cfg: LiftConfig, data: RunDatasets, cls_num_list: List[int], device: torch.device):
-    clip_model, tokenizer = load_backbone(cfg.backbone, cfg.pretrained, device=device)
-    check_resolution(clip_model, cfg.resolution, cfg.backbone)
-    # A test-only run loads its trained tuner over the classifier: no text-encoder pass for it.
-    model = build_lift_model(
-        clip_model, cfg, cls_num_list, data.train.classnames, tokenizer=tokenizer, init_classifier=not cfg.test_only
-    ).to(device)
-    facts = model_facts(model)
-    for tuner in facts["tuners"]:
-        logger.info("tuner: %s", tuner)
-    if facts["sizes"]:
-        logger.info("resolved sizes: %s", ", ".join(f"{k} {v}" for k, v in facts["sizes"].items()))
-    trainable, total = facts["trainable_parameters"], facts["total_parameters"]
-    logger.info("tuned parameters: %d of %d (%.3f%%)", trainable, total, 100.0 * trainable / max(total, 1))
-    return model, facts
-
-
-@torch.no_grad()
-def _image_features(model, loader, device, progress: bool):
-    feats, labels = [], []
-    with safe_points():
-        for images, y in progress_bar(loader, desc="Features for classifier init", disable=not progress, leave=False):
-            check_stop("while computing the features the classifier is initialised from")
-            feats.append(model.encode_image(images.to(device)).float().cpu())
-            labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def _read_tuner_state(cfg: LiftConfig, checkpoint_path, resume: bool, ctx: DistContext):
-    """``(what, checkpoint)``: the trained tuner of ``model_dir`` (``"model_dir"``), the run's own
-    checkpoint to resume (``"resume"``), or ``(None, None)``. Rank 0 reads the file and hands it
-    to the other processes, so nodes need not share the output folder."""
-    found: Tuple[Optional[str], Any] = (None, None)
-    if ctx.is_main:
-        if cfg.model_dir is not None:
-            found = ("model_dir", load_trained_tuner(cfg.model_dir))
-        elif resume:
-            found = ("resume", load_checkpoint(checkpoint_path))  # prepare_output_dir saw it there
-    return ctx.broadcast_object(found)
-
-
-def _set_up_tuner(model, cfg: LiftConfig, data: RunDatasets, checkpoint_path, *, resume, device, ctx, progress):
-    """Load a trained tuner (model_dir), resume a checkpoint, or initialise the classifier from
-    image features; then give every process rank 0's tuner. Returns ``(start epoch, checkpoint)``."""
-    start_epoch = 0
-    what, state = _read_tuner_state(cfg, checkpoint_path, resume, ctx)
-    if what == "model_dir":
-        model.load_official_tuner(state["tuner"])
-        logger.info("loaded tuner from %s", cfg.model_dir)
-    elif what == "resume":
-        if "config" not in state:
-            logger.warning("resume: %s does not record its options; continuing with those given", checkpoint_path)
-        check_resume(state.get("config"), cfg.to_dict(), checkpoint_path)
-        model.load_official_tuner(state["tuner"])
-        start_epoch = int(state.get("epoch", cfg.num_epochs))
-        logger.info("resuming from %s after epoch %d", checkpoint_path, start_epoch)
-    elif (
-        not (cfg.zero_shot or cfg.test_only) and cfg.classifier and ctx.is_main and cfg.classifier_init in FEATURE_INITS
-    ):
-        # Rank 0 alone: the broadcast below hands its classifier to the other processes.
-        init_set = data.make_init()
-        sampler = DownSampler(init_set.labels, n_max=100, generator=torch.Generator().manual_seed(cfg.seed or 0))
-        loader = build_loader(init_set, cfg, batch_size=64, shuffle=False, sampler=sampler, device=device)
-        feats, labels = _image_features(model, loader, device, progress)
-        model.init_classifier_from_features(feats.to(device), labels.to(device), cfg.classifier_init)
-    if ctx.enabled:
-        ctx.broadcast_module(model.tuner)
-        if cfg.seed is not None:
-            # Different augmentation draws on every process.
-            torch.manual_seed(ctx.rank_seed(cfg.seed))
-    return start_epoch, state
-
-
 @contextlib.contextmanager
 def _phase(timings: Dict[str, float], name: str):
     t0 = time.perf_counter()
@@ -477,12 +332,12 @@ def _run(cfg: LiftConfig, ctx: DistContext, *, progress: bool, resume: bool, ove
     device = _start_run(cfg, ctx)
     # Data first: its errors (missing files, bad names) are the cheapest to report.
     with _phase(timings, "data_s"):
-        data, cls_num_list = _open_data(cfg)
+        data, cls_num_list = open_data(cfg)
     with _phase(timings, "model_s"):
-        model, facts = _build_model(cfg, data, cls_num_list, device)
+        model, facts = build_model(cfg, data, cls_num_list, device)
     checkpoint_path = os.path.join(cfg.output_dir, CHECKPOINT_NAME) if cfg.output_dir else None
     with _phase(timings, "tuner_setup_s"):
-        start_epoch, state = _set_up_tuner(
+        start_epoch, state = set_up_tuner(
             model, cfg, data, checkpoint_path, resume=resume, device=device, ctx=ctx, progress=progress
         )
     timings["setup_s"] = time.perf_counter() - t_start

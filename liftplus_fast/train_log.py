@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .data.groups import shot_masks
+
 __all__ = ["EMAMeter", "TrainingLog"]
 
 logger = logging.getLogger("liftplus_fast")
@@ -52,10 +54,9 @@ class TrainingLog:
         num_epochs: int,
         tensorboard_dir: Optional[str] = None,
     ):
-        counts = torch.as_tensor(list(cls_num_list))
-        self.groups = {"many": counts > 100, "med": (counts >= 20) & (counts <= 100), "few": counts < 20}
-        self.cls_avg = torch.zeros(len(counts), dtype=torch.float64)
-        self.cls_seen = torch.zeros(len(counts), dtype=torch.bool)
+        self.groups = shot_masks(cls_num_list)
+        self.cls_avg = torch.zeros(len(cls_num_list), dtype=torch.float64)
+        self.cls_seen = torch.zeros(len(cls_num_list), dtype=torch.bool)
         self.loss, self.acc, self.batch_time = EMAMeter(), EMAMeter(), EMAMeter()
         self.batch_time_sum = 0.0
         self.print_freq = max(1, int(print_freq))

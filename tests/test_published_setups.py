@@ -17,7 +17,7 @@ import torch
 from liftplus_fast.cli import build_parser, resolve_command
 from liftplus_fast.config import CLIP_MEAN
 from liftplus_fast.model import build_lift_model
-from liftplus_fast.train import own_model_dir
+from liftplus_fast.run_folder import own_model_dir
 
 DATA3 = ("imagenet_lt", "places_lt", "inat2018")
 DATA2 = ("imagenet_lt", "places_lt")

@@ -35,6 +35,7 @@ __all__ = [
     "RUN_FOLDERS",
     "model_run_folder",
     "new_test_folder",
+    "claim_test_folder",
     "prepare_output_dir",
     "same_folder",
     "clear_previous_run",
@@ -200,15 +201,41 @@ def same_folder(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+# Test folders this process named (absolute path -> the name without its "-N" suffix): the
+# folder is claimed when the test starts (claim_test_folder), as tests started in the same
+# second name the same folder.
+_NAMED_TESTS: Dict[str, str] = {}
+
+
 def new_test_folder(run_folder: str) -> str:
     """A folder name for one evaluation of the run in ``run_folder``: ``test-<date>-<time>``
     inside it (``-2``, ``-3``, ... when that exists), so a test never writes over the run's files."""
     base = os.path.join(run_folder, time.strftime("test-%Y%m%d-%H%M%S"))
-    path, n = base, 1
+    path = _next_free(base, base)
+    _NAMED_TESTS[os.path.abspath(path)] = base
+    return path
+
+
+def _next_free(base: str, path: str) -> str:
+    n = int(path.rsplit("-", 1)[1]) if path != base else 1
     while os.path.exists(path):
         n += 1
         path = f"{base}-{n}"
     return path
+
+
+def claim_test_folder(path: Optional[str]) -> Optional[str]:
+    """``path``, created now when it is a test folder this process named (:func:`new_test_folder`);
+    when another test created it first, the next free name, created. Any other path as given."""
+    base = _NAMED_TESTS.get(os.path.abspath(path)) if path else None
+    if base is None or not os.path.isdir(os.path.dirname(base)):
+        return path
+    while True:
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            path = _next_free(base, path)
 
 
 def _flat(d: Dict[str, Any]) -> Dict[str, Any]:
@@ -280,14 +307,16 @@ def place_test(cfg) -> None:
 
 
 def lock_folders(cfg, resume: bool, overwrite: bool) -> List[RunLock]:
-    """For a run's config: lock the output folder (checked for this run) and, for a test, the run folder its tuner
-    comes from, so that no training writes that run while it is evaluated."""
+    """For a run's config: lock the output folder (checked for this run) and, for a test, the
+    run folder its tuner comes from, shared, so that no training writes that run while it is
+    evaluated and other tests of it may run beside."""
     locks: List[RunLock] = []
     try:
         if cfg.test_only and cfg.model_dir is not None:
             run_folder = model_run_folder(cfg.model_dir)
             if os.path.isdir(run_folder) and not (cfg.output_dir and same_folder(run_folder, cfg.output_dir)):
-                locks.append(lock_run_folder(run_folder))
+                locks.append(lock_run_folder(run_folder, shared=True))
+        cfg.output_dir = claim_test_folder(cfg.output_dir) if cfg.test_only else cfg.output_dir
         lock = prepare_output_dir(cfg.output_dir, resume, overwrite)
         if lock is not None:
             locks.append(lock)

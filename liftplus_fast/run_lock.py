@@ -1,19 +1,22 @@
-"""One command at a time in a run folder: an advisory lock the running process holds.
+"""One writer or many readers in a run folder: an advisory lock the running process holds.
 
-The contract, for every command that writes into a run folder or into a folder of its own
-inside one (``train``; ``test`` and ``predict``, which read the run's tuner):
+The contract, for every command that writes into a run folder (``train``; ``test`` into its own
+``test-...`` folder) or reads a run while it runs (``test`` reads the run's tuner):
 
-* call :func:`lock_run_folder` on the run folder before writing anything there, and keep the
-  returned :class:`RunLock` until the command ends (``release()``, or ``with``);
-* a second lock of the same folder, by any process on any host that reaches the folder through
-  a filesystem with POSIX locks (local disks, NFS with lockd or v4, Lustre, BeeGFS, GPFS), is
+* call :func:`lock_run_folder` on the folder before writing anything there (``shared=True`` on
+  a run it only reads), and keep the returned :class:`RunLock` until the command ends
+  (``release()``, or ``with``);
+* a writer excludes everyone and readers exclude writers: a lock of a folder that conflicts
+  with a live one, taken by any process on any host that reaches the folder through a
+  filesystem with POSIX locks (local disks, NFS with lockd or v4, Lustre, BeeGFS, GPFS), is
   refused with :class:`~liftplus_fast.errors.RunInUseError` naming the holder: its pid, host,
-  command line and start time. ``--overwrite`` does not change that: a live run is never
-  replaced;
+  command line and start time (of readers, the last to start while it is there).
+  ``--overwrite`` does not change that: a live run is never replaced, nor a run while it is
+  evaluated. Readers share: two tests of one run run side by side;
 * the lock belongs to the kernel: it ends with the holding process, whatever ends it (SIGKILL,
   a crash, a lost node once the filesystem notices), so it is never stale. The lock file,
-  ``.liftplus_fast.lock``, holds the holder's description; it is removed on release, and one
-  left behind by a killed process is taken over by the next command.
+  ``.liftplus_fast.lock``, holds the holder's description; the last holder to leave removes it,
+  and one left behind by a killed process is taken over by the next command.
 
 POSIX record locks (``fcntl.lockf``) rather than ``flock``: they belong to the process, not to
 the open file, so DataLoader workers and other forked helpers never hold the lock after the run
@@ -31,13 +34,15 @@ import os
 import shlex
 import socket
 import sys
+import time
 from typing import Any, Dict, Optional
 
 from .errors import RunInUseError
 
-__all__ = ["LOCK_NAME", "RunLock", "lock_run_folder", "read_holder"]
+__all__ = ["LOCK_NAME", "READ", "WRITE", "RunLock", "lock_run_folder", "read_holder"]
 
 LOCK_NAME = ".liftplus_fast.lock"
+READ, WRITE = "read", "write"  # a holder's "mode": a reader's lock is shared, a writer's exclusive
 _BUSY = (errno.EACCES, errno.EAGAIN)
 
 logger = logging.getLogger("liftplus_fast")
@@ -53,15 +58,24 @@ class RunLock:
     def __init__(self, folder: str, fd: Optional[int], holder: Dict[str, Any]):
         self.folder = folder
         self.holder = holder
+        self.shared = holder.get("mode") == READ
         self._fd = fd
 
     def release(self) -> None:
-        """Remove the lock file and end the lock (idempotent)."""
+        """End the lock, removing the lock file when no other process holds it (idempotent)."""
         if _HELD.get(self.folder) is self:
             del _HELD[self.folder]
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        if self.shared:
+            try:  # the last reader out: turning the lock exclusive succeeds only when no one else holds it
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if read_holder(self.folder).get("pid") == self.holder["pid"]:
+                    _describe_in(fd, {"mode": READ})  # other readers stay, undescribed
+                os.close(fd)
+                return
         try:
             # Unlinked while still locked: a command waiting on the old file finds it gone and
             # opens the new one (see _lock), so two commands never hold two files.
@@ -96,22 +110,41 @@ def read_holder(folder: str) -> Dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _describe_in(fd: int, holder: Dict[str, Any]) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode("utf-8"), 0)
+
+
 def _describe(holder: Dict[str, Any]) -> str:
-    if not holder:
-        return "another process (which has not described itself yet)"
+    if "pid" not in holder:
+        return "another process (which has not described itself)"
     return (
         f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}, "
         f"command {str(holder.get('command', '?'))!r}"
     )
 
 
-def lock_run_folder(folder: str, command: Optional[str] = None) -> RunLock:
-    """Lock the existing folder ``folder`` for this process (see the module's contract).
+def _refusal(folder: str, holder: Dict[str, Any]) -> RunInUseError:
+    if holder.get("mode") == READ:
+        what = f"is being read by a live command: {_describe(holder)}"
+        never = "a run while it is read"
+    else:
+        what, never = f"is in use by a live run: {_describe(holder)}", "a live run"
+    return RunInUseError(
+        f"output folder {folder!r} {what}. Wait for it to end or stop it, or choose another output folder "
+        f"(--overwrite never replaces {never})",
+        holder,
+    )
+
+
+def lock_run_folder(folder: str, command: Optional[str] = None, *, shared: bool = False) -> RunLock:
+    """Lock the existing folder ``folder`` for this process (see the module's contract): for
+    writing, or with ``shared=True`` for reading it beside other readers.
 
     ``command`` describes this process to a refused one (default: its command line). Raises
     :class:`~liftplus_fast.errors.RunInUseError` naming the live holder when the folder is
-    locked, by another process or by this one. On a filesystem without locks the command runs
-    unlocked, with a warning.
+    locked in a conflicting way by another process, or locked at all by this one. On a
+    filesystem without locks the command runs unlocked, with a warning.
     """
     key = os.path.realpath(folder)
     if key in _HELD:
@@ -125,32 +158,45 @@ def lock_run_folder(folder: str, command: Optional[str] = None) -> RunLock:
         "host": socket.gethostname(),
         "command": command or _command_line(),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "mode": READ if shared else WRITE,
     }
-    fd = _lock(key, folder)
+    fd = _lock(key, folder, shared)
     if fd is not None:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode("utf-8"), 0)
+        _describe_in(fd, holder)
     lock = RunLock(key, fd, holder)
     _HELD[key] = lock
     return lock
 
 
-def _lock(key: str, folder: str) -> Optional[int]:
+def _same_file(path: str, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _lock(key: str, folder: str, shared: bool) -> Optional[int]:
     path = os.path.join(key, LOCK_NAME)
     for _ in range(100):  # each retry follows a holder that released the lock as we waited on it
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
-            os.close(fd)
             if exc.errno in _BUSY:
                 holder = read_holder(key)
-                raise RunInUseError(
-                    f"output folder {folder!r} is in use by a live run: {_describe(holder)}. Wait for it "
-                    "to end or stop it, or choose another output folder (--overwrite never replaces a "
-                    "live run)",
-                    holder,
-                ) from None
+                if shared and holder.get("mode") == READ:
+                    # Readers conflict only with the last reader leaving, which holds the file
+                    # exclusively for a moment while it removes it.
+                    time.sleep(0.01)
+                    released = not _same_file(path, fd)
+                    os.close(fd)
+                    if released:
+                        continue
+                    holder = read_holder(key)
+                else:
+                    os.close(fd)
+                raise _refusal(folder, holder) from None
+            os.close(fd)
             logger.warning(
                 "cannot lock the output folder %s (%s): this filesystem has no file locks, so a second run "
                 "into the folder would not be refused",
@@ -158,11 +204,7 @@ def _lock(key: str, folder: str) -> Optional[int]:
                 exc.strerror or exc,
             )
             return None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _same_file(path, fd):
             return fd
         os.close(fd)  # locked a file its holder had just removed: lock the current one
     raise RunInUseError(f"output folder {folder!r}: its lock file keeps being replaced; is another run starting?")

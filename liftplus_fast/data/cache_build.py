@@ -214,16 +214,8 @@ def build_split(
         )
         entries = _previous_entries(*current)
     work_dir = build_dir(cache_dir, split, fp)
-    for name in os.listdir(cache_dir):  # builds for another source or options cannot be resumed
-        if name.startswith(f".{split}.build-") and os.path.join(cache_dir, name) != work_dir:
-            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
-    os.makedirs(work_dir, exist_ok=True)
     starts = list(range(0, len(source.paths), chunk_size))
-    manifests: Dict[int, Dict[str, Any]] = {}
-    for k, start in enumerate(starts):
-        m = _load_manifest(work_dir, k, source.paths[start : start + chunk_size])
-        if m is not None:
-            manifests[k] = m
+    manifests = _resumable_chunks(cache_dir, split, work_dir, source.paths, starts, chunk_size)
     reused = len(manifests)
     todo = [k for k in range(len(starts)) if k not in manifests]
     bar = tqdm(
@@ -250,6 +242,23 @@ def build_split(
     decoded = sum(manifests[k].get("decoded", 0) for k in todo)
     summary.update(seconds=time.perf_counter() - t0, decoded=decoded, chunks_built=len(todo), chunks_reused=reused)
     return summary
+
+
+def _resumable_chunks(
+    cache_dir: str, split: str, work_dir: str, paths: Sequence[str], starts: List[int], chunk_size: int
+) -> Dict[int, Dict[str, Any]]:
+    """The chunks an interrupted build of this split left in ``work_dir`` (created if missing),
+    by index; builds of the split for another source or options are removed (they cannot be resumed)."""
+    for name in os.listdir(cache_dir):
+        if name.startswith(f".{split}.build-") and os.path.join(cache_dir, name) != work_dir:
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+    os.makedirs(work_dir, exist_ok=True)
+    manifests: Dict[int, Dict[str, Any]] = {}
+    for k, start in enumerate(starts):
+        m = _load_manifest(work_dir, k, paths[start : start + chunk_size])
+        if m is not None:
+            manifests[k] = m
+    return manifests
 
 
 def _build_chunks(jobs, workers: int, manifests: Dict[int, Dict[str, Any]], bar, where: str, n_chunks: int) -> None:

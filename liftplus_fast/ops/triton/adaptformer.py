@@ -451,14 +451,10 @@ def adaptformer_bwd(
             t.zero_()
     s = scale.to(a.dtype).float()
     # Second, fixed-order reduction over the per-split partials: run-to-run deterministic.
-    g_uw = (p_wu.sum(0) * s).to(up_w.dtype)
-    g_ub = (p_bu.sum(0) * s).to(up_b.dtype)
-    g_dw = p_wd.sum(0).to(down_w.dtype)
-    g_db = dz.sum(0).to(down_b.dtype)
-    g_lnw = p_lnw.sum(0).to(ln_w.dtype)
-    g_lnb = p_lnb.sum(0).to(ln_b.dtype)
-    g_s = ds_row.sum().to(scale.dtype).reshape(scale.shape)
-    return da.view(a.shape), g_lnw, g_lnb, g_dw, g_db, g_uw, g_ub, g_s
+    sums = [p_lnw.sum(0), p_lnb.sum(0), p_wd.sum(0), dz.sum(0), p_wu.sum(0) * s, p_bu.sum(0) * s, ds_row.sum()]
+    params = (ln_w, ln_b, down_w, down_b, up_w, up_b, scale)
+    grads = [g.to(p.dtype).reshape(p.shape) for g, p in zip(sums, params)]
+    return (da.view(a.shape), *grads)
 
 
 def check_limits(a, down_w) -> None:

@@ -34,6 +34,8 @@ from .model.tuner_files import read_tuner_config
 from .options import check_fields, flag, integer, option
 from .options import device as device_check
 from .progress import progress_bar
+from .run_folder import model_run_folder
+from .run_lock import lock_run_folder
 from .runtime import resolve_device, seed_everything
 from .tuner_source import tuner_folder
 
@@ -155,9 +157,11 @@ def predict(
         )
     paths = list_images(images, root)
     dev = resolve_device(options.device)
-    # A randomly initialised backbone is drawn as the training run drew it.
-    seed_everything(LiftConfig.from_dict(read_tuner_config(folder)["config"]).seed)
-    model = load_tuner(folder, device=dev)
+    # Read while no training writes the run (the lock is shared with tests and other predictions).
+    with lock_run_folder(model_run_folder(folder), shared=True):
+        # A randomly initialised backbone is drawn as the training run drew it.
+        seed_everything(LiftConfig.from_dict(read_tuner_config(folder)["config"]).seed)
+        model = load_tuner(folder, device=dev)
     cfg = dataclasses.replace(model.cfg, tte=options.tte, apply_preset=False)
     k = min(options.top_k, model.num_classes)
     loader = DataLoader(

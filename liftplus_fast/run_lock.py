@@ -1,7 +1,8 @@
 """One writer or many readers in a run folder: an advisory lock the running process holds.
 
 The contract, for every command that writes into a run folder (``train``; ``test`` into its own
-``test-...`` folder) or reads a run while it runs (``test`` reads the run's tuner):
+``test-...`` folder) or reads a run (``test`` while it runs, ``predict`` while it loads the
+tuner):
 
 * call :func:`lock_run_folder` on the folder before writing anything there (``shared=True`` on
   a run it only reads), and keep the returned :class:`RunLock` until the command ends
@@ -12,7 +13,9 @@ The contract, for every command that writes into a run folder (``train``; ``test
   refused with :class:`~liftplus_fast.errors.RunInUseError` naming the holder: its pid, host,
   command line and start time (of readers, the last to start while it is there).
   ``--overwrite`` does not change that: a live run is never replaced, nor a run while it is
-  evaluated. Readers share: two tests of one run run side by side;
+  evaluated. Readers share: two tests of one run run side by side. A reader that cannot create
+  the lock file (a read-only folder, which no one with its rights can train into) reads unlocked,
+  with a warning;
 * the lock belongs to the kernel: it ends with the holding process, whatever ends it (SIGKILL,
   a crash, a lost node once the filesystem notices), so it is never stale. The lock file,
   ``.liftplus_fast.lock``, holds the holder's description; the last holder to leave removes it,
@@ -44,6 +47,7 @@ __all__ = ["LOCK_NAME", "READ", "WRITE", "RunLock", "lock_run_folder", "read_hol
 LOCK_NAME = ".liftplus_fast.lock"
 READ, WRITE = "read", "write"  # a holder's "mode": a reader's lock is shared, a writer's exclusive
 _BUSY = (errno.EACCES, errno.EAGAIN)
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 logger = logging.getLogger("liftplus_fast")
 
@@ -178,7 +182,15 @@ def _same_file(path: str, fd: int) -> bool:
 def _lock(key: str, folder: str, shared: bool) -> Optional[int]:
     path = os.path.join(key, LOCK_NAME)
     for _ in range(100):  # each retry follows a holder that released the lock as we waited on it
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if not shared or exc.errno not in _READ_ONLY:
+                raise
+            # A run in a folder this user cannot write (a shared, read-only copy): nobody with
+            # these rights can train into it either, so it is read unlocked.
+            logger.warning("reading %s without its lock: %s", folder, exc.strerror or exc)
+            return None
         try:
             fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:

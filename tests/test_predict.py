@@ -2,19 +2,23 @@
 listed and skipped."""
 
 import csv
+import errno
 import os
 
 import pytest
 import torch
 
+from liftplus_fast import run_lock
 from liftplus_fast.config import make_config
 from liftplus_fast.data.images import load_rgb_image
 from liftplus_fast.data.synthetic_images import write_image_folder
 from liftplus_fast.data.transforms import build_test_transform
-from liftplus_fast.errors import MissingInputError, UserInputError
+from liftplus_fast.errors import MissingInputError, RunInUseError, UserInputError
 from liftplus_fast.model import build_lift_model, load_clip
 from liftplus_fast.predict import PredictOptions, list_images, predict
+from liftplus_fast.run_lock import LOCK_NAME
 from liftplus_fast.runtime import seed_everything
+from tests.reliability.test_run_lock import child_pids, start_holder
 
 NAMES = ["red_fox", "blue_jay", "green_frog"]
 
@@ -103,3 +107,39 @@ def test_predict_needs_a_tuner_folder_and_checked_options(tmp_path):
         predict(str(tmp_path), str(tmp_path), str(tmp_path / "p.csv"))
     with pytest.raises(UserInputError, match="option top_k must be an integer >= 1; got 0"):
         PredictOptions(top_k=0)
+
+
+def test_predict_reads_a_run_only_while_no_training_writes_it(tuner_and_images, tmp_path, monkeypatch, caplog):
+    root, _ = tuner_and_images
+    folder = root / "run" / "tuner"  # a tuner folder outside a run folder is its own run folder
+    writer = start_holder(folder)
+    children = child_pids(writer.pid)
+    try:
+        with pytest.raises(RunInUseError, match=f"is in use by a live run: pid {writer.pid}"):
+            predict(
+                str(root / "run"), str(root / "data" / "test"), str(tmp_path / "p.csv"), PredictOptions(num_workers=0)
+            )
+        assert not (tmp_path / "p.csv").exists()
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+        for pid in children:
+            os.kill(pid, 9)
+    (folder / LOCK_NAME).unlink()  # what the killed holder left
+    # A run this user cannot write into (a shared read-only copy) is read without its lock.
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if os.path.basename(path) == LOCK_NAME:
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_lock.os, "open", read_only)
+    with caplog.at_level("WARNING", logger="liftplus_fast"):
+        summary = predict(
+            str(root / "run"), str(root / "data" / "test"), str(tmp_path / "p.csv"), PredictOptions(num_workers=0)
+        )
+    assert (
+        summary.predicted == 6 and "reading" in caplog.text and "without its lock: Read-only file system" in caplog.text
+    )
+    assert not (folder / LOCK_NAME).exists()

@@ -242,6 +242,10 @@ Capability selected_capability() {
   return selection().selected;
 }
 
+Capability supported_capability() {
+  return selection().supported;
+}
+
 }  // namespace cpu
 
 // cpu_capability has no tensor arguments, so calls reach the composite kernel; the CPU entry

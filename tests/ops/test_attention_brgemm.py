@@ -1,6 +1,7 @@
 """Attention on PyTorch's batch-reduce GEMM (``attention_brgemm_fwd`` / ``_bwd``) against SDPA in
 float64, forward and gradient, in both operand layouts brgemm takes (VNNI pairs: oneDNN's
-micro-kernels, AMX tiles on CPUs with AMX; plain: a BLAS GEMM, what any other CPU runs).
+micro-kernels, AMX tiles on CPUs with AMX, products padded to whole tiles there; plain: a BLAS
+GEMM, what any other CPU runs).
 
 Tolerances as in test_attention.py: fp32 within 1e-5 of float64; bf16 at most twice the error of
 PyTorch's bf16 SDPA on the same rounded inputs, plus 1e-3.
@@ -25,16 +26,18 @@ pytestmark = pytest.mark.skipif(not BRGEMM, reason="native extension without brg
 BF16, FP32 = torch.bfloat16, torch.float32
 
 
-@pytest.fixture(params=["vnni", "plain"])
+@pytest.fixture(params=["vnni_tiles", "vnni_exact", "plain"])
 def layout(request, monkeypatch):
-    """Both operand layouts on any machine (VNNI only where brgemm runs it)."""
+    """Both operand layouts on any machine (VNNI only where brgemm runs it), VNNI products both
+    padded to whole AMX tiles (what a CPU with AMX runs) and at their own sizes (what others run)."""
     if request.param == "plain":
         monkeypatch.setenv("LIFTPLUS_FAST_BRGEMM_PLAIN", "1")
     else:
         monkeypatch.delenv("LIFTPLUS_FAST_BRGEMM_PLAIN", raising=False)
+        monkeypatch.setenv("LIFTPLUS_FAST_BRGEMM_TILES", "1" if request.param == "vnni_tiles" else "0")
         if OPS.attention_brgemm_layout() != "vnni":
             pytest.skip("brgemm takes no VNNI operands on this CPU / torch build")
-    assert OPS.attention_brgemm_layout() == request.param
+    assert OPS.attention_brgemm_layout() == request.param.split("_")[0]
     return request.param
 
 

@@ -53,5 +53,9 @@ const char* capability_name(Capability c);
 // branch on it (for example to call a oneDNN AMX routine).
 Capability selected_capability();
 
+// The widest capability this CPU and OS support, whatever LIFTPLUS_FAST_CPU_CAPABILITY says: for
+// choices about what runs inside PyTorch's own libraries (oneDNN picks its ISA by itself).
+Capability supported_capability();
+
 }  // namespace cpu
 }  // namespace liftplus_fast

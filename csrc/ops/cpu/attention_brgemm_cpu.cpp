@@ -13,8 +13,9 @@
 //             dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)·scale; dV = Pᵀ·dO; dK = dSᵀ·Q; dQᵀ = Kᵀ·dSᵀ
 // bf16 and fp32. Every product's second operand B is copied once per head into the layout brgemm
 // reads: VNNI pairs [K/2][N][2] for bf16 where its micro-kernels take them, plain [K][N]
-// otherwise (read in place where qkv's own rows already are B). Products run in whole AMX tiles
-// (16 rows, 16 columns, K of 32 for the reductions over tokens), padding with zeros.
+// otherwise (read in place where qkv's own rows already are B). On CPUs with AMX the products run
+// in whole AMX tiles (16 rows, 16 columns, K of 32 for the reductions over tokens), padding with
+// zeros; elsewhere at their own sizes (K even for VNNI pairs).
 //
 // brgemm exists with this signature from torch 2.6 (the package's floor); with an older torch the
 // ops are not registered and attention_brgemm_layout() is "", so the Python side never offers this
@@ -112,6 +113,15 @@ bool use_vnni() {
 template <typename T>
 bool use_vnni(const Geometry& g) {
   return g.hd % 2 == 0 && use_vnni<T>();
+}
+
+// Whether the products are shaped for AMX tiles (whole 16-row and 16-column tiles, K in blocks of
+// kTileK; see Work): where oneDNN runs them on AMX, which it does on a CPU with AMX. Its AVX-512
+// micro-kernels take any M and N and an even K, so elsewhere the products run unpadded.
+// LIFTPLUS_FAST_BRGEMM_TILES=0/1 overrides (tests run both shapes on any CPU).
+bool amx_shaped(bool vnni) {
+  static const bool amx = cpu::supported_capability() >= cpu::Capability::kAMX;
+  return vnni && tuning::env_int("LIFTPLUS_FAST_BRGEMM_TILES", amx ? 1 : 0) != 0;
 }
 
 // C[M, N] (fp32, ldc) = A[M, K] (rows of lda) · B (ldb, laid out as `vnni` says).
@@ -243,24 +253,25 @@ constexpr int64_t kTileK = 32;
 
 // Per-thread buffers of one (image, head) task.
 //   ld_s: fp32 score rows (N rounded up to 16), also the N of products with N output columns;
-//   kn:   K of the products reducing over tokens (P·V, Pᵀ·dO, dSᵀ·Q, Kᵀ·dSᵀ): N, or N rounded up
-//         to kTileK with zero padding for VNNI; also the row length of their A operands;
-//   mp:   rows of every product's A and C buffers: N, or N rounded up to 16 for VNNI (AMX works
-//         on 16-row tiles; a row tail costs like a whole second product, measured at N = 197);
+//   kn:   K of the products reducing over tokens (P·V, Pᵀ·dO, dSᵀ·Q, Kᵀ·dSᵀ): N, rounded up to
+//         kTileK with zero padding for AMX tiles, to even for other VNNI products; also the row
+//         length of their A operands;
+//   mp:   rows of every product's A and C buffers: N, or N rounded up to 16 for AMX tiles (a row
+//         tail costs like a whole second product there, measured at N = 197);
 //   la:   row stride of those A operands (at least ld_s, so whole 16-lane blocks fit a row);
 //   ldb_d: B operands and outputs head_dim wide.
 template <typename T>
 struct Work {
   int64_t N, hd, ld_s, kn, la, mp, hp, ldb_d;
-  bool vnni;
+  bool vnni, tiles;
   std::vector<float> s, dp, c, cq, delta, lse, inv;
   std::vector<T> p, ds, ds_b, kt, b, a_tail;
-  Work(int64_t N_, int64_t hd_, bool vnni_, bool backward) : N(N_), hd(hd_), vnni(vnni_) {
+  Work(int64_t N_, int64_t hd_, bool vnni_, bool backward) : N(N_), hd(hd_), vnni(vnni_), tiles(amx_shaped(vnni_)) {
     ld_s = round_up(N, 16);
-    kn = vnni ? round_up(N, kTileK) : N;
+    kn = vnni ? round_up(N, tiles ? kTileK : 2) : N;
     la = std::max(kn, ld_s);
-    mp = vnni ? round_up(N, 16) : N;
-    hp = vnni ? round_up(hd, 16) : hd;
+    mp = tiles ? round_up(N, 16) : N;
+    hp = tiles ? round_up(hd, 16) : hd;
     ldb_d = round_up(hd, 16);
     s.resize(mp * ld_s);
     c.resize(mp * ldb_d);
@@ -280,18 +291,18 @@ struct Work {
     }
   }
   // N of a product with n output columns: oneDNN's AMX kernels run a column tail ~10x slower than
-  // whole 16-column blocks (measured at N = 197), so VNNI products compute whole blocks (the
-  // extra columns of C are never read; B's are zero). The plain layout reads B in place: exact N.
-  int64_t cols(int64_t n) const { return vnni ? round_up(n, 16) : n; }
+  // whole 16-column blocks (measured at N = 197), so AMX-shaped products compute whole blocks
+  // (the extra columns of C are never read; B's are zero). Otherwise exact N.
+  int64_t cols(int64_t n) const { return tiles ? round_up(n, 16) : n; }
 };
 
-// C = A·B for A = N rows of qkv or dO read in place (row stride lda, K = hd): whole 16-row tiles
-// in place, the last N % 16 rows from a zero-padded copy (reading past row N would leave the
-// tensor), so that C's rows up to mp are written.
+// C = A·B for A = N rows of qkv or dO read in place (row stride lda, K = hd). AMX-shaped: whole
+// 16-row tiles in place, the last N % 16 rows from a zero-padded copy (reading past row N would
+// leave the tensor), so that C's rows up to mp are written.
 template <typename T>
 void gemm_rows_in_place(int64_t ncols, const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc,
                         Work<T>& w) {
-  const int64_t whole = w.vnni ? w.N / 16 * 16 : w.N;
+  const int64_t whole = w.tiles ? w.N / 16 * 16 : w.N;
   if (whole > 0) gemm(whole, ncols, w.hd, a, lda, b, ldb, c, ldc, w.vnni);
   if (whole == w.N) return;
   for (int64_t r = 0; r < w.N - whole; ++r)

@@ -18,7 +18,7 @@ from liftplus_fast.model import build_lift_model, load_clip
 from liftplus_fast.predict import PredictOptions, list_images, predict
 from liftplus_fast.run_lock import LOCK_NAME
 from liftplus_fast.runtime import seed_everything
-from tests.reliability.test_run_lock import child_pids, start_holder
+from tests.reliability.test_run_lock import child_pids, end_holder, start_holder
 
 NAMES = ["red_fox", "blue_jay", "green_frog"]
 
@@ -121,10 +121,7 @@ def test_predict_reads_a_run_only_while_no_training_writes_it(tuner_and_images, 
             )
         assert not (tmp_path / "p.csv").exists()
     finally:
-        writer.kill()
-        writer.wait(timeout=30)
-        for pid in children:
-            os.kill(pid, 9)
+        end_holder(writer, children)
     (folder / LOCK_NAME).unlink()  # what the killed holder left
     # A run this user cannot write into (a shared read-only copy) is read without its lock.
     real_open = os.open

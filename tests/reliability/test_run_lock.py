@@ -49,6 +49,17 @@ def start_holder(folder, *mode):
     return proc
 
 
+def end_holder(proc, children):
+    """Kill a holder and the children it forked."""
+    proc.kill()
+    proc.wait(timeout=30)
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def child_pids(pid):
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -83,12 +94,7 @@ def test_a_locked_folder_is_refused_naming_the_holder_until_it_is_killed(tmp_pat
             assert read_holder(str(folder)) == lock.holder and lock.holder["pid"] == os.getpid()
         assert not (folder / LOCK_NAME).exists()  # a released lock leaves no file
     finally:
-        holder.kill()
-        for pid in child:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_holder(holder, child)
 
 
 def test_one_process_cannot_lock_a_folder_twice(tmp_path):
@@ -140,16 +146,6 @@ def test_a_second_train_or_test_into_a_live_run_is_refused_even_with_overwrite(t
     assert not (out / LOCK_NAME).exists()
 
 
-def _end(proc, children):
-    proc.kill()
-    proc.wait(timeout=30)
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_readers_share_a_folder_and_keep_writers_out(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -174,7 +170,7 @@ def test_readers_share_a_folder_and_keep_writers_out(tmp_path):
             pass
         assert not (folder / LOCK_NAME).exists()  # the last reader out removes the file
     finally:
-        _end(reader, children)
+        end_holder(reader, children)
 
 
 def test_a_writer_keeps_readers_out(tmp_path):
@@ -184,7 +180,7 @@ def test_a_writer_keeps_readers_out(tmp_path):
         with pytest.raises(RunInUseError, match=f"is in use by a live run: pid {writer.pid}"):
             lock_run_folder(str(tmp_path), shared=True)
     finally:
-        _end(writer, children)
+        end_holder(writer, children)
 
 
 def test_tests_started_in_the_same_second_take_their_own_folders(tmp_path):
@@ -214,4 +210,4 @@ def test_a_run_under_test_is_refused_to_training_but_not_to_another_test(tmp_pat
         assert len(err) == 1 and "is being read by a live command: another process" in err[0], err
         assert kept == {name: (out / name).read_bytes() for name in kept}
     finally:
-        _end(reader, children)
+        end_holder(reader, children)

@@ -316,7 +316,7 @@ def lock_folders(cfg, resume: bool, overwrite: bool) -> List[RunLock]:
             run_folder = model_run_folder(cfg.model_dir)
             if os.path.isdir(run_folder) and not (cfg.output_dir and same_folder(run_folder, cfg.output_dir)):
                 locks.append(lock_run_folder(run_folder, shared=True))
-        cfg.output_dir = claim_test_folder(cfg.output_dir) if cfg.test_only else cfg.output_dir
+        cfg.output_dir = claim_test_folder(cfg.output_dir)
         lock = prepare_output_dir(cfg.output_dir, resume, overwrite)
         if lock is not None:
             locks.append(lock)

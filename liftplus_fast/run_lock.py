@@ -76,7 +76,8 @@ class RunLock:
             try:  # the last reader out: turning the lock exclusive succeeds only when no one else holds it
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                if read_holder(self.folder).get("pid") == self.holder["pid"]:
+                described = read_holder(self.folder)
+                if (described.get("pid"), described.get("host")) == (self.holder["pid"], self.holder["host"]):
                     _describe_in(fd, {"mode": READ})  # other readers stay, undescribed
                 os.close(fd)
                 return

@@ -60,6 +60,7 @@ def test_backend_info_says_which_build_runs_and_why():
 _EQUIVALENCE = [
     "tests/ops/test_op_equivalence.py",
     "tests/ops/test_attention.py",
+    "tests/ops/test_attention_brgemm.py",
     "tests/ops/test_linear_gelu.py",
     "-k",
     "not triton and not compile and not opcheck",

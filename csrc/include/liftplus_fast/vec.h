@@ -1,5 +1,6 @@
 // 16-lane float vectors in the compiler's vector extension (GCC, Clang): lowered to whatever the
-// target has (one AVX-512 register, two AVX2 ones, four SSE ones), no instruction-set intrinsics.
+// target has (one AVX-512 register, two AVX2 ones, four SSE ones). One intrinsic: in builds for
+// AVX512-BF16, store_t rounds to bf16 with that extension's instruction.
 // For the element-wise loops whose auto-vectorisation is poor or impossible (float max
 // reductions, bf16 rounding by bits, exp) in the CPU kernels. Include it after a kernel's
 // `#pragma GCC target` so that its functions are compiled alike.
@@ -10,6 +11,10 @@
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "liftplus_fast/cpu_capability.h"
 
@@ -66,10 +71,16 @@ inline void store_t(T* p, vfloat v) {
     store(p, v);
   } else {
     static_assert(std::is_same_v<T, c10::BFloat16>, "float or bf16");
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    // One instruction for the ~6 of the rounding below (same rounding; it reads fp32 subnormals,
+    // below 1.2e-38, as zero).
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+#else
     const vuint u = (vuint)v;
     vuint r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     r = v != v ? vuint{} + 0x7fc0u : r;
     const vhalf h = __builtin_convertvector(r, vhalf);
+#endif
     std::memcpy(p, &h, sizeof(h));
   }
 }
@@ -92,6 +103,44 @@ inline vfloat exp2(vfloat t) {
   p = p * f + 1.f;
   const vfloat e = (vfloat)((vint)p + ((vint)y << 23));
   return t != t ? t : (t < -126.f ? splat(0.f) : e);
+}
+
+// In-register transpose of a 16 x 16 block of 32-bit lanes (vfloat or vuint rows): four rounds,
+// each swapping one bit of the row index with the same bit of the column index between rows i
+// and i + s (two-source shuffles: one vpermt2d each on AVX-512).
+template <typename V>
+inline void transpose16(V (&r)[kLanes]) {
+#define LPF_SWAP_ROUND(s, ...)                                \
+  for (int i = 0; i < kLanes; ++i) {                          \
+    if (i & (s)) continue;                                    \
+    const V a = r[i], b = r[i + (s)];                         \
+    r[i] = __builtin_shufflevector(a, b, __VA_ARGS__);        \
+    r[i + (s)] = __builtin_shufflevector(a, b, LPF_HIGH_##s); \
+  }
+#define LPF_HIGH_8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LPF_HIGH_4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LPF_HIGH_2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LPF_HIGH_1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+  LPF_SWAP_ROUND(8, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+  LPF_SWAP_ROUND(4, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+  LPF_SWAP_ROUND(2, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+  LPF_SWAP_ROUND(1, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+#undef LPF_SWAP_ROUND
+#undef LPF_HIGH_8
+#undef LPF_HIGH_4
+#undef LPF_HIGH_2
+#undef LPF_HIGH_1
+}
+
+// dst[c·ld_dst + r] = src[r·ld_src + c] for r < 16 and c < cols (at most 16: the dst rows past
+// cols are not written), reading whole 16-value source rows. Types float or bf16 on either side:
+// bf16 is widened exactly and stores round to nearest even.
+template <typename S, typename D>
+inline void transpose_block(const S* src, int64_t ld_src, D* dst, int64_t ld_dst, int cols = kLanes) {
+  vfloat r[kLanes];
+  for (int i = 0; i < kLanes; ++i) r[i] = load_t(src + i * ld_src);
+  transpose16(r);
+  for (int c = 0; c < cols; ++c) store_t(dst + c * ld_dst, r[c]);
 }
 
 }  // namespace vec

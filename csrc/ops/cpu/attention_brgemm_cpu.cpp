@@ -58,7 +58,7 @@
 // Builds besides the baseline, chosen at run time (csrc/cpu_dispatch.cpp): the GEMMs dispatch
 // inside PyTorch (AMX tiles where present); the softmax and rounding loops around them gain from
 // wider vectors.
-LPF_CPU_CAPABILITIES(avx2, avx512);
+LPF_CPU_CAPABILITIES(avx2, avx512, avx512_bf16);
 
 namespace liftplus_fast {
 namespace LPF_CPU_NS {
@@ -157,12 +157,22 @@ void pack_rows_vnni(const bf16* src, int64_t ld, int64_t K, int64_t Kpad, int64_
   }
 }
 
-// B[k][n] = src[n·ld + k] (K even: each pair is one word of a source row), n < N.
+// B[k][n] = src[n·ld + k] (K even: each pair is one word of a source row), n < N: a transpose of
+// 32-bit words, in 16 x 16 blocks in registers where whole blocks fit.
 void pack_cols_vnni(const bf16* src, int64_t ld, int64_t K, int64_t N, int64_t ldb, bf16* dst) {
   auto* out = reinterpret_cast<uint32_t*>(dst);
+  const int64_t words = K / 2, n_whole = N / 16 * 16, p_whole = words / 16 * 16;
+  for (int64_t n0 = 0; n0 < n_whole; n0 += 16)
+    for (int64_t p0 = 0; p0 < p_whole; p0 += 16) {
+      vec::vuint r[vec::kLanes];
+      for (int i = 0; i < vec::kLanes; ++i) std::memcpy(&r[i], src + (n0 + i) * ld + 2 * p0, sizeof(r[i]));
+      vec::transpose16(r);
+      for (int c = 0; c < vec::kLanes; ++c) std::memcpy(out + (p0 + c) * ldb + n0, &r[c], sizeof(r[c]));
+    }
   for (int64_t n = 0; n < N; ++n) {
     const bf16* row = src + n * ld;
-    for (int64_t p = 0; p < K / 2; ++p) std::memcpy(out + p * ldb + n, row + 2 * p, sizeof(uint32_t));
+    for (int64_t p = n < n_whole ? p_whole : 0; p < words; ++p)
+      std::memcpy(out + p * ldb + n, row + 2 * p, sizeof(uint32_t));
   }
 }
 
@@ -193,45 +203,58 @@ const T* operand_b(const T* src, int64_t ld, int64_t K, int64_t Kpad, int64_t N,
   return dst;
 }
 
-// Rounds a row of fp32 to T (bf16: nearest even, by bits so the loop vectorises), times f.
+// Rounds a row of fp32 to T (bf16: nearest even), times f.
 template <typename T>
 inline void store_row(const float* src, T* dst, int64_t n, float f = 1.f) {
+  int64_t i = 0;
+  for (; i + vec::kLanes <= n; i += vec::kLanes) store_t(dst + i, vec::load(src + i) * f);
   if constexpr (std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * f;
+    for (; i < n; ++i) dst[i] = src[i] * f;
   } else {
-    auto* out = reinterpret_cast<uint16_t*>(dst);
-    for (int64_t i = 0; i < n; ++i) out[i] = rows::float_to_bf16_bits(src[i] * f);
+    for (; i < n; ++i) dst[i].x = rows::float_to_bf16_bits(src[i] * f);
   }
 }
 
 // Rows of scores are ld_s = round_up(N, 16) floats: the loops below run over whole 16-lane
-// blocks, the columns past N made neutral (−inf before exp, 0 after) instead of a scalar tail,
-// which at N = 197 would cost as much as the 12 full blocks of a row.
+// blocks, the columns past N masked in the last one (never read: the GEMMs leave them unwritten
+// where products run at their own sizes) instead of a scalar tail, which at N = 197 would cost as
+// much as the 12 full blocks of a row.
 //
-// s ← scale·s for columns < n, −inf for n ≤ column < ld (a multiple of kLanes); returns the max.
-inline float scale_and_max(float* s, int64_t n, int64_t ld, float scale) {
+// max over columns < n of scale·s.
+inline float scaled_max(const float* s, int64_t n, float scale) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const vint lanes = vec::lane_index();
   vfloat mx = vfloat{} - kInf;
-  for (int64_t j = 0; j < ld; j += vec::kLanes) {
-    vfloat v = vec::load(s + j) * scale;
-    v = (lanes + static_cast<int32_t>(j)) < static_cast<int32_t>(n) ? v : vfloat{} - kInf;
-    vec::store(s + j, v);
+  int64_t j = 0;
+  for (; j + vec::kLanes <= n; j += vec::kLanes) {
+    const vfloat v = vec::load(s + j) * scale;
     mx = v > mx ? v : mx;
+  }
+  if (j < n) {
+    const vfloat v = vec::load(s + j) * scale;
+    mx = vec::lane_index() + static_cast<int32_t>(j) < static_cast<int32_t>(n) && v > mx ? v : mx;
   }
   float m = -kInf;
   for (int l = 0; l < vec::kLanes; ++l) m = mx[l] > m ? mx[l] : m;
   return m;
 }
 
-// out ← exp(x − m) rounded to T, over ld columns (a multiple of kLanes); returns the sum of the
-// unrounded values.
+// out ← exp(scale·s − m) rounded to T for columns < n, 0 for n ≤ column < ld (a multiple of
+// kLanes: the zeros are the padding of P as a GEMM operand); returns the sum of the unrounded
+// values.
 template <typename T>
-inline float exp_store(const float* x, int64_t ld, float m, T* out) {
+inline float exp_store(const float* s, int64_t n, int64_t ld, float scale, float m, T* out) {
   vfloat acc = vfloat{};
-  const float mb = m * kLog2e;
-  for (int64_t j = 0; j < ld; j += vec::kLanes) {
-    const vfloat e = vec::exp2(vec::load(x + j) * kLog2e - mb);
+  const float a = scale * kLog2e, mb = m * kLog2e;
+  const int64_t whole = n / vec::kLanes * vec::kLanes;
+  int64_t j = 0;
+  for (; j < whole; j += vec::kLanes) {
+    const vfloat e = vec::exp2(vec::load(s + j) * a - mb);
+    store_t(out + j, e);
+    acc += e;
+  }
+  for (; j < ld; j += vec::kLanes) {
+    vfloat e = vec::exp2(vec::load(s + j) * a - mb);
+    e = vec::lane_index() + static_cast<int32_t>(j) < static_cast<int32_t>(n) ? e : vfloat{};
     store_t(out + j, e);
     acc += e;
   }
@@ -251,6 +274,27 @@ inline float as_float(T x) {
 // through a second tile configuration, ~2x slower in all at K = 197 (measured, oneDNN 3.12).
 constexpr int64_t kTileK = 32;
 
+// The next task's operands, pulled into the L2 cache one token row at a time while this task
+// runs its element-wise loops: a head's slice of a token row is a few cache lines every few KB,
+// which the hardware prefetchers do not run ahead of (measured: the first pass over a head's
+// rows was a tenth of the kernel's time without this).
+struct Ahead {
+  static constexpr int kMax = 5;
+  const char* src[kMax] = {};
+  int64_t stride = 0, stride_o = 0, bytes = 0;  // row strides of qkv and of O/dO, slice bytes
+  int n = 0, n_qkv = 0;                         // sources, of which the first n_qkv are in qkv
+  void add(const void* p, bool in_qkv) {
+    src[n++] = static_cast<const char*>(p);
+    n_qkv += in_qkv;
+  }
+  void row(int64_t i) const {
+    for (int s = 0; s < n; ++s) {
+      const char* r = src[s] + i * (s < n_qkv ? stride : stride_o);
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(r + off, 0, 2);
+    }
+  }
+};
+
 // Per-thread buffers of one (image, head) task.
 //   ld_s: fp32 score rows (N rounded up to 16), also the N of products with N output columns;
 //   kn:   K of the products reducing over tokens (P·V, Pᵀ·dO, dSᵀ·Q, Kᵀ·dSᵀ): N, rounded up to
@@ -264,6 +308,7 @@ template <typename T>
 struct Work {
   int64_t N, hd, ld_s, kn, la, mp, hp, ldb_d;
   bool vnni, tiles;
+  Ahead ahead;
   std::vector<float> s, dp, c, cq, delta, lse, inv;
   std::vector<T> p, ds, ds_b, kt, b, a_tail;
   Work(int64_t N_, int64_t hd_, bool vnni_, bool backward) : N(N_), hd(hd_), vnni(vnni_), tiles(amx_shaped(vnni_)) {
@@ -336,10 +381,11 @@ void fwd_head(const T* q, const T* k, const T* v, int64_t ld, T* o, int64_t ld_o
   products_nt(q, ld, k, ld, w.s.data(), w);
   for (int64_t i = 0; i < N; ++i) {
     float* s = w.s.data() + i * w.ld_s;
-    const float m = scale_and_max(s, N, w.ld_s, scale);
-    const float l = exp_store(s, w.ld_s, m, w.p.data() + i * w.la);
+    const float m = scaled_max(s, N, scale);
+    const float l = exp_store(s, N, w.ld_s, scale, m, w.p.data() + i * w.la);
     w.inv[i] = 1.f / l;
     lse[i] = m + std::log(l);
+    w.ahead.row(i);
   }
   times_rows(w.p.data(), v, ld, o, ld_o, w, w.inv.data());
 }
@@ -355,28 +401,18 @@ float dot(const T* a, const T* b, int64_t n) {
   return sum;
 }
 
-// dst[d][j] = src[j·ld + d] for j < rows, d < cols (dst row stride ld_dst), in 16 x 16 blocks.
-template <typename T>
-void transpose_rows(const T* src, int64_t ld, int64_t rows_n, int64_t cols, T* dst, int64_t ld_dst) {
-  for (int64_t j0 = 0; j0 < rows_n; j0 += 16)
-    for (int64_t d0 = 0; d0 < cols; d0 += 16) {
-      const int64_t je = std::min(rows_n, j0 + 16), de = std::min(cols, d0 + 16);
-      for (int64_t j = j0; j < je; ++j)
-        for (int64_t d = d0; d < de; ++d) dst[d * ld_dst + j] = src[j * ld + d];
-    }
-}
-
-// out[i·ld_out + d] = src[d·ld + i] rounded to T, for d < rows, i < cols, in 16 x 16 blocks.
-template <typename T>
-void store_transposed(const float* src, int64_t ld, int64_t rows_n, int64_t cols, T* out, int64_t ld_out) {
-  float tile[16][16];
-  for (int64_t d0 = 0; d0 < rows_n; d0 += 16)
-    for (int64_t i0 = 0; i0 < cols; i0 += 16) {
-      const int64_t de = std::min(rows_n, d0 + 16) - d0, ie = std::min(cols, i0 + 16) - i0;
-      for (int64_t d = 0; d < de; ++d)
-        for (int64_t i = 0; i < 16; ++i) tile[i][d] = src[(d0 + d) * ld + i0 + i];
-      for (int64_t i = 0; i < ie; ++i) store_row(tile[i], out + (i0 + i) * ld_out + d0, de);
-    }
+// dst[c·ld_dst + r] = src[r·ld + c] for r < rows_n, c < cols, in 16 x 16 blocks: whole ones in
+// registers (source rows read up to a multiple of 16 columns, so ld must allow it), the rows past
+// the last whole block of 16 one value at a time. T rounds from S (fp32 to bf16) or copies.
+template <typename S, typename T>
+void transpose(const S* src, int64_t ld, int64_t rows_n, int64_t cols, T* dst, int64_t ld_dst) {
+  const int64_t r_whole = rows_n / 16 * 16;
+  for (int64_t r0 = 0; r0 < r_whole; r0 += 16)
+    for (int64_t c0 = 0; c0 < cols; c0 += 16)
+      vec::transpose_block(src + r0 * ld + c0, ld, dst + c0 * ld_dst + r0, ld_dst,
+                           static_cast<int>(std::min<int64_t>(16, cols - c0)));
+  for (int64_t r = r_whole; r < rows_n; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = static_cast<T>(as_float(src[r * ld + c]));
 }
 
 // The backward works on the transposed scores, one key row j at a time, so that the two products
@@ -404,6 +440,7 @@ void bwd_head(const T* q, const T* k, const T* v, int64_t ld, const T* o, const 
     const float* dpt = w.dp.data() + j * ld_s;
     T* p_row = w.p.data() + j * la;
     T* ds_row = w.ds.data() + j * la;
+    w.ahead.row(j);
     for (int64_t i = 0; i < ld_s; i += vec::kLanes) {
       const vfloat e = vec::exp2(vec::load(pt + i) * scale2 - vec::load(lse2 + i));
       store_t(p_row + i, e);
@@ -413,11 +450,25 @@ void bwd_head(const T* q, const T* k, const T* v, int64_t ld, const T* o, const 
   times_rows(w.p.data(), dout, ld_o, dv, ld_g, w);  // dV = Pᵀ dO
   times_rows(w.ds.data(), q, ld, dk, ld_g, w);      // dK = dSᵀ Q
   // dQᵀ = Kᵀ dSᵀ: A = Kᵀ [hp, kn], B = dSᵀ [tokens j, queries i].
-  transpose_rows(k, ld, N, hd, w.kt.data(), la);
+  transpose(k, ld, N, hd, w.kt.data(), la);
   int64_t ldb;
   const T* b = operand_b(w.ds.data(), la, N, kn, N, /*rows_are_k=*/true, w.vnni, ld_s, w.ds_b.data(), &ldb);
   gemm(w.hp, w.cols(N), kn, w.kt.data(), la, b, ldb, w.cq.data(), ld_s, w.vnni);
-  store_transposed(w.cq.data(), ld_s, hd, N, dq, ld_g);
+  transpose(w.cq.data(), ld_s, hd, N, dq, ld_g);
+}
+
+// The Ahead of a task whose q slice starts at q (none if null), with its O and dO slices where given.
+template <typename T>
+Ahead ahead_of(const Geometry& g, const T* q, const T* o = nullptr, const T* dout = nullptr) {
+  Ahead a;
+  if (q == nullptr) return a;
+  a.stride = g.qkv_row() * static_cast<int64_t>(sizeof(T));
+  a.stride_o = g.out_row() * static_cast<int64_t>(sizeof(T));
+  a.bytes = g.hd * static_cast<int64_t>(sizeof(T));
+  for (int part = 0; part < 3; ++part) a.add(q + part * g.D, true);
+  if (o != nullptr) a.add(o, false);
+  if (dout != nullptr) a.add(dout, false);
+  return a;
 }
 
 void check_dtype(const at::Tensor& qkv) {
@@ -435,9 +486,11 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& qkv, const Geometry& g,
   const bool vnni = use_vnni<T>(g);
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     Work<T> w(g.N, g.hd, vnni, /*backward=*/false);
+    auto q_of = [&](int64_t t) { return base + g.qkv_base(t / g.H) + t % g.H * g.hd; };
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / g.H, h = t % g.H;
-      const T* q = base + g.qkv_base(b) + h * g.hd;
+      const T* q = q_of(t);
+      w.ahead = ahead_of<T>(g, t + 1 < end ? q_of(t + 1) : nullptr);
       fwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + g.out_base(b) + h * g.hd, g.out_row(), lbase + t * g.N,
                static_cast<float>(scale), w);
     }
@@ -458,11 +511,19 @@ at::Tensor bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tens
   const bool vnni = use_vnni<T>(g);
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     Work<T> w(g.N, g.hd, vnni, /*backward=*/true);
+    auto off_o_of = [&](int64_t t) { return g.out_base(t / g.H) + t % g.H * g.hd; };
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / g.H, h = t % g.H;
       const T* q = base + g.qkv_base(b) + h * g.hd;
       T* dq = gbase + g.qkv_base(b) + h * g.hd;
-      const int64_t off_o = g.out_base(b) + h * g.hd;
+      const int64_t off_o = off_o_of(t);
+      if (t + 1 < end) {
+        const int64_t n = t + 1;
+        w.ahead =
+            ahead_of<T>(g, base + g.qkv_base(n / g.H) + n % g.H * g.hd, obase + off_o_of(n), gobase + off_o_of(n));
+      } else {
+        w.ahead = Ahead{};
+      }
       bwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + off_o, gobase + off_o, g.out_row(), lbase + t * g.N, dq,
                dq + g.D, dq + 2 * g.D, g.qkv_row(), static_cast<float>(scale), w);
     }

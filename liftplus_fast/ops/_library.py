@@ -87,9 +87,12 @@ CPU_ONLY_SCHEMAS: Dict[str, str] = {
     # GEMM), "" when the build has no brgemm.
     "attention_brgemm_layout": "() -> str",
     # y = gelu(x + bias) for the MLP (x: the bias-free GEMM output [..., F]); kind 0 =
-    # QuickGELU u·sigmoid(1.702u), 1 = GELU (erf), 2 = GELU (tanh). The backward needs only x.
+    # QuickGELU u·sigmoid(1.702u), 1 = GELU (erf), 2 = GELU (tanh). The backward needs only x;
+    # grad_bias is [F] when bias_grad, else [0] (a frozen bias: no column sums).
     "bias_gelu_fwd": "(Tensor x, Tensor bias, int kind) -> Tensor",
-    "bias_gelu_bwd": "(Tensor grad_y, Tensor x, Tensor bias, int kind) -> (Tensor grad_x, Tensor grad_bias)",
+    "bias_gelu_bwd": (
+        "(Tensor grad_y, Tensor x, Tensor bias, int kind, bool bias_grad=True) -> (Tensor grad_x, Tensor grad_bias)"
+    ),
 }
 
 _NATIVE_LIB = None

@@ -140,8 +140,9 @@ def _fake_fwd(x, bias, kind):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _fake_bwd(grad_y, x, bias, kind):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bias)
+def _fake_bwd(grad_y, x, bias, kind, bias_grad=True):
+    grad_bias = torch.empty_like(bias) if bias_grad else bias.new_empty((0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), grad_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -155,8 +156,9 @@ def _make_backward(namespace: str):
 
     def backward(ctx, grad_y):
         x, bias = ctx.saved_tensors
-        gx, gb = bwd(grad_y.contiguous(), x, bias, ctx.kind)
-        return gx, gb, None
+        bias_grad = ctx.needs_input_grad[1]
+        gx, gb = bwd(grad_y.contiguous(), x, bias, ctx.kind, bias_grad)
+        return gx, gb if bias_grad else None, None
 
     return backward
 

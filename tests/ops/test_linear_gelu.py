@@ -83,6 +83,24 @@ def test_opcheck():
     torch.library.opcheck(ops.bias_gelu_fwd.default, (u, b.float(), 0))
     torch.library.opcheck(ops.bias_gelu_fwd.default, (u.clone().requires_grad_(), b.float().requires_grad_(), 2))
     torch.library.opcheck(ops.bias_gelu_bwd.default, (torch.randn_like(u), u, b, 1))
+    torch.library.opcheck(ops.bias_gelu_bwd.default, (torch.randn_like(u), u, b, 0, False))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_frozen_bias_skips_its_gradient_and_changes_nothing_else(dtype, kind):
+    # The frozen backbone's MLP: no bias gradient is asked for, and grad_x is the same bits.
+    x, w, b = inputs(37, 8, 50, dtype, seed=7)
+    grad = torch.randn(37, 50, generator=torch.Generator().manual_seed(8)).to(dtype)
+    trained = run(lambda *a: lf.ops.linear_gelu(*a, kind), (x, w, b), grad)
+    xf = x.clone().requires_grad_()
+    y = lf.ops.linear_gelu(xf, w, b, kind)
+    y.backward(grad)
+    assert torch.equal(y.detach(), trained[0]) and torch.equal(xf.grad, trained[1])
+    u = x @ w.T
+    gx, gb = torch.ops.liftplus_fast.bias_gelu_bwd(grad, u, b, 0, False)
+    assert gb.shape == (0,) and torch.equal(gx, torch.ops.liftplus_fast.bias_gelu_bwd(grad, u, b, 0)[0])
 
 
 def test_compiles_fullgraph():

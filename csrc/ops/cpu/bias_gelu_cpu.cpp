@@ -1,5 +1,6 @@
 // Bias + GELU of the ViT MLP on CPU: y = gelu(x + b) in one pass over x (the bias-free GEMM
-// output), and its backward: grad_x = g · gelu'(x + b), grad_b = colsum(grad_x), again one pass.
+// output), and its backward: grad_x = g · gelu'(x + b), grad_b = colsum(grad_x) (when the bias
+// is trained), again one pass.
 // Eager PyTorch runs QuickGELU as three element-wise ops forward (mul, sigmoid, mul) and three
 // backward, each a full read and write of the [N, 4D] activation, and saves two such tensors; this
 // saves only x. Math in fp32 (fp64 for fp64) for every input dtype, output in the input dtype.
@@ -31,7 +32,7 @@
 #include "liftplus_fast/vec.h"
 
 // Builds besides the baseline, chosen at run time (csrc/cpu_dispatch.cpp).
-LPF_CPU_CAPABILITIES(avx2, avx512);
+LPF_CPU_CAPABILITIES(avx2, avx512, avx512_bf16);
 
 namespace liftplus_fast {
 namespace LPF_CPU_NS {
@@ -119,29 +120,30 @@ template <int kKind, typename T, typename A>
   if constexpr (kKind == 0 && std::is_same_v<A, float> && kQuickVector<T>) {
     for (; j + vec::kLanes <= n; j += vec::kLanes) {
       const vec::vfloat u = vec::load_t(x + j) + vec::load(b + j);
-      vec::store_t(y + j, u / (1.f + vec::exp2(u * kQuickExp2)));
+      vec::store_t(y + j, u * vec::reciprocal(1.f + vec::exp2(u * kQuickExp2)));
     }
   }
   for (; j < n; ++j) store<T, A>(y, j, gelu<kKind, A>(load<T, A>(x, j) + b[j]));
 }
 
-template <int kKind, typename T, typename A>
+// kColsum: also add grad_x into colsum (the bias gradient's partial sums).
+template <int kKind, bool kColsum, typename T, typename A>
 [[gnu::noinline]] void gelu_grad_row(const T* __restrict g, const T* __restrict x, const A* __restrict b,
                                      T* __restrict gx, A* __restrict colsum, int64_t n) noexcept {
   int64_t j = 0;
   if constexpr (kKind == 0 && std::is_same_v<A, float> && kQuickVector<T>) {
     for (; j + vec::kLanes <= n; j += vec::kLanes) {
       const vec::vfloat u = vec::load_t(x + j) + vec::load(b + j);
-      const vec::vfloat s = 1.f / (1.f + vec::exp2(u * kQuickExp2));
+      const vec::vfloat s = vec::reciprocal(1.f + vec::exp2(u * kQuickExp2));
       const vec::vfloat d = vec::load_t(g + j) * (s + 1.702f * u * s * (1.f - s));
       vec::store_t(gx + j, d);
-      vec::store(colsum + j, vec::load(colsum + j) + d);
+      if constexpr (kColsum) vec::store(colsum + j, vec::load(colsum + j) + d);
     }
   }
   for (; j < n; ++j) {
     const A d = load<T, A>(g, j) * gelu_grad<kKind, A>(load<T, A>(x, j) + b[j]);
     store<T, A>(gx, j, d);
-    colsum[j] += d;
+    if constexpr (kColsum) colsum[j] += d;
   }
 }
 
@@ -187,15 +189,16 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x_in, const at::Tensor& bias_in, 
   return y;
 }
 
+// grad_bias is [F] when bias_grad, else empty ([0]): a frozen bias skips the column sums.
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                     const at::Tensor& bias_in, int64_t kind) {
+                                                     const at::Tensor& bias_in, int64_t kind, bool bias_grad) {
   check_args(x_in, bias_in, kind);
   TORCH_CHECK(grad_in.sizes() == x_in.sizes() && grad_in.scalar_type() == x_in.scalar_type(),
               "bias_gelu_bwd: grad_y must match x (", describe(x_in), "); got ", describe(grad_in));
   const at::Tensor x = x_in.contiguous(), g = grad_in.contiguous();
   const int64_t F = x.size(-1), rows_n = x.numel() / F;
   at::Tensor gx = at::empty_like(x);
-  at::Tensor gb;
+  at::Tensor gb = at::empty({0}, bias_in.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_bwd", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -204,8 +207,18 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_in, 
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
-    // Column sums per chunk of rows, added in chunk order: deterministic for a thread count.
     const int64_t grain = std::max<int64_t>(1, 16384 / F);
+    if (!bias_grad) {
+      with_kind(kind, [&](auto k) {
+        constexpr int K = decltype(k)::value;
+        at::parallel_for(0, rows_n, grain, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r)
+            gelu_grad_row<K, false, scalar_t, A>(gp + r * F, xp + r * F, bp, gxp + r * F, nullptr, F);
+        });
+      });
+      return;
+    }
+    // Column sums per chunk of rows, added in chunk order: deterministic for a thread count.
     const int64_t chunks =
         std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, (rows_n + grain - 1) / grain));
     const int64_t per = (rows_n + chunks - 1) / chunks;
@@ -218,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_in, 
           A* colsum = pp + c * F;
           const int64_t r_end = std::min(rows_n, (c + 1) * per);
           for (int64_t r = c * per; r < r_end; ++r)
-            gelu_grad_row<K, scalar_t, A>(gp + r * F, xp + r * F, bp, gxp + r * F, colsum, F);
+            gelu_grad_row<K, true, scalar_t, A>(gp + r * F, xp + r * F, bp, gxp + r * F, colsum, F);
         }
       });
     });

@@ -111,4 +111,4 @@ def test_cpu_memory_benchmark_runs_each_mode_in_its_own_process(tmp_path):
         assert row["system"]["state"] == "system (LIFTPLUS_FAST_MALLOC=system)"
         assert row["keep"]["state"].startswith(("kept", "system (not glibc"))
         assert row["system"]["s"] > 0 and row["keep"]["s"] > 0 and row["ratio"] > 0
-    assert "| fast_bf16 |" in out.stdout
+    assert "| fast_bf16 |" in out.stdout and "fast_bf16 (kept) / reference (glibc defaults)" in out.stdout

@@ -40,7 +40,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import choices
+from . import choices, packed_linear
 
 __all__ = [
     "ENV_VAR",
@@ -164,9 +164,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     accumulated in fp32, the result in ``x.dtype``.
 
     ``weight`` / ``bias`` may be in ``x.dtype`` or fp32 (trained masters, or frozen weights stored
-    as rounded fp32 on CPUs without half GEMMs). Under autocast the call is left to autocast.
+    as rounded fp32 on CPUs without half GEMMs). Under autocast the call is left to autocast. A
+    frozen bf16 weight on CPU may run on its packed copy (:mod:`.packed_linear`, a measured choice).
     """
     if not runs_in_fp32(x):
+        if packed_linear.applies(x, weight):
+            return packed_linear.linear(x, weight, _as(bias, x.dtype))
         return F.linear(x, _as(weight, x.dtype), _as(bias, x.dtype))
     b = None if bias is None else rounded_fp32(bias, x.dtype)
     return F.linear(x.float(), rounded_fp32(weight, x.dtype), b).to(x.dtype)

@@ -4,9 +4,10 @@ The reference is the published structure: ``F.linear`` (bias inside the GEMM) th
 activation module's own ops. On CPU the GEMM can run without its bias and the native kernel
 ``liftplus_fast::bias_gelu_fwd`` / ``bias_gelu_bwd`` add the bias and apply the activation in one
 fp32 pass, saving only the GEMM output for the backward (whose one pass also yields the bias
-gradient); eager QuickGELU is three element-wise passes each way and saves two activations.
-Which of the two runs for bf16 and for fp32 on CPU is a measured choice (:mod:`.choices`:
-``bias_gelu_bf16``, ``bias_gelu_fp32``; ``LIFTPLUS_FAST_BIAS_GELU=fused|eager``). Other dtypes
+gradient when the bias is trained; a frozen backbone's is not); eager QuickGELU is three
+element-wise passes each way and saves two activations. Which of the two runs for bf16 and for
+fp32 on CPU is a measured choice (:mod:`.choices`: ``bias_gelu_bf16``, ``bias_gelu_fp32``;
+``LIFTPLUS_FAST_BIAS_GELU=fused|eager``). Other dtypes
 take the fused kernel, other devices the reference.
 """
 

@@ -203,7 +203,8 @@ def test_layer_norm_fused_only_for_frozen_weights(monkeypatch, frozen):
 
 def test_every_choice_decides_on_this_machine(monkeypatch):
     # The real timings (a fraction of a second each), for what this CPU has.
-    for name in ("attention_bf16", "attention_fp32", "bias_gelu_bf16", "bias_gelu_fp32", "layer_norm_bf16"):
+    names = ("attention_bf16", "attention_fp32", "bias_gelu_bf16", "bias_gelu_fp32", "layer_norm_bf16", "linear_bf16")
+    for name in names:
         monkeypatch.delitem(choices._OPTION, name, raising=False)
         monkeypatch.delitem(choices._WHY, name, raising=False)
     for var in (attention_mod.ENV_VAR, linear_gelu_mod.ENV_VAR, layer_norm_mod.ENV_VAR):

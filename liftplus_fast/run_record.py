@@ -29,7 +29,6 @@ from typing import Any, Dict, Optional
 import torch
 
 from ._info import backend_info
-from .cpu_memory import malloc_state
 from .model.tuner_files import trainable_parameters
 from .model.tuners import tuner_sizes
 
@@ -88,7 +87,6 @@ def environment(device: Optional[torch.device] = None) -> Dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_memory": malloc_state(),
         "platform": platform.platform(),
     }
     if cuda:

@@ -33,7 +33,6 @@ from .config import (
     validate,
 )
 from .config_files import config_source
-from .cpu_memory import keep_freed_memory
 from .data.loaders import RunDatasets, build_loader
 from .distributed import (
     DistContext,
@@ -289,7 +288,6 @@ def _start_run(cfg: LiftConfig, ctx: DistContext) -> torch.device:
         _precision_label(device, cfg.prec_test),
     )
     if device.type == "cpu":
-        keep_freed_memory()
         logger.info("CPU kernels: %s", cpu_capability_line())
         for name, decided in choices.table().items():
             logger.info("CPU implementation of %s: %s (%s)", name, decided["option"], decided["why"])

@@ -97,18 +97,3 @@ def test_every_benchmark_module_imports():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == f"imported {len(names)}"
-
-
-def test_cpu_memory_benchmark_runs_each_mode_in_its_own_process(tmp_path):
-    out_json = tmp_path / "cpu_memory.json"
-    script = os.path.join(ROOT, "benchmarks", "bench_cpu_memory.py")
-    args = ["--smoke", "--case", "4,10", "--rounds", "1", "--steps", "1", "--out", str(out_json)]
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out_json.read_text())["rows"]
-    assert [r["candidate"] for r in rows] == ["reference", "fast_bf16"]
-    for row in rows:
-        assert row["system"]["state"] == "system (LIFTPLUS_FAST_MALLOC=system)"
-        assert row["keep"]["state"].startswith(("kept", "system (not glibc"))
-        assert row["system"]["s"] > 0 and row["keep"]["s"] > 0 and row["ratio"] > 0
-    assert "| fast_bf16 |" in out.stdout and "fast_bf16 (kept) / reference (glibc defaults)" in out.stdout

@@ -74,7 +74,6 @@ def test_training_leaves_a_record_and_results(trained):
     assert record["status"] == "finished" and record["command"]["argv"][-len(typed) :] == typed
     assert record["versions"]["torch"] and record["versions"]["python"] and "cuda" in record["versions"]
     assert record["package"]["version"] and "ops" in record["backend"] and record["hardware"]["cpu"]
-    assert record["hardware"]["cpu_memory"].startswith(("kept", "system"))
     r = record["model"]["sizes"]["v.adaptformer_dim"]  # the published rule: 2 ** floor(log2(4 / 6)) -> 1
     assert r == 1 and record["model"]["trainable_parameters"] > 0
     assert record["model"]["total_parameters"] > record["model"]["trainable_parameters"]

@@ -125,22 +125,11 @@ def cases(smoke: bool):
 
 # --- standalone run -----------------------------------------------------------------------------
 
-GEMM_OPS = (
-    "aten::mm",
-    "aten::addmm",
-    "aten::bmm",
-    "aten::baddbmm",
-    "aten::linear",
-    "aten::matmul",
-    "aten::mkldnn_convolution",
-    "aten::convolution",
-)
-
 
 def _category(name: str) -> str:
     n = name.lower()
-    if n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
-        return "GEMMs (mm/addmm/bmm)"
+    if n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"):
+        return "GEMMs (mm/addmm/bmm, packed linear)"
     if "attention" in n:
         return "attention (fused kernel fwd+bwd)" if "liftplus_fast" in n else "SDPA attention"
     if "bias_gelu" in n:

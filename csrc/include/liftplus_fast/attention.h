@@ -26,6 +26,9 @@ struct Geometry {
   int64_t qkv_base(int64_t b) const { return batch_first ? b * N * 3 * D : b * 3 * D; }
   int64_t out_row() const { return batch_first ? D : B * D; }
   int64_t out_base(int64_t b) const { return batch_first ? b * N * D : b * D; }
+  // Offsets of task t's head (image t / H, head t % H): its q slice in qkv, its slice of O.
+  int64_t qkv_head(int64_t t) const { return qkv_base(t / H) + t % H * hd; }
+  int64_t out_head(int64_t t) const { return out_base(t / H) + t % H * hd; }
 };
 
 // fp64 keeps fp64 (gradcheck); every other dtype accumulates and saves lse in fp32.

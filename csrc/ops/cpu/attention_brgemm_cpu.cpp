@@ -486,12 +486,10 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& qkv, const Geometry& g,
   const bool vnni = use_vnni<T>(g);
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     Work<T> w(g.N, g.hd, vnni, /*backward=*/false);
-    auto q_of = [&](int64_t t) { return base + g.qkv_base(t / g.H) + t % g.H * g.hd; };
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / g.H, h = t % g.H;
-      const T* q = q_of(t);
-      w.ahead = ahead_of<T>(g, t + 1 < end ? q_of(t + 1) : nullptr);
-      fwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + g.out_base(b) + h * g.hd, g.out_row(), lbase + t * g.N,
+      const T* q = base + g.qkv_head(t);
+      w.ahead = ahead_of<T>(g, t + 1 < end ? base + g.qkv_head(t + 1) : nullptr);
+      fwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + g.out_head(t), g.out_row(), lbase + t * g.N,
                static_cast<float>(scale), w);
     }
     if (vnni) at::native::cpublas::brgemm_release();
@@ -511,19 +509,12 @@ at::Tensor bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tens
   const bool vnni = use_vnni<T>(g);
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     Work<T> w(g.N, g.hd, vnni, /*backward=*/true);
-    auto off_o_of = [&](int64_t t) { return g.out_base(t / g.H) + t % g.H * g.hd; };
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / g.H, h = t % g.H;
-      const T* q = base + g.qkv_base(b) + h * g.hd;
-      T* dq = gbase + g.qkv_base(b) + h * g.hd;
-      const int64_t off_o = off_o_of(t);
-      if (t + 1 < end) {
-        const int64_t n = t + 1;
-        w.ahead =
-            ahead_of<T>(g, base + g.qkv_base(n / g.H) + n % g.H * g.hd, obase + off_o_of(n), gobase + off_o_of(n));
-      } else {
-        w.ahead = Ahead{};
-      }
+      const T* q = base + g.qkv_head(t);
+      T* dq = gbase + g.qkv_head(t);
+      const int64_t off_o = g.out_head(t);
+      const int64_t n = t + 1;
+      w.ahead = n < end ? ahead_of<T>(g, base + g.qkv_head(n), obase + g.out_head(n), gobase + g.out_head(n)) : Ahead{};
       bwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + off_o, gobase + off_o, g.out_row(), lbase + t * g.N, dq,
                dq + g.D, dq + 2 * g.D, g.qkv_row(), static_cast<float>(scale), w);
     }

@@ -361,10 +361,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_bf16(const at::Tensor& qkv, const Geometr
     Buffers buf;
     buf.reserve(g.N, g.hd);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / g.H, h = t % g.H;
-      const bf16* q = base + g.qkv_base(b) + h * g.hd;
-      fwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + g.out_base(b) + h * g.hd, g.out_row(), lbase + t * g.N,
-               g.N, g.hd, static_cast<float>(scale), buf);
+      const bf16* q = base + g.qkv_head(t);
+      fwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + g.out_head(t), g.out_row(), lbase + t * g.N, g.N, g.hd,
+               static_cast<float>(scale), buf);
     }
   });
   return {out, lse};
@@ -382,10 +381,9 @@ at::Tensor bwd_bf16(const at::Tensor& grad_out, const at::Tensor& qkv, const at:
     Buffers buf;
     buf.reserve(g.N, g.hd);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / g.H, h = t % g.H;
-      const bf16* q = base + g.qkv_base(b) + h * g.hd;
-      bf16* dq = gbase + g.qkv_base(b) + h * g.hd;
-      const int64_t off_o = g.out_base(b) + h * g.hd;
+      const bf16* q = base + g.qkv_head(t);
+      bf16* dq = gbase + g.qkv_head(t);
+      const int64_t off_o = g.out_head(t);
       bwd_head(q, q + g.D, q + 2 * g.D, g.qkv_row(), obase + off_o, gobase + off_o, g.out_row(), lbase + t * g.N, dq,
                dq + g.D, dq + 2 * g.D, g.qkv_row(), g.N, g.hd, static_cast<float>(scale), buf);
     }
